@@ -1,0 +1,62 @@
+# Entry points a newcomer types: install, run, test, lint, fmt, bench.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+REQS := $(wildcard requirements/*.txt)
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+
+.PHONY: install run test test-fast lint fmt bench check clean help
+
+help:
+	@echo "make install  create .venv and install pinned requirements (idempotent)"
+	@echo "make run      install, migrate, then web, worker, beat and Flower together (Ctrl-C stops all)"
+	@echo "make test     install, then the whole suite with coverage (a private Redis is started)"
+	@echo "make lint     ruff check and format check"
+	@echo "make fmt      ruff fix and format"
+	@echo "make bench    run the benchmarks and print one table"
+
+install: $(STAMP)
+
+$(STAMP): $(REQS)
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	@if [ ! -x $(BIN)/python ]; then \
+		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+			echo "python3 -m venv failed: installing Debian's python3-venv"; \
+			rm -rf $(VENV); \
+			$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); \
+		}; \
+	fi
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	@mkdir -p var/media var/tmp
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: install
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
+
+test: install
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+check: install
+	$(BIN)/python manage.py check
+
+bench: install
+	@if ls bench/*.py >/dev/null 2>&1; then $(BIN)/python -m bench $(BENCH_ARGS); else echo "no benchmarks yet"; fi
+
+clean:
+	rm -rf $(VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov

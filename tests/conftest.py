@@ -1,0 +1,55 @@
+"""Fixtures for the whole suite.
+
+Every test runs against a throw-away Redis started here on a free port, never against the Redis
+a developer or an operator runs; PostgreSQL is used when DATABASE_URL points at one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from jobs.localredis import LocalRedis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server():
+    """A private Redis for the whole run; broker, cache and child processes all point at it."""
+    server = LocalRedis().start()
+    os.environ["REDIS_URL"] = server.url
+    os.environ["CELERY_BROKER_URL"] = server.url
+    caches = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
+    override = override_settings(REDIS_URL=server.url, CELERY_BROKER_URL=server.url, CACHES=caches)
+    override.enable()
+
+    from config.celery import app
+
+    app.conf.broker_url = server.url
+    if app._pool is not None:  # a pool made before this fixture would point at the old URL
+        app._pool.force_close_all()
+        app._pool = None
+    yield server
+    override.disable()
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client of the private Redis, emptied after the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.flushall()
+
+
+@pytest.fixture(autouse=True)
+def _media_root(tmp_path, settings):
+    """Uploads and thumbnails of one test land in its own temporary directory."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.TEMP_ROOT = tmp_path / "tmp"
+    settings.MEDIA_ROOT.mkdir()
+    settings.TEMP_ROOT.mkdir()

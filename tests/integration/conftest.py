@@ -1,0 +1,111 @@
+"""A real Celery worker in a child process, against the suite's Redis and test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from config.env import BASE_DIR
+
+
+def database_url() -> str:
+    """The URL of the test database this process uses, for child processes."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    host = db.get("HOST") or "localhost"
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgres://{auth}{host}{port}/{db['NAME']}"
+
+
+class WorkerProcess:
+    """`celery -A config worker` as an operator starts it, with its log kept in a file."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        queues: str = "high,normal,low",
+        concurrency: int = 2,
+        extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        self.log_path = log_path
+        self.queues = queues
+        self.concurrency = concurrency
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": database_url(),
+            "LOG_FORMAT": "json",
+            "WORKER_METRICS_PORT": "0",
+            **(extra_env or {}),
+        }
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        args = [
+            sys.executable, "-m", "celery", "-A", "config", "worker",
+            "-Q", self.queues, "-c", str(self.concurrency), "-n", self.name,
+            "--without-gossip", "--without-mingle", *self.extra_args,
+        ]  # fmt: skip
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, cwd=BASE_DIR, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log()[-3000:]}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"worker not ready within {timeout} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path, redis_server):
+    """Factory: `start_worker(**options)` starts a worker; all are stopped after the test."""
+    workers: list[WorkerProcess] = []
+
+    def start(**options) -> WorkerProcess:
+        worker = WorkerProcess(tmp_path / f"worker-{len(workers)}.log", **options).start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

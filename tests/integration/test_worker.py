@@ -1,0 +1,36 @@
+"""A real worker, a real Redis, a real result row."""
+
+import pytest
+from django_celery_results.models import TaskResult
+
+from jobs.tasks import ping
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def test_worker_runs_task_and_stores_result(start_worker):
+    start_worker()
+
+    result = ping.delay()
+
+    assert set(result.get(timeout=30)) == {"pong"}
+    row = TaskResult.objects.get(task_id=result.id)
+    assert row.status == "SUCCESS"
+    assert row.task_name == "jobs.ping"
+    assert row.content_type == "application/json"
+
+
+def test_task_is_routed_to_its_queue(start_worker, redis_client):
+    # No worker yet: the message waits in the Redis list of its queue.
+    ping.delay()
+    assert redis_client.llen("low") == 1
+    assert redis_client.llen("normal") == 0
+
+    start_worker(queues="low")
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and TaskResult.objects.filter(status="SUCCESS").count() == 0:
+        time.sleep(0.1)
+    assert TaskResult.objects.filter(task_name="jobs.ping", status="SUCCESS").count() == 1
+    assert redis_client.llen("low") == 0
