@@ -73,11 +73,19 @@ class LocalRedis:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 raise RuntimeError(f"redis-server exited at start: {err.strip()[:300]}")
-            if answers(self.url, timeout=0.2):
+            if self._is_ours():
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def _is_ours(self) -> bool:
+        """Whether our child, not some other server on the same port, answers."""
+        try:
+            info = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=0.5).info("server")
+        except (redis.RedisError, OSError):
+            return False
+        return info.get("process_id") == self.process.pid
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -146,7 +146,7 @@ MEDIA_URL = "media/"
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 TEMP_ROOT = Path(env.str("TEMP_ROOT", default=str(VAR_DIR / "tmp")))
 FILE_UPLOAD_TEMP_DIR = str(TEMP_ROOT)
-for _dir in (VAR_DIR, MEDIA_ROOT, TEMP_ROOT):
+for _dir in (VAR_DIR, MEDIA_ROOT, TEMP_ROOT, STATIC_ROOT):
     # A read-only image is fine: the operator provides the volumes.
     with contextlib.suppress(OSError):
         _dir.mkdir(parents=True, exist_ok=True)

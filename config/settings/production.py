@@ -2,6 +2,6 @@
 
 from config.env import use_profile
 
-use_profile(DJANGO_DEBUG=False, LOG_FORMAT="json")
+use_profile(DJANGO_DEBUG=False)
 
 from config.settings.base import *  # noqa: E402, F403 - settings modules extend base

@@ -1,0 +1,214 @@
+"""Settings: every contract variable is read, and each settings module picks its defaults."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+import config.env
+from config.env import BASE_DIR
+
+CONTRACT_VARIABLES = [
+    "DJANGO_SECRET_KEY", "DJANGO_DEBUG", "DJANGO_ALLOWED_HOSTS", "DATABASE_URL", "REDIS_URL",
+    "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_WORKER_CONCURRENCY", "CELERY_VISIBILITY_TIMEOUT",
+    "CELERY_SHUTDOWN_TIMEOUT", "TASK_RETRY_BACKOFF_BASE", "TASK_RETRY_BACKOFF_MAX", "TASK_MAX_RETRIES",
+    "LOG_FORMAT", "LOG_LEVEL", "EMAIL_URL", "EMAIL_BACKEND", "EMAIL_HOST", "EMAIL_PORT", "ANYMAIL_ESP",
+    "POSTMARK_SERVER_TOKEN", "DEFAULT_FROM_EMAIL", "DEAD_LETTER_ALERT_EMAILS", "MEDIA_ROOT", "THUMBNAIL_SIZES",
+    "MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "CLEANUP_MAX_AGE_HOURS", "FLOWER_BASIC_AUTH", "WORKER_METRICS_PORT",
+    "ANYMAIL_API_URL", "ANYMAIL_WEBHOOK_SECRET",
+]  # fmt: skip
+
+
+@pytest.fixture
+def load_settings(monkeypatch):
+    """Imports a settings module afresh under a given environment, without touching the
+    settings this test process runs with."""
+    saved_profile = dict(config.env._profile)
+
+    def load(module: str, **environ: str):
+        for name in CONTRACT_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        config.env._profile.clear()
+        for name in ("config.settings.base", f"config.settings.{module}"):
+            sys.modules.pop(name, None)
+        return importlib.import_module(f"config.settings.{module}")
+
+    yield load
+    config.env._profile.clear()
+    config.env._profile.update(saved_profile)
+    for name in ("config.settings.base", "config.settings.local", "config.settings.production"):
+        sys.modules.pop(name, None)
+
+
+def test_local_defaults(load_settings):
+    s = load_settings("local")
+    assert s.DEBUG is True
+    assert s.LOG_FORMAT == "console"
+    assert s.SECRET_KEY == s.DEV_SECRET_KEY
+    assert s.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+    assert str(s.DATABASES["default"]["NAME"]).endswith("var/db.sqlite3")
+    assert s.DATABASES["default"]["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+    assert "journal_mode=WAL" in s.DATABASES["default"]["OPTIONS"]["init_command"]
+    assert s.CELERY_BROKER_URL == "redis://127.0.0.1:6379/0"
+    assert s.CELERY_RESULT_BACKEND == "django-db"
+    assert s.EMAIL_BACKEND == "django.core.mail.backends.console.EmailBackend"
+    assert s.THUMBNAIL_SIZES == [128, 256, 512]
+    assert s.MAX_UPLOAD_BYTES == 20971520
+    assert s.MAX_IMAGE_PIXELS == 50_000_000
+    assert s.TASK_RETRY_BACKOFF_BASE == 60
+    assert s.TASK_RETRY_BACKOFF_MAX == 3600
+    assert s.TASK_MAX_RETRIES == 5
+    assert s.WORKER_METRICS_PORT == 9808
+    assert s.DEFAULT_FROM_EMAIL == "noreply@localhost"
+
+
+def test_celery_settings_are_safe_by_default(load_settings):
+    s = load_settings("local")
+    assert s.CELERY_ACCEPT_CONTENT == ["json"]
+    assert s.CELERY_TASK_SERIALIZER == s.CELERY_RESULT_SERIALIZER == "json"
+    assert [q.name for q in s.CELERY_TASK_QUEUES] == ["high", "normal", "low"]
+    assert s.CELERY_TASK_DEFAULT_QUEUE == "normal"
+    assert s.CELERY_TASK_ACKS_LATE is True
+    assert s.CELERY_TASK_REJECT_ON_WORKER_LOST is True
+    assert s.CELERY_WORKER_PREFETCH_MULTIPLIER == 1
+    assert s.CELERY_WORKER_HIJACK_ROOT_LOGGER is False
+    assert s.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT == 30
+    assert s.CELERY_WORKER_MAX_MEMORY_PER_CHILD > 0
+    assert s.CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP is True
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
+    assert s.CELERY_BEAT_SCHEDULER == "django_celery_beat.schedulers:DatabaseScheduler"
+
+
+def test_environment_wins_over_module_defaults(load_settings, tmp_path):
+    s = load_settings(
+        "local",
+        DJANGO_DEBUG="false",
+        DJANGO_SECRET_KEY="k" * 50,
+        DJANGO_ALLOWED_HOSTS="example.com,www.example.com",
+        DATABASE_URL="postgres://app:pw@db.internal:5432/app",
+        REDIS_URL="redis://cache.internal:6379/1",
+        CELERY_WORKER_CONCURRENCY="3",
+        CELERY_VISIBILITY_TIMEOUT="120",
+        CELERY_SHUTDOWN_TIMEOUT="12.5",
+        TASK_RETRY_BACKOFF_BASE="0.5",
+        TASK_RETRY_BACKOFF_MAX="8",
+        TASK_MAX_RETRIES="2",
+        LOG_LEVEL="debug",
+        DEFAULT_FROM_EMAIL="ops@example.com",
+        DEAD_LETTER_ALERT_EMAILS="a@example.com,b@example.com",
+        MEDIA_ROOT=str(tmp_path / "m"),
+        THUMBNAIL_SIZES="64,32,64",
+        MAX_UPLOAD_BYTES="1000",
+        MAX_IMAGE_PIXELS="2000",
+        CLEANUP_MAX_AGE_HOURS="1.5",
+        FLOWER_BASIC_AUTH="admin:pw",
+        WORKER_METRICS_PORT="0",
+    )
+    assert s.DEBUG is False
+    assert s.LOG_FORMAT == "json"  # follows debug when not set
+    assert s.SESSION_COOKIE_SECURE is True
+    assert s.ALLOWED_HOSTS == ["example.com", "www.example.com"]
+    db = s.DATABASES["default"]
+    assert (db["ENGINE"], db["HOST"], db["NAME"]) == ("django.db.backends.postgresql", "db.internal", "app")
+    assert db["CONN_MAX_AGE"] == 60
+    assert db["CONN_HEALTH_CHECKS"] is True
+    assert s.CELERY_BROKER_URL == "redis://cache.internal:6379/1"
+    assert s.CACHES["default"]["LOCATION"] == "redis://cache.internal:6379/1"
+    assert s.CELERY_WORKER_CONCURRENCY == 3
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 120
+    assert s.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT == 12.5
+    assert (s.TASK_RETRY_BACKOFF_BASE, s.TASK_RETRY_BACKOFF_MAX, s.TASK_MAX_RETRIES) == (0.5, 8, 2)
+    assert s.LOG_LEVEL == "DEBUG"
+    assert s.DEAD_LETTER_ALERT_EMAILS == ["a@example.com", "b@example.com"]
+    assert tmp_path / "m" == s.MEDIA_ROOT
+    assert s.MEDIA_ROOT.is_dir()
+    assert s.THUMBNAIL_SIZES == [32, 64]
+    assert (s.MAX_UPLOAD_BYTES, s.MAX_IMAGE_PIXELS, s.CLEANUP_MAX_AGE_HOURS) == (1000, 2000, 1.5)
+    assert s.FLOWER_BASIC_AUTH == "admin:pw"
+    assert s.WORKER_METRICS_PORT == 0
+
+
+def test_rabbitmq_broker_gets_no_redis_only_options(load_settings):
+    s = load_settings("local", CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    assert s.BROKER_IS_REDIS is False
+    assert "queue_order_strategy" not in s.CELERY_BROKER_TRANSPORT_OPTIONS
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] is True
+
+
+def test_debug_false_requires_a_secret_key(load_settings):
+    with pytest.raises(ImproperlyConfigured, match="DJANGO_SECRET_KEY must be set"):
+        load_settings("local", DJANGO_DEBUG="false")
+
+
+def test_production_refuses_the_development_key(load_settings):
+    with pytest.raises(ImproperlyConfigured, match="development key"):
+        load_settings("production", DJANGO_SECRET_KEY="django-insecure-dev-only-key-never-use-in-production")
+
+
+def test_email_url_configures_smtp(load_settings):
+    s = load_settings("local", EMAIL_URL="smtp://user:pw@mail.example.com:2525")
+    assert s.EMAIL_BACKEND == "django.core.mail.backends.smtp.EmailBackend"
+    assert (s.EMAIL_HOST, s.EMAIL_PORT, s.EMAIL_HOST_USER) == ("mail.example.com", 2525, "user")
+
+
+def test_anymail_esp_selects_the_provider(load_settings):
+    s = load_settings(
+        "local",
+        ANYMAIL_ESP="Postmark",
+        POSTMARK_SERVER_TOKEN="tok",
+        ANYMAIL_API_URL="http://127.0.0.1:9/",
+        ANYMAIL_WEBHOOK_SECRET="hook:secret",
+    )
+    assert s.EMAIL_BACKEND == "anymail.backends.postmark.EmailBackend"
+    assert s.ANYMAIL == {
+        "POSTMARK_SERVER_TOKEN": "tok",
+        "POSTMARK_API_URL": "http://127.0.0.1:9/",
+        "WEBHOOK_SECRET": "hook:secret",
+    }
+
+
+def test_unknown_anymail_esp_is_refused(load_settings):
+    with pytest.raises(ImproperlyConfigured, match="ANYMAIL_ESP='pigeon' is not supported"):
+        load_settings("local", ANYMAIL_ESP="pigeon")
+
+
+def test_bad_log_format_is_refused(load_settings):
+    with pytest.raises(ImproperlyConfigured, match="LOG_FORMAT"):
+        load_settings("local", LOG_FORMAT="xml")
+
+
+def _manage(*args: str, **environ: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARIABLES and k != "DJANGO_SETTINGS_MODULE"}
+    env.update(environ)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_production_will_not_boot_without_secret_key():
+    result = _manage("check", DJANGO_SETTINGS_MODULE="config.settings.production")
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set" in result.stderr
+
+
+def test_production_passes_check_deploy():
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DJANGO_SETTINGS_MODULE="config.settings.production",
+        DJANGO_SECRET_KEY="a-long-random-production-secret-" + "q7Z" * 12,
+        DJANGO_ALLOWED_HOSTS="jobs.example.com",
+        FLOWER_BASIC_AUTH="admin:secret",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
