@@ -69,7 +69,11 @@ class ConsoleFormatter(logging.Formatter):
         when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
         level = record.levelname
         colour, reset = (_COLOURS.get(level, ""), _RESET) if self.colour else ("", "")
-        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in self._skip and v is not None)
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in record.__dict__.items()
+            if k not in self._skip and isinstance(v, str | int | float) and k != "server_time"
+        )
         line = f"{when} {colour}{level:<7}{reset} {record.name}  {record.getMessage()}"
         if extras:
             line = f"{line}  {extras}"
