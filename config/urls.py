@@ -13,10 +13,10 @@ urlpatterns = [
     path("", include("django_prometheus.urls")),
 ]
 
-handler400 = "jobs.errors.bad_request"
-handler403 = "jobs.errors.permission_denied"
-handler404 = "jobs.errors.page_not_found"
-handler500 = "jobs.errors.server_error"
+handler400 = "jobs.http_errors.bad_request"
+handler403 = "jobs.http_errors.permission_denied"
+handler404 = "jobs.http_errors.page_not_found"
+handler500 = "jobs.http_errors.server_error"
 
 if settings.DEBUG:  # pragma: no cover - development convenience
     from django.conf.urls.static import static

@@ -1,11 +1,47 @@
-"""Celery signal handlers: logging set up by Django, not by Celery."""
+"""Signals: the project's own (`dead_letter_created`) and its Celery signal handlers.
+
+The request id travels in a message header: it is added when a task is published inside an HTTP
+request or inside another task, restored in the worker around the task, and cleared after.
+"""
 
 from __future__ import annotations
 
 from celery import signals
+from django.dispatch import Signal
+
+from jobs.context import get_request_id, request_id_var, sane_request_id, task_id_var, task_name_var
+
+#: Sent after a dead letter is written: `dead_letter` (the row) and `created` (False when a
+#: requeued job failed again and its row came back to pending). Connect your own alerting here.
+dead_letter_created = Signal()
+
+REQUEST_ID_HEADER = "request_id"
 
 
 @signals.setup_logging.connect
 def _use_django_logging(**kwargs) -> None:
     """Django's LOGGING already configured every logger (Celery's included) at django.setup();
     connecting here stops Celery from installing its own handlers beside them."""
+
+
+@signals.before_task_publish.connect
+def _add_request_id(headers: dict | None = None, **kwargs) -> None:
+    if headers is not None and not headers.get(REQUEST_ID_HEADER):
+        request_id = get_request_id()
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+
+
+@signals.task_prerun.connect
+def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
+    request = getattr(task, "request", None)
+    request_id_var.set(sane_request_id(getattr(request, REQUEST_ID_HEADER, None)))
+    task_id_var.set(task_id)
+    task_name_var.set(getattr(task, "name", None))
+
+
+@signals.task_postrun.connect
+def _leave_task(**kwargs) -> None:
+    request_id_var.set(None)
+    task_id_var.set(None)
+    task_name_var.set(None)

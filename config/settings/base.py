@@ -220,6 +220,10 @@ CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)
 CELERY_SHUTDOWN_TIMEOUT = env.float("CELERY_SHUTDOWN_TIMEOUT", default=30.0)
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
+# A task whose worker died under it this many times in a row is dead-lettered (crash loop).
+JOBS_WORKER_LOST_LIMIT = env.int("JOBS_WORKER_LOST_LIMIT", default=3)
+JOBS_DEAD_LETTER_ALERT_INTERVAL = env.int("JOBS_DEAD_LETTER_ALERT_INTERVAL", default=900)
+JOBS_DEAD_LETTER_RETENTION_DAYS = env.int("JOBS_DEAD_LETTER_RETENTION_DAYS", default=30)
 
 # --- Celery (read by config/celery.py through the CELERY_ namespace) ------------------------
 
@@ -250,6 +254,7 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 CELERY_TASK_ROUTES = {
     "mailer.*": {"queue": "high"},
     "jobs.heartbeat": {"queue": "high"},
+    "jobs.dead_letter_digest": {"queue": "high"},
     "thumbnails.*": {"queue": "normal"},
     "jobs.*": {"queue": "low"},
     "celery.backend_cleanup": {"queue": "low"},
@@ -272,6 +277,7 @@ CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1000)
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=256_000)  # KiB
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_CONSUMER = "jobs.worker:JobConsumer"  # dead-letters messages it cannot run
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 

@@ -52,7 +52,7 @@ class WorkerProcess:
             "WORKER_METRICS_PORT": "0",
             **(extra_env or {}),
         }
-        self.extra_args = extra_args or []
+        self.extra_args = ["-I", "tests.integration.tasks", *(extra_args or [])]
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:

@@ -1,0 +1,179 @@
+"""`JobTask`: the base class of every task of the project.
+
+It owns what each task would otherwise get wrong on its own:
+
+- errors sorted into transient (retried with exponential backoff and jitter), permanent and
+  unexpected (both straight to a dead letter); each task type may extend the lists;
+- a retry delay that never reaches the Redis visibility timeout (else the held retry would be
+  delivered twice);
+- crash-loop quarantine: a task whose worker died under it `WORKER_LOST_LIMIT` times in a row is
+  dead-lettered instead of being handed to the next worker;
+- one dead letter per logical job, written when the task fails for good;
+- the request id and task id in every log line the task writes (see `jobs.signals`).
+
+A concrete task stays a few lines::
+
+    @shared_task(base=JobTask, name="thumbnails.generate", transient_errors=(StorageTimeout,))
+    def generate(image_id: int) -> None: ...
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+
+from jobs import crashloop
+from jobs.exceptions import PermanentError, TransientError
+from jobs.models import DeadLetter
+from jobs.policy import retry_delay
+
+logger = logging.getLogger("jobs.task")
+
+#: Network and database hiccups: worth another try for any task.
+DEFAULT_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientError,
+    TimeoutError,
+    ConnectionError,
+    socket.gaierror,
+    smtplib.SMTPServerDisconnected,
+    smtplib.SMTPConnectError,
+    OperationalError,
+    InterfaceError,
+)
+
+#: Share of the visibility timeout a retry delay may use at most.
+VISIBILITY_MARGIN = 0.9
+
+
+class Quarantined(PermanentError):
+    """The task's worker was lost too many times in a row while running it."""
+
+
+class JobTask(Task):
+    """Base task: retry policy, dead letters, quarantine, logging context."""
+
+    abstract = True
+    Request = "jobs.worker:JobRequest"
+
+    #: Exception classes retried with backoff, in addition to `DEFAULT_TRANSIENT_ERRORS`.
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Exception classes never retried (checked before the transient ones).
+    permanent_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Per task type; `None` takes `TASK_MAX_RETRIES`, `TASK_RETRY_BACKOFF_BASE`, `TASK_RETRY_BACKOFF_MAX`.
+    retry_limit: int | None = None
+    backoff_base: float | None = None
+    backoff_max: float | None = None
+    #: Whether a dead letter of this task sends alerts (off for the alerting task itself).
+    alert_on_dead_letter: bool = True
+
+    # --- policy -------------------------------------------------------------------------------
+
+    def classify(self, exc: BaseException) -> str:
+        """`"permanent"`, `"transient"` or `"unexpected"` for an exception the task raised.
+        Override to look inside an exception (an SMTP reply code, an HTTP status)."""
+        if isinstance(exc, (PermanentError, *self.permanent_errors)):
+            return "permanent"
+        if isinstance(exc, (*DEFAULT_TRANSIENT_ERRORS, *self.transient_errors)):
+            return "transient"
+        return "unexpected"
+
+    def retries_allowed(self) -> int:
+        return settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
+
+    def retry_countdown(self, attempt: int) -> float:
+        """Seconds before retry `attempt` (1-based), below the broker's visibility timeout."""
+        base = settings.TASK_RETRY_BACKOFF_BASE if self.backoff_base is None else self.backoff_base
+        cap = settings.TASK_RETRY_BACKOFF_MAX if self.backoff_max is None else self.backoff_max
+        ceiling = None
+        if settings.BROKER_IS_REDIS:
+            ceiling = max(settings.CELERY_VISIBILITY_TIMEOUT * VISIBILITY_MARGIN, 1.0)
+        return retry_delay(attempt, base=base, cap=cap, ceiling=ceiling)
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:  # a plain function call, in tests or from other code
+            return self.run(*args, **kwargs)
+        return self._run_attempt(request, args, kwargs)
+
+    def _run_attempt(self, request: Any, args: tuple, kwargs: dict) -> Any:
+        starts = crashloop.note_start(request.id)
+        try:
+            if starts > settings.JOBS_WORKER_LOST_LIMIT:
+                request.jobs_reason = DeadLetter.Reason.WORKER_LOST
+                raise Quarantined(f"the worker running this task was lost {starts - 1} times in a row; quarantined")
+            return self.run(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except (SoftTimeLimitExceeded, TimeLimitExceeded):
+            request.jobs_reason = DeadLetter.Reason.TIME_LIMIT
+            raise
+        except Exception as exc:
+            if getattr(request, "jobs_reason", None):
+                raise
+            kind = self.classify(exc)
+            if kind == "transient":
+                limit = self.retries_allowed()
+                if request.retries < limit:
+                    attempt = request.retries + 1
+                    delay = self.retry_countdown(attempt)
+                    logger.warning(
+                        "task.retry",
+                        extra={
+                            "attempt": attempt,
+                            "max_retries": limit,
+                            "delay_seconds": round(delay, 3),
+                            "error": f"{type(exc).__name__}: {exc}"[:500],
+                        },
+                    )
+                    raise self.retry(exc=exc, countdown=delay, max_retries=limit) from exc
+                request.jobs_reason = DeadLetter.Reason.RETRIES_EXHAUSTED
+            elif kind == "permanent":
+                request.jobs_reason = DeadLetter.Reason.PERMANENT_ERROR
+            else:
+                request.jobs_reason = DeadLetter.Reason.UNEXPECTED_ERROR
+            raise
+        finally:
+            crashloop.clear(request.id)
+
+    # --- failure ------------------------------------------------------------------------------
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """The task failed for good: keep it as a dead letter."""
+        from jobs.services import dead_letter_record
+
+        request = self.request
+        reason = getattr(request, "jobs_reason", None)
+        if reason is None:
+            is_timeout = isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded)
+            reason = DeadLetter.Reason.TIME_LIMIT if is_timeout else DeadLetter.Reason.UNEXPECTED_ERROR
+        delivery = request.delivery_info or {}
+        dead_letter_record(
+            task_name=self.name,
+            task_id=task_id,
+            queue=delivery.get("routing_key") or self._default_queue(),
+            args=args,
+            kwargs=kwargs,
+            exc_type=type(exc).__name__,
+            exc_message=str(exc),
+            traceback=str(getattr(einfo, "traceback", "") or ""),
+            retries=request.retries or 0,
+            reason=reason,
+            request_id=getattr(request, "request_id", None) or "",
+            worker=request.hostname or "",
+            dead_letter_id=getattr(request, "dead_letter_id", None),
+            alert=self.alert_on_dead_letter,
+        )
+
+    def _default_queue(self) -> str:
+        route = self.app.amqp.router.route({}, self.name)
+        queue = route.get("queue")
+        return getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE

@@ -1,0 +1,24 @@
+"""How a task says what kind of failure it met.
+
+Raise (or wrap into) these at the edge, where the cause is known: a corrupt image is permanent,
+an SMTP timeout is transient. `JobTask` retries transient errors with backoff and sends
+permanent ones straight to a dead letter.
+"""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """Base of the project's task errors."""
+
+
+class TransientError(JobError):
+    """Worth retrying later: a timeout, a refused connection, a provider's 5xx or 429."""
+
+
+class PermanentError(JobError):
+    """Retrying cannot help: bad input, a rejected recipient, a corrupt file."""
+
+
+class InvalidTaskArguments(PermanentError):
+    """A task was called with arguments it cannot accept (wrong type, out of range)."""

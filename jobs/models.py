@@ -1,0 +1,85 @@
+"""Dead letters: tasks that failed for good, kept to be inspected, grouped and replayed."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class DeadLetter(models.Model):
+    """One logical job that failed for good. A requeued job that dies again brings this same row
+    back to `pending` (its id travels in the requeued message's headers)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        REQUEUED = "requeued", "Requeued"
+        DISCARDED = "discarded", "Discarded"
+
+    class Reason(models.TextChoices):
+        RETRIES_EXHAUSTED = "retries_exhausted", "Retries exhausted"
+        PERMANENT_ERROR = "permanent_error", "Permanent error"
+        UNEXPECTED_ERROR = "unexpected_error", "Unexpected error"
+        TIME_LIMIT = "time_limit", "Time limit"
+        WORKER_LOST = "worker_lost", "Worker lost repeatedly (quarantined)"
+        UNDECODABLE = "undecodable", "Message could not be decoded"
+
+    task_name = models.CharField(max_length=200, db_index=True, help_text="The task's registered name.")
+    task_id = models.CharField(max_length=64, db_index=True, help_text="Id of the latest attempt that failed.")
+    queue = models.CharField(max_length=64, blank=True, db_index=True)
+    args = models.JSONField(default=list, blank=True, help_text="Positional arguments, secrets redacted.")
+    kwargs = models.JSONField(default=dict, blank=True, help_text="Keyword arguments, secrets redacted.")
+    redacted = models.BooleanField(
+        default=False, editable=False, help_text="Some argument was redacted; the job cannot be replayed as stored."
+    )
+    exception_type = models.CharField(max_length=200, blank=True, db_index=True)
+    exception_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    retries = models.PositiveIntegerField(default=0, editable=False, help_text="Retries used by the last attempt.")
+    reason = models.CharField(max_length=32, choices=Reason.choices, db_index=True)
+    request_id = models.CharField(max_length=128, blank=True, db_index=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="Hostname of the worker that gave up.")
+    raw_message = models.TextField(blank=True, help_text="The start of a message that could not be decoded.")
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    failure_count = models.PositiveIntegerField(default=1, editable=False, help_text="Times this job failed for good.")
+    first_failed_at = models.DateTimeField(default=timezone.now, editable=False)
+    failed_at = models.DateTimeField(default=timezone.now, db_index=True, help_text="When it last failed for good.")
+    requeue_count = models.PositiveIntegerField(default=0, editable=False)
+    requeued_at = models.DateTimeField(null=True, blank=True)
+    requeued_by = models.CharField(max_length=150, blank=True)
+    requeued_task_id = models.CharField(max_length=64, blank=True, help_text="Task id of the latest requeue.")
+    discarded_at = models.DateTimeField(null=True, blank=True)
+    discarded_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-failed_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "-failed_at"], name="deadletter_status_failed"),
+            models.Index(fields=["status", "task_name", "exception_type"], name="deadletter_group"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.exception_type}"
+
+
+class DeadLetterEvent(models.Model):
+    """The audit trail of a dead letter: each failure, requeue and discard, who and when."""
+
+    class Action(models.TextChoices):
+        FAILED = "failed", "Failed"
+        REQUEUED = "requeued", "Requeued"
+        DISCARDED = "discarded", "Discarded"
+        REQUEUE_FAILED = "requeue_failed", "Requeue failed"
+
+    dead_letter = models.ForeignKey(DeadLetter, on_delete=models.CASCADE, related_name="events")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    actor = models.CharField(max_length=150, blank=True, help_text="User or process that acted.")
+    at = models.DateTimeField(default=timezone.now)
+    task_id = models.CharField(max_length=64, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor or 'system'} at {self.at:%Y-%m-%d %H:%M:%S}"

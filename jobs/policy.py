@@ -1,0 +1,68 @@
+"""Pure functions of the retry policy and of what a dead letter may store."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping
+from typing import Any
+
+JITTER = 0.10
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"pass(word|wd|phrase)?|secret|token|authori[sz]ation|api[-_]?key|credential|cookie|session",
+                         re.IGNORECASE)  # fmt: skip
+
+
+def retry_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    ceiling: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry number `attempt` (1 for the first retry).
+
+    `base * 2**(attempt-1)`, capped at `cap`, plus up to 10 % random jitter, never below `base`.
+    `ceiling` is a hard upper bound applied last (kept below the broker's visibility timeout so
+    Redis never redelivers a retry it still holds).
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    if base <= 0:
+        raise ValueError("base must be positive")
+    delay = min(base * 2 ** (attempt - 1), max(cap, base))
+    delay += delay * JITTER * (rng or random).random()
+    delay = max(delay, base)
+    if ceiling is not None:
+        delay = min(delay, ceiling)
+    return delay
+
+
+def is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+
+
+def redact(value: Any) -> tuple[Any, bool]:
+    """A JSON-safe copy of `value` with secret-looking keys at any depth replaced by `***`,
+    and whether anything was replaced."""
+    redacted = False
+
+    def walk(item: Any) -> Any:
+        nonlocal redacted
+        if isinstance(item, Mapping):
+            out = {}
+            for key, sub in item.items():
+                if is_secret_key(key):
+                    out[str(key)] = REDACTED
+                    redacted = True
+                else:
+                    out[str(key)] = walk(sub)
+            return out
+        if isinstance(item, list | tuple):
+            return [walk(sub) for sub in item]
+        if item is None or isinstance(item, str | int | float | bool):
+            return item
+        return repr(item)[:500]
+
+    return walk(value), redacted

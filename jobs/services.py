@@ -1,0 +1,276 @@
+"""Dead-letter services: record, requeue, discard, purge.
+
+The admin actions, `manage.py requeue_dead`, `manage.py dead_letters` and the API are thin
+callers of these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, QuerySet
+from django.utils import timezone
+
+from jobs.context import get_request_id
+from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.policy import redact
+from jobs.signals import dead_letter_created
+
+logger = logging.getLogger("jobs.dead_letters")
+
+
+def dead_letter_record(
+    *,
+    task_name: str,
+    task_id: str,
+    queue: str,
+    args: Iterable[Any],
+    kwargs: dict[str, Any],
+    exc_type: str,
+    exc_message: str,
+    traceback: str,
+    retries: int,
+    reason: str,
+    request_id: str = "",
+    worker: str = "",
+    dead_letter_id: int | str | None = None,
+    raw_message: str = "",
+    alert: bool = True,
+) -> DeadLetter | None:
+    """Keeps a task that failed for good. A job requeued from a dead letter brings that row back
+    to `pending`; anything else creates a row. If the database cannot be written, the failure is
+    logged at ERROR with everything needed to replay it, and None is returned."""
+    safe_args, args_redacted = redact(list(args or ()))
+    safe_kwargs, kwargs_redacted = redact(dict(kwargs or {}))
+    now = timezone.now()
+    fields = {
+        "task_name": task_name[:200],
+        "task_id": task_id[:64],
+        "queue": (queue or "")[:64],
+        "args": safe_args,
+        "kwargs": safe_kwargs,
+        "redacted": args_redacted or kwargs_redacted,
+        "exception_type": exc_type[:200],
+        "exception_message": exc_message[:10000],
+        "traceback": traceback[:50000],
+        "retries": retries,
+        "reason": reason,
+        "request_id": (request_id or "")[:128],
+        "worker": worker[:200],
+        "raw_message": raw_message[:10000],
+        "failed_at": now,
+        "status": DeadLetter.Status.PENDING,
+    }
+    try:
+        with transaction.atomic():
+            row = None
+            if dead_letter_id:
+                row = DeadLetter.objects.select_for_update().filter(pk=_as_int(dead_letter_id)).first()
+            created = row is None
+            if created:
+                row = DeadLetter.objects.create(first_failed_at=now, **fields)
+            else:
+                for name, value in fields.items():
+                    setattr(row, name, value)
+                row.failure_count = F("failure_count") + 1
+                row.save()
+                row.refresh_from_db(fields=["failure_count"])
+            DeadLetterEvent.objects.create(
+                dead_letter=row, action=DeadLetterEvent.Action.FAILED, actor=worker[:150], at=now,
+                task_id=task_id[:64], note=f"{reason}: {exc_type}: {exc_message}"[:2000],
+            )  # fmt: skip
+    except DatabaseError:
+        # The failure must not be lost with the database: this line holds all a replay needs.
+        logger.exception(
+            "dead_letter.unsaved",
+            extra={**{k: v for k, v in fields.items() if k != "failed_at"}, "failed_at": now.isoformat()},
+        )
+        return None
+
+    logger.error(
+        "dead_letter.created" if created else "dead_letter.failed_again",
+        extra={
+            "dead_letter_id": row.pk,
+            "dead_letter_task": task_name,
+            "dead_letter_task_id": task_id,
+            "queue": queue,
+            "reason": reason,
+            "exception_type": exc_type,
+            "failure_count": row.failure_count,
+        },
+    )
+    from jobs import metrics
+
+    metrics.dead_letter_created(task_name=task_name, reason=reason)
+    dead_letter_created.send(sender=DeadLetter, dead_letter=row, created=created)
+    if alert:
+        from jobs.alerts import dead_letter_alert_schedule
+
+        dead_letter_alert_schedule()
+    return row
+
+
+def _as_int(value: int | str) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class RequeueResult:
+    """What a requeue run did."""
+
+    requeued: list[tuple[int, str]] = field(default_factory=list)  # (dead letter id, new task id)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (dead letter id, why)
+    error: str = ""  # set when publishing failed and the run stopped
+
+    @property
+    def count(self) -> int:
+        return len(self.requeued)
+
+
+def dead_letters_requeue(
+    *,
+    dead_letters: QuerySet[DeadLetter],
+    actor: str,
+    batch_size: int = 500,
+    rate: float | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RequeueResult:
+    """Publishes each pending dead letter of `dead_letters` again, with its original task name,
+    arguments and queue, and marks it `requeued`.
+
+    Safe when two operators click at once: each batch locks its rows (`SELECT ... FOR UPDATE
+    SKIP LOCKED` where the database has it) and takes only rows still pending, so a row is
+    published at most once per call. The message is published before the row is marked, inside
+    the row's transaction: a failed publish leaves the row pending and stops the run.
+    `rate` limits publishes per second; `progress` is called with the number of rows handled.
+    """
+    from config.celery import app
+
+    result = RequeueResult()
+    ids = list(dead_letters.filter(status=DeadLetter.Status.PENDING).order_by("pk").values_list("pk", flat=True))
+    if dry_run:
+        result.requeued = [(pk, "") for pk in ids]
+        return result
+    interval = 1.0 / rate if rate else 0.0
+    lock_kwargs = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            if not _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result):
+                break
+            if progress:
+                progress(min(start + batch_size, len(ids)))
+    logger.info(
+        "dead_letter.requeued",
+        extra={"count": result.count, "skipped": len(result.skipped), "actor": actor, "error": result.error or None},
+    )
+    return result
+
+
+def _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result: RequeueResult) -> bool:
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            DeadLetter.objects.select_for_update(**lock_kwargs)
+            .filter(pk__in=chunk, status=DeadLetter.Status.PENDING)
+            .order_by("pk")
+        )
+        done: list[DeadLetter] = []
+        events: list[DeadLetterEvent] = []
+        ok = True
+        for row in rows:
+            if row.redacted:
+                result.skipped.append((row.pk, "arguments were redacted when stored"))
+                continue
+            new_id = str(uuid.uuid4())
+            try:
+                app.send_task(
+                    row.task_name,
+                    args=row.args,
+                    kwargs=row.kwargs,
+                    task_id=new_id,
+                    queue=row.queue or None,
+                    headers={"dead_letter_id": row.pk, "request_id": row.request_id or get_request_id() or ""},
+                    producer=producer,
+                )
+            except Exception as exc:  # noqa: BLE001 - any publish failure stops the run, rows stay pending
+                result.error = f"publishing failed: {type(exc).__name__}: {exc}"[:500]
+                logger.error("dead_letter.requeue_failed", extra={"dead_letter_id": row.pk, "error": result.error})
+                ok = False
+                break
+            row.status = DeadLetter.Status.REQUEUED
+            row.requeued_at = now
+            row.requeued_by = actor[:150]
+            row.requeued_task_id = new_id
+            row.requeue_count += 1
+            done.append(row)
+            events.append(
+                DeadLetterEvent(
+                    dead_letter=row, action=DeadLetterEvent.Action.REQUEUED, actor=actor[:150], at=now, task_id=new_id
+                )
+            )
+            result.requeued.append((row.pk, new_id))
+            if interval:
+                time.sleep(interval)
+        DeadLetter.objects.bulk_update(
+            done, ["status", "requeued_at", "requeued_by", "requeued_task_id", "requeue_count"], batch_size=500
+        )
+        DeadLetterEvent.objects.bulk_create(events, batch_size=500)
+    return ok
+
+
+def dead_letters_discard(*, dead_letters: QuerySet[DeadLetter], actor: str, note: str = "") -> int:
+    """Marks the pending dead letters of `dead_letters` as discarded; returns how many."""
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(
+            dead_letters.filter(status=DeadLetter.Status.PENDING).select_for_update().values_list("pk", flat=True)
+        )
+        DeadLetter.objects.filter(pk__in=ids).update(
+            status=DeadLetter.Status.DISCARDED, discarded_at=now, discarded_by=actor[:150]
+        )
+        DeadLetterEvent.objects.bulk_create(
+            [
+                DeadLetterEvent(
+                    dead_letter_id=pk, action=DeadLetterEvent.Action.DISCARDED, actor=actor[:150], at=now, note=note
+                )
+                for pk in ids
+            ],
+            batch_size=500,
+        )
+    logger.info("dead_letter.discarded", extra={"count": len(ids), "actor": actor})
+    return len(ids)
+
+
+def dead_letters_purge(
+    *,
+    older_than: timedelta,
+    actor: str,
+    statuses: Iterable[str] = (DeadLetter.Status.REQUEUED, DeadLetter.Status.DISCARDED),
+    dry_run: bool = False,
+) -> int:
+    """Deletes dead letters in `statuses` that last failed more than `older_than` ago
+    (retention); pending ones are kept unless asked for. Returns how many rows go."""
+    cutoff = timezone.now() - older_than
+    rows = DeadLetter.objects.filter(status__in=list(statuses), failed_at__lt=cutoff)
+    count = rows.count()
+    if not dry_run and count:
+        with transaction.atomic():
+            DeadLetterEvent.objects.filter(dead_letter__in=rows).delete()
+            rows.delete()
+    logger.info(
+        "dead_letter.purged",
+        extra={"count": count, "actor": actor, "older_than_seconds": older_than.total_seconds(), "dry_run": dry_run},
+    )
+    return count

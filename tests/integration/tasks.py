@@ -1,0 +1,49 @@
+"""Tasks that exist only for the integration tests; workers load them with `-I`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import redis
+from celery import shared_task
+
+from jobs.base import JobTask
+from jobs.exceptions import PermanentError, TransientError
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+@shared_task(base=JobTask, name="tests.flaky")
+def flaky(key: str, fail_times: int) -> int:
+    """Fails with a transient error `fail_times` times, then succeeds; notes each attempt's time."""
+    client = _redis()
+    client.rpush(f"{key}:times", repr(time.time()))
+    attempt = client.incr(key)
+    if attempt <= fail_times:
+        raise TransientError(f"attempt {attempt} failed")
+    return attempt
+
+
+@shared_task(base=JobTask, name="tests.permanent")
+def permanent(key: str, **kwargs) -> None:
+    _redis().incr(key)
+    if _redis().get(f"{key}:healed"):
+        return
+    raise PermanentError("cannot ever work")
+
+
+@shared_task(base=JobTask, name="tests.unexpected")
+def unexpected(key: str) -> None:
+    _redis().incr(key)
+    raise KeyError("a bug")
+
+
+@shared_task(base=JobTask, name="tests.crash")
+def crash(key: str) -> None:
+    """Kills the pool process running it, like a segfault or the OOM killer would."""
+    _redis().incr(key)
+    os.kill(os.getpid(), signal.SIGKILL)

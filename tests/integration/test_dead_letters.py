@@ -1,0 +1,140 @@
+"""The retry policy and dead letters with a real worker and a real Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from jobs.models import DeadLetter
+from jobs.services import dead_letters_requeue
+from tests.integration import tasks
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+FAST_RETRIES = {"TASK_RETRY_BACKOFF_BASE": "0.2", "TASK_RETRY_BACKOFF_MAX": "10", "TASK_MAX_RETRIES": "3"}
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def key() -> str:
+    return f"t-{uuid.uuid4().hex}"
+
+
+def test_transient_error_succeeds_on_retry_with_exact_delays(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    result = tasks.flaky.delay(k, 3)
+    assert result.get(timeout=30) == 4
+    times = [float(t) for t in redis_client.lrange(f"{k}:times", 0, -1)]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # 0.2, 0.4, 0.8 s plus at most 10 % jitter (and the worker's own scheduling latency).
+    for gap, expected in zip(gaps, [0.2, 0.4, 0.8], strict=True):
+        assert expected <= gap < expected * 1.1 + 0.5, gaps
+    assert not DeadLetter.objects.exists()
+
+
+def test_exhausted_retries_make_one_dead_letter(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    tasks.flaky.apply_async((k, 100), headers={"request_id": "rid-exhaust"})
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.flaky").first())
+    assert int(redis_client.get(k)) == 4  # the first run and three retries
+    assert row.reason == DeadLetter.Reason.RETRIES_EXHAUSTED
+    assert row.retries == 3
+    assert row.exception_type == "TransientError"
+    assert row.args == [k, 100]
+    assert row.queue == "normal"
+    assert row.request_id == "rid-exhaust"
+    assert "attempt 4 failed" in row.traceback
+    assert DeadLetter.objects.count() == 1
+
+
+def test_permanent_error_goes_straight_to_a_dead_letter(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    tasks.permanent.delay(k, password="hunter2", options={"api_key": "abc", "size": 3})
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.permanent").first())
+    assert int(redis_client.get(k)) == 1
+    assert row.reason == DeadLetter.Reason.PERMANENT_ERROR
+    assert row.retries == 0
+    assert row.kwargs == {"password": "***", "options": {"api_key": "***", "size": 3}}
+    assert row.redacted is True
+
+
+def test_unexpected_error_is_not_retried(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    tasks.unexpected.delay(k)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.unexpected").first())
+    assert row.reason == DeadLetter.Reason.UNEXPECTED_ERROR
+    assert row.exception_type == "KeyError"
+    assert int(redis_client.get(k)) == 1
+
+
+def test_requeued_job_that_dies_again_reuses_its_row_and_recovers(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    tasks.permanent.delay(k)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.permanent").first())
+
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.filter(pk=row.pk), actor="ops")
+    assert result.count == 1
+    wait_for(lambda: DeadLetter.objects.get(pk=row.pk).failure_count == 2)
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.PENDING
+    assert row.requeue_count == 1
+    assert row.task_id == result.requeued[0][1]
+    assert DeadLetter.objects.count() == 1
+
+    redis_client.set(f"{k}:healed", 1)
+    dead_letters_requeue(dead_letters=DeadLetter.objects.filter(pk=row.pk), actor="ops")
+    wait_for(lambda: int(redis_client.get(k)) == 3)
+    time.sleep(0.5)
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.REQUEUED
+    assert row.failure_count == 2
+    assert list(row.events.values_list("action", flat=True).order_by("id")) == [
+        "failed", "requeued", "failed", "requeued",
+    ]  # fmt: skip
+
+
+def test_task_that_kills_its_worker_ends_in_quarantine(start_worker, redis_client):
+    start_worker(extra_env={"JOBS_WORKER_LOST_LIMIT": "3"}, concurrency=1)
+    k = key()
+    tasks.crash.delay(k)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.crash").first(), timeout=60)
+    assert int(redis_client.get(k)) == 3  # three attempts died; the fourth delivery was stopped
+    assert row.reason == DeadLetter.Reason.WORKER_LOST
+    assert row.exception_type == "Quarantined"
+
+
+def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client):
+    from config.celery import app
+
+    worker = start_worker()
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b"\x80\x04\x95 not really a pickle",
+            routing_key="normal",
+            exchange="normal",
+            serializer=None,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"id": "bad-1", "task": "tests.permanent"},
+        )
+    row = wait_for(lambda: DeadLetter.objects.filter(reason=DeadLetter.Reason.UNDECODABLE).first())
+    assert row.task_id == "bad-1"
+    assert "x-python-serialize" in row.raw_message
+    # The worker keeps consuming after it.
+    assert tasks.flaky.delay(key(), 0).get(timeout=30) == 1
+    assert worker.process.poll() is None
