@@ -62,7 +62,8 @@ def dead_letter_digest_send() -> int:
         return 0
     lines = [f"{total} task(s) failed for good and wait in the dead letters.", ""]
     lines += [
-        f"{g['count']:>6}  {g['task_name']}  {g['exception_type']}  ({g['reason']}, latest {g['latest']:%Y-%m-%d %H:%M:%S} UTC)"
+        f"{g['count']:>6}  {g['task_name']}  {g['exception_type']}  "
+        f"({g['reason']}, latest {g['latest']:%Y-%m-%d %H:%M:%S} UTC)"
         for g in groups
     ]
     lines += [
