@@ -10,6 +10,9 @@ urlpatterns = [
     path("healthz", jobs_views.healthz, name="healthz"),
     path("readyz", jobs_views.readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    path("", include("jobs.urls")),
+    path("", include("thumbnails.urls")),
+    path("", include("mailer.urls")),
     path("", include("django_prometheus.urls")),
 ]
 
