@@ -7,4 +7,4 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from jobs import signals  # noqa: F401 - connects the Celery signal handlers
+        from jobs import checks, signals  # noqa: F401 - registers system checks, connects Celery signals

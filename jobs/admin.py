@@ -1,0 +1,190 @@
+"""Admin for dead letters: filter, search, read, requeue, discard, and a grouped view."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.text import format_lazy
+from django.views.decorators.http import require_http_methods
+
+from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.selectors import dead_letter_groups
+from jobs.services import dead_letters_discard, dead_letters_requeue
+
+
+def _plural(count: int, singular: str = "dead letter", plural: str = "dead letters") -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"admin:{request.user.get_username()}"
+
+
+class DeadLetterEventInline(admin.TabularInline):
+    model = DeadLetterEvent
+    extra = 0
+    can_delete = False
+    fields = ("at", "action", "actor", "task_id", "note")
+    readonly_fields = fields
+    ordering = ("-at", "-id")
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+_HISTORY_FIELDS = (
+    "failure_count", "first_failed_at", "failed_at", "requeue_count", "requeued_at",
+    "requeued_by", "requeued_task_id", "discarded_at", "discarded_by",
+)  # fmt: skip
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):
+    list_display = (
+        "id", "status", "task_name", "exception_type", "queue", "reason", "failure_count", "failed_at",
+    )  # fmt: skip
+    list_display_links = ("id", "task_name")
+    list_filter = ("status", "reason", "queue", "task_name", "exception_type")
+    date_hierarchy = "failed_at"
+    search_fields = ("=task_id", "=request_id", "=requeued_task_id", "exception_message")
+    show_full_result_count = False  # one COUNT less per page on large tables
+    list_per_page = 100
+    actions = ["requeue_selected", "discard_selected"]
+    inlines = [DeadLetterEventInline]
+    change_list_template = "admin/jobs/deadletter/change_list.html"
+    fieldsets = (
+        (None, {"fields": ("status", "task_name", "task_id", "queue", "reason", "request_id", "worker")}),
+        ("Failure", {"fields": ("exception_type", "exception_message", "traceback_pretty", "retries")}),
+        ("Arguments", {"fields": ("args_pretty", "kwargs_pretty", "redacted", "raw_message")}),
+        (
+            "History",
+            {
+                "fields": (
+                    "failure_count",
+                    "first_failed_at",
+                    "failed_at",
+                    "requeue_count",
+                    "requeued_at",
+                    "requeued_by",
+                    "requeued_task_id",
+                    "discarded_at",
+                    "discarded_by",
+                )
+            },
+        ),
+    )
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None) -> list[str]:
+        return [f for fs in self.fieldsets for f in fs[1]["fields"]]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # only the system writes dead letters
+
+    @admin.display(description="Traceback")
+    def traceback_pretty(self, obj: DeadLetter) -> str:
+        return format_html('<pre style="white-space: pre-wrap">{}</pre>', obj.traceback or "-")
+
+    @admin.display(description="Args")
+    def args_pretty(self, obj: DeadLetter) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.args, indent=2, ensure_ascii=False))
+
+    @admin.display(description="Kwargs")
+    def kwargs_pretty(self, obj: DeadLetter) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.kwargs, indent=2, ensure_ascii=False))
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def _confirm(self, request: HttpRequest, queryset: QuerySet, action: str, verb: str) -> HttpResponse | None:
+        """Renders a confirmation page unless the form was confirmed; None once confirmed."""
+        if request.POST.get("confirm") == "yes":
+            return None
+        pending = queryset.filter(status=DeadLetter.Status.PENDING)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{verb} dead letters?",
+            "opts": self.model._meta,
+            "action": action,
+            "verb": verb,
+            "selected": list(queryset.values_list("pk", flat=True)),
+            "pending_count": pending.count(),
+            "other_count": queryset.count() - pending.count(),
+            "sample": pending.order_by("-failed_at")[:20],
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/jobs/deadletter/confirm_action.html", context)
+
+    @admin.action(description="Requeue selected dead letters", permissions=["change"])
+    def requeue_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        page = self._confirm(request, queryset, "requeue_selected", "Requeue")
+        if page is not None:
+            return page
+        result = dead_letters_requeue(dead_letters=queryset, actor=_actor(request))
+        self._report(request, result)
+        return None
+
+    @admin.action(description="Discard selected dead letters", permissions=["change"])
+    def discard_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        page = self._confirm(request, queryset, "discard_selected", "Discard")
+        if page is not None:
+            return page
+        count = dead_letters_discard(dead_letters=queryset, actor=_actor(request))
+        self.message_user(request, f"Discarded {_plural(count)}.", messages.SUCCESS)
+        return None
+
+    def _report(self, request: HttpRequest, result) -> None:
+        if result.count:
+            self.message_user(request, f"Requeued {_plural(result.count)}.", messages.SUCCESS)
+        if result.skipped:
+            self.message_user(
+                request,
+                f"Skipped {_plural(len(result.skipped))} whose arguments were redacted when stored.",
+                messages.WARNING,
+            )
+        if result.error:
+            self.message_user(request, f"Stopped: {result.error}. The rest stay pending.", messages.ERROR)
+        if not (result.count or result.skipped or result.error):
+            self.message_user(request, "Nothing to requeue: no pending dead letter was selected.", messages.WARNING)
+
+    # --- grouped view -------------------------------------------------------------------------
+
+    def get_urls(self):
+        info = self.model._meta.app_label, self.model._meta.model_name
+        return [
+            path("groups/", self.admin_site.admin_view(self.groups_view), name="{}_{}_groups".format(*info)),
+            *super().get_urls(),
+        ]
+
+    def groups_view(self, request: HttpRequest) -> HttpResponse:
+        return _groups_view(self, request)
+
+
+@require_http_methods(["GET", "POST"])
+def _groups_view(model_admin: DeadLetterAdmin, request: HttpRequest) -> HttpResponse:
+    """Pending dead letters by task and exception type, each group requeued with one click."""
+    if not model_admin.has_view_permission(request):
+        return HttpResponse(status=403)
+    url = reverse("admin:jobs_deadletter_groups")
+    if request.method == "POST":
+        if not model_admin.has_change_permission(request):
+            return HttpResponse(status=403)
+        task, exception = request.POST.get("task_name", ""), request.POST.get("exception_type", "")
+        rows = DeadLetter.objects.filter(status=DeadLetter.Status.PENDING, task_name=task, exception_type=exception)
+        result = dead_letters_requeue(dead_letters=rows, actor=_actor(request))
+        model_admin._report(request, result)
+        return HttpResponseRedirect(url)
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": format_lazy("Pending dead letters by task and exception"),
+        "opts": model_admin.model._meta,
+        "groups": dead_letter_groups(),
+        "changelist_url": reverse("admin:jobs_deadletter_changelist"),
+    }
+    return render(request, "admin/jobs/deadletter/groups.html", context)

@@ -1,0 +1,72 @@
+"""System checks (`manage.py check`) for settings combinations that lose or repeat work."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from jobs.policy import JITTER
+
+
+@register("jobs")
+def check_task_settings(app_configs=None, **kwargs) -> list:
+    problems = []
+    redis = settings.BROKER_IS_REDIS
+    visibility = settings.CELERY_VISIBILITY_TIMEOUT
+    base, cap, retries = settings.TASK_RETRY_BACKOFF_BASE, settings.TASK_RETRY_BACKOFF_MAX, settings.TASK_MAX_RETRIES
+    longest = min(base * 2 ** max(retries - 1, 0), max(cap, base)) * (1 + JITTER)
+    if redis and retries > 0 and longest >= visibility:
+        problems.append(
+            Warning(
+                f"The longest retry delay ({longest:g} s with TASK_RETRY_BACKOFF_BASE={base:g}, "
+                f"TASK_RETRY_BACKOFF_MAX={cap:g}, TASK_MAX_RETRIES={retries}) is not below "
+                f"CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                hint="Redis redelivers a retry held longer than the visibility timeout, so it would run twice; "
+                "retry delays are clipped to 90 % of the timeout. Lower the cap or raise the timeout.",
+                id="jobs.W001",
+            )
+        )
+    if redis and settings.CELERY_TASK_TIME_LIMIT >= visibility:
+        problems.append(
+            Warning(
+                f"CELERY_TASK_TIME_LIMIT ({settings.CELERY_TASK_TIME_LIMIT} s) is not below "
+                f"CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                hint="A task still running when the visibility timeout passes is delivered to a second worker.",
+                id="jobs.W002",
+            )
+        )
+    if float(getattr(settings, "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 0) or 0) <= 0:
+        problems.append(
+            Warning(
+                "Celery's soft shutdown is off (CELERY_SHUTDOWN_TIMEOUT is 0).",
+                hint="On SIGTERM running tasks are then cut at once instead of being given time to finish.",
+                id="jobs.W003",
+            )
+        )
+    if settings.CELERY_TASK_ACKS_LATE and settings.JOBS_WORKER_LOST_LIMIT < 1:
+        problems.append(
+            Warning(
+                "Late acknowledgement is on but crash-loop quarantine is off (JOBS_WORKER_LOST_LIMIT < 1).",
+                hint="A task that kills its worker would be redelivered forever. Set JOBS_WORKER_LOST_LIMIT, e.g. 3.",
+                id="jobs.W004",
+            )
+        )
+    if not settings.DEBUG and not settings.FLOWER_BASIC_AUTH:
+        problems.append(
+            Warning(
+                "FLOWER_BASIC_AUTH is not set while DJANGO_DEBUG is false.",
+                hint="Flower shows task arguments and can revoke tasks; `celery -A config flower` refuses to start "
+                "without authentication outside debug.",
+                id="jobs.W005",
+            )
+        )
+    unsafe = set(settings.CELERY_ACCEPT_CONTENT) - {"json", "application/json"}
+    if unsafe:
+        problems.append(
+            Error(
+                f"CELERY_ACCEPT_CONTENT allows {', '.join(sorted(unsafe))}.",
+                hint="Only JSON is accepted: pickle and friends run code from the message.",
+                id="jobs.E001",
+            )
+        )
+    return problems

@@ -1,0 +1,65 @@
+"""Reads of dead letters, shared by the admin, the commands, the API and the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.db.models import Count, Max, Min, QuerySet
+from django.utils import timezone
+
+from jobs.models import DeadLetter
+
+
+def dead_letters_select(
+    *,
+    ids: Iterable[int] | None = None,
+    task: str | None = None,
+    queue: str | None = None,
+    since: datetime | None = None,
+    exception: str | None = None,
+    request_id: str | None = None,
+    status: str | None = None,
+) -> QuerySet[DeadLetter]:
+    """Dead letters matching every filter given, oldest failure first."""
+    rows = DeadLetter.objects.all()
+    if ids is not None:
+        rows = rows.filter(pk__in=list(ids))
+    if task:
+        rows = rows.filter(task_name=task)
+    if queue:
+        rows = rows.filter(queue=queue)
+    if since:
+        rows = rows.filter(failed_at__gte=since)
+    if exception:
+        rows = rows.filter(exception_type=exception)
+    if request_id:
+        rows = rows.filter(request_id=request_id)
+    if status:
+        rows = rows.filter(status=status)
+    return rows.order_by("failed_at", "pk")
+
+
+def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[dict]:
+    """Dead letters grouped by task and exception type, largest group first:
+    `task_name`, `exception_type`, `count`, `first_failed_at`, `last_failed_at`."""
+    return list(
+        DeadLetter.objects.filter(status=status)
+        .values("task_name", "exception_type")
+        .annotate(count=Count("id"), first_failed_at=Min("failed_at"), last_failed_at=Max("failed_at"))
+        .order_by("-count", "task_name", "exception_type")
+    )
+
+
+def dead_letter_counts() -> dict[str, int]:
+    """Rows per status, every status present (zero when none)."""
+    counts = dict.fromkeys(DeadLetter.Status.values, 0)
+    for row in DeadLetter.objects.values("status").annotate(n=Count("id")).order_by():
+        counts[row["status"]] = row["n"]
+    return counts
+
+
+def dead_letter_oldest_pending_age() -> float:
+    """Seconds since the oldest pending dead letter failed; 0 when there is none."""
+    oldest = DeadLetter.objects.filter(status=DeadLetter.Status.PENDING).aggregate(m=Min("failed_at"))["m"]
+    return max((timezone.now() - oldest).total_seconds(), 0.0) if oldest else 0.0
