@@ -12,8 +12,6 @@ from django.shortcuts import render
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
-from django.utils.text import format_lazy
-from django.views.decorators.http import require_http_methods
 
 from jobs.models import DeadLetter, DeadLetterEvent
 from jobs.selectors import dead_letter_groups
@@ -163,28 +161,25 @@ class DeadLetterAdmin(admin.ModelAdmin):
         ]
 
     def groups_view(self, request: HttpRequest) -> HttpResponse:
-        return _groups_view(self, request)
-
-
-@require_http_methods(["GET", "POST"])
-def _groups_view(model_admin: DeadLetterAdmin, request: HttpRequest) -> HttpResponse:
-    """Pending dead letters by task and exception type, each group requeued with one click."""
-    if not model_admin.has_view_permission(request):
-        return HttpResponse(status=403)
-    url = reverse("admin:jobs_deadletter_groups")
-    if request.method == "POST":
-        if not model_admin.has_change_permission(request):
+        """Pending dead letters by task and exception type, each group requeued with one click."""
+        if not self.has_view_permission(request):
             return HttpResponse(status=403)
-        task, exception = request.POST.get("task_name", ""), request.POST.get("exception_type", "")
-        rows = DeadLetter.objects.filter(status=DeadLetter.Status.PENDING, task_name=task, exception_type=exception)
-        result = dead_letters_requeue(dead_letters=rows, actor=_actor(request))
-        model_admin._report(request, result)
-        return HttpResponseRedirect(url)
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "title": format_lazy("Pending dead letters by task and exception"),
-        "opts": model_admin.model._meta,
-        "groups": dead_letter_groups(),
-        "changelist_url": reverse("admin:jobs_deadletter_changelist"),
-    }
-    return render(request, "admin/jobs/deadletter/groups.html", context)
+        url = reverse("admin:jobs_deadletter_groups")
+        if request.method == "POST":
+            if not self.has_change_permission(request):
+                return HttpResponse(status=403)
+            rows = DeadLetter.objects.filter(
+                status=DeadLetter.Status.PENDING,
+                task_name=request.POST.get("task_name", ""),
+                exception_type=request.POST.get("exception_type", ""),
+            )
+            self._report(request, dead_letters_requeue(dead_letters=rows, actor=_actor(request)))
+            return HttpResponseRedirect(url)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Pending dead letters by task and exception",
+            "opts": self.model._meta,
+            "groups": dead_letter_groups(),
+            "changelist_url": reverse("admin:jobs_deadletter_changelist"),
+        }
+        return render(request, "admin/jobs/deadletter/groups.html", context)

@@ -26,7 +26,7 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
                 id="jobs.W001",
             )
         )
-    if redis and settings.CELERY_TASK_TIME_LIMIT >= visibility:
+    if redis and visibility <= settings.CELERY_TASK_TIME_LIMIT:
         problems.append(
             Warning(
                 f"CELERY_TASK_TIME_LIMIT ({settings.CELERY_TASK_TIME_LIMIT} s) is not below "

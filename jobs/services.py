@@ -90,7 +90,7 @@ def dead_letter_record(
         # The failure must not be lost with the database: this line holds all a replay needs.
         logger.exception(
             "dead_letter.unsaved",
-            extra={**{k: v for k, v in fields.items() if k != "failed_at"}, "failed_at": now.isoformat()},
+            extra={"dead_letter": {**fields, "failed_at": now.isoformat(), "dead_letter_id": dead_letter_id}},
         )
         return None
 

@@ -15,6 +15,14 @@ from django.test import override_settings
 from jobs.localredis import LocalRedis
 
 
+def reset_broker_pools() -> None:
+    """Makes the Celery app connect afresh, to whatever broker URL is configured now."""
+    from config.celery import app
+
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def redis_server():
     """A private Redis for the whole run; broker, cache and child processes all point at it."""
@@ -28,9 +36,7 @@ def redis_server():
     from config.celery import app
 
     app.conf.broker_url = server.url
-    if app._pool is not None:  # a pool made before this fixture would point at the old URL
-        app._pool.force_close_all()
-        app._pool = None
+    reset_broker_pools()
     yield server
     override.disable()
     server.stop()

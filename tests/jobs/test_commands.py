@@ -1,0 +1,180 @@
+"""`manage.py requeue_dead` and `manage.py dead_letters`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from jobs.management.commands import requeue_dead
+from jobs.models import DeadLetter
+from tests.jobs.factories import DeadLetterFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args, **options):
+    out, err = StringIO(), StringIO()
+    call_command(*args, stdout=out, stderr=err, **options)
+    return out.getvalue(), err.getvalue()
+
+
+def pending_count():
+    return DeadLetter.objects.filter(status="pending").count()
+
+
+def test_requeue_by_ids(redis_client):
+    a, b, _ = DeadLetterFactory.create_batch(3)
+    out, _ = run("requeue_dead", str(a.pk), str(b.pk))
+    assert "Requeued 2 dead letter(s)." in out
+    assert pending_count() == 1
+    assert redis_client.llen("normal") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "Nothing selected"),
+        (("1", "--all"), "either ids or --all"),
+        (("--all", "--limit", "0"), "--limit must be a positive number"),
+        (("--all", "--rate", "0"), "--rate must be a positive number"),
+        (("--since", "yesterday"), "is not an ISO 8601"),
+        (("--task", "no.such.task"), "No pending dead letters match"),
+    ],
+)
+def test_requeue_refuses_with_one_readable_line(args, message, redis_client):
+    DeadLetterFactory()
+    with pytest.raises(CommandError, match=message):
+        run("requeue_dead", *args)
+    assert pending_count() == 1
+    assert redis_client.llen("normal") == 0
+
+
+def test_unknown_id_requeues_nothing(redis_client):
+    row = DeadLetterFactory()
+    with pytest.raises(CommandError, match="Unknown dead letter id\\(s\\): 999999"):
+        run("requeue_dead", str(row.pk), "999999")
+    assert pending_count() == 1
+    assert redis_client.llen("normal") == 0
+
+
+def test_not_pending_id_requeues_nothing(redis_client):
+    row = DeadLetterFactory(status=DeadLetter.Status.DISCARDED)
+    with pytest.raises(CommandError, match="Not pending"):
+        run("requeue_dead", str(row.pk))
+
+
+def test_selectors_combine(redis_client):
+    old = timezone.now() - timedelta(days=3)
+    DeadLetterFactory(task_name="a.task", queue="high", failed_at=old)
+    target = DeadLetterFactory(task_name="a.task", queue="high", exception_type="TimeoutError", request_id="r-9")
+    DeadLetterFactory(task_name="b.task", queue="low")
+    since = (timezone.now() - timedelta(days=1)).isoformat()
+    out, _ = run(
+        "requeue_dead", "--task", "a.task", "--queue", "high", "--since", since,
+        "--exception", "TimeoutError", "--request-id", "r-9", verbosity=2,
+    )  # fmt: skip
+    assert "Requeued 1 dead letter(s)." in out
+    assert f"requeued #{target.pk} as task" in out
+    assert redis_client.llen("high") == 1
+
+
+def test_since_accepts_a_plain_date(redis_client):
+    DeadLetterFactory()
+    out, _ = run("requeue_dead", "--since", timezone.now().date().isoformat())
+    assert "Requeued 1" in out
+
+
+def test_limit_takes_the_oldest(redis_client):
+    now = timezone.now()
+    oldest = DeadLetterFactory(failed_at=now - timedelta(hours=2))
+    DeadLetterFactory(failed_at=now)
+    run("requeue_dead", "--all", "--limit", "1")
+    oldest.refresh_from_db()
+    assert oldest.status == DeadLetter.Status.REQUEUED
+    assert pending_count() == 1
+
+
+def test_dry_run_changes_nothing(redis_client):
+    DeadLetterFactory.create_batch(2)
+    out, _ = run("requeue_dead", "--all", "--dry-run")
+    assert "Would requeue 2 dead letter(s)" in out
+    assert pending_count() == 2
+    assert redis_client.llen("normal") == 0
+
+
+def test_progress_bar_on_large_runs(redis_client, monkeypatch):
+    monkeypatch.setattr(requeue_dead, "PROGRESS_THRESHOLD", 3)
+    DeadLetterFactory.create_batch(3)
+    _, err = run("requeue_dead", "--all")
+    assert "3/3" in err
+
+
+def test_redacted_rows_are_reported_as_skipped(redis_client):
+    DeadLetterFactory(redacted=True)
+    DeadLetterFactory()
+    out, err = run("requeue_dead", "--all")
+    assert "Requeued 1" in out
+    assert "arguments were redacted" in err
+
+
+def test_publish_failure_exits_non_zero(redis_client, monkeypatch):
+    from jobs.localredis import free_port
+    from tests.conftest import reset_broker_pools
+
+    DeadLetterFactory()
+    reset_broker_pools()
+    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(CommandError, match="Requeued 0 of 1 dead letter\\(s\\), then stopped"):
+            run("requeue_dead", "--all")
+    finally:
+        monkeypatch.undo()
+        reset_broker_pools()
+    assert pending_count() == 1
+
+
+def test_dead_letters_list_show_groups():
+    row = DeadLetterFactory(kwargs={"n": 1}, request_id="rid-7")
+    DeadLetterFactory(exception_type="TimeoutError")
+    out, _ = run("dead_letters", "list")
+    assert f"#{row.pk}" in out
+    out, _ = run("dead_letters", "list", "--task", "nothing")
+    assert "No dead letters match." in out
+    out, _ = run("dead_letters", "show", str(row.pk))
+    assert "PermanentError: cannot ever work" in out
+    assert '"n": 1' in out
+    assert "rid-7" in out
+    out, _ = run("dead_letters", "groups")
+    assert "tests.permanent" in out
+    assert "TimeoutError" in out
+    with pytest.raises(CommandError, match="Unknown dead letter id: 0"):
+        run("dead_letters", "show", "0")
+
+
+def test_dead_letters_groups_when_empty():
+    out, _ = run("dead_letters", "groups")
+    assert "No pending dead letters." in out
+
+
+def test_dead_letters_discard():
+    row = DeadLetterFactory()
+    out, _ = run("dead_letters", "discard", str(row.pk))
+    assert "Discarded 1 dead letter(s)." in out
+    with pytest.raises(CommandError, match="Unknown dead letter id"):
+        run("dead_letters", "discard", "424242")
+
+
+def test_dead_letters_purge():
+    old = timezone.now() - timedelta(days=10)
+    DeadLetterFactory(status=DeadLetter.Status.DISCARDED, failed_at=old)
+    DeadLetterFactory(failed_at=old)
+    out, _ = run("dead_letters", "purge", "--older-than", "7d", "--dry-run")
+    assert "Would delete 1" in out
+    out, _ = run("dead_letters", "purge", "--older-than", "7d", "--include-pending")
+    assert "Deleted 2" in out
+    with pytest.raises(CommandError, match="not a duration"):
+        run("dead_letters", "purge", "--older-than", "forever")

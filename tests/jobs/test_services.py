@@ -1,0 +1,200 @@
+"""Dead-letter services against the real test database and the suite's Redis broker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import OperationalError, close_old_connections
+from django.utils import timezone
+
+from jobs import services
+from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.services import dead_letter_record, dead_letters_discard, dead_letters_purge, dead_letters_requeue
+from jobs.signals import dead_letter_created
+from tests.conftest import reset_broker_pools
+from tests.jobs.factories import DeadLetterFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def record(**overrides):
+    fields = {
+        "task_name": "tests.permanent",
+        "task_id": "tid-1",
+        "queue": "normal",
+        "args": ["k"],
+        "kwargs": {"token": "s3cret", "n": 1},
+        "exc_type": "PermanentError",
+        "exc_message": "nope",
+        "traceback": "Traceback ...",
+        "retries": 0,
+        "reason": DeadLetter.Reason.PERMANENT_ERROR,
+        "request_id": "rid-1",
+        "worker": "w1@host",
+    }
+    return dead_letter_record(**{**fields, **overrides})
+
+
+def test_record_creates_a_row_with_redacted_arguments_and_an_event(caplog):
+    received = []
+    dead_letter_created.connect(lambda **kw: received.append(kw), weak=False, dispatch_uid="t1")
+    try:
+        with caplog.at_level(logging.ERROR, logger="jobs.dead_letters"):
+            row = record()
+    finally:
+        dead_letter_created.disconnect(dispatch_uid="t1")
+    assert row.kwargs == {"token": "***", "n": 1}
+    assert row.redacted is True
+    assert row.status == DeadLetter.Status.PENDING
+    assert list(row.events.values_list("action", flat=True)) == ["failed"]
+    assert received[0]["dead_letter"] == row
+    assert received[0]["created"] is True
+    line = next(r for r in caplog.records if r.getMessage() == "dead_letter.created")
+    assert line.dead_letter_id == row.pk
+    assert "s3cret" not in caplog.text
+
+
+def test_record_with_a_dead_letter_id_reuses_the_row():
+    first = record()
+    DeadLetter.objects.filter(pk=first.pk).update(status=DeadLetter.Status.REQUEUED)
+    again = record(task_id="tid-2", exc_message="still nope", dead_letter_id=str(first.pk))
+    assert again.pk == first.pk
+    assert again.failure_count == 2
+    assert again.status == DeadLetter.Status.PENDING
+    assert again.task_id == "tid-2"
+    assert DeadLetter.objects.count() == 1
+
+
+def test_record_with_an_unknown_dead_letter_id_creates_a_row():
+    row = record(dead_letter_id="not-a-number")
+    assert row.failure_count == 1
+
+
+def test_record_falls_back_to_a_log_line_when_the_database_fails(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise OperationalError("database is down")
+
+    monkeypatch.setattr(DeadLetter.objects, "create", broken)
+    with caplog.at_level(logging.ERROR, logger="jobs.dead_letters"):
+        assert record() is None
+    line = next(r for r in caplog.records if r.getMessage() == "dead_letter.unsaved")
+    assert line.dead_letter["task_name"] == "tests.permanent"
+    assert line.dead_letter["args"] == ["k"]
+    assert line.dead_letter["kwargs"] == {"token": "***", "n": 1}
+    assert line.exc_info is not None
+
+
+def test_requeue_publishes_and_marks_rows(redis_client):
+    rows = DeadLetterFactory.create_batch(3)
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="admin:ops")
+    assert result.count == 3
+    assert redis_client.llen("normal") == 3
+    message = json.loads(redis_client.lindex("normal", 0))
+    assert message["headers"]["task"] == "tests.permanent"
+    assert int(message["headers"]["dead_letter_id"]) in {r.pk for r in rows}
+    for row in DeadLetter.objects.all():
+        assert row.status == DeadLetter.Status.REQUEUED
+        assert row.requeue_count == 1
+        assert row.requeued_by == "admin:ops"
+        assert row.events.filter(action="requeued", actor="admin:ops", task_id=row.requeued_task_id).exists()
+
+
+def test_requeue_skips_rows_that_are_not_pending_or_were_redacted(redis_client):
+    DeadLetterFactory(status=DeadLetter.Status.DISCARDED)
+    redacted = DeadLetterFactory(redacted=True)
+    ok = DeadLetterFactory()
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", batch_size=1)
+    assert result.requeued == [(ok.pk, result.requeued[0][1])]
+    assert result.skipped == [(redacted.pk, "arguments were redacted when stored")]
+    assert redis_client.llen("normal") == 1
+
+
+def test_requeue_dry_run_changes_nothing(redis_client):
+    DeadLetterFactory.create_batch(2)
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", dry_run=True)
+    assert result.count == 2
+    assert redis_client.llen("normal") == 0
+    assert DeadLetter.objects.filter(status="pending").count() == 2
+
+
+def test_requeue_reports_progress(redis_client):
+    DeadLetterFactory.create_batch(5)
+    seen = []
+    dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", batch_size=2, progress=seen.append)
+    assert seen == [2, 4, 5]
+
+
+@pytest.fixture
+def dead_broker(monkeypatch):
+    """Points the Celery app at a port nothing listens on."""
+    from jobs.localredis import free_port
+
+    reset_broker_pools()
+    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    yield
+    monkeypatch.undo()
+    reset_broker_pools()
+
+
+def test_failed_publish_leaves_rows_pending(dead_broker):
+    DeadLetterFactory.create_batch(2)
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t")
+    assert result.count == 0
+    assert "publishing failed" in result.error
+    assert DeadLetter.objects.filter(status="pending").count() == 2
+    assert not DeadLetterEvent.objects.filter(action="requeued").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_operators_requeueing_at_once_publish_each_row_once(redis_client):
+    DeadLetterFactory.create_batch(40)
+    results = []
+    barrier = threading.Barrier(2)
+
+    def operator(name):
+        close_old_connections()
+        try:
+            barrier.wait()
+            results.append(dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor=name, batch_size=10))
+        finally:
+            close_old_connections()
+
+    threads = [threading.Thread(target=operator, args=(f"op{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sum(r.count for r in results) == 40
+    assert redis_client.llen("normal") == 40
+    assert set(DeadLetter.objects.values_list("requeue_count", flat=True)) == {1}
+
+
+def test_discard_marks_only_pending_rows():
+    pending = DeadLetterFactory.create_batch(2)
+    DeadLetterFactory(status=DeadLetter.Status.REQUEUED)
+    assert dead_letters_discard(dead_letters=DeadLetter.objects.all(), actor="admin:ops") == 2
+    for row in pending:
+        row.refresh_from_db()
+        assert row.status == DeadLetter.Status.DISCARDED
+        assert row.discarded_by == "admin:ops"
+        assert row.events.filter(action="discarded").count() == 1
+
+
+def test_purge_deletes_only_old_finished_rows():
+    old = timezone.now() - timedelta(days=40)
+    DeadLetterFactory(status=DeadLetter.Status.REQUEUED, failed_at=old)
+    DeadLetterFactory(status=DeadLetter.Status.DISCARDED, failed_at=old)
+    keep_pending = DeadLetterFactory(failed_at=old)
+    keep_recent = DeadLetterFactory(status=DeadLetter.Status.DISCARDED)
+    assert dead_letters_purge(older_than=timedelta(days=30), actor="t", dry_run=True) == 2
+    assert DeadLetter.objects.count() == 4
+    assert dead_letters_purge(older_than=timedelta(days=30), actor="t") == 2
+    assert set(DeadLetter.objects.values_list("pk", flat=True)) == {keep_pending.pk, keep_recent.pk}
+
+
+def test_services_module_has_no_stray_publish_on_import():
+    assert services.RequeueResult().count == 0
