@@ -57,6 +57,14 @@ class DeadLetter(models.Model):
             models.Index(fields=["status", "-failed_at"], name="deadletter_status_failed"),
             models.Index(fields=["status", "task_name", "exception_type"], name="deadletter_group"),
         ]
+        constraints = [
+            # One pending row per failed attempt, however many processes report it.
+            models.UniqueConstraint(
+                fields=["task_id"],
+                condition=models.Q(status="pending") & ~models.Q(task_id=""),
+                name="deadletter_one_pending_per_task_id",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] {self.exception_type}"

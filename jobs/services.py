@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -69,23 +69,12 @@ def dead_letter_record(
         "status": DeadLetter.Status.PENDING,
     }
     try:
-        with transaction.atomic():
-            row = None
-            if dead_letter_id:
-                row = DeadLetter.objects.select_for_update().filter(pk=_as_int(dead_letter_id)).first()
-            created = row is None
-            if created:
-                row = DeadLetter.objects.create(first_failed_at=now, **fields)
-            else:
-                for name, value in fields.items():
-                    setattr(row, name, value)
-                row.failure_count = F("failure_count") + 1
-                row.save()
-                row.refresh_from_db(fields=["failure_count"])
-            DeadLetterEvent.objects.create(
-                dead_letter=row, action=DeadLetterEvent.Action.FAILED, actor=worker[:150], at=now,
-                task_id=task_id[:64], note=f"{reason}: {exc_type}: {exc_message}"[:2000],
-            )  # fmt: skip
+        try:
+            row, created, repeated = _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
+        except IntegrityError:
+            # A concurrent report of the same failure won the insert (the child and the worker's
+            # main process both report a hard time limit): fold this report into its row.
+            row, created, repeated = _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
     except DatabaseError:
         # The failure must not be lost with the database: this line holds all a replay needs.
         logger.exception(
@@ -94,6 +83,8 @@ def dead_letter_record(
         )
         return None
 
+    if repeated:
+        return row
     logger.error(
         "dead_letter.created" if created else "dead_letter.failed_again",
         extra={
@@ -115,6 +106,35 @@ def dead_letter_record(
 
         dead_letter_alert_schedule()
     return row
+
+
+def _store_failure(
+    fields: dict[str, Any], *, now, task_id: str, dead_letter_id: int | str | None
+) -> tuple[DeadLetter, bool, bool]:
+    """Writes one failure; returns the row, whether it was created, and whether this was a
+    repeated report of a failure the row already holds (same attempt, still pending)."""
+    with transaction.atomic():
+        rows = DeadLetter.objects.select_for_update()
+        row = rows.filter(pk=_as_int(dead_letter_id)).first() if dead_letter_id else None
+        if row is None:
+            row = rows.filter(task_id=task_id[:64], status=DeadLetter.Status.PENDING).first() if task_id else None
+        repeated = row is not None and row.task_id == task_id[:64] and row.status == DeadLetter.Status.PENDING
+        created = row is None
+        if created:
+            row = DeadLetter.objects.create(first_failed_at=now, **fields)
+        else:
+            for name, value in fields.items():
+                setattr(row, name, value)
+            if not repeated:
+                row.failure_count = F("failure_count") + 1
+            row.save()
+            row.refresh_from_db(fields=["failure_count"])
+        note = f"{fields['reason']}: {fields['exception_type']}: {fields['exception_message']}"
+        DeadLetterEvent.objects.create(
+            dead_letter=row, action=DeadLetterEvent.Action.FAILED, actor=fields["worker"][:150], at=now,
+            task_id=task_id[:64], note=note[:2000],
+        )  # fmt: skip
+    return row, created, repeated
 
 
 def _as_int(value: int | str) -> int | None:

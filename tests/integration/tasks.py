@@ -47,3 +47,9 @@ def crash(key: str) -> None:
     """Kills the pool process running it, like a segfault or the OOM killer would."""
     _redis().incr(key)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@shared_task(base=JobTask, name="tests.slow")
+def slow(key: str, seconds: float) -> None:
+    _redis().incr(key)
+    time.sleep(seconds)

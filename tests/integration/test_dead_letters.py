@@ -139,3 +139,39 @@ def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client
     # The worker keeps consuming after it.
     assert tasks.flaky.delay(key(), 0).get(timeout=30) == 1
     assert worker.process.poll() is None
+
+
+def test_soft_time_limit_is_dead_lettered(start_worker, redis_client):
+    start_worker()
+    k = key()
+    tasks.slow.apply_async((k, 30), soft_time_limit=0.5, time_limit=20)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.slow").first())
+    assert row.reason == DeadLetter.Reason.TIME_LIMIT
+    assert row.exception_type == "SoftTimeLimitExceeded"
+    assert int(redis_client.get(k)) == 1
+
+
+def test_hard_time_limit_is_dead_lettered_with_its_queue(start_worker, redis_client):
+    start_worker()
+    k = key()
+    # Hard limit first: the soft one would come later, so the pool kills the process.
+    tasks.slow.apply_async((k, 30), time_limit=1, soft_time_limit=10, headers={"request_id": "rid-hard"})
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.slow").first())
+    assert row.reason == DeadLetter.Reason.TIME_LIMIT
+    assert row.exception_type == "TimeLimitExceeded"
+    assert row.queue == "normal"
+    assert row.request_id == "rid-hard"
+    # The pool child and the worker's main process both report it: still one row.
+    assert DeadLetter.objects.count() == 1
+    assert row.failure_count == 1
+
+
+def test_unknown_task_is_dead_lettered(start_worker):
+    from config.celery import app
+
+    start_worker()
+    app.send_task("no.such.task", args=[1], queue="normal", task_id="unknown-1")
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="no.such.task").first())
+    assert row.reason == DeadLetter.Reason.UNDECODABLE
+    assert row.task_id == "unknown-1"
+    assert "unknown task" in row.exception_message

@@ -69,6 +69,15 @@ def test_record_with_a_dead_letter_id_reuses_the_row():
     assert DeadLetter.objects.count() == 1
 
 
+def test_a_repeated_report_of_the_same_attempt_is_folded_into_its_row():
+    first = record(exc_type="SoftTimeLimitExceeded")
+    again = record(exc_type="TimeLimitExceeded")
+    assert again.pk == first.pk
+    assert again.failure_count == 1
+    assert again.exception_type == "TimeLimitExceeded"
+    assert DeadLetter.objects.count() == 1
+
+
 def test_record_with_an_unknown_dead_letter_id_creates_a_row():
     row = record(dead_letter_id="not-a-number")
     assert row.failure_count == 1
