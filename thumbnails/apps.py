@@ -5,3 +5,6 @@ class ThumbnailsConfig(AppConfig):
     name = "thumbnails"
     verbose_name = "Thumbnails"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from thumbnails import signals  # noqa: F401 - connects the file clean-up receivers

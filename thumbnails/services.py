@@ -1,0 +1,171 @@
+"""Writes of the thumbnails app: accepting an upload, making its thumbnails, regenerating them.
+
+Files go through Django's storage API (`default_storage`) only, so S3 or any other
+django-storages backend works by configuration alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.utils import timezone
+
+from thumbnails import processing, tasks
+from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UploadTooLarge
+from thumbnails.models import Image, Thumbnail
+
+logger = logging.getLogger("thumbnails")
+
+
+# Raised by storage backends when they cannot be reached (the local disk never does).
+_STORAGE_TRANSIENT = (TimeoutError, ConnectionError)
+
+
+def _original_name(info: processing.ImageInfo) -> str:
+    """A name of our own: nothing the client sent (its file name) reaches the storage path."""
+    return f"originals/{timezone.now():%Y/%m}/{uuid.uuid4().hex}.{info.extension}"
+
+
+def thumbnail_name(*, image_id: int, size: int, extension: str) -> str:
+    """Deterministic, so a redelivered task writes the same names again."""
+    return f"thumbnails/{image_id}/{size}.{extension}"
+
+
+def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Image:
+    """Validates an upload, stores it and queues its thumbnails once the transaction commits.
+
+    Raises `UploadTooLarge` or a `processing.ImageError` (not an image, unsupported format,
+    too many pixels); nothing is stored or queued then.
+    """
+    limit = settings.MAX_UPLOAD_BYTES
+    if upload.size is None or upload.size > limit:
+        raise UploadTooLarge(upload.size or 0, limit)
+    upload.seek(0)
+    data = upload.read(limit + 1)
+    if len(data) > limit:
+        raise UploadTooLarge(len(data), limit)
+    info = processing.inspect(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+
+    stored = default_storage.save(_original_name(info), ContentFile(data))
+    try:
+        with transaction.atomic():
+            image = Image.objects.create(
+                original=stored,
+                format=info.format,
+                width=info.width,
+                height=info.height,
+                request_id=request_id or "",
+            )
+            transaction.on_commit(lambda: tasks.generate.delay(image.pk))
+    except BaseException:
+        default_storage.delete(stored)
+        raise
+    logger.info("thumbnails.image_created", extra={"image_id": image.pk, "format": info.format, "bytes": len(data)})
+    return image
+
+
+def _read_original(image: Image) -> bytes:
+    try:
+        with default_storage.open(image.original.name, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise OriginalMissing(f"the original file {image.original.name!r} is missing") from exc
+    except _STORAGE_TRANSIENT as exc:
+        raise StorageUnavailable(f"reading the original failed: {exc}") from exc
+
+
+def _write(name: str, data: bytes) -> str:
+    """Writes `data` under exactly `name`, replacing what a previous attempt left there."""
+    try:
+        if default_storage.exists(name):
+            default_storage.delete(name)
+        return default_storage.save(name, ContentFile(data))
+    except _STORAGE_TRANSIENT as exc:
+        raise StorageUnavailable(f"writing {name!r} failed: {exc}") from exc
+
+
+def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
+    """Makes the thumbnails of `image` for every size in THUMBNAIL_SIZES and marks it done.
+
+    Idempotent: files have deterministic names and rows are replaced per size, so running it
+    again (a redelivered task, a regenerate) gives the same files and no duplicate rows. Rows
+    only point at files once they are completely written.
+
+    Raises `CorruptImage` or `OriginalMissing` (permanent) and `StorageUnavailable` (transient).
+    """
+    sizes = list(settings.THUMBNAIL_SIZES)
+    Image.objects.filter(pk=image.pk).update(status=Image.Status.PROCESSING, updated=timezone.now())
+    data = _read_original(image)
+    try:
+        thumbs = processing.make_thumbnails(data, sizes, max_pixels=settings.MAX_IMAGE_PIXELS)
+    except processing.ImageError as exc:
+        raise CorruptImage(str(exc)) from exc
+
+    written = {}
+    for thumb in thumbs:
+        name = thumbnail_name(image_id=image.pk, size=thumb.size, extension=thumb.extension)
+        written[thumb.size] = (thumb, _write(name, thumb.data))
+
+    rows = []
+    with transaction.atomic():
+        locked = Image.objects.select_for_update().filter(pk=image.pk).first()
+        if locked is None:  # deleted while we worked: its files go with it
+            for _thumb, name in written.values():
+                default_storage.delete(name)
+            return []
+        previous = {row.size: row for row in locked.thumbnails.all()}
+        for size, (thumb, name) in written.items():
+            old = previous.pop(size, None)
+            if old is not None and old.file.name != name:
+                _delete_after_commit(old.file.name)
+            row, _created = Thumbnail.objects.update_or_create(
+                image=locked, size=size, defaults={"width": thumb.width, "height": thumb.height, "file": name}
+            )
+            rows.append(row)
+        for stale in previous.values():  # a size no longer in THUMBNAIL_SIZES
+            stale.delete()
+        locked.status = Image.Status.DONE
+        locked.error = ""
+        locked.save(update_fields=["status", "error", "updated"])
+    image.status, image.error = locked.status, locked.error
+    logger.info("thumbnails.generated", extra={"image_id": image.pk, "sizes": sorted(written)})
+    return rows
+
+
+def image_mark_failed(*, image: Image, error: str) -> None:
+    """Records that the thumbnails of `image` cannot be made."""
+    Image.objects.filter(pk=image.pk).update(status=Image.Status.FAILED, error=error[:2000], updated=timezone.now())
+    image.status, image.error = Image.Status.FAILED, error[:2000]
+    logger.warning("thumbnails.failed", extra={"image_id": image.pk, "error": error[:500]})
+
+
+def images_regenerate(*, images: Iterable[Image]) -> int:
+    """Queues the thumbnails of `images` again (status back to pending); returns how many."""
+    ids = [image.pk for image in images]
+    with transaction.atomic():
+        Image.objects.filter(pk__in=ids).update(status=Image.Status.PENDING, error="", updated=timezone.now())
+        for image_id in ids:
+            transaction.on_commit(lambda image_id=image_id: tasks.generate.delay(image_id))
+    return len(ids)
+
+
+def image_delete(*, image: Image) -> None:
+    """Deletes an image, its thumbnails and (once committed) all their files."""
+    image.delete()
+
+
+def _delete_after_commit(name: str) -> None:
+    if name:
+        transaction.on_commit(lambda: default_storage.delete(name))
+
+
+def file_delete_on_commit(*, name: str) -> None:
+    """Deletes a stored file once the surrounding transaction commits (never for a rollback)."""
+    _delete_after_commit(name)
