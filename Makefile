@@ -36,6 +36,7 @@ $(STAMP): $(REQS)
 
 run: install
 	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py setup_schedules
 	$(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
 
 test: install

@@ -13,7 +13,6 @@ urlpatterns = [
     path("", include("jobs.urls")),
     path("", include("thumbnails.urls")),
     path("", include("mailer.urls")),
-    path("", include("django_prometheus.urls")),
 ]
 
 handler400 = "jobs.http_errors.bad_request"

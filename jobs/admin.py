@@ -13,7 +13,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.models import DailyReport, DeadLetter, DeadLetterEvent
 from jobs.selectors import dead_letter_groups
 from jobs.services import dead_letters_discard, dead_letters_requeue
 
@@ -183,3 +183,29 @@ class DeadLetterAdmin(admin.ModelAdmin):
             "changelist_url": reverse("admin:jobs_deadletter_changelist"),
         }
         return render(request, "admin/jobs/deadletter/groups.html", context)
+
+
+@admin.register(DailyReport)
+class DailyReportAdmin(admin.ModelAdmin):
+    list_display = ("day", "created_at", "dead_letters_created", "tasks")
+    date_hierarchy = "day"
+    readonly_fields = ("day", "created_at", "report")
+    fields = readonly_fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.display(description="Dead letters created")
+    def dead_letters_created(self, obj: DailyReport) -> int:
+        return obj.data.get("dead_letters_created", 0)
+
+    @admin.display(description="Tasks")
+    def tasks(self, obj: DailyReport) -> int:
+        return sum(obj.data.get("totals", {}).values())
+
+    @admin.display(description="Report")
+    def report(self, obj: DailyReport) -> str:
+        return format_html("<pre>{}</pre>", obj.text)

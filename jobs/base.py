@@ -31,6 +31,7 @@ from django.db import InterfaceError, OperationalError
 
 from jobs import crashloop
 from jobs.exceptions import PermanentError, TransientError
+from jobs.housekeeping import retry_count_add
 from jobs.models import DeadLetter
 from jobs.policy import retry_delay
 
@@ -56,11 +57,18 @@ class Quarantined(PermanentError):
     """The task's worker was lost too many times in a row while running it."""
 
 
-class JobTask(Task):
-    """Base task: retry policy, dead letters, quarantine, logging context."""
+class MeteredTask(Task):
+    """The app's default task class (see config/celery.py): every task, even one not built on
+    `JobTask` (Celery's own `celery.backend_cleanup`), is counted in the worker's metrics."""
 
     abstract = True
     Request = "jobs.worker:JobRequest"
+
+
+class JobTask(MeteredTask):
+    """Base task: retry policy, dead letters, quarantine, logging context."""
+
+    abstract = True
 
     #: Exception classes retried with backoff, in addition to `DEFAULT_TRANSIENT_ERRORS`.
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -134,6 +142,7 @@ class JobTask(Task):
                             "error": f"{type(exc).__name__}: {exc}"[:500],
                         },
                     )
+                    retry_count_add(self.name)
                     raise self.retry(exc=exc, countdown=delay, max_retries=limit) from exc
                 request.jobs_reason = DeadLetter.Reason.RETRIES_EXHAUSTED
             elif kind == "permanent":

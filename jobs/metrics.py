@@ -1,9 +1,29 @@
-"""Prometheus metrics of the jobs machinery."""
+"""Prometheus metrics.
+
+Worker metrics are counted in the worker's main process (from the request objects the prefork
+pool reports back to it), so they are correct whatever the pool size without prometheus_client's
+multiprocess mode, and served on `WORKER_METRICS_PORT` by that process. The web's `/metrics`
+adds, computed at scrape time, queue lengths, dead letters by status and heartbeat ages.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+import logging
 
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+TASKS = Counter(
+    "celery_tasks", "Tasks by name and state (received, started, succeeded, failed, retried, dead_lettered).",
+    ["task", "state"],
+)  # fmt: skip
+RUNTIME = Histogram(
+    "celery_task_runtime_seconds", "Runtime of tasks that succeeded.", ["task"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)  # fmt: skip
+IN_PROGRESS = Gauge("celery_tasks_in_progress", "Tasks running now in this worker.", ["task"])
 DEAD_LETTERS_CREATED = Counter(
     "jobs_dead_letters_created",
     "Dead letters written (a requeued job failing again counts again), by task and reason.",
@@ -11,5 +31,84 @@ DEAD_LETTERS_CREATED = Counter(
 )
 
 
+def task_event(task: str, state: str) -> None:
+    TASKS.labels(task=task, state=state).inc()
+
+
 def dead_letter_created(*, task_name: str, reason: str) -> None:
     DEAD_LETTERS_CREATED.labels(task=task_name, reason=reason).inc()
+
+
+def start_worker_metrics_server(port: int) -> bool:
+    """Serves this process's metrics on `port` (0: off). A busy port is logged, not fatal."""
+    if not port:
+        return False
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        logger.warning("metrics.server_not_started", extra={"port": port, "error": str(exc)})
+        return False
+    logger.info("metrics.server_started", extra={"port": port})
+    return True
+
+
+class JobsCollector:
+    """Scrape-time gauges for the web's /metrics: cheap reads of the broker, database and cache."""
+
+    def describe(self):
+        return []  # computed at scrape time: nothing to read at registration
+
+    def collect(self):
+        from jobs.selectors import dead_letter_counts, dead_letter_oldest_pending_age, queue_lengths
+
+        queues = GaugeMetricFamily("celery_queue_length", "Messages waiting in each queue.", labels=["queue"])
+        try:
+            for name, length in queue_lengths().items():
+                queues.add_metric([name], length)
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the broker is down
+            logger.warning("metrics.queue_length_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        yield queues
+
+        dead = GaugeMetricFamily("jobs_dead_letters", "Dead letters by status.", labels=["status"])
+        oldest = GaugeMetricFamily(
+            "jobs_dead_letter_oldest_pending_age_seconds", "Age of the oldest pending dead letter (0: none)."
+        )
+        try:
+            for status, count in dead_letter_counts().items():
+                dead.add_metric([status], count)
+            oldest.add_metric([], dead_letter_oldest_pending_age())
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("metrics.dead_letters_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        yield dead
+        yield oldest
+
+        from jobs.heartbeat import heartbeat_read
+
+        for name, help_text in (
+            ("worker", "When a worker last ran the heartbeat task (unix time)."),
+            ("beat", "When a beat last ticked (unix time)."),
+        ):
+            gauge = GaugeMetricFamily(f"jobs_{name}_last_heartbeat_timestamp_seconds", help_text)
+            try:
+                seen = heartbeat_read(name)
+            except Exception:  # noqa: BLE001
+                seen = None
+            if seen:
+                gauge.add_metric([], seen["at"])
+            yield gauge
+
+
+_registered = False
+
+
+def register_web_collector() -> None:
+    """Adds `JobsCollector` to the default registry once (web processes only)."""
+    global _registered
+    if _registered:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(JobsCollector())
+    _registered = True

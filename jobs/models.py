@@ -91,3 +91,18 @@ class DeadLetterEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} by {self.actor or 'system'} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class DailyReport(models.Model):
+    """The daily task report: counts by task and state, retries, dead letters, slowest tasks."""
+
+    day = models.DateField(unique=True)
+    created_at = models.DateTimeField(auto_now=True)
+    data = models.JSONField(default=dict, editable=False)
+    text = models.TextField(editable=False)
+
+    class Meta:
+        ordering = ["-day"]
+
+    def __str__(self) -> str:
+        return f"Task report {self.day:%Y-%m-%d}"

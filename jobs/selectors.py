@@ -63,3 +63,24 @@ def dead_letter_oldest_pending_age() -> float:
     """Seconds since the oldest pending dead letter failed; 0 when there is none."""
     oldest = DeadLetter.objects.filter(status=DeadLetter.Status.PENDING).aggregate(m=Min("failed_at"))["m"]
     return max((timezone.now() - oldest).total_seconds(), 0.0) if oldest else 0.0
+
+
+QUEUES = ("high", "normal", "low")
+
+
+def queue_lengths(queues: Iterable[str] = QUEUES) -> dict[str, int]:
+    """Messages waiting in each queue, read from the broker (Redis counts every priority
+    sub-list; RabbitMQ reports the ready count). Raises when the broker does not answer."""
+    from config.celery import app
+
+    lengths = {}
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=0, timeout=2)
+        channel = conn.default_channel
+        for name in queues:
+            try:
+                lengths[name] = channel.queue_declare(queue=name, passive=True).message_count
+            except conn.channel_errors:  # the queue does not exist yet (RabbitMQ): nothing waits
+                lengths[name] = 0
+                channel = conn.channel()
+    return lengths

@@ -40,6 +40,22 @@ def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
     task_name_var.set(getattr(task, "name", None))
 
 
+@signals.task_received.connect
+def _count_received(request=None, **kwargs) -> None:
+    from jobs import metrics
+
+    metrics.task_event(getattr(request, "name", None) or "<unknown>", "received")
+
+
+@signals.worker_ready.connect
+def _serve_worker_metrics(**kwargs) -> None:
+    from django.conf import settings
+
+    from jobs import metrics
+
+    metrics.start_worker_metrics_server(settings.WORKER_METRICS_PORT)
+
+
 @signals.task_postrun.connect
 def _leave_task(**kwargs) -> None:
     request_id_var.set(None)

@@ -21,3 +21,44 @@ def dead_letter_digest() -> int:
     from jobs.alerts import dead_letter_digest_send
 
     return dead_letter_digest_send()
+
+
+@shared_task(base=JobTask, name="jobs.heartbeat", retry_limit=0, alert_on_dead_letter=False)
+def heartbeat() -> dict:
+    """Sent by beat every 30 s: records that a worker consumes (for `/api/jobs/health/`)."""
+    from jobs.heartbeat import heartbeat_write
+
+    return heartbeat_write("worker")
+
+
+@shared_task(base=JobTask, name="jobs.cleanup_temp_files")
+def cleanup_temp_files() -> dict:
+    """Removes temporary files older than CLEANUP_MAX_AGE_HOURS (hourly)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    from jobs.housekeeping import cleanup_roots, temp_files_cleanup
+
+    report = temp_files_cleanup(roots=cleanup_roots(), max_age=timedelta(hours=settings.CLEANUP_MAX_AGE_HOURS))
+    return report.as_dict()
+
+
+@shared_task(base=JobTask, name="jobs.dead_letter_retention")
+def dead_letter_retention() -> int:
+    """Purges requeued and discarded dead letters older than JOBS_DEAD_LETTER_RETENTION_DAYS (daily)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    from jobs.services import dead_letters_purge
+
+    return dead_letters_purge(older_than=timedelta(days=settings.JOBS_DEAD_LETTER_RETENTION_DAYS), actor="retention")
+
+
+@shared_task(base=JobTask, name="jobs.daily_report")
+def daily_report() -> int:
+    """Stores (and mails, when DEAD_LETTER_ALERT_EMAILS is set) the daily task report."""
+    from jobs.housekeeping import daily_report_create
+
+    return daily_report_create().pk

@@ -1,5 +1,11 @@
-"""URL routes of this app (included at the site root by config/urls.py)."""
+"""Routes of the jobs machinery (included at the site root)."""
 
-from django.urls import path  # noqa: F401 - routes are added as the app grows
+from django.urls import path
 
-urlpatterns: list = []
+from jobs import views
+
+urlpatterns = [
+    path("metrics", views.metrics, name="metrics"),
+    path("api/jobs/health/", views.jobs_health, name="jobs-health"),
+    path("api/jobs/stats/", views.jobs_stats, name="jobs-stats"),
+]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from jobs.health import readiness
+from jobs.auth import staff_required
+from jobs.health import jobs_health_report, jobs_stats_report, readiness
 
 
 @never_cache
@@ -23,3 +24,31 @@ def readyz(request: HttpRequest) -> JsonResponse:
     """Readiness: database and broker answer; 503 names the failing check."""
     ok, checks = readiness()
     return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+@never_cache
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text: django-prometheus's metrics plus queue lengths, dead letters and
+    heartbeats computed at scrape time. Keep it internal (deploy behind the network edge)."""
+    from django_prometheus.exports import ExportToDjangoView
+
+    from jobs.metrics import register_web_collector
+
+    register_web_collector()
+    return ExportToDjangoView(request)
+
+
+@never_cache
+@require_GET
+def jobs_health(request: HttpRequest) -> JsonResponse:
+    """Worker and beat liveness from their heartbeats (cheap: two cache reads)."""
+    return JsonResponse(jobs_health_report())
+
+
+@never_cache
+@require_GET
+@staff_required
+def jobs_stats(request: HttpRequest) -> JsonResponse:
+    """Queue lengths, task counts by state over the last 24 h, dead letters by status."""
+    return JsonResponse(jobs_stats_report())

@@ -6,15 +6,59 @@ import base64
 import logging
 from typing import Any
 
+from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
+from jobs import metrics
+from jobs.heartbeat import liveness_touch
+
 logger = logging.getLogger(__name__)
+
+LIVENESS_INTERVAL = 5.0
 
 
 class JobRequest(Request):
-    """Runs `on_timeout` with the task's own request context pushed, so a hard time limit
-    (handled in the worker's main process) still dead-letters with queue, headers and request id."""
+    """The worker main process's view of one task message.
+
+    Counts the task's metrics here, where the prefork pool reports every outcome, and runs
+    `on_timeout` with the task's own request context pushed, so a hard time limit (handled in
+    the main process) still dead-letters with queue, headers and request id."""
+
+    _running = False
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self._running = True
+        metrics.task_event(self.name, "started")
+        metrics.IN_PROGRESS.labels(task=self.name).inc()
+        super().on_accepted(pid, time_accepted)
+
+    def _finished(self) -> None:
+        if self._running:
+            self._running = False
+            metrics.IN_PROGRESS.labels(task=self.name).dec()
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        if type_ == "task-succeeded":
+            self._finished()
+            metrics.task_event(self.name, "succeeded")
+            if fields.get("runtime") is not None:
+                metrics.RUNTIME.labels(task=self.name).observe(fields["runtime"])
+        elif type_ == "task-failed":
+            self._finished()
+            metrics.task_event(self.name, "failed")
+            if getattr(self.task, "alert_on_dead_letter", None) is not None:  # a JobTask: it was dead-lettered
+                metrics.task_event(self.name, "dead_lettered")
+        elif type_ == "task-retried":
+            self._finished()
+            metrics.task_event(self.name, "retried")
+        super().send_event(type_, **fields)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        try:
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        finally:
+            self._finished()  # also when the task was given back (worker lost, shutdown)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft:
@@ -77,3 +121,36 @@ class JobConsumer(Consumer):
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         self._dead_letter(message, exc, "invalid task message")
         super().on_invalid_task(body, message, exc)
+
+
+class LivenessStep(bootsteps.StartStopStep):
+    """Refreshes the worker's liveness file from the consumer's own event loop, and only while
+    the consumer is connected and consuming queues: a worker process that lives on but no longer
+    consumes (a stuck reconnect, every queue cancelled) lets the file go stale, and
+    `manage.py probe worker` fails."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, parent: Any) -> None:
+        self.touch(parent)
+        self.tref = parent.timer.call_repeatedly(LIVENESS_INTERVAL, self.touch, (parent,), priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def touch(self, parent: Any) -> None:
+        connection = parent.connection
+        task_consumer = parent.task_consumer
+        queues = [q.name for q in getattr(task_consumer, "queues", None) or []]
+        if connection is None or not connection.connected or not queues:
+            return
+        try:
+            liveness_touch("worker", hostname=parent.hostname, queues=queues)
+        except OSError:
+            logger.warning("worker.liveness_write_failed", exc_info=True)

@@ -84,7 +84,7 @@ def test_celery_settings_are_safe_by_default(load_settings):
     assert s.CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP is True
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
-    assert s.CELERY_BEAT_SCHEDULER == "django_celery_beat.schedulers:DatabaseScheduler"
+    assert s.CELERY_BEAT_SCHEDULER == "jobs.beat:LockedDatabaseScheduler"  # a DatabaseScheduler subclass
 
 
 def test_environment_wins_over_module_defaults(load_settings, tmp_path):

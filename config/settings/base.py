@@ -224,6 +224,8 @@ FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
 JOBS_WORKER_LOST_LIMIT = env.int("JOBS_WORKER_LOST_LIMIT", default=3)
 JOBS_DEAD_LETTER_ALERT_INTERVAL = env.int("JOBS_DEAD_LETTER_ALERT_INTERVAL", default=900)
 JOBS_DEAD_LETTER_RETENTION_DAYS = env.int("JOBS_DEAD_LETTER_RETENTION_DAYS", default=30)
+# Where workers and beat write the files `manage.py probe` reads (local to the container).
+LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
 
 # --- Celery (read by config/celery.py through the CELERY_ namespace) ------------------------
 
@@ -305,7 +307,9 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's database scheduler behind a Redis lock: one beat sends, others stand by.
+CELERY_BEAT_SCHEDULER = "jobs.beat:LockedDatabaseScheduler"
+CELERY_BEAT_SYNC_EVERY = 1  # save last_run_at after every send, so a successor never sends it again
 DJANGO_CELERY_BEAT_TZ_AWARE = True
 
 # --- Logging --------------------------------------------------------------------------------
