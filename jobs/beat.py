@@ -2,7 +2,7 @@
 
 - A lock with expiry in Redis (`SET NX PX`, renewed every tick) lets exactly one beat send
   tasks. A second beat started by mistake waits as a standby holding no lock, and takes over
-  within `LOCK_TTL` seconds when the first one dies, re-reading the schedule (and the last run
+  within `JOBS_BEAT_LOCK_TTL` seconds when the first one dies, re-reading the schedule (and the last run
   times its predecessor saved after every send) from the database first.
 - Schedules live only in the database (`manage.py setup_schedules` seeds them); nothing from
   settings is written over what staff edited in the admin on beat start.
@@ -30,7 +30,6 @@ from jobs.heartbeat import heartbeat_write, liveness_touch
 logger = logging.getLogger("jobs.beat")
 
 LOCK_KEY = "jobs:beat:leader"
-LOCK_TTL = 30.0  # seconds a dead leader blocks its successor at most
 STANDBY_POLL = 5.0
 TIME_ZONE_KEY = "jobs:beat:time_zone"
 
@@ -51,7 +50,7 @@ return 0
 class BeatLock:
     """Leadership among beats: a Redis key holding the leader's token, with an expiry."""
 
-    def __init__(self, url: str, ttl: float = LOCK_TTL) -> None:
+    def __init__(self, url: str, ttl: float) -> None:
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self.ttl_ms = int(ttl * 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -85,10 +84,12 @@ class LockedDatabaseScheduler(DatabaseScheduler):
     """`DatabaseScheduler` that sends only while it holds the beat lock."""
 
     def __init__(self, *args, **kwargs) -> None:
-        self.lock = BeatLock(settings.REDIS_URL)
+        ttl = settings.JOBS_BEAT_LOCK_TTL
+        self.lock = BeatLock(settings.REDIS_URL, ttl=ttl)
+        self.standby_poll = min(STANDBY_POLL, ttl / 3)
         self._leading = False
         super().__init__(*args, **kwargs)
-        self.max_interval = min(self.max_interval, LOCK_TTL / 3)
+        self.max_interval = min(self.max_interval, ttl / 3)
 
     def setup_schedule(self) -> None:
         # Deliberately no install_default_entries() / update_from_dict(beat_schedule): they
@@ -105,7 +106,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             elif not getattr(self, "_announced_standby", False):
                 logger.info("beat.standby", extra={"leader": self._holder()})
                 self._announced_standby = True
-            return STANDBY_POLL
+            return self.standby_poll
         if not self._leading:
             logger.info("beat.leading", extra={"token": self.lock.token})
             self._leading = True

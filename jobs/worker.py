@@ -15,8 +15,6 @@ from jobs.heartbeat import liveness_touch
 
 logger = logging.getLogger(__name__)
 
-LIVENESS_INTERVAL = 5.0
-
 
 class JobRequest(Request):
     """The worker main process's view of one task message.
@@ -137,7 +135,10 @@ class LivenessStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         self.touch(parent)
-        self.tref = parent.timer.call_repeatedly(LIVENESS_INTERVAL, self.touch, (parent,), priority=10)
+        from django.conf import settings
+
+        interval = settings.JOBS_LIVENESS_INTERVAL
+        self.tref = parent.timer.call_repeatedly(interval, self.touch, (parent,), priority=10)
 
     def stop(self, parent: Any) -> None:
         if self.tref is not None:

@@ -202,6 +202,29 @@ EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=15)
 
 DEAD_LETTER_ALERT_EMAILS = env.list("DEAD_LETTER_ALERT_EMAILS", default=[])
 
+# --- Mailer ---------------------------------------------------------------------------------
+
+# Refused when an email is queued (mailer.services.email_queue).
+MAILER_MAX_RECIPIENTS = env.int("MAILER_MAX_RECIPIENTS", default=50)
+MAILER_MAX_ATTACHMENTS = env.int("MAILER_MAX_ATTACHMENTS", default=10)
+MAILER_MAX_ATTACHMENT_BYTES = env.int("MAILER_MAX_ATTACHMENT_BYTES", default=10 * 1024 * 1024)
+MAILER_MAX_TOTAL_ATTACHMENT_BYTES = env.int("MAILER_MAX_TOTAL_ATTACHMENT_BYTES", default=20 * 1024 * 1024)
+MAILER_ATTACHMENT_CONTENT_TYPES = env.list(
+    "MAILER_ATTACHMENT_CONTENT_TYPES",
+    default=[
+        "application/pdf", "text/plain", "text/csv", "text/calendar",
+        "image/png", "image/jpeg", "image/gif", "image/webp",
+    ],
+)  # fmt: skip
+# One backend connection per worker process, reused across emails; closed after this many idle
+# seconds or messages (servers drop idle sessions and cap messages per session).
+MAILER_REUSE_CONNECTION = env.bool("MAILER_REUSE_CONNECTION", default=True)
+MAILER_CONNECTION_MAX_IDLE = env.float("MAILER_CONNECTION_MAX_IDLE", default=30.0)
+MAILER_CONNECTION_MAX_MESSAGES = env.int("MAILER_CONNECTION_MAX_MESSAGES", default=100)
+# An email left in `sending` longer than this had its worker die mid hand-off; 0 means the task
+# time limit plus the email timeout (no attempt can still be running after that).
+MAILER_SENDING_LEASE_SECONDS = env.int("MAILER_SENDING_LEASE_SECONDS", default=0)
+
 # --- Uploads and thumbnails -----------------------------------------------------------------
 
 THUMBNAIL_SIZES = sorted(set(env.list("THUMBNAIL_SIZES", cast=int, default=[128, 256, 512])))
@@ -226,6 +249,9 @@ JOBS_DEAD_LETTER_ALERT_INTERVAL = env.int("JOBS_DEAD_LETTER_ALERT_INTERVAL", def
 JOBS_DEAD_LETTER_RETENTION_DAYS = env.int("JOBS_DEAD_LETTER_RETENTION_DAYS", default=30)
 # Where workers and beat write the files `manage.py probe` reads (local to the container).
 LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
+JOBS_LIVENESS_INTERVAL = env.float("JOBS_LIVENESS_INTERVAL", default=5.0)
+# Seconds a dead beat blocks its standby at most (the leader renews the lock every tick).
+JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
 
 # --- Celery (read by config/celery.py through the CELERY_ namespace) ------------------------
 

@@ -1,0 +1,155 @@
+"""Health and stats API, metrics, probes, Flower settings and the beat lock."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django_celery_beat.models import PeriodicTask
+
+from config.celery import app
+from jobs import beat
+from jobs.flower import FlowerConfigError, flower_environment
+from jobs.heartbeat import heartbeat_write, liveness_touch
+from tests.jobs.factories import DeadLetterFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def basic(user, password):
+    return {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_jobs_health_reflects_heartbeats(client, redis_client):
+    body = client.get("/api/jobs/health/").json()
+    assert body == {
+        "worker": {"ok": False, "last_heartbeat": None, "age_seconds": None},
+        "beat": {"ok": False, "last_tick": None, "age_seconds": None},
+    }
+    heartbeat_write("worker")
+    heartbeat_write("beat")
+    body = client.get("/api/jobs/health/").json()
+    assert body["worker"]["ok"] is True
+    assert body["worker"]["age_seconds"] < 5
+    assert body["beat"]["ok"] is True
+    assert body["beat"]["last_tick"].endswith("+00:00")
+
+
+def test_stats_needs_staff(client, django_user_model):
+    response = client.get("/api/jobs/stats/")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Basic")
+    django_user_model.objects.create_user("plain", password="pw")
+    django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    assert client.get("/api/jobs/stats/", **basic("plain", "pw")).status_code == 403
+    assert client.get("/api/jobs/stats/", **basic("ops", "wrong")).status_code == 401
+    assert client.get("/api/jobs/stats/", HTTP_AUTHORIZATION="Basic !!!").status_code == 401
+    assert client.get("/api/jobs/stats/", HTTP_AUTHORIZATION="Bearer x").status_code == 401
+    assert client.get("/api/jobs/stats/", **basic("ops", "pw")).status_code == 200
+
+
+def test_stats_content(admin_client, redis_client):
+    DeadLetterFactory.create_batch(2)
+    app.send_task("jobs.ping", queue="low")
+    body = admin_client.get("/api/jobs/stats/").json()
+    assert body["queues"] == {"high": 0, "normal": 0, "low": 1}
+    assert body["dead_letters"]["pending"] == 2
+    assert body["dead_letters"]["oldest_pending_age_seconds"] >= 0
+    assert set(body["tasks_24h"]) == {"by_state", "by_task"}
+
+
+def test_metrics_show_queue_lengths_and_dead_letters(client, redis_client):
+    for _ in range(3):
+        app.send_task("jobs.ping", queue="normal")
+    app.send_task("jobs.ping", queue="high", priority=9)
+    DeadLetterFactory()
+    heartbeat_write("worker")
+    text = client.get("/metrics").content.decode()
+    assert 'celery_queue_length{queue="normal"} 3.0' in text
+    assert 'celery_queue_length{queue="high"} 1.0' in text
+    assert 'jobs_dead_letters{status="pending"} 1.0' in text
+    assert 'jobs_dead_letters{status="discarded"} 0.0' in text
+    assert "jobs_worker_last_heartbeat_timestamp_seconds " in text
+    assert "django_http_requests_total_by_method_total" in text
+
+
+def test_probe_command(settings, tmp_path):
+    settings.LIVENESS_DIR = tmp_path
+    with pytest.raises(CommandError, match="no liveness file"):
+        call_command("probe", "worker")
+    liveness_touch("worker", hostname="w1")
+    out = StringIO()
+    call_command("probe", "worker", stdout=out)
+    assert "worker: alive" in out.getvalue()
+    data = json.loads((tmp_path / "worker.alive").read_text())
+    data["at"] = time.time() - 120
+    (tmp_path / "worker.alive").write_text(json.dumps(data))
+    with pytest.raises(CommandError, match="stale"):
+        call_command("probe", "worker")
+    call_command("probe", "worker", "--max-age", "500", stdout=StringIO())
+    (tmp_path / "beat.alive").write_text("garbage")
+    with pytest.raises(CommandError, match="no liveness file"):
+        call_command("probe", "beat")
+
+
+@pytest.mark.parametrize(
+    ("environ", "debug", "message"),
+    [
+        ({}, False, "must be set"),
+        ({"FLOWER_BASIC_AUTH": "nopassword"}, True, "user:password"),
+        ({"FLOWER_BASIC_AUTH": "a:b", "FLOWER_UNAUTHENTICATED_API": "true"}, False, "UNAUTHENTICATED"),
+    ],
+)
+def test_flower_refuses_unsafe_settings(environ, debug, message, tmp_path):
+    with pytest.raises(FlowerConfigError, match=message):
+        flower_environment(dict(environ), debug=debug, var_dir=tmp_path)
+
+
+def test_flower_gets_persistent_state(tmp_path):
+    environ = {"FLOWER_BASIC_AUTH": "ops:pw,admin:pw2"}
+    flower_environment(environ, debug=False, var_dir=tmp_path)
+    assert environ["FLOWER_PERSISTENT"] == "True"
+    assert environ["FLOWER_DB"] == str(tmp_path / "flower.db")
+    debug_env: dict = {}
+    flower_environment(debug_env, debug=True, var_dir=tmp_path)  # no auth needed in debug
+    assert debug_env["FLOWER_PERSISTENT"] == "True"
+
+
+def test_beat_lock_has_one_holder_and_expires(redis_server, redis_client):
+    first = beat.BeatLock(redis_server.url, ttl=0.5)
+    second = beat.BeatLock(redis_server.url, ttl=0.5)
+    assert first.acquire_or_renew() is True
+    assert second.acquire_or_renew() is False
+    assert second.holder() == first.token
+    assert first.acquire_or_renew() is True  # renewal
+    time.sleep(0.7)  # the first beat "died": no renewal
+    assert second.acquire_or_renew() is True
+    assert first.acquire_or_renew() is False
+    second.release()
+    assert second.holder() is None
+    assert first.acquire_or_renew() is True
+
+
+def test_beat_lock_without_redis_never_leads():
+    lock = beat.BeatLock("redis://127.0.0.1:1/0", ttl=1)
+    lock.held = True
+    assert lock.acquire_or_renew() is False
+
+
+def test_time_zone_change_resets_last_run(settings, redis_client):
+    from django.utils import timezone
+
+    from jobs.schedules import schedules_setup
+
+    schedules_setup()
+    PeriodicTask.objects.update(last_run_at=timezone.now())
+    settings.TIME_ZONE = "UTC"
+    assert beat.reset_schedules_if_time_zone_changed() is False  # first sight: remembered
+    assert beat.reset_schedules_if_time_zone_changed() is False
+    settings.TIME_ZONE = "Europe/Berlin"
+    assert beat.reset_schedules_if_time_zone_changed() is True
+    assert not PeriodicTask.objects.exclude(last_run_at=None).exists()
