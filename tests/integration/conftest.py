@@ -96,6 +96,69 @@ class WorkerProcess:
             self._log.close()
 
 
+class ServiceProcess:
+    """Any other long-running process of the project (beat, Flower), logging to a file."""
+
+    def __init__(self, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": database_url(),
+            "LOG_FORMAT": "json",
+            **(extra_env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServiceProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", *self.args], cwd=BASE_DIR, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture
+def start_service(tmp_path, redis_server):
+    """Factory: `start_service(["celery", "-A", "config", "beat"], extra_env={...})`."""
+    services: list[ServiceProcess] = []
+
+    def start(args: list[str], extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        service = ServiceProcess(args, tmp_path / f"service-{len(services)}.log", extra_env).start()
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
+    """Polls `predicate` until it returns something truthy; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 @pytest.fixture
 def start_worker(tmp_path, redis_server):
     """Factory: `start_worker(**options)` starts a worker; all are stopped after the test."""

@@ -53,3 +53,20 @@ def crash(key: str) -> None:
 def slow(key: str, seconds: float) -> None:
     _redis().incr(key)
     time.sleep(seconds)
+
+
+@shared_task(base=JobTask, name="tests.parent")
+def parent(key: str) -> str:
+    """Logs, then starts a child task: both log lines must carry the request id."""
+    import logging
+
+    logging.getLogger("tests.tasks").info("tests.parent_ran", extra={"key": key})
+    return child.delay(key).id
+
+
+@shared_task(base=JobTask, name="tests.child")
+def child(key: str) -> None:
+    import logging
+
+    logging.getLogger("tests.tasks").info("tests.child_ran", extra={"key": key})
+    _redis().set(f"{key}:child", 1)
