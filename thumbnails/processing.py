@@ -166,9 +166,11 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
         return image
 
 
-def _decode(data: bytes, *, largest: int, max_pixels: int) -> Image.Image:
-    """Decodes just enough of the image for a thumbnail of `largest` px, oriented and in a plain mode."""
+def _decode(data: bytes, *, largest: int, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decodes just enough of the image for a thumbnail of `largest` px, oriented and in a plain
+    mode; also returns the full size of the original as displayed."""
     image = _open(data, max_pixels=max_pixels)
+    full = image.size
     try:
         if image.format == "JPEG":
             width, height = image.size
@@ -186,8 +188,10 @@ def _decode(data: bytes, *, largest: int, max_pixels: int) -> Image.Image:
     if orientation != 1:
         image.getexif()[_ORIENTATION_TAG] = orientation
         image = ImageOps.exif_transpose(image)
+        if orientation in (5, 6, 7, 8):
+            full = (full[1], full[0])
     image = _to_srgb(image, icc)
-    return _normalise_mode(image)
+    return _normalise_mode(image), full
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -218,10 +222,11 @@ def make_thumbnails(data: bytes, sizes: Iterable[int], *, max_pixels: int) -> li
     wanted = sorted({int(size) for size in sizes}, reverse=True)
     if not wanted or wanted[-1] < 1:
         raise ValueError("sizes must be positive integers")
-    current = _decode(data, largest=wanted[0], max_pixels=max_pixels)
+    current, (width, height) = _decode(data, largest=wanted[0], max_pixels=max_pixels)
     thumbs = []
     for size in wanted:
-        target = fit(current.width, current.height, size)
+        # Dimensions from the original's, so chaining never adds up rounding errors.
+        target = fit(width, height, size)
         if target != current.size:
             # reducing_gap: a fast box reduction first, then Lanczos on the last factor of 2.
             current = current.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
