@@ -1,0 +1,73 @@
+"""Beat on the database scheduler with a real worker and Redis: live edits, one beat at a time."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_results.models import TaskResult
+
+from jobs.schedules import schedules_setup
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+BEAT = ["celery", "-A", "config", "beat", "--loglevel", "INFO"]
+FAST_BEAT = {"JOBS_BEAT_LOCK_TTL": "3"}
+
+
+def pings() -> int:
+    return TaskResult.objects.filter(task_name="jobs.ping").count()
+
+
+def every_second_ping(name: str = "test: ping") -> PeriodicTask:
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    return PeriodicTask.objects.create(name=name, task="jobs.ping", interval=interval)
+
+
+def test_setup_schedules_twice_and_live_edits_reach_a_running_beat(start_worker, start_service):
+    schedules_setup()
+    schedules_setup()
+    assert PeriodicTask.objects.filter(name="jobs: heartbeat").count() == 1
+    start_worker()
+    beat = start_service(BEAT, extra_env=FAST_BEAT)
+
+    # An edit made while beat runs (here: a new 1 s interval on the heartbeat) is picked up.
+    heartbeat = PeriodicTask.objects.get(name="jobs: heartbeat")
+    heartbeat.interval = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    heartbeat.save()
+    wait_for(lambda: TaskResult.objects.filter(task_name="jobs.heartbeat").count() >= 4, timeout=40)
+
+    # Disabling stops the runs, still without a restart.
+    heartbeat.enabled = False
+    heartbeat.save()
+    time.sleep(3)  # let a send already in flight land
+    settled = TaskResult.objects.filter(task_name="jobs.heartbeat").count()
+    time.sleep(4)
+    assert TaskResult.objects.filter(task_name="jobs.heartbeat").count() == settled
+    assert beat.process.poll() is None
+
+
+def test_two_beats_send_each_tick_once_and_the_standby_takes_over(start_worker, start_service):
+    start_worker()
+    every_second_ping()
+    first = start_service(BEAT, extra_env=FAST_BEAT)
+    second = start_service(BEAT, extra_env=FAST_BEAT)
+    wait_for(lambda: pings() >= 1, timeout=30)
+    start, began = pings(), time.monotonic()
+    time.sleep(6)
+    sent, elapsed = pings() - start, time.monotonic() - began
+    assert sent <= elapsed + 1.5, f"{sent} sends in {elapsed:.1f} s: two beats sent"
+    assert sent >= elapsed - 2.5
+
+    logs = first.log() + second.log()
+    assert logs.count('"beat.leading"') == 1
+    assert '"beat.standby"' in logs
+    leader, standby = (first, second) if '"beat.leading"' in first.log() else (second, first)
+
+    leader.stop(signal.SIGKILL)  # no chance to release: the lock must expire
+    wait_for(lambda: '"beat.leading"' in standby.log(), timeout=20)
+    before = pings()
+    wait_for(lambda: pings() >= before + 2, timeout=20)
