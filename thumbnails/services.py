@@ -86,7 +86,11 @@ def _write(name: str, data: bytes) -> str:
     try:
         if default_storage.exists(name):
             default_storage.delete(name)
-        return default_storage.save(name, ContentFile(data))
+        saved = default_storage.save(name, ContentFile(data))
+        if saved != name:
+            # A concurrent run of the same task wrote `name` in between; it holds the same bytes.
+            default_storage.delete(saved)
+        return name
     except _STORAGE_TRANSIENT as exc:
         raise StorageUnavailable(f"writing {name!r} failed: {exc}") from exc
 
