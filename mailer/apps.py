@@ -5,3 +5,10 @@ class MailerConfig(AppConfig):
     name = "mailer"
     verbose_name = "Mailer"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from anymail.signals import tracking
+
+        from mailer import tasks, webhooks  # noqa: F401 - registers the task and its worker signal
+
+        tracking.connect(webhooks.on_tracking, dispatch_uid="mailer.tracking")

@@ -1,5 +1,12 @@
 """URL routes of this app (included at the site root by config/urls.py)."""
 
-from django.urls import path  # noqa: F401 - routes are added as the app grows
+from django.urls import include, path
 
-urlpatterns: list = []
+from mailer import views, webhooks
+
+urlpatterns = [
+    path("api/emails/", views.email_create, name="email-create"),
+    path("api/emails/<int:email_id>/", views.email_detail, name="email-detail"),
+    # The providers' status webhooks, e.g. /anymail/postmark/tracking/, behind basic auth.
+    path("anymail/", include((webhooks.guarded_anymail_urls(), "anymail"))),
+]

@@ -1,0 +1,455 @@
+"""Mailer services: queue an email, send it, resend it, record what the provider reports.
+
+Views, the admin, tasks and other apps call these; none of them builds or sends a message itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email import encoders
+from email.mime.base import MIMEBase
+from email.utils import parseaddr
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files import File
+from django.core.files.base import ContentFile
+from django.core.mail import EmailMultiAlternatives
+from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import validate_email
+from django.db import transaction
+from django.db.models import F, QuerySet
+from django.utils import timezone
+
+from jobs.context import get_request_id
+from jobs.exceptions import TransientError
+from mailer import backend, rendering
+from mailer.exceptions import EmailRefused
+from mailer.models import Email, EmailAttachment
+
+logger = logging.getLogger("mailer")
+
+_NEWLINE = re.compile(r"[\r\n]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTENT_ID = re.compile(r"[A-Za-z0-9._@-]{1,100}")
+# The first bytes a file of each type must start with; a type not listed is not sniffed.
+_SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "application/pdf": (b"%PDF-",),
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file to send with an email. `content_id` makes it an inline image the HTML part shows
+    with `<img src="cid:<content_id>">`."""
+
+    filename: str
+    content: bytes
+    content_type: str | None = None
+    content_id: str = ""
+
+
+class HandOffInProgress(TransientError):
+    """Another attempt is handing this email to the backend right now; try again later."""
+
+
+# --- queueing ---------------------------------------------------------------------------------
+
+
+def email_queue(
+    *,
+    template: str,
+    to: Sequence[str],
+    context: dict[str, Any],
+    attachments: Iterable[Attachment | File] = (),
+    request_id: str | None = None,
+) -> Email:
+    """Validates, renders and stores an email, and queues it to be sent once the current
+    transaction commits. The task message carries only the email's id.
+
+    Raises `EmailRefused` (a `ValidationError`) with a readable message and a `code`:
+    `unknown_template`, `invalid_address`, `header_injection`, `too_many_recipients`,
+    `invalid_context`, `too_many_attachments`, `attachment_too_large`,
+    `attachment_type_not_allowed`, `invalid_attachment`. Nothing is stored or queued then.
+    """
+    if not rendering.template_exists(template):
+        raise EmailRefused(f"unknown email template {template!r}", code="unknown_template", field="template")
+    recipients = _clean_recipients(to)
+    if not isinstance(context, dict) or not all(isinstance(key, str) for key in context):
+        raise EmailRefused("context must be an object with string keys", code="invalid_context", field="context")
+    try:
+        json.dumps(context, cls=DjangoJSONEncoder)
+    except (TypeError, ValueError) as exc:
+        message = f"context cannot be stored as JSON: {exc}"
+        raise EmailRefused(message, code="invalid_context", field="context") from None
+    files = _clean_attachments(attachments)
+    rendered = rendering.render(template, context)
+    if _NEWLINE.search(rendered.subject):
+        raise EmailRefused("the subject must be one line", code="header_injection", field="context")
+
+    with transaction.atomic():
+        email = Email.objects.create(
+            to=recipients,
+            from_email=settings.DEFAULT_FROM_EMAIL,
+            template=template,
+            context=context,
+            subject=rendered.subject,
+            body_text=rendered.text,
+            body_html=rendered.html,
+            request_id=(request_id or get_request_id() or "")[:128],
+        )
+        for item in files:
+            EmailAttachment.objects.create(
+                email=email,
+                file=ContentFile(item.content, name=item.filename),
+                filename=item.filename,
+                content_type=item.content_type or "",
+                size=len(item.content),
+                content_id=item.content_id,
+            )
+        _enqueue_on_commit(email)
+    logger.info(
+        "email.queued",
+        extra={"email_id": email.pk, "template": template, "recipients": len(recipients), "attachments": len(files)},
+    )
+    return email
+
+
+def _enqueue_on_commit(email: Email) -> None:
+    from mailer.tasks import send_email
+
+    headers = {"request_id": email.request_id} if email.request_id else None
+    transaction.on_commit(lambda: send_email.apply_async((email.pk,), headers=headers))
+
+
+def _clean_recipients(to: Sequence[str]) -> list[str]:
+    if isinstance(to, str) or not isinstance(to, Sequence) or not to:
+        raise EmailRefused("to must be a non-empty list of addresses", code="invalid_address", field="to")
+    limit = settings.MAILER_MAX_RECIPIENTS
+    if len(to) > limit:
+        raise EmailRefused(f"at most {limit} recipients per email", code="too_many_recipients", field="to")
+    cleaned = []
+    for address in to:
+        if not isinstance(address, str):
+            raise EmailRefused("every recipient must be a string", code="invalid_address", field="to")
+        if _NEWLINE.search(address):
+            raise EmailRefused("a recipient contains a line break", code="header_injection", field="to")
+        address = address.strip()
+        _name, addr_spec = parseaddr(address)
+        try:
+            if _CONTROL.search(address) or not addr_spec or ("<" not in address and addr_spec != address):
+                raise ValidationError("malformed")
+            validate_email(addr_spec)
+        except ValidationError:
+            raise EmailRefused(f"invalid email address {address!r}", code="invalid_address", field="to") from None
+        cleaned.append(address)
+    return cleaned
+
+
+def _clean_attachments(attachments: Iterable[Attachment | File]) -> list[Attachment]:
+    items = [_as_attachment(item) for item in attachments or ()]
+    if len(items) > settings.MAILER_MAX_ATTACHMENTS:
+        raise EmailRefused(
+            f"at most {settings.MAILER_MAX_ATTACHMENTS} attachments per email",
+            code="too_many_attachments",
+            field="attachments",
+        )
+    total = 0
+    allowed = {kind.lower() for kind in settings.MAILER_ATTACHMENT_CONTENT_TYPES}
+    for item in items:
+        name = item.filename
+        if not name or len(name) > 255 or _CONTROL.search(name) or "/" in name or "\\" in name or name in {".", ".."}:
+            raise EmailRefused(f"invalid attachment name {name!r}", code="invalid_attachment", field="attachments")
+        if item.content_id and not _CONTENT_ID.fullmatch(item.content_id):
+            raise EmailRefused(
+                f"invalid content id {item.content_id!r}", code="invalid_attachment", field="attachments"
+            )
+        size = len(item.content)
+        if size > settings.MAILER_MAX_ATTACHMENT_BYTES:
+            raise EmailRefused(
+                f"attachment {name!r} is {size} bytes; the limit is {settings.MAILER_MAX_ATTACHMENT_BYTES}",
+                code="attachment_too_large",
+                field="attachments",
+            )
+        total += size
+        kind = (item.content_type or "").lower()
+        if kind not in allowed:
+            raise EmailRefused(
+                f"attachment {name!r} has a content type that is not allowed: {kind or 'unknown'}",
+                code="attachment_type_not_allowed",
+                field="attachments",
+            )
+        if not _content_matches(kind, item.content):
+            raise EmailRefused(
+                f"attachment {name!r} is not a {kind} file",
+                code="attachment_type_not_allowed",
+                field="attachments",
+            )
+        if item.content_id and not kind.startswith("image/"):
+            raise EmailRefused(
+                f"inline attachment {name!r} must be an image", code="invalid_attachment", field="attachments"
+            )
+    if total > settings.MAILER_MAX_TOTAL_ATTACHMENT_BYTES:
+        raise EmailRefused(
+            f"attachments total {total} bytes; the limit is {settings.MAILER_MAX_TOTAL_ATTACHMENT_BYTES}",
+            code="attachment_too_large",
+            field="attachments",
+        )
+    return items
+
+
+def _as_attachment(item: Attachment | File) -> Attachment:
+    if isinstance(item, Attachment):
+        declared = item.content_type
+        content = item.content
+        if not isinstance(content, bytes):
+            raise EmailRefused("attachment content must be bytes", code="invalid_attachment", field="attachments")
+        filename, content_id = item.filename, item.content_id
+    elif isinstance(item, File):  # an upload, or a file opened from storage
+        limit = settings.MAILER_MAX_ATTACHMENT_BYTES
+        if item.size is not None and item.size > limit:
+            raise EmailRefused(
+                f"attachment {item.name!r} is {item.size} bytes; the limit is {limit}",
+                code="attachment_too_large",
+                field="attachments",
+            )
+        item.seek(0)
+        content = item.read(limit + 1)
+        declared = getattr(item, "content_type", None)
+        filename, content_id = (item.name or "").rsplit("/", 1)[-1], ""
+    else:
+        raise EmailRefused(
+            "an attachment must be a mailer.services.Attachment or a Django File",
+            code="invalid_attachment",
+            field="attachments",
+        )
+    kind = (declared or mimetypes.guess_type(filename)[0] or "").split(";")[0].strip().lower()
+    return Attachment(filename=filename, content=content, content_type=kind, content_id=content_id)
+
+
+def _content_matches(kind: str, content: bytes) -> bool:
+    """Whether the bytes look like the declared type, so an executable cannot pass for a PDF."""
+    if kind in _SIGNATURES:
+        return content.startswith(_SIGNATURES[kind])
+    if kind == "image/webp":
+        return content[:4] == b"RIFF" and content[8:12] == b"WEBP"
+    if kind.startswith("text/"):
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return b"\x00" not in content
+    return True
+
+
+# --- sending ----------------------------------------------------------------------------------
+
+
+def _sending_lease() -> timedelta:
+    seconds = settings.MAILER_SENDING_LEASE_SECONDS or (settings.CELERY_TASK_TIME_LIMIT + settings.EMAIL_TIMEOUT)
+    return timedelta(seconds=seconds)
+
+
+def email_send(*, email: Email) -> Email:
+    """Hands `email` to the configured backend, at most once per successful hand-off.
+
+    1. Claim: one conditional UPDATE moves the email to `sending` and counts the attempt, only
+       if it is `queued` or `failed` (or `sending` for longer than the lease, meaning the attempt
+       that claimed it died mid hand-off). An email already `sent` is left alone; one claimed by
+       an attempt still running raises `HandOffInProgress` (transient: retried later).
+    2. Send, with the email's stable Message-ID header.
+    3. Record: `sent`, when, and the provider's message id. If the send raised, the email goes
+       back to `queued` with the error, and the error is raised for the task to classify.
+
+    A worker lost between 2 and 3 leaves the email in `sending`; after the lease it is sent again
+    with the same Message-ID, as an SMTP client must do when the server's final reply never came.
+    """
+    now = timezone.now()
+    claim = {"status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now}
+    rows = Email.objects.filter(pk=email.pk)
+    claimed = rows.filter(status__in=[Email.Status.QUEUED, Email.Status.FAILED]).update(**claim) == 1
+    if not claimed:
+        stale = rows.filter(status=Email.Status.SENDING, handed_off_at__lt=now - _sending_lease())
+        claimed = stale.update(**claim) == 1
+        if claimed:
+            logger.warning("email.handoff_unconfirmed", extra={"email_id": email.pk})
+    email.refresh_from_db()
+    if not claimed:
+        if email.status == Email.Status.SENDING:
+            raise HandOffInProgress(f"email {email.pk} is being handed off by another attempt")
+        logger.info("email.already_sent", extra={"email_id": email.pk, "status": email.status})
+        return email
+
+    message = _build_message(email)
+    try:
+        backend.deliver(message)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        Email.objects.filter(pk=email.pk, status=Email.Status.SENDING).update(
+            status=Email.Status.QUEUED, last_error=error, updated_at=timezone.now()
+        )
+        logger.warning("email.send_failed", extra={"email_id": email.pk, "attempt": email.attempts, "error": error})
+        raise
+    provider_id = _provider_message_id(message)
+    done = timezone.now()
+    Email.objects.filter(pk=email.pk).update(
+        status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
+    )
+    email.refresh_from_db()
+    logger.info(
+        "email.sent",
+        extra={"email_id": email.pk, "attempt": email.attempts, "provider_message_id": provider_id or None},
+    )
+    return email
+
+
+def _build_message(email: Email) -> EmailMultiAlternatives:
+    message = EmailMultiAlternatives(
+        subject=email.subject,
+        body=email.body_text,
+        from_email=email.from_email,
+        to=list(email.to),
+        headers={"Message-ID": email.message_id},
+    )
+    if email.body_html:
+        message.attach_alternative(email.body_html, "text/html")
+    inline = False
+    for attachment in email.attachments.all():
+        with attachment.file.open("rb") as fh:
+            content = fh.read()
+        if attachment.content_id:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            part = MIMEBase(maintype, subtype)
+            part.set_payload(content)
+            encoders.encode_base64(part)
+            part.add_header("Content-ID", f"<{attachment.content_id}>")
+            part.add_header("Content-Disposition", "inline", filename=attachment.filename)
+            message.attach(part)
+            inline = True
+        else:
+            message.attach(attachment.filename, content, attachment.content_type)
+    if inline:
+        message.mixed_subtype = "related"
+    return message
+
+
+def _provider_message_id(message: EmailMultiAlternatives) -> str:
+    status = getattr(message, "anymail_status", None)  # set by django-anymail backends
+    message_id = getattr(status, "message_id", None)
+    if isinstance(message_id, set):
+        message_id = ",".join(sorted(str(item) for item in message_id if item))
+    return str(message_id or "")[:255]
+
+
+def email_mark_failed(*, email_id: int, error: str) -> bool:
+    """Marks an email that will not be retried any more as `failed`; False when it is gone or was
+    sent after all."""
+    updated = Email.objects.filter(
+        pk=email_id, status__in=[Email.Status.QUEUED, Email.Status.SENDING, Email.Status.FAILED]
+    ).update(status=Email.Status.FAILED, last_error=error[:2000], updated_at=timezone.now())
+    if updated:
+        logger.error("email.failed", extra={"email_id": email_id, "error": error[:500]})
+    return bool(updated)
+
+
+# --- resending --------------------------------------------------------------------------------
+
+
+@dataclass
+class ResendResult:
+    requeued: list[int]  # failed emails queued again as they are
+    copied: list[int]  # ids of the new copies of sent emails
+    skipped: list[int]  # still queued or being sent
+
+    @property
+    def count(self) -> int:
+        return len(self.requeued) + len(self.copied)
+
+
+def emails_resend(*, emails: QuerySet[Email], actor: str) -> ResendResult:
+    """Sends the selected emails again. A failed email is queued again as it is (same row, same
+    Message-ID); a sent one is copied into a new email with a new Message-ID, because sending the
+    same message twice on purpose is a new message. Queued and sending ones are skipped."""
+    result = ResendResult(requeued=[], copied=[], skipped=[])
+    with transaction.atomic():
+        for email in emails.select_for_update().prefetch_related("attachments").order_by("pk"):
+            if email.status == Email.Status.FAILED:
+                Email.objects.filter(pk=email.pk).update(status=Email.Status.QUEUED, updated_at=timezone.now())
+                _enqueue_on_commit(email)
+                result.requeued.append(email.pk)
+            elif email.status == Email.Status.SENT:
+                copy = Email.objects.create(
+                    to=email.to,
+                    from_email=email.from_email,
+                    template=email.template,
+                    context=email.context,
+                    subject=email.subject,
+                    body_text=email.body_text,
+                    body_html=email.body_html,
+                    request_id=(get_request_id() or email.request_id)[:128],
+                    resent_from=email,
+                )
+                EmailAttachment.objects.bulk_create(
+                    EmailAttachment(
+                        email=copy,
+                        file=attachment.file.name,  # the stored file is shared, not copied
+                        filename=attachment.filename,
+                        content_type=attachment.content_type,
+                        size=attachment.size,
+                        content_id=attachment.content_id,
+                    )
+                    for attachment in email.attachments.all()
+                )
+                _enqueue_on_commit(copy)
+                result.copied.append(copy.pk)
+            else:
+                result.skipped.append(email.pk)
+    logger.info(
+        "email.resent",
+        extra={"requeued": len(result.requeued), "copied": len(result.copied), "skipped": len(result.skipped),
+               "actor": actor},
+    )  # fmt: skip
+    return result
+
+
+# --- provider status ---------------------------------------------------------------------------
+
+# A later event never replaces a graver one (events may arrive out of order).
+_DELIVERY_RANK = {
+    Email.DeliveryStatus.UNKNOWN: 0,
+    Email.DeliveryStatus.DELIVERED: 1,
+    Email.DeliveryStatus.BOUNCED: 2,
+    Email.DeliveryStatus.COMPLAINED: 3,
+}
+
+
+def email_delivery_record(
+    *, provider_message_id: str, delivery_status: str, at: datetime | None = None, detail: str = ""
+) -> int:
+    """Records a provider's report (delivered, bounced, complained) on the emails it sent with
+    `provider_message_id`; returns how many emails changed."""
+    status = Email.DeliveryStatus(delivery_status)
+    if not provider_message_id:
+        return 0
+    lower = [value for value, rank in _DELIVERY_RANK.items() if rank < _DELIVERY_RANK[status]]
+    changed = Email.objects.filter(provider_message_id=provider_message_id, delivery_status__in=lower).update(
+        delivery_status=status,
+        delivery_detail=detail[:2000],
+        delivery_updated_at=at or timezone.now(),
+        updated_at=timezone.now(),
+    )
+    logger.info(
+        "email.delivery_status",
+        extra={"provider_message_id": provider_message_id, "delivery_status": status.value, "changed": changed},
+    )
+    return changed

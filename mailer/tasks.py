@@ -1,0 +1,94 @@
+"""The mailer's task: send one stored email, by id."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from typing import Any
+
+import requests
+from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
+from celery import shared_task
+from celery.signals import worker_process_shutdown
+from django.core.mail import BadHeaderError
+
+from jobs.base import JobTask
+from jobs.exceptions import InvalidTaskArguments
+from mailer import backend
+from mailer.models import Email
+from mailer.services import email_mark_failed, email_send
+
+
+def classify_send_error(exc: BaseException) -> str | None:
+    """`"transient"` or `"permanent"` for an error a backend raised, None when it is not one of
+    the errors this knows (then `JobTask`'s own lists decide).
+
+    SMTP: 4xx replies are transient (greylisting, a full queue, 451 local error), 5xx permanent;
+    refused recipients are permanent unless every refusal was a 4xx. Providers (anymail): 429
+    and 5xx are transient, other 4xx are invalid requests and permanent, as are refused
+    recipients; timeouts and connection errors are transient everywhere.
+    """
+    if isinstance(exc, AnymailRecipientsRefused):
+        return "permanent"
+    if isinstance(exc, requests.Timeout | requests.ConnectionError):  # anymail wraps these too
+        return "transient"
+    if isinstance(exc, AnymailAPIError) and exc.status_code is not None:
+        if exc.status_code == 429 or exc.status_code >= 500:
+            return "transient"
+        if 400 <= exc.status_code < 500:
+            return "permanent"
+        return None
+    if isinstance(exc, AnymailError):  # invalid address, unsupported feature, serialization
+        return "permanent"
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return "transient" if codes and all(400 <= code < 500 for code in codes) else "permanent"
+    if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError):
+        return "transient"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        if 400 <= exc.smtp_code < 500:
+            return "transient"
+        if 500 <= exc.smtp_code < 600:
+            return "permanent"
+        return None
+    if isinstance(exc, smtplib.SMTPNotSupportedError | ssl.SSLCertVerificationError | BadHeaderError):
+        return "permanent"  # a configuration or a message that retrying cannot change
+    if isinstance(exc, FileNotFoundError | PermissionError):
+        return "permanent"  # an attachment gone from storage
+    if isinstance(exc, OSError):
+        return "transient"  # network unreachable, connection reset, TLS hiccups
+    return None
+
+
+class EmailTask(JobTask):
+    """`JobTask` that reads SMTP reply codes and provider statuses, and marks the email
+    `failed` when the task fails for good (the dead letter is `JobTask`'s)."""
+
+    def classify(self, exc: BaseException) -> str:
+        return classify_send_error(exc) or super().classify(exc)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+        email_id = args[0] if args else kwargs.get("email_id")
+        if _valid_id(email_id):
+            email_mark_failed(email_id=email_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@shared_task(base=EmailTask, name="mailer.send_email", queue="high")
+def send_email(email_id: int) -> str:
+    """Sends the stored email `email_id`; returns its status."""
+    if not _valid_id(email_id):
+        raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
+    email = Email.objects.filter(pk=email_id).first()
+    if email is None:  # deleted after it was queued
+        return "gone"
+    return email_send(email=email).status
+
+
+@worker_process_shutdown.connect
+def _close_connection(**kwargs: Any) -> None:
+    backend.close_connection()
