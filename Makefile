@@ -61,3 +61,22 @@ bench: install
 
 clean:
 	rm -rf $(VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov
+
+# --- Browser for the thumbnails page test ---------------------------------------------------
+# Debian's chromium, installed when missing and apt-get is usable (root or password-less sudo).
+# Never fails the build: without a browser the test skips and says why.
+.PHONY: browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+		echo "installing Debian's chromium for the browser test"; \
+		$(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 \
+			|| { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1; } \
+			|| echo "could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "no /usr/bin/chromium and apt-get is not usable: the browser test will be skipped"; \
+	fi
+
+test: browser
