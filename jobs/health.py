@@ -120,8 +120,11 @@ def jobs_stats_report() -> dict[str, Any]:
     for row in rows.order_by():
         by_state[row["status"]] = by_state.get(row["status"], 0) + row["n"]
         by_task.setdefault(row["task_name"] or "<unknown>", {})[row["status"]] = row["n"]
+    from jobs.outbox import outbox_backlog
+
     return {
         "queues": queues,
+        "outbox_backlog": outbox_backlog(),
         "tasks_24h": {"by_state": by_state, "by_task": by_task},
         "dead_letters": {
             **dead_letter_counts(),

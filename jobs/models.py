@@ -106,3 +106,26 @@ class DailyReport(models.Model):
 
     def __str__(self) -> str:
         return f"Task report {self.day:%Y-%m-%d}"
+
+
+class OutboxMessage(models.Model):
+    """A task publish written in the same transaction as the data it is about.
+
+    Deleted as soon as the broker took the message; left for the relay (a periodic task and the
+    worker's start-up) when the broker did not answer, so a request never loses or waits on a task.
+    """
+
+    task_name = models.CharField(max_length=200)
+    task_id = models.CharField(max_length=64, unique=True)
+    args = models.JSONField(default=list)
+    kwargs = models.JSONField(default=dict)
+    options = models.JSONField(default=dict, help_text="Publish options: queue, countdown, priority, headers.")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    attempts = models.PositiveIntegerField(default=0, editable=False)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}]"

@@ -25,6 +25,10 @@ DEFAULT_SCHEDULES = (
         description="Records that a worker consumes; read by /api/jobs/health/.",
     ),
     DefaultSchedule(
+        name="jobs: outbox relay", task="jobs.outbox_relay", every_seconds=10, expire_seconds=10,
+        description="Publishes task messages kept in the outbox while the broker was down.",
+    ),
+    DefaultSchedule(
         name="jobs: temporary file cleanup", task="jobs.cleanup_temp_files", crontab={"minute": "7"},
         description="Removes temporary files older than CLEANUP_MAX_AGE_HOURS.",
     ),

@@ -54,6 +54,19 @@ def _serve_worker_metrics(**kwargs) -> None:
     from jobs import metrics
 
     metrics.start_worker_metrics_server(settings.WORKER_METRICS_PORT)
+    _relay_outbox_at_start()
+
+
+def _relay_outbox_at_start() -> None:
+    """Whatever waited in the outbox while the broker was down goes out as soon as a worker is up."""
+    import logging
+
+    from jobs.outbox import outbox_relay
+
+    try:
+        outbox_relay()
+    except Exception:  # never keep a worker from starting
+        logging.getLogger("jobs.outbox").warning("outbox.relay_at_start_failed", exc_info=True)
 
 
 @signals.task_postrun.connect

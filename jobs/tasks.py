@@ -62,3 +62,11 @@ def daily_report() -> int:
     from jobs.housekeeping import daily_report_create
 
     return daily_report_create().pk
+
+
+@shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False)
+def outbox_relay() -> dict:
+    """Publishes task messages kept in the outbox while the broker was down (every 10 s)."""
+    from jobs.outbox import outbox_relay as relay
+
+    return relay()

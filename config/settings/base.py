@@ -283,6 +283,7 @@ CELERY_TASK_ROUTES = {
     "mailer.*": {"queue": "high"},
     "jobs.heartbeat": {"queue": "high"},
     "jobs.dead_letter_digest": {"queue": "high"},
+    "jobs.outbox_relay": {"queue": "high"},
     "thumbnails.*": {"queue": "normal"},
     "jobs.*": {"queue": "low"},
     "celery.backend_cleanup": {"queue": "low"},
@@ -323,7 +324,7 @@ if BROKER_IS_REDIS:
         # Serve queues in the order given to -Q: `high` before `normal` before `low`.
         "queue_order_strategy": "priority",
         "socket_timeout": 15,
-        "socket_connect_timeout": 5,
+        "socket_connect_timeout": 2,  # a request must not hang on a dead broker (the outbox keeps the task)
         "socket_keepalive": True,
         "retry_on_timeout": True,
         "health_check_interval": 25,

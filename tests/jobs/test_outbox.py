@@ -1,0 +1,98 @@
+"""The outbox: tasks published after commit, kept when the broker is down, relayed once."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from jobs.context import request_id_var
+from jobs.localredis import free_port
+from jobs.models import OutboxMessage
+from jobs.outbox import enqueue, outbox_relay
+from jobs.tasks import ping
+from tests.conftest import reset_broker_pools
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def broker_down(monkeypatch):
+    reset_broker_pools()
+    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    yield monkeypatch
+    monkeypatch.undo()
+    reset_broker_pools()
+
+
+def test_enqueue_publishes_after_commit_and_forgets(django_capture_on_commit_callbacks, redis_client):
+    token = request_id_var.set("rid-out")
+    try:
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            task_id = enqueue(ping, queue="low")
+            assert OutboxMessage.objects.filter(task_id=task_id).exists()
+            assert redis_client.llen("low") == 0  # nothing before the commit
+    finally:
+        request_id_var.reset(token)
+    assert len(callbacks) == 1
+    message = json.loads(redis_client.lindex("low", 0))
+    assert message["headers"]["id"] == task_id
+    assert message["headers"]["request_id"] == "rid-out"
+    assert not OutboxMessage.objects.exists()
+
+
+def _failing_request():
+    with transaction.atomic():
+        enqueue("jobs.ping")
+        raise RuntimeError("the request failed")
+
+
+def test_rolled_back_transaction_publishes_nothing(redis_client):
+    with pytest.raises(RuntimeError):
+        _failing_request()
+    assert not OutboxMessage.objects.exists()
+    assert redis_client.llen("low") == 0
+
+
+def test_broker_down_keeps_the_message_and_the_relay_publishes_it_once(
+    django_capture_on_commit_callbacks, redis_client, broker_down
+):
+    started = time.monotonic()
+    with django_capture_on_commit_callbacks(execute=True):
+        task_id = enqueue("jobs.ping", args=[], kwargs={}, queue="low")
+    assert time.monotonic() - started < 5  # the request does not hang
+    row = OutboxMessage.objects.get(task_id=task_id)
+    assert row.attempts == 1
+    assert "OperationalError" in row.last_error or "Error" in row.last_error
+
+    assert outbox_relay()["failed"] == 1  # still down: kept
+    assert OutboxMessage.objects.get(task_id=task_id).attempts == 2
+
+    broker_down.undo()
+    reset_broker_pools()
+    assert outbox_relay() == {"published": 1, "failed": 0, "waiting": 0}
+    assert outbox_relay() == {"published": 0, "failed": 0, "waiting": 0}
+    assert redis_client.llen("low") == 1
+    assert json.loads(redis_client.lindex("low", 0))["headers"]["id"] == task_id
+
+
+def test_relay_leaves_young_untried_rows_to_their_publisher(redis_client):
+    young = OutboxMessage.objects.create(task_name="jobs.ping", task_id="young", options={"queue": "low"})
+    old = OutboxMessage.objects.create(
+        task_name="jobs.ping",
+        task_id="orphan",
+        options={"queue": "low"},
+        created_at=timezone.now() - timedelta(minutes=5),
+    )
+    assert outbox_relay()["published"] == 1
+    assert list(OutboxMessage.objects.values_list("pk", flat=True)) == [young.pk]
+    assert json.loads(redis_client.lindex("low", 0))["headers"]["id"] == old.task_id
+
+
+def test_unsupported_options_are_refused():
+    with pytest.raises(TypeError, match="unsupported publish options: eta"):
+        enqueue("jobs.ping", eta="tomorrow")
