@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email import encoders
 from email.mime.base import MIMEBase
-from email.utils import parseaddr
 from typing import Any
 
 from django.conf import settings
@@ -145,9 +144,10 @@ def _clean_recipients(to: Sequence[str]) -> list[str]:
         if _NEWLINE.search(address):
             raise EmailRefused("a recipient contains a line break", code="header_injection", field="to")
         address = address.strip()
-        _name, addr_spec = parseaddr(address)
+        name, _, addr_spec = address.rpartition("<") if address.endswith(">") else ("", "", address)
+        addr_spec = addr_spec.removesuffix(">") if name or address.startswith("<") else addr_spec
         try:
-            if _CONTROL.search(address) or not addr_spec or ("<" not in address and addr_spec != address):
+            if _CONTROL.search(address) or any(char in name for char in "<>"):
                 raise ValidationError("malformed")
             validate_email(addr_spec)
         except ValidationError:

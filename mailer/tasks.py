@@ -32,10 +32,13 @@ def classify_send_error(exc: BaseException) -> str | None:
         return "permanent"
     if isinstance(exc, requests.Timeout | requests.ConnectionError):  # anymail wraps these too
         return "transient"
-    if isinstance(exc, AnymailAPIError) and exc.status_code is not None:
-        if exc.status_code == 429 or exc.status_code >= 500:
+    if isinstance(exc, AnymailAPIError):
+        status = exc.status_code if exc.status_code is not None else _boto_status(exc.__cause__)
+        if status is None:
+            return "transient" if _is_boto_network_error(exc.__cause__) else None
+        if status == 429 or status >= 500:
             return "transient"
-        if 400 <= exc.status_code < 500:
+        if 400 <= status < 500:
             return "permanent"
         return None
     if isinstance(exc, AnymailError):  # invalid address, unsupported feature, serialization
@@ -60,6 +63,24 @@ def classify_send_error(exc: BaseException) -> str | None:
     return None
 
 
+def _boto_status(cause: BaseException | None) -> int | None:
+    """The HTTP status of a botocore `ClientError` (Amazon SES), which anymail wraps."""
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    return None
+
+
+def _is_boto_network_error(cause: BaseException | None) -> bool:
+    # botocore's EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError (not imported:
+    # boto3 is only installed where Amazon SES is used).
+    return cause is not None and any(
+        klass.__module__.startswith("botocore") and klass.__name__.endswith(("ConnectionError", "TimeoutError"))
+        for klass in type(cause).__mro__
+    )
+
+
 class EmailTask(JobTask):
     """`JobTask` that reads SMTP reply codes and provider statuses, and marks the email
     `failed` when the task fails for good (the dead letter is `JobTask`'s)."""
@@ -78,7 +99,7 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-@shared_task(base=EmailTask, name="mailer.send_email", queue="high")
+@shared_task(base=EmailTask, name="mailer.send_email")  # routed to `high` by CELERY_TASK_ROUTES
 def send_email(email_id: int) -> str:
     """Sends the stored email `email_id`; returns its status."""
     if not _valid_id(email_id):

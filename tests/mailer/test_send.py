@@ -1,0 +1,300 @@
+"""Sending a stored email through a real local SMTP server: hand-off recorded once, errors
+sorted, connection reused."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from datetime import timedelta
+
+import pytest
+import requests
+from anymail.exceptions import (
+    AnymailAPIError,
+    AnymailInvalidAddress,
+    AnymailRecipientsRefused,
+    AnymailRequestsAPIError,
+)
+from django.core import mail
+from django.core.mail import BadHeaderError
+from django.utils import timezone
+
+from jobs.exceptions import InvalidTaskArguments, PermanentError, TransientError
+from mailer import backend
+from mailer.models import Email
+from mailer.services import Attachment, HandOffInProgress, email_queue, email_send
+from mailer.tasks import EmailTask, classify_send_error, send_email
+from tests.mailer.test_queue import PDF, PNG
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def queued(django_capture_on_commit_callbacks):
+    def make(**overrides) -> Email:
+        arguments = {"template": "welcome", "to": ["ada@example.com"], "context": {"name": "Ada"}}
+        with django_capture_on_commit_callbacks():
+            return email_queue(**{**arguments, **overrides})
+
+    return make
+
+
+def test_send_hands_off_once_and_records_it(smtp_settings, queued):
+    email = queued(
+        attachments=[
+            Attachment(filename="invoice.pdf", content=PDF, content_type="application/pdf"),
+            Attachment(filename="logo.png", content=PNG, content_type="image/png", content_id="logo"),
+        ]
+    )
+    sent = email_send(email=email)
+    assert sent.status == Email.Status.SENT
+    assert sent.attempts == 1
+    assert sent.sent_at is not None
+    assert sent.handed_off_at is not None
+    assert sent.last_error == ""
+
+    [message] = smtp_settings.messages
+    assert message["Message-ID"] == email.message_id
+    assert message["Subject"] == "Welcome to jobsite, Ada!"
+    assert message["To"] == "ada@example.com"
+    assert message["From"] == "noreply@localhost"
+    text = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    assert "Hello Ada," in text.get_content()
+    assert "<h1" in html.get_content()
+    attachments = {part.get_filename(): part for part in message.iter_attachments()}
+    assert attachments["invoice.pdf"].get_content() == PDF
+    assert attachments["invoice.pdf"].get_content_type() == "application/pdf"
+    inline = [part for part in message.walk() if part["Content-ID"] == "<logo>"]
+    assert len(inline) == 1
+    assert inline[0].get_payload(decode=True) == PNG
+
+    # Run again (a redelivered task): nothing more is sent.
+    again = email_send(email=Email.objects.get(pk=email.pk))
+    assert again.status == Email.Status.SENT
+    assert again.attempts == 1
+    assert len(smtp_settings.messages) == 1
+
+
+def test_a_hand_off_in_progress_is_not_repeated(smtp_settings, queued):
+    email = queued()
+    Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=timezone.now(), attempts=1)
+    with pytest.raises(HandOffInProgress):
+        email_send(email=email)
+    assert smtp_settings.messages == []
+    assert isinstance(HandOffInProgress("x"), TransientError)
+
+
+def test_a_hand_off_abandoned_past_the_lease_is_sent_again_with_the_same_message_id(settings, smtp_settings, queued):
+    settings.MAILER_SENDING_LEASE_SECONDS = 60
+    email = queued()
+    long_ago = timezone.now() - timedelta(seconds=61)
+    Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=long_ago, attempts=1)
+    sent = email_send(email=email)
+    assert sent.status == Email.Status.SENT
+    assert sent.attempts == 2
+    assert [m["Message-ID"] for m in smtp_settings.messages] == [email.message_id]
+
+
+def test_default_lease_outlasts_the_task_time_limit(settings, smtp_settings, queued):
+    settings.MAILER_SENDING_LEASE_SECONDS = 0
+    settings.CELERY_TASK_TIME_LIMIT = 600
+    email = queued()
+    nearly = timezone.now() - timedelta(seconds=600)
+    Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=nearly)
+    with pytest.raises(HandOffInProgress):
+        email_send(email=email)
+
+
+def test_a_failed_send_goes_back_to_queued_with_the_error(smtp_settings, queued):
+    smtp_settings.handler.data_reply = "451 4.3.0 Try again later"
+    email = queued()
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        email_send(email=email)
+    assert classify_send_error(info.value) == "transient"
+    email.refresh_from_db()
+    assert email.status == Email.Status.QUEUED
+    assert email.attempts == 1
+    assert "451" in email.last_error
+
+    smtp_settings.handler.data_reply = None
+    assert email_send(email=email).status == Email.Status.SENT
+    email.refresh_from_db()
+    assert email.attempts == 2
+    assert email.last_error == ""
+    assert len(smtp_settings.messages) == 1
+
+
+def test_a_refused_recipient_is_permanent(smtp_settings, queued):
+    smtp_settings.handler.rcpt_reply = "550 5.1.1 No such user"
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        email_send(email=queued())
+    assert classify_send_error(info.value) == "permanent"
+
+
+def test_a_greylisted_recipient_is_transient(smtp_settings, queued):
+    smtp_settings.handler.rcpt_reply = "450 4.2.0 Greylisted, come back later"
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        email_send(email=queued())
+    assert classify_send_error(info.value) == "transient"
+
+
+def test_a_server_that_is_down_is_transient(settings, queued):
+    from tests.mailer.smtp_server import free_port
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", free_port(), 2
+    email = queued()
+    with pytest.raises(ConnectionRefusedError) as info:
+        email_send(email=email)
+    assert EmailTask().classify(info.value) == "transient"
+    email.refresh_from_db()
+    assert email.status == Email.Status.QUEUED
+    assert "ConnectionRefusedError" in email.last_error
+
+
+def test_one_connection_serves_many_emails(smtp_settings, queued):
+    for _ in range(3):
+        email_send(email=queued())
+    assert len(smtp_settings.messages) == 3
+    assert smtp_settings.handler.connections == 1
+
+
+def test_connection_is_opened_again_after_an_error(smtp_settings, queued):
+    email_send(email=queued())
+    smtp_settings.handler.data_reply = "451 4.3.0 Try again later"
+    with pytest.raises(smtplib.SMTPDataError):
+        email_send(email=queued())
+    smtp_settings.handler.data_reply = None
+    email_send(email=queued())
+    assert smtp_settings.handler.connections == 2
+
+
+def test_connection_is_renewed_when_idle_or_used_up(settings, smtp_settings, queued):
+    settings.MAILER_CONNECTION_MAX_MESSAGES = 2
+    for _ in range(3):
+        email_send(email=queued())
+    assert smtp_settings.handler.connections == 2
+    settings.MAILER_CONNECTION_MAX_IDLE = 0
+    email_send(email=queued())
+    assert smtp_settings.handler.connections == 3
+
+
+def test_connection_follows_changed_settings(settings, smtp_settings, queued):
+    email_send(email=queued())
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    email_send(email=queued())
+    assert len(mail.outbox) == 1
+    assert len(smtp_settings.messages) == 1
+
+
+def test_without_reuse_each_email_opens_a_connection(settings, smtp_settings, queued):
+    settings.MAILER_REUSE_CONNECTION = False
+    for _ in range(3):
+        email_send(email=queued())
+    assert smtp_settings.handler.connections == 3
+
+
+def test_a_connection_closed_by_the_server_is_a_transient_error_then_reopened(smtp_settings, queued):
+    email_send(email=queued())
+    backend._local.held.connection.connection.sock.shutdown(socket.SHUT_RDWR)  # as if the server hung up
+    with pytest.raises(smtplib.SMTPServerDisconnected) as info:
+        email_send(email=queued())
+    assert classify_send_error(info.value) == "transient"
+    email_send(email=queued())
+    assert len(smtp_settings.messages) == 2
+
+
+# --- the task ---------------------------------------------------------------------------------
+
+
+def test_task_sends_by_id(queued):
+    email = queued()
+    assert send_email(email.pk) == "sent"
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].extra_headers["Message-ID"] == email.message_id
+    assert send_email(email.pk) == "sent"
+    assert len(mail.outbox) == 1
+
+
+def test_task_returns_early_when_the_email_is_gone(queued):
+    email = queued()
+    email_id = email.pk
+    email.delete()
+    assert send_email(email_id) == "gone"
+    assert mail.outbox == []
+
+
+@pytest.mark.parametrize("value", ["1", 0, -3, None, True, 1.5, [1]])
+def test_task_refuses_bad_arguments(value):
+    with pytest.raises(InvalidTaskArguments):
+        send_email(value)
+
+
+def test_task_failure_marks_the_email_failed(queued):
+    from jobs.models import DeadLetter
+
+    email = queued()
+    send_email.on_failure(PermanentError("nope"), "task-1", (email.pk,), {}, None)
+    email.refresh_from_db()
+    assert email.status == Email.Status.FAILED
+    assert email.last_error == "PermanentError: nope"
+    assert DeadLetter.objects.get(task_id="task-1").task_name == "mailer.send_email"
+    # A bad id leaves emails alone (only the dead letter is written).
+    send_email.on_failure(InvalidTaskArguments("bad"), "task-2", ("x",), {}, None)
+    assert DeadLetter.objects.filter(task_id="task-2").exists()
+
+
+def test_a_sent_email_is_never_marked_failed(queued):
+    email = queued()
+    send_email(email.pk)
+    send_email.on_failure(PermanentError("late"), "task-3", (), {"email_id": email.pk}, None)
+    email.refresh_from_db()
+    assert email.status == Email.Status.SENT
+
+
+def _api_error(status: int) -> AnymailAPIError:
+    response = requests.Response()
+    response.status_code = status
+    response._content = b"{}"
+    return AnymailRequestsAPIError("esp said no", response=response)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (smtplib.SMTPDataError(451, b"later"), "transient"),
+        (smtplib.SMTPDataError(554, b"rejected"), "permanent"),
+        (smtplib.SMTPSenderRefused(421, b"busy", "a@b.c"), "transient"),
+        (smtplib.SMTPSenderRefused(553, b"not yours", "a@b.c"), "permanent"),
+        (smtplib.SMTPAuthenticationError(535, b"bad credentials"), "permanent"),
+        (smtplib.SMTPConnectError(554, b"go away"), "transient"),
+        (smtplib.SMTPServerDisconnected("gone"), "transient"),
+        (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (451, b"later")}), "permanent"),
+        (smtplib.SMTPRecipientsRefused({"a@b.c": (450, b"grey"), "d@e.f": (451, b"later")}), "transient"),
+        (smtplib.SMTPResponseException(250, b"odd"), "unexpected"),
+        (smtplib.SMTPNotSupportedError("no STARTTLS"), "permanent"),
+        (ssl.SSLCertVerificationError("bad cert"), "permanent"),
+        (BadHeaderError("newline"), "permanent"),
+        (FileNotFoundError("attachment gone"), "permanent"),
+        (TimeoutError("slow"), "transient"),
+        (ConnectionResetError("reset"), "transient"),
+        (OSError(101, "Network is unreachable"), "transient"),
+        (_api_error(500), "transient"),
+        (_api_error(503), "transient"),
+        (_api_error(429), "transient"),
+        (_api_error(422), "permanent"),
+        (_api_error(401), "permanent"),
+        (_api_error(302), "unexpected"),
+        (AnymailAPIError("no response at all"), "unexpected"),
+        (AnymailRecipientsRefused("all refused"), "permanent"),
+        (AnymailInvalidAddress("bad"), "permanent"),
+        (requests.Timeout("slow"), "transient"),
+        (requests.ConnectionError("refused"), "transient"),
+        (type("Wrapped", (AnymailRequestsAPIError, requests.ConnectTimeout), {})("wrapped"), "transient"),
+        (KeyError("a bug"), "unexpected"),
+    ],
+)
+def test_errors_are_sorted(exc, kind):
+    assert EmailTask().classify(exc) == kind
