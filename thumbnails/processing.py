@@ -106,7 +106,9 @@ def _identify_failure(data: bytes) -> ImageError:
     return UnsupportedFormat(f"{found} images are not supported; use JPEG, PNG, WebP or GIF")
 
 
-def _orientation(image: Image.Image) -> int:
+def _orientation(image: Image.Image, *, loaded: bool = True) -> int:
+    if not loaded and image.format == "PNG" and "exif" not in image.info:
+        return 1  # a PNG's eXIf chunk may follow the pixels; Pillow would decode them all to find it
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
     except _DECODE_ERRORS:  # a broken EXIF block must not sink a readable image
@@ -118,7 +120,7 @@ def inspect(data: bytes, *, max_pixels: int) -> ImageInfo:
     file name) within `max_pixels`. Raises an `ImageError` subclass otherwise."""
     with _open(data, max_pixels=max_pixels) as image:
         width, height = image.size
-        if _orientation(image) in (5, 6, 7, 8):  # rotated a quarter turn
+        if _orientation(image, loaded=False) in (5, 6, 7, 8):  # rotated a quarter turn
             width, height = height, width
         return ImageInfo(format=image.format or "", width=width, height=height)
 
@@ -178,15 +180,14 @@ def _decode(data: bytes, *, largest: int, max_pixels: int) -> tuple[Image.Image,
             if longest > largest:
                 box = (math.ceil(largest * width / longest), math.ceil(largest * height / longest))
                 image.draft(image.mode, box)
+        image.load()
         icc = image.info.get("icc_profile")
         orientation = _orientation(image)
-        image.load()
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(str(exc)) from exc
     except _DECODE_ERRORS as exc:
         raise CorruptImage(f"the image data is broken or truncated: {exc}") from exc
     if orientation != 1:
-        image.getexif()[_ORIENTATION_TAG] = orientation
         image = ImageOps.exif_transpose(image)
         if orientation in (5, 6, 7, 8):
             full = (full[1], full[0])

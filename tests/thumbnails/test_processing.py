@@ -63,6 +63,20 @@ def test_exif_orientation_is_applied_and_metadata_stripped():
     assert "icc_profile" not in image.info
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_exif_orientation_of_png_and_webp(fmt):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[images.ORIENTATION] = 6
+    data = images.encode(images.halves((600, 400)), fmt, exif=exif.tobytes())
+    thumb = thumbs_by_size(data)[128]
+    image = images.open_bytes(thumb.data)
+    assert image.size == (85, 128)
+    assert images.close_to(image.getpixel((80, 64)), images.RED)
+    assert images.close_to(image.getpixel((4, 64)), images.BLUE)
+
+
 def test_jpeg_comment_and_icc_profile_are_not_copied():
     from PIL import ImageCms
 
