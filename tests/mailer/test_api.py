@@ -1,0 +1,192 @@
+"""`POST /api/emails/` and `GET /api/emails/<id>/`: staff only, by session or HTTP basic auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from mailer.models import Email
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/emails/"
+PAYLOAD = {"template": "welcome", "to": ["ada@example.com"], "context": {"name": "Ada"}}
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"HTTP_AUTHORIZATION": f"Basic {token}"}
+
+
+@pytest.fixture
+def staff_user():
+    return get_user_model().objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+
+
+@pytest.fixture
+def plain_user():
+    return get_user_model().objects.create_user("plain", "plain@example.com", "s3cret-pass")
+
+
+def post(client: Client, body, **extra):
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post(URL, data=data, content_type="application/json", **extra)
+
+
+def test_staff_with_basic_auth_queues_an_email(client, staff_user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, PAYLOAD, HTTP_X_REQUEST_ID="rid-api-1", **basic("staff", "s3cret-pass"))
+    assert response.status_code == 202, response.content
+    email = Email.objects.get()
+    assert response.json() == {"id": email.pk, "status": "queued"}
+    assert len(callbacks) == 1
+    assert email.request_id == "rid-api-1"
+    assert email.to == ["ada@example.com"]
+
+
+def test_basic_auth_needs_no_csrf_token(staff_user, django_capture_on_commit_callbacks):
+    client = Client(enforce_csrf_checks=True)
+    with django_capture_on_commit_callbacks():
+        response = post(client, PAYLOAD, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 202
+
+
+def test_no_credentials_is_401_with_a_challenge(client, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, PAYLOAD)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Basic realm=")
+    assert response.json() == {"error": "authentication required"}
+    assert callbacks == []
+    assert not Email.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        basic("staff", "wrong"),
+        basic("nobody", "s3cret-pass"),
+        {"HTTP_AUTHORIZATION": "Basic !!!not-base64"},
+        {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"no-colon").decode()},
+    ],
+)
+def test_bad_credentials_are_401(client, staff_user, header):
+    response = post(client, PAYLOAD, **header)
+    assert response.status_code == 401
+    assert "WWW-Authenticate" in response
+    assert not Email.objects.exists()
+
+
+def test_inactive_staff_is_refused(client, staff_user):
+    staff_user.is_active = False
+    staff_user.save()
+    assert post(client, PAYLOAD, **basic("staff", "s3cret-pass")).status_code == 401
+
+
+def test_non_staff_is_403(client, plain_user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, PAYLOAD, **basic("plain", "s3cret-pass"))
+    assert response.status_code == 403
+    assert response.json() == {"error": "staff only"}
+    assert callbacks == []
+    client.force_login(plain_user)
+    assert post(client, PAYLOAD).status_code == 403
+    assert client.get(f"{URL}1/").status_code == 403
+
+
+def test_session_post_needs_the_csrf_token(staff_user, django_capture_on_commit_callbacks):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(staff_user)
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, PAYLOAD)
+    assert response.status_code == 403
+    assert response.json() == {"error": "CSRF verification failed"}
+    assert callbacks == []
+
+    client.get("/admin/")  # sets the CSRF cookie, as the admin pages do
+    token = client.cookies["csrftoken"].value
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, PAYLOAD, HTTP_X_CSRFTOKEN=token)
+    assert response.status_code == 202, response.content
+    assert len(callbacks) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "code"),
+    [
+        ({**PAYLOAD, "template": "nope"}, "unknown email template 'nope'", "unknown_template"),
+        ({**PAYLOAD, "to": ["not-an-address"]}, "invalid email address 'not-an-address'", "invalid_address"),
+        ({**PAYLOAD, "to": ["a@example.com\nBcc: b@example.com"]}, "a recipient contains a line break",
+         "header_injection"),
+        ({**PAYLOAD, "context": {"name": "x\nBcc: b@example.com"}}, "the subject must be one line",
+         "header_injection"),
+        ({**PAYLOAD, "to": []}, "to must be a non-empty list of addresses", "invalid_address"),
+    ],
+)  # fmt: skip
+def test_refusals_are_400_with_the_reason(client, staff_user, django_capture_on_commit_callbacks, body, message, code):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, body, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 400
+    assert response.json()["error"] == message
+    assert response.json()["code"] == code
+    assert callbacks == []
+    assert not Email.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{not json", "the body must be JSON"),
+        (b"\xff\xfe", "the body must be JSON"),
+        ("", 'the body must be a JSON object {"template", "to", "context"}'),
+        ("[1, 2]", 'the body must be a JSON object {"template", "to", "context"}'),
+        ({"to": ["a@example.com"]}, "template must be a string"),
+        ({"template": "welcome", "to": "a@example.com"}, "to must be a list of addresses"),
+        ({"template": "welcome", "to": ["a@example.com"], "context": []}, "context must be an object"),
+    ],
+)
+def test_malformed_bodies_are_400(client, staff_user, django_capture_on_commit_callbacks, body, message):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, body, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 400
+    assert response.json()["error"] == message
+    assert callbacks == []
+
+
+def test_context_is_optional(client, staff_user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        response = post(client, {"template": "welcome", "to": ["a@example.com"]}, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 202
+
+
+def test_detail_shows_status_attempts_and_error(client, staff_user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        email_id = post(client, PAYLOAD, **basic("staff", "s3cret-pass")).json()["id"]
+    response = client.get(f"{URL}{email_id}/", **basic("staff", "s3cret-pass"))
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": email_id, "status": "queued", "attempts": 0, "error": None, "delivery_status": None,
+    }  # fmt: skip
+
+    Email.objects.filter(pk=email_id).update(status="failed", attempts=3, last_error="SMTPDataError: 451")
+    client.force_login(staff_user)  # the session works as well
+    body = client.get(f"{URL}{email_id}/").json()
+    assert (body["status"], body["attempts"], body["error"]) == ("failed", 3, "SMTPDataError: 451")
+
+
+def test_detail_needs_staff_and_unknown_is_404(client, staff_user):
+    assert client.get(f"{URL}1/").status_code == 401
+    response = client.get(f"{URL}999999/", **basic("staff", "s3cret-pass"))
+    assert response.status_code == 404
+    assert response.json() == {"error": "email not found"}
+
+
+def test_wrong_methods_are_405_json(client, staff_user):
+    response = client.get(URL, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 405
+    assert response.json() == {"error": "method not allowed"}
+    assert client.delete(f"{URL}1/", **basic("staff", "s3cret-pass")).status_code == 405
