@@ -24,8 +24,27 @@ from thumbnails.models import Image, Thumbnail
 logger = logging.getLogger("thumbnails")
 
 
-# Raised by storage backends when they cannot be reached (the local disk never does).
+# Raised by storage backends when they cannot be reached (the local disk never does). Remote
+# backends bring their own classes (botocore's and urllib3's are not the built-in ones): known
+# by name, so this module needs none of those libraries.
 _STORAGE_TRANSIENT = (TimeoutError, ConnectionError)
+_STORAGE_TRANSIENT_NAMES = frozenset(
+    {
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ProtocolError",
+        "ConnectionError",
+        "Timeout",
+    }
+)
+
+
+def _storage_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _STORAGE_TRANSIENT) or any(
+        cls.__name__ in _STORAGE_TRANSIENT_NAMES for cls in type(exc).__mro__
+    )
 
 
 def _original_name(info: processing.ImageInfo) -> str:
@@ -77,8 +96,10 @@ def _read_original(image: Image) -> bytes:
             return handle.read()
     except FileNotFoundError as exc:
         raise OriginalMissing(f"the original file {image.original.name!r} is missing") from exc
-    except _STORAGE_TRANSIENT as exc:
-        raise StorageUnavailable(f"reading the original failed: {exc}") from exc
+    except Exception as exc:
+        if _storage_transient(exc):
+            raise StorageUnavailable(f"reading the original failed: {exc}") from exc
+        raise
 
 
 def _write(name: str, data: bytes) -> str:
@@ -91,16 +112,19 @@ def _write(name: str, data: bytes) -> str:
             # A concurrent run of the same task wrote `name` in between; it holds the same bytes.
             default_storage.delete(saved)
         return name
-    except _STORAGE_TRANSIENT as exc:
-        raise StorageUnavailable(f"writing {name!r} failed: {exc}") from exc
+    except Exception as exc:
+        if _storage_transient(exc):
+            raise StorageUnavailable(f"writing {name!r} failed: {exc}") from exc
+        raise
 
 
 def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
     """Makes the thumbnails of `image` for every size in THUMBNAIL_SIZES and marks it done.
 
     Idempotent: files have deterministic names and rows are replaced per size, so running it
-    again (a redelivered task, a regenerate) gives the same files and no duplicate rows. Rows
-    only point at files once they are completely written.
+    again (a redelivered task, a regenerate) gives the same files and no duplicate rows. A new
+    row only points at a file once it is completely written; a rerun rewrites the same names,
+    so whatever a crashed attempt left half-written is replaced.
 
     Raises `CorruptImage` or `OriginalMissing` (permanent) and `StorageUnavailable` (transient).
     """

@@ -10,3 +10,14 @@ class TimingOutStorage(FileSystemStorage):
 
     def open(self, name, mode="rb"):
         raise TimeoutError("read timed out")
+
+
+class ReadTimeoutError(Exception):
+    """Named as botocore's: a remote backend's own exception class, not a built-in one."""
+
+
+class RemoteTimingOutStorage(FileSystemStorage):
+    """Writes fail the way django-storages' S3 backend fails when S3 does not answer."""
+
+    def _save(self, name, content):
+        raise ReadTimeoutError("Read timeout on endpoint URL")

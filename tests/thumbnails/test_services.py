@@ -209,3 +209,12 @@ def test_task_returns_early_when_the_image_is_gone():
 def test_task_refuses_arguments_that_are_not_an_id(bad):
     with pytest.raises(InvalidTaskArguments):
         generate(bad)
+
+
+def test_a_remote_backends_own_timeout_is_transient_too(settings):
+    image = create(images.jpeg())
+    settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "tests.thumbnails.storage.RemoteTimingOutStorage"}}
+    with pytest.raises(StorageUnavailable) as caught:
+        generate(image.pk)
+    assert "Read timeout" in str(caught.value)
+    assert generate.classify(caught.value) == "transient"
