@@ -48,13 +48,28 @@ def _count_received(request=None, **kwargs) -> None:
 
 
 @signals.worker_ready.connect
-def _serve_worker_metrics(**kwargs) -> None:
+def _on_worker_ready(**kwargs) -> None:
     from django.conf import settings
 
     from jobs import metrics
 
+    _bound_sigterm()
     metrics.start_worker_metrics_server(settings.WORKER_METRICS_PORT)
     _relay_outbox_at_start()
+
+
+def _bound_sigterm() -> None:
+    """SIGTERM (a deploy, `docker stop`, Kubernetes) becomes Celery's cold shutdown with its soft
+    phase: running tasks get CELERY_SHUTDOWN_TIMEOUT seconds to finish, then whatever is still
+    running, reserved or held for an ETA is given back to the broker. Celery's own SIGTERM (warm
+    shutdown) would wait for running tasks without limit, until the orchestrator's SIGKILL."""
+    import os
+    import signal
+
+    def term_to_quit(signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    signal.signal(signal.SIGTERM, term_to_quit)
 
 
 def _relay_outbox_at_start() -> None:

@@ -321,6 +321,10 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "in
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+        # Look for messages of dead workers every few seconds (kombu's default scans only every
+        # 10 x 10 s), so a crashed worker's tasks come back soon after the visibility timeout.
+        "unacked_restore_interval": max(1, min(10, CELERY_VISIBILITY_TIMEOUT // 4)),
+        "unacked_restore_throttle": 1,
         # Serve queues in the order given to -Q: `high` before `normal` before `low`.
         "queue_order_strategy": "priority",
         "socket_timeout": 15,

@@ -70,3 +70,13 @@ def child(key: str) -> None:
 
     logging.getLogger("tests.tasks").info("tests.child_ran", extra={"key": key})
     _redis().set(f"{key}:child", 1)
+
+
+@shared_task(base=JobTask, name="tests.slow_mark")
+def slow_mark(key: str, n: int, seconds: float) -> None:
+    """Notes its start, works for `seconds`, then notes its completion."""
+    client = _redis()
+    client.sadd(f"{key}:started", n)
+    time.sleep(seconds)
+    client.sadd(f"{key}:done", n)
+    client.incr(f"{key}:completions")

@@ -1,0 +1,137 @@
+"""No task lost: SIGTERM, SIGKILL, a Redis restart and RabbitMQ, with real processes and signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import psutil
+import pytest
+from kombu import Connection
+
+from config.env import BASE_DIR
+from jobs.localredis import LocalRedis
+from jobs.models import DeadLetter
+from tests.integration import tasks
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def publish_batch(key: str, count: int, seconds: float, broker_url: str | None = None) -> None:
+    if broker_url is None:
+        for n in range(count):
+            tasks.slow_mark.delay(key, n, seconds)
+        return
+    with Connection(broker_url) as conn:
+        for n in range(count):
+            tasks.slow_mark.apply_async((key, n, seconds), connection=conn)
+
+
+def members(redis_client, name: str) -> set[int]:
+    return {int(m) for m in redis_client.smembers(name)}
+
+
+def sigterm_scenario(start_worker, redis_client, extra_env: dict[str, str], broker_url: str | None = None) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    env = {"CELERY_SHUTDOWN_TIMEOUT": "1", **extra_env}
+    first = start_worker(concurrency=2, extra_env=env)
+    publish_batch(key, 6, 4.0, broker_url)
+    wait_for(lambda: len(members(redis_client, f"{key}:started")) == 2)
+
+    first.signal(signal.SIGTERM)  # a deploy: 1 s of soft shutdown is not enough for 4 s tasks
+    assert first.wait(timeout=60) is not None
+    assert members(redis_client, f"{key}:done") == set()  # nothing finished, nothing marked done
+
+    start_worker(concurrency=2, extra_env=env)
+    wait_for(lambda: members(redis_client, f"{key}:done") == set(range(6)), timeout=90)
+    assert not DeadLetter.objects.exists()
+
+
+def test_sigterm_during_a_batch_loses_nothing(start_worker, redis_client):
+    sigterm_scenario(start_worker, redis_client, {})
+
+
+def test_sigkill_of_the_whole_worker_loses_nothing(start_worker, redis_client):
+    key = f"k-{uuid.uuid4().hex}"
+    env = {"CELERY_VISIBILITY_TIMEOUT": "3"}
+    first = start_worker(concurrency=2, extra_env=env)
+    publish_batch(key, 4, 2.0)
+    wait_for(lambda: len(members(redis_client, f"{key}:started")) == 2)
+
+    parent = psutil.Process(first.process.pid)
+    for process in [*parent.children(recursive=True), parent]:  # a machine crash: everything at once
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    first.wait(timeout=10)
+
+    start_worker(concurrency=2, extra_env=env)
+    wait_for(lambda: members(redis_client, f"{key}:done") == set(range(4)), timeout=90)
+    assert not DeadLetter.objects.exists()
+
+
+def test_worker_survives_a_redis_restart_and_consumes_again(start_worker, tmp_path):
+    from django_celery_results.models import TaskResult
+
+    broker = LocalRedis().start()
+    try:
+        worker = start_worker(extra_env={"CELERY_BROKER_URL": broker.url, "LIVENESS_DIR": str(tmp_path / "live"),
+                                         "JOBS_LIVENESS_INTERVAL": "0.5"})  # fmt: skip
+        before = tasks.flaky.apply_async(("k-before", 0), connection=Connection(broker.url))
+        wait_for(lambda: TaskResult.objects.filter(task_id=before.id, status="SUCCESS").exists())
+
+        port = broker.port
+        broker.stop()
+        broker = LocalRedis(port=port).start()  # same address, empty: a restart
+
+        after_id = None
+
+        def consumed_after_restart():
+            nonlocal after_id
+            if after_id is None:
+                with contextlib.suppress(Exception):
+                    after_id = tasks.flaky.apply_async(("k-after", 0), connection=Connection(broker.url)).id
+            return after_id and TaskResult.objects.filter(task_id=after_id, status="SUCCESS").exists()
+
+        wait_for(consumed_after_restart, timeout=60, interval=0.5)
+        assert worker.process.poll() is None
+        probe = subprocess.run(
+            [sys.executable, "manage.py", "probe", "worker", "--max-age", "10"],
+            cwd=BASE_DIR, env=worker.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        broker.stop()
+
+
+RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+def rabbitmq_vhost():
+    """A throw-away virtual host on the local RabbitMQ, or a skip saying why there is none."""
+    try:
+        with Connection(RABBIT + "%2F", connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no RabbitMQ answers on 127.0.0.1:5672 ({type(exc).__name__})")
+    vhost = f"jobs-test-{uuid.uuid4().hex[:8]}"
+    created = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True, timeout=60)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   capture_output=True, timeout=60, check=True)  # fmt: skip
+    yield RABBIT + vhost
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def test_sigterm_on_rabbitmq_loses_nothing(start_worker, redis_client, rabbitmq_vhost):
+    sigterm_scenario(start_worker, redis_client, {"CELERY_BROKER_URL": rabbitmq_vhost}, broker_url=rabbitmq_vhost)
+
+
+def test_no_stray_environment():
+    assert "CELERY_BROKER_URL" in os.environ  # the suite's private Redis, never a shared one
