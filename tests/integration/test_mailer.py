@@ -1,0 +1,174 @@
+"""The mailer with a real worker, a real Redis and a real local SMTP server (aiosmtpd)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from jobs.models import DeadLetter
+from jobs.services import dead_letters_requeue
+from mailer.models import Email
+from mailer.services import Attachment, email_queue
+from mailer.tasks import send_email
+from tests.mailer.smtp_server import SMTPServer
+from tests.mailer.test_queue import PDF, PNG
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def smtp_server():
+    with SMTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def mail_worker(start_worker, smtp_server, settings):
+    """Starts a worker that sends through `smtp_server`, with quick retries."""
+
+    def start(**options):
+        env = {
+            "EMAIL_URL": smtp_server.url,
+            "EMAIL_TIMEOUT": "5",
+            "MEDIA_ROOT": str(settings.MEDIA_ROOT),
+            "TASK_RETRY_BACKOFF_BASE": "0.2",
+            "TASK_RETRY_BACKOFF_MAX": "2",
+            "TASK_MAX_RETRIES": "2",
+            "DEAD_LETTER_ALERT_EMAILS": "",
+            # An idle worker waits out the whole soft shutdown before it exits; keep teardown short.
+            "CELERY_SHUTDOWN_TIMEOUT": "1",
+            **options.pop("extra_env", {}),
+        }
+        return start_worker(extra_env=env, **options)
+
+    return start
+
+
+def queue(name: str = "Ada", **kwargs) -> Email:
+    return email_queue(template="welcome", to=[f"{name.lower()}@example.com"], context={"name": name}, **kwargs)
+
+
+def sent(email: Email) -> Email | None:
+    email.refresh_from_db()
+    return email if email.status == Email.Status.SENT else None
+
+
+def test_message_arrives_with_text_html_and_attachments(mail_worker, smtp_server):
+    mail_worker()
+    email = queue(
+        request_id="rid-mail-1",
+        attachments=[
+            Attachment(filename="invoice.pdf", content=PDF, content_type="application/pdf"),
+            Attachment(filename="logo.png", content=PNG, content_type="image/png", content_id="logo"),
+        ],
+    )
+    wait_for(lambda: sent(email))
+    assert email.attempts == 1
+    assert email.last_error == ""
+
+    [message] = smtp_server.messages
+    assert message["Message-ID"] == email.message_id
+    assert message["Subject"] == "Welcome to jobsite, Ada!"
+    assert message["To"] == "ada@example.com"
+    assert "Hello Ada," in message.get_body(preferencelist=("plain",)).get_content()
+    assert "<h1" in message.get_body(preferencelist=("html",)).get_content()
+    attachments = {part.get_filename(): part for part in message.iter_attachments()}
+    assert attachments["invoice.pdf"].get_content() == PDF
+    assert attachments["invoice.pdf"].get_content_type() == "application/pdf"
+    assert [p.get_payload(decode=True) for p in message.walk() if p["Content-ID"] == "<logo>"] == [PNG]
+    assert smtp_server.handler.envelopes == [("noreply@localhost", ["ada@example.com"])]
+
+
+def test_451_is_retried_then_dead_lettered_and_a_requeue_delivers_once(mail_worker, smtp_server):
+    smtp_server.handler.data_reply = "451 4.3.0 Temporary local problem, try again later"
+    mail_worker()
+    email = queue()
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first())
+    assert row.reason == DeadLetter.Reason.RETRIES_EXHAUSTED
+    assert row.retries == 2
+    assert row.exception_type == "SMTPDataError"
+    assert row.queue == "high"
+    assert row.args == [email.pk]  # the id, nothing of the email
+    email = wait_for(lambda: Email.objects.filter(pk=email.pk, status=Email.Status.FAILED).first())
+    assert email.attempts == 3  # the first try and two retries
+    assert "451" in email.last_error
+    assert smtp_server.messages == []
+
+    smtp_server.handler.data_reply = None  # the server recovers
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.filter(pk=row.pk), actor="ops")
+    assert result.count == 1
+    assert AsyncResult(result.requeued[0][1]).get(timeout=30) == "sent"
+    email.refresh_from_db()
+    assert email.status == Email.Status.SENT
+    assert email.attempts == 4
+    assert email.last_error == ""
+    assert [m["Message-ID"] for m in smtp_server.messages] == [email.message_id]
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.REQUEUED
+
+
+def test_a_refused_recipient_goes_straight_to_a_dead_letter(mail_worker, smtp_server):
+    smtp_server.handler.rcpt_reply = "550 5.1.1 No such user here"
+    mail_worker()
+    email = queue()
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first())
+    assert row.reason == DeadLetter.Reason.PERMANENT_ERROR
+    assert row.retries == 0
+    assert row.exception_type == "SMTPRecipientsRefused"
+    email = wait_for(lambda: Email.objects.filter(pk=email.pk, status=Email.Status.FAILED).first())
+    assert email.attempts == 1
+
+
+def test_a_redelivered_task_does_not_send_twice(mail_worker, smtp_server):
+    mail_worker()
+    email = queue()
+    wait_for(lambda: sent(email))
+    # The same task again, as Redis would redeliver it after a lost acknowledgement.
+    assert send_email.apply_async((email.pk,)).get(timeout=30) == "sent"
+    email.refresh_from_db()
+    assert email.attempts == 1
+    assert len(smtp_server.messages) == 1
+
+
+def test_duplicate_deliveries_running_at_once_send_once(mail_worker, smtp_server):
+    email = queue()
+    duplicates = [send_email.apply_async((email.pk,)) for _ in range(3)]
+    mail_worker(concurrency=2)
+    for result in duplicates:
+        assert result.get(timeout=30) == "sent"
+    email.refresh_from_db()
+    assert email.status == Email.Status.SENT
+    assert email.attempts == 1
+    assert [m["Message-ID"] for m in smtp_server.messages] == [email.message_id]
+    assert not DeadLetter.objects.exists()
+
+
+def test_one_worker_process_reuses_its_smtp_connection(mail_worker, smtp_server):
+    mail_worker(concurrency=1)
+    emails = [queue(name) for name in ("Ada", "Bob", "Cy", "Dee")]
+    for email in emails:
+        wait_for(lambda email=email: sent(email))
+    assert len(smtp_server.messages) == 4
+    assert smtp_server.handler.connections == 1
+
+
+def test_a_deleted_email_is_skipped(mail_worker, smtp_server):
+    email = queue()
+    email_id = email.pk
+    email.delete()
+    mail_worker()
+    assert send_email.apply_async((email_id,)).get(timeout=30) == "gone"
+    assert smtp_server.messages == []
+    assert not DeadLetter.objects.exists()
