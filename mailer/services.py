@@ -9,6 +9,7 @@ import json
 import logging
 import mimetypes
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from django.core.files.base import ContentFile
 from django.core.mail import EmailMultiAlternatives
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import OperationalError, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -96,6 +97,21 @@ def email_queue(
     if _NEWLINE.search(rendered.subject):
         raise EmailRefused("the subject must be one line", code="header_injection", field="context")
 
+    stored: list[EmailAttachment] = []
+    try:
+        email = _store(template, recipients, context, rendered, request_id, files, stored)
+    except BaseException:
+        for attachment in stored:  # the rows rolled back; do not leave their files behind
+            attachment.file.storage.delete(attachment.file.name)
+        raise
+    logger.info(
+        "email.queued",
+        extra={"email_id": email.pk, "template": template, "recipients": len(recipients), "attachments": len(files)},
+    )
+    return email
+
+
+def _store(template, recipients, context, rendered, request_id, files, stored) -> Email:
     with transaction.atomic():
         email = Email.objects.create(
             to=recipients,
@@ -108,19 +124,17 @@ def email_queue(
             request_id=(request_id or get_request_id() or "")[:128],
         )
         for item in files:
-            EmailAttachment.objects.create(
+            attachment = EmailAttachment(
                 email=email,
-                file=ContentFile(item.content, name=item.filename),
                 filename=item.filename,
                 content_type=item.content_type or "",
                 size=len(item.content),
                 content_id=item.content_id,
             )
+            attachment.file.save(item.filename, ContentFile(item.content), save=False)
+            stored.append(attachment)
+            attachment.save()
         _enqueue_on_commit(email)
-    logger.info(
-        "email.queued",
-        extra={"email_id": email.pk, "template": template, "recipients": len(recipients), "attachments": len(files)},
-    )
     return email
 
 
@@ -301,16 +315,30 @@ def email_send(*, email: Email) -> Email:
         logger.warning("email.send_failed", extra={"email_id": email.pk, "attempt": email.attempts, "error": error})
         raise
     provider_id = _provider_message_id(message)
-    done = timezone.now()
-    Email.objects.filter(pk=email.pk).update(
-        status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
-    )
+    _record_sent(email, provider_id)
     email.refresh_from_db()
     logger.info(
         "email.sent",
         extra={"email_id": email.pk, "attempt": email.attempts, "provider_message_id": provider_id or None},
     )
     return email
+
+
+def _record_sent(email: Email, provider_id: str, tries: int = 3) -> None:
+    """Marks the email sent. The message is out: a database hiccup here must not turn into a retry
+    that finds the email still `sending`, so the write itself is tried a few times first."""
+    for attempt in range(1, tries + 1):
+        done = timezone.now()
+        try:
+            Email.objects.filter(pk=email.pk).update(
+                status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
+            )
+            return
+        except OperationalError:
+            if attempt == tries:
+                logger.exception("email.sent_unrecorded", extra={"email_id": email.pk})
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def _build_message(email: Email) -> EmailMultiAlternatives:

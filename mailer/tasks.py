@@ -16,7 +16,7 @@ from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
 from mailer import backend
 from mailer.models import Email
-from mailer.services import email_mark_failed, email_send
+from mailer.services import HandOffInProgress, email_mark_failed, email_send
 
 
 def classify_send_error(exc: BaseException) -> str | None:
@@ -91,6 +91,8 @@ class EmailTask(JobTask):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         super().on_failure(exc, task_id, args, kwargs, einfo)
         email_id = args[0] if args else kwargs.get("email_id")
+        if isinstance(exc, HandOffInProgress):
+            return  # a duplicate gave up waiting; the attempt that holds the email decides its status
         if _valid_id(email_id):
             email_mark_failed(email_id=email_id, error=f"{type(exc).__name__}: {exc}")
 

@@ -298,3 +298,11 @@ def _api_error(status: int) -> AnymailAPIError:
 )
 def test_errors_are_sorted(exc, kind):
     assert EmailTask().classify(exc) == kind
+
+
+def test_a_duplicate_that_gives_up_waiting_leaves_the_email_to_its_owner(queued):
+    email = queued()
+    Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=timezone.now())
+    send_email.on_failure(HandOffInProgress("busy"), "task-4", (email.pk,), {}, None)
+    email.refresh_from_db()
+    assert email.status == Email.Status.SENDING
