@@ -113,11 +113,13 @@ class JobTask(MeteredTask):
         return self._run_attempt(request, args, kwargs)
 
     def _run_attempt(self, request: Any, args: tuple, kwargs: dict) -> Any:
-        starts = crashloop.note_start(request.id)
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         try:
-            if starts > settings.JOBS_WORKER_LOST_LIMIT:
-                request.jobs_reason = DeadLetter.Reason.WORKER_LOST
-                raise Quarantined(f"the worker running this task was lost {starts - 1} times in a row; quarantined")
+            if redelivered:
+                deaths = crashloop.note_redelivery(request.id)
+                if deaths >= settings.JOBS_WORKER_LOST_LIMIT:
+                    request.jobs_reason = DeadLetter.Reason.WORKER_LOST
+                    raise Quarantined(f"the worker running this task was lost {deaths} times in a row; quarantined")
             return self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
@@ -127,31 +129,35 @@ class JobTask(MeteredTask):
         except Exception as exc:
             if getattr(request, "jobs_reason", None):
                 raise
-            kind = self.classify(exc)
-            if kind == "transient":
-                limit = self.retries_allowed()
-                if request.retries < limit:
-                    attempt = request.retries + 1
-                    delay = self.retry_countdown(attempt)
-                    logger.warning(
-                        "task.retry",
-                        extra={
-                            "attempt": attempt,
-                            "max_retries": limit,
-                            "delay_seconds": round(delay, 3),
-                            "error": f"{type(exc).__name__}: {exc}"[:500],
-                        },
-                    )
-                    retry_count_add(self.name)
-                    raise self.retry(exc=exc, countdown=delay, max_retries=limit) from exc
-                request.jobs_reason = DeadLetter.Reason.RETRIES_EXHAUSTED
-            elif kind == "permanent":
-                request.jobs_reason = DeadLetter.Reason.PERMANENT_ERROR
-            else:
-                request.jobs_reason = DeadLetter.Reason.UNEXPECTED_ERROR
+            request.jobs_reason = self._failure_reason(request, exc)
             raise
         finally:
-            crashloop.clear(request.id)
+            if redelivered:
+                crashloop.clear(request.id)
+
+    def _failure_reason(self, request: Any, exc: Exception) -> str:
+        """Retries a transient error (raising Retry) or names why the task fails for good."""
+        kind = self.classify(exc)
+        if kind == "permanent":
+            return DeadLetter.Reason.PERMANENT_ERROR
+        if kind != "transient":
+            return DeadLetter.Reason.UNEXPECTED_ERROR
+        limit = self.retries_allowed()
+        if request.retries >= limit:
+            return DeadLetter.Reason.RETRIES_EXHAUSTED
+        attempt = request.retries + 1
+        delay = self.retry_countdown(attempt)
+        logger.warning(
+            "task.retry",
+            extra={
+                "attempt": attempt,
+                "max_retries": limit,
+                "delay_seconds": round(delay, 3),
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            },
+        )
+        retry_count_add(self.name)
+        raise self.retry(exc=exc, countdown=delay, max_retries=limit) from exc
 
     # --- failure ------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""Counts how often a task started without finishing, to quarantine tasks that kill workers.
+"""Counts how often a task's worker died under it, to quarantine tasks that kill workers.
 
-A start increments a counter in the cache (Redis); any normal end (success, retry, failure)
-clears it. A worker killed mid-task never clears it, so the next delivery of the same message
-sees how many attempts died before it. A cache outage never blocks a task: it then counts 1.
+A message comes back marked `redelivered` only when its previous delivery never finished: the
+worker was killed, crashed or cut it off at shutdown (Redis restores it, RabbitMQ requeues it).
+So nothing is counted on a first delivery (no cost for the normal case); each redelivery adds one
+to a counter in the cache (Redis), and a normal end of a counted attempt clears it. A cache
+outage never blocks a task: it then counts 1.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ KEY = "jobs:starts:{}"
 TTL = 7 * 24 * 3600
 
 
-def note_start(task_id: str) -> int:
-    """Records one more start of `task_id`; returns how many unfinished starts there are now."""
+def note_redelivery(task_id: str) -> int:
+    """Records one more redelivery of `task_id`; returns how many deliveries died before this one."""
     key = KEY.format(task_id)
     try:
         cache.add(key, 0, timeout=TTL)

@@ -1,0 +1,1 @@
+"""Benchmarks: each script measures the project against its baseline in the same run."""

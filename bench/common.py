@@ -1,0 +1,124 @@
+"""Shared plumbing of the benchmarks: a private Redis, a scratch database, a worker, a summary line.
+
+Every script prints its own table, and one `BENCH {json}` line per figure, which
+`python -m bench` gathers into a single table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def emit(bench: str, metric: str, ours: float, baseline: float | None = None, unit: str = "",
+         target: str = "", better: str = "higher") -> None:  # fmt: skip
+    """Prints one machine-readable figure. `ratio` is ours/baseline (>1 better when `higher`)."""
+    ratio = None
+    if baseline:
+        ratio = ours / baseline if better == "higher" else baseline / ours if ours else None
+    row = {"bench": bench, "metric": metric, "ours": round(ours, 4), "baseline": None if baseline is None
+           else round(baseline, 4), "ratio": None if ratio is None else round(ratio, 3), "unit": unit,
+           "target": target}  # fmt: skip
+    print("BENCH " + json.dumps(row), flush=True)
+
+
+class Environment:
+    """A private Redis and a migrated scratch database (SQLite, or a fresh PostgreSQL database
+    when DATABASE_URL points at a server), exported to this process and its children."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.redis = None
+        self.env: dict[str, str] = {}
+
+    def __enter__(self) -> Environment:
+        from jobs.localredis import LocalRedis
+
+        self.redis = LocalRedis().start()
+        database_url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{self.tmp / 'bench.sqlite3'}"
+        self.env = {
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "REDIS_URL": self.redis.url,
+            "CELERY_BROKER_URL": self.redis.url,
+            "DATABASE_URL": database_url,
+            "MEDIA_ROOT": str(self.tmp / "media"),
+            "LOG_LEVEL": "WARNING",
+            "WORKER_METRICS_PORT": "0",
+        }
+        os.environ.update(self.env)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env={**os.environ}, check=True
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.redis:
+            self.redis.stop()
+
+    def django(self) -> None:
+        import django
+
+        django.setup()
+
+
+class Worker:
+    """`celery -A config worker` with the given queues and processes, loading bench tasks."""
+
+    def __init__(self, *, queues: str = "normal", concurrency: int = 2, extra_env: dict | None = None,
+                 extra_args: list[str] | None = None) -> None:  # fmt: skip
+        self.args = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queues, "-c", str(concurrency),
+                     "--without-gossip", "--without-mingle", "--without-heartbeat", "-I", "bench.tasks",
+                     "-n", f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", *(extra_args or [])]  # fmt: skip
+        self.live = Path(tempfile.mkdtemp(prefix="bench-live-"))
+        self.env = {**os.environ, "LIVENESS_DIR": str(self.live), "JOBS_LIVENESS_INTERVAL": "0.2", **(extra_env or {})}
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.live / "worker.alive").exists():  # written once the consumer consumes
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(Path(self.log.name).read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
+        raise RuntimeError("worker not ready")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the worker and its pool processes, in MB."""
+        import psutil
+
+        parent = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        os.unlink(self.log.name)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
