@@ -96,6 +96,8 @@ def email_queue(
     rendered = rendering.render(template, context)
     if _NEWLINE.search(rendered.subject):
         raise EmailRefused("the subject must be one line", code="header_injection", field="context")
+    if len(rendered.subject) > Email._meta.get_field("subject").max_length:
+        raise EmailRefused("the subject is longer than 998 characters", code="invalid_context", field="context")
 
     stored: list[EmailAttachment] = []
     try:
@@ -111,7 +113,15 @@ def email_queue(
     return email
 
 
-def _store(template, recipients, context, rendered, request_id, files, stored) -> Email:
+def _store(
+    template: str,
+    recipients: list[str],
+    context: dict[str, Any],
+    rendered: rendering.Rendered,
+    request_id: str | None,
+    files: list[Attachment],
+    stored: list[EmailAttachment],
+) -> Email:
     with transaction.atomic():
         email = Email.objects.create(
             to=recipients,

@@ -232,3 +232,7 @@ def test_inline_attachment_must_be_an_image_with_a_sane_content_id(django_captur
 @pytest.mark.parametrize("item", [b"raw bytes", "a string", Attachment(filename="s.txt", content="str")])
 def test_attachment_of_unknown_kind_is_refused(django_capture_on_commit_callbacks, item):
     refused(django_capture_on_commit_callbacks, "invalid_attachment", attachments=[item])
+
+
+def test_overlong_subject_is_refused(django_capture_on_commit_callbacks):
+    refused(django_capture_on_commit_callbacks, "invalid_context", context={"name": "x" * 1000})
