@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 REQS := $(wildcard requirements/*.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
 
-.PHONY: install run test test-fast lint fmt bench check clean help
+.PHONY: install run test test-fast lint fmt bench bench-quick check clean help
 
 help:
 	@echo "make install  create .venv and install pinned requirements (idempotent)"
@@ -57,7 +57,10 @@ check: install
 	$(BIN)/python manage.py check
 
 bench: install
-	@if ls bench/*.py >/dev/null 2>&1; then $(BIN)/python -m bench $(BENCH_ARGS); else echo "no benchmarks yet"; fi
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov

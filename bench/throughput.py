@@ -16,7 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, sys.path[0] is bench/, whose modules would shadow the standard library's.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.common import Environment, Worker, emit, percentile, table  # noqa: E402
 

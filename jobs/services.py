@@ -15,7 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import F, QuerySet
+from django.db.models import CharField, F, QuerySet, Value
+from django.db.models.functions import Cast, Concat
 from django.utils import timezone
 
 from jobs.context import get_request_id
@@ -200,20 +201,21 @@ def dead_letters_requeue(
 
 def _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result: RequeueResult) -> bool:
     now = timezone.now()
+    # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.
+    run = uuid.uuid4().hex
     with transaction.atomic():
         rows = list(
             DeadLetter.objects.select_for_update(**lock_kwargs)
             .filter(pk__in=chunk, status=DeadLetter.Status.PENDING)
             .order_by("pk")
         )
-        done: list[DeadLetter] = []
-        events: list[DeadLetterEvent] = []
+        done: list[int] = []
         ok = True
         for row in rows:
             if row.redacted:
                 result.skipped.append((row.pk, "arguments were redacted when stored"))
                 continue
-            new_id = str(uuid.uuid4())
+            new_id = f"{run}-{row.pk}"
             try:
                 app.send_task(
                     row.task_name,
@@ -229,24 +231,30 @@ def _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result: R
                 logger.error("dead_letter.requeue_failed", extra={"dead_letter_id": row.pk, "error": result.error})
                 ok = False
                 break
-            row.status = DeadLetter.Status.REQUEUED
-            row.requeued_at = now
-            row.requeued_by = actor[:150]
-            row.requeued_task_id = new_id
-            row.requeue_count += 1
-            done.append(row)
-            events.append(
-                DeadLetterEvent(
-                    dead_letter=row, action=DeadLetterEvent.Action.REQUEUED, actor=actor[:150], at=now, task_id=new_id
-                )
-            )
+            done.append(row.pk)
             result.requeued.append((row.pk, new_id))
             if interval:
                 time.sleep(interval)
-        DeadLetter.objects.bulk_update(
-            done, ["status", "requeued_at", "requeued_by", "requeued_task_id", "requeue_count"], batch_size=500
+        DeadLetter.objects.filter(pk__in=done).update(
+            status=DeadLetter.Status.REQUEUED,
+            requeued_at=now,
+            requeued_by=actor[:150],
+            requeued_task_id=Concat(Value(f"{run}-"), Cast("pk", CharField())),
+            requeue_count=F("requeue_count") + 1,
         )
-        DeadLetterEvent.objects.bulk_create(events, batch_size=500)
+        DeadLetterEvent.objects.bulk_create(
+            [
+                DeadLetterEvent(
+                    dead_letter_id=pk,
+                    action=DeadLetterEvent.Action.REQUEUED,
+                    actor=actor[:150],
+                    at=now,
+                    task_id=f"{run}-{pk}",
+                )
+                for pk in done
+            ],
+            batch_size=500,
+        )
     return ok
 
 
