@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             print(process.stderr[-3000:])
         print(f"({name}: {time.perf_counter() - started:.1f} s)")
-    print(
-        f"\nSummary ({platform.node()}, {platform.processor() or platform.machine()}, Python {platform.python_version()})"
-    )
+    machine = f"{platform.node()}, {platform.machine()}, Python {platform.python_version()}"
+    print(f"\nSummary ({machine})")
     header = ["bench", "metric", "ours", "baseline", "ratio", "unit", "target"]
     table = [header] + [[str(r.get(k) if r.get(k) is not None else "-") for k in header] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
