@@ -1,0 +1,58 @@
+"""The dead-letter admin in a real headless Chromium: log in, select, requeue with confirmation,
+discard, and requeue a group from the grouped view."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.models import DeadLetter
+from tests.integration.test_thumbnails_browser import browser  # noqa: F401 - the shared Chromium fixture
+from tests.jobs.factories import DeadLetterFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def test_requeue_and_discard_through_the_admin(browser, live_server, django_user_model, redis_client):  # noqa: F811
+    django_user_model.objects.create_superuser("ops", "ops@example.com", "a-long-password-1")
+    first, second = DeadLetterFactory.create_batch(2, task_name="mailer.send_email", exception_type="SMTPDataError")
+    third = DeadLetterFactory(task_name="thumbnails.generate", exception_type="UnidentifiedImageError")
+
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/jobs/deadletter/")
+    page.fill("#id_username", "ops")
+    page.fill("#id_password", "a-long-password-1")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#result_list")
+
+    # Requeue two rows: the action asks first, then reports.
+    page.check(f"input[name=_selected_action][value='{first.pk}']")
+    page.check(f"input[name=_selected_action][value='{second.pk}']")
+    page.select_option("select[name=action]", "requeue_selected")
+    page.click("button[name=index]")
+    page.wait_for_selector("text=Requeue 2 pending dead letters?")
+    assert DeadLetter.objects.filter(status="pending").count() == 3
+    page.click("input[value='Yes, requeue']")
+    page.wait_for_selector("text=Requeued 2 dead letters.")
+    assert redis_client.llen("normal") == 2
+    assert set(DeadLetter.objects.filter(status="requeued").values_list("pk", flat=True)) == {first.pk, second.pk}
+
+    # The grouped view requeues the remaining group in one click.
+    page.click("text=Grouped view")
+    page.wait_for_selector("#dead-letter-groups")
+    assert "UnidentifiedImageError" in page.inner_text("#dead-letter-groups")
+    page.click("input[value='Requeue 1']")
+    page.wait_for_selector("text=Requeued 1 dead letter.")
+    third.refresh_from_db()
+    assert third.status == DeadLetter.Status.REQUEUED
+
+    # Discard: a new failure, discarded from the list.
+    fourth = DeadLetterFactory()
+    page.goto(f"{live_server.url}/admin/jobs/deadletter/?status__exact=pending")
+    page.check(f"input[name=_selected_action][value='{fourth.pk}']")
+    page.select_option("select[name=action]", "discard_selected")
+    page.click("button[name=index]")
+    page.click("input[value='Yes, discard']")
+    page.wait_for_selector("text=Discarded 1 dead letter.")
+    fourth.refresh_from_db()
+    assert fourth.status == DeadLetter.Status.DISCARDED
