@@ -1,0 +1,90 @@
+"""The broker over TLS (`rediss://` with certificate verification), against Debian's redis-server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from urllib.parse import quote
+
+import pytest
+import redis
+
+from jobs.localredis import free_port
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+PASSWORD = "tls-s3cret"  # a throw-away server's password
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A redis-server that speaks only TLS, with a password, and the CA that signed its certificate."""
+    trustme = pytest.importorskip("trustme")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
+         "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca_file), safe='/')}"
+    deadline = time.monotonic() + 10
+    while True:
+        if process.poll() is not None:
+            message = process.stderr.read().decode(errors="replace")
+            pytest.skip(f"this redis-server cannot serve TLS: {message.strip()[:200]}")
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            break
+        except (redis.RedisError, OSError):
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.skip("the TLS redis-server did not answer")
+            time.sleep(0.1)
+    yield {"url": url, "port": port, "ca": ca_file, "tmp": tmp_path}
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_worker_consumes_over_verified_tls(start_worker, tls_redis):
+    from django_celery_results.models import TaskResult
+    from kombu import Connection
+
+    from jobs.tasks import ping
+
+    start_worker(extra_env={"CELERY_BROKER_URL": tls_redis["url"]})
+    with Connection(tls_redis["url"]) as conn:
+        result = ping.apply_async(connection=conn)
+    wait_for(lambda: TaskResult.objects.filter(task_id=result.id, status="SUCCESS").exists())
+
+
+def test_an_unverifiable_certificate_is_refused_and_nothing_leaks(client, tls_redis, monkeypatch):
+    import trustme
+
+    other_ca = tls_redis["tmp"] / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    wrong = tls_redis["url"].replace(quote(str(tls_redis["ca"]), safe="/"), quote(str(other_ca), safe="/"))
+    from tests.conftest import reset_broker_pools
+
+    reset_broker_pools()
+    monkeypatch.setenv("CELERY_BROKER_URL", wrong)
+    try:
+        response = client.get("/readyz")
+    finally:
+        monkeypatch.undo()
+        reset_broker_pools()
+    assert response.status_code == 503
+    body = response.content.decode()
+    assert "certificate verify failed" in body.lower() or "ssl" in body.lower()
+    assert PASSWORD not in body
