@@ -207,6 +207,8 @@ def test_workers_consume_their_queues_and_outlive_the_shutdown_timeout():
         assert command[command.index("-n") + 1] == node
         assert service["stop_signal"] == "SIGTERM"
         assert service["init"] is True
+        # A worker inside a memory limit must not size its pool by the host's CPU count.
+        assert service["environment"]["CELERY_WORKER_CONCURRENCY"], name
         grace = parse_duration(service["stop_grace_period"])
         assert grace > timeout, f"{name}: stop_grace_period {grace}s must exceed CELERY_SHUTDOWN_TIMEOUT {timeout}s"
 
