@@ -85,3 +85,23 @@ _REASONS = {
     413: "request body too large",
     500: "internal server error",
 }
+
+
+class ProbeMiddleware:
+    """Answers `/healthz`, `/readyz` and `/metrics` before Django validates the Host header.
+
+    Kubernetes probes and Prometheus address a pod by its IP (or a service name), which is not in
+    DJANGO_ALLOWED_HOSTS; these views build no URL from the host, so host validation protects
+    nothing there. Every other path goes through the full middleware stack.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from jobs import views
+
+        view = {"/healthz": views.healthz, "/readyz": views.readyz, "/metrics": views.metrics}.get(request.path)
+        if view is None:
+            return self.get_response(request)
+        return view(request)

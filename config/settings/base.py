@@ -55,6 +55,7 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "jobs.middleware.RequestIdMiddleware",
     "jobs.middleware.JsonErrorMiddleware",
+    "jobs.middleware.ProbeMiddleware",  # probes address pods by IP: answered before host checks
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -98,9 +98,21 @@ def test_browsers_asking_for_html_get_django_pages(client):
 
 
 def test_disallowed_host_is_a_json_400(client):
-    response = client.get("/healthz", HTTP_HOST="evil.example.com")
+    response = client.get("/api/jobs/health/", HTTP_HOST="evil.example.com")
     assert response.status_code == 400
     assert response.json() == {"error": "bad request"}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_probes_answer_whatever_the_host(client, path):
+    # Kubernetes and Prometheus address pods by IP, which is not an allowed host.
+    response = client.get(path, HTTP_HOST="10.1.2.3:8000")
+    assert response.status_code == 200
+    assert response.has_header("X-Request-ID")
+
+
+def test_probe_paths_still_refuse_other_methods(client):
+    assert client.post("/healthz", HTTP_HOST="10.1.2.3").status_code == 405
 
 
 @pytest.mark.urls("tests.jobs.error_urls")
