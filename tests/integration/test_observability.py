@@ -97,11 +97,15 @@ def test_liveness_probe_fails_when_the_consumer_stops_consuming(start_worker, tm
     assert worker.process.poll() is None  # the process lives on: only the probe can tell
 
 
-def test_flower_refuses_requests_without_auth(start_service):
+def test_flower_refuses_requests_without_auth(start_service, tmp_path):
     port = free_port()
     flower = start_service(
         ["celery", "-A", "config", "flower", f"--port={port}", "--address=127.0.0.1"],
-        extra_env={"DJANGO_DEBUG": "false", "FLOWER_BASIC_AUTH": "ops:s3cret", "FLOWER_DB": "/dev/null"},
+        extra_env={
+            "DJANGO_DEBUG": "false",
+            "FLOWER_BASIC_AUTH": "ops:s3cret",
+            "FLOWER_DB": str(tmp_path / "flower.db"),
+        },
     )
 
     def status(headers=None):
