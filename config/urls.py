@@ -20,7 +20,14 @@ handler403 = "jobs.http_errors.permission_denied"
 handler404 = "jobs.http_errors.page_not_found"
 handler500 = "jobs.http_errors.server_error"
 
-if settings.DEBUG:  # pragma: no cover - development convenience
-    from django.conf.urls.static import static
+if settings.SERVE_MEDIA:
+    # Uploads and thumbnails on local disk, served by Django (small sites, compose, `make run`).
+    # Behind a CDN, S3 (django-storages) or a web server that serves MEDIA_ROOT, set SERVE_MEDIA=false.
+    from django.urls import re_path
+    from django.views.static import serve
 
-    urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
+    def media(request, path):
+        # MEDIA_ROOT read per request; `serve` refuses paths that leave it.
+        return serve(request, path, document_root=settings.MEDIA_ROOT)
+
+    urlpatterns += [re_path(rf"^{settings.MEDIA_URL.strip('/')}/(?P<path>.*)$", media)]

@@ -155,6 +155,7 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
+SERVE_MEDIA = env.bool("SERVE_MEDIA", default=True)
 
 # --- Email ----------------------------------------------------------------------------------
 

@@ -145,3 +145,15 @@ def test_metrics_endpoint_serves_prometheus_text(client):
     response = client.get("/metrics")
     assert response.status_code == 200
     assert b"django_http_requests" in response.content
+
+
+def test_media_files_are_served_from_media_root(client, settings):
+    (settings.MEDIA_ROOT / "thumbnails").mkdir()
+    (settings.MEDIA_ROOT / "thumbnails" / "1.jpg").write_bytes(b"jpeg bytes")
+    response = client.get("/media/thumbnails/1.jpg")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == b"jpeg bytes"
+    # Paths that leave MEDIA_ROOT are refused (400 suspicious path, or 404), never served.
+    assert client.get("/media/../config/settings/base.py").status_code in (400, 404)
+    assert client.get("/media/%2e%2e/manage.py").status_code in (400, 404)
+    assert client.get("/media/thumbnails/..%2f..%2fmanage.py").status_code in (400, 404)
