@@ -28,14 +28,17 @@ RELAY_GRACE = timedelta(seconds=30)
 ALLOWED_OPTIONS = {"queue", "countdown", "priority", "expires"}
 
 
-def enqueue(task: Any, *, args: list | tuple = (), kwargs: dict | None = None, **options: Any) -> str:
+def enqueue(
+    task: Any, *, args: list | tuple = (), kwargs: dict | None = None, request_id: str | None = None, **options: Any
+) -> str:
     """Publishes `task` (a task object or its registered name) after the current transaction
-    commits, durably. Returns the task id at once."""
+    commits, durably. `request_id` defaults to the current one. Returns the task id at once."""
     unknown = set(options) - ALLOWED_OPTIONS
     if unknown:
         raise TypeError(f"unsupported publish options: {', '.join(sorted(unknown))}")
     name = task if isinstance(task, str) else task.name
-    headers = {"request_id": get_request_id()} if get_request_id() else {}
+    request_id = request_id or get_request_id()
+    headers = {"request_id": request_id} if request_id else {}
     message = OutboxMessage.objects.create(
         task_name=name,
         task_id=str(uuid.uuid4()),

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from jobs.context import get_request_id
 from jobs.exceptions import TransientError
+from jobs.outbox import enqueue
 from mailer import backend, rendering
 from mailer.exceptions import EmailRefused
 from mailer.models import Email, EmailAttachment
@@ -151,8 +152,7 @@ def _store(
 def _enqueue_on_commit(email: Email) -> None:
     from mailer.tasks import send_email
 
-    headers = {"request_id": email.request_id} if email.request_id else None
-    transaction.on_commit(lambda: send_email.apply_async((email.pk,), headers=headers))
+    enqueue(send_email, args=[email.pk], request_id=email.request_id or None)
 
 
 def _clean_recipients(to: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.outbox import enqueue
 from thumbnails import processing, tasks
 from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UploadTooLarge
 from thumbnails.models import Image, Thumbnail
@@ -82,7 +83,7 @@ def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Imag
                 height=info.height,
                 request_id=request_id or "",
             )
-            transaction.on_commit(lambda: tasks.generate.delay(image.pk))
+            enqueue(tasks.generate, args=[image.pk], request_id=request_id)
     except BaseException:
         default_storage.delete(stored)
         raise
@@ -180,7 +181,7 @@ def images_regenerate(*, images: Iterable[Image]) -> int:
     with transaction.atomic():
         Image.objects.filter(pk__in=ids).update(status=Image.Status.PENDING, error="", updated=timezone.now())
         for image_id in ids:
-            transaction.on_commit(lambda image_id=image_id: tasks.generate.delay(image_id))
+            enqueue(tasks.generate, args=[image_id])
     return len(ids)
 
 
