@@ -40,6 +40,9 @@ run: install
 	$(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
 
 test: install
+	@echo "--- benchmarks, quick mode (so they cannot rot) ---"
+	$(BIN)/python -m bench --quick
+	@echo "--- the test suite ---"
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test-fast: install

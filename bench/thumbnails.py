@@ -202,6 +202,13 @@ def report(results: list[dict], sizes: list[int], quick: bool) -> list[str]:
         )
         if "pyvips" in by and by["pyvips"]["rate"] > ours["rate"] / TARGET_NEAR_BEST:
             lines.append("note: pyvips is clearly faster here; consider switching processing to it")
+        from bench.common import emit
+
+        emit("thumbnails", "images/s vs naive Pillow", ours["rate"], naive, "img/s", ">= 8x")
+        if "pyvips" in by:
+            emit("thumbnails", "images/s vs pyvips", ours["rate"], by["pyvips"]["rate"], "img/s", ">= 0.9x")
+        emit("thumbnails", "peak RSS per process", peak, by["naive"]["peak_kb"] / 1024, "MB", "<= 64 MB",
+             better="lower")  # fmt: skip
     return lines
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import DeadLetter
-from tests.integration.test_thumbnails_browser import browser  # noqa: F401 - the shared Chromium fixture
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 
-def test_requeue_and_discard_through_the_admin(browser, live_server, django_user_model, redis_client):  # noqa: F811
+def test_requeue_and_discard_through_the_admin(browser, live_server, django_user_model, redis_client):
     django_user_model.objects.create_superuser("ops", "ops@example.com", "a-long-password-1")
     first, second = DeadLetterFactory.create_batch(2, task_name="mailer.send_email", exception_type="SMTPDataError")
     third = DeadLetterFactory(task_name="thumbnails.generate", exception_type="UnidentifiedImageError")

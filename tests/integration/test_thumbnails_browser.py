@@ -3,67 +3,15 @@ real server (pytest-django's live_server) and a real worker."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
-from django.conf import settings as django_settings
-from django.urls import include, path, re_path
-from django.views.static import serve
 
 from tests.thumbnails import images
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def media(request, path):
-    """Serves this test's MEDIA_ROOT (read per request), as a web server in front of the site would."""
-    return serve(request, path, document_root=django_settings.MEDIA_ROOT)
-
-
-# The site's own routes plus media files, which a non-debug site leaves to the web server.
-urlpatterns = [
-    re_path(r"^media/(?P<path>.*)$", media),
-    path("", include("config.urls")),
-]
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.integration,
-    pytest.mark.urls(__name__),
 ]
-
-
-@pytest.fixture
-def browser(monkeypatch):
-    """A headless Chromium; the test is skipped (with the reason) only when none can be started."""
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError as exc:
-        pytest.skip(f"playwright cannot be imported: {exc}")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or `make browser`)")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls of the test are still synchronous.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    manager = sync_playwright().start()
-    try:
-        browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Error as exc:
-        manager.stop()
-        pytest.skip(f"Chromium cannot be launched: {exc}")
-    yield browser
-    browser.close()
-    manager.stop()
 
 
 def natural_widths(page) -> list[int]:

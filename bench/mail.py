@@ -1,7 +1,7 @@
 """Emails per second through one worker process to a local SMTP server, with and without reusing
 the SMTP connection.
 
-    python bench/email.py [--quick] [--emails N]
+    python bench/mail.py [--quick] [--emails N]
 
 For each mode a worker (`-Q high -c 1`, so one process sends everything) starts against a private
 Redis, a scratch database and an aiosmtpd server in this process. After N/2 warm-up emails,
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, sys.path[0] is bench/, where this very file would shadow the standard
+# Run as a script, sys.path[0] is bench/, where the scripts would shadow the standard
 # library's `email` package (smtplib and Django import it): put the project root there instead.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.join(ROOT, "bench"):
