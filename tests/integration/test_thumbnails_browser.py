@@ -7,7 +7,6 @@ import pytest
 
 from tests.thumbnails import images
 
-
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.integration,
