@@ -20,8 +20,8 @@ from thumbnails.models import Image
 )
 def generate(self: JobTask, image_id: int) -> None:
     """Makes the thumbnails of one image; harmless when run twice."""
-    if not isinstance(image_id, int) or isinstance(image_id, bool):
-        raise InvalidTaskArguments(f"image_id must be an integer, not {image_id!r}")
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 1:
+        raise InvalidTaskArguments(f"image_id must be a positive integer, not {image_id!r}")
     image = Image.objects.filter(pk=image_id).first()
     if image is None:  # deleted after it was queued
         return
