@@ -6,6 +6,7 @@ django-storages backend works by configuration alone.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -53,9 +54,11 @@ def _original_name(info: processing.ImageInfo) -> str:
     return f"originals/{timezone.now():%Y/%m}/{uuid.uuid4().hex}.{info.extension}"
 
 
-def thumbnail_name(*, image_id: int, size: int, extension: str) -> str:
-    """Deterministic, so a redelivered task writes the same names again."""
-    return f"thumbnails/{image_id}/{size}.{extension}"
+def thumbnail_name(*, image_id: int, size: int, extension: str, data: bytes) -> str:
+    """Named by content: a redelivered task makes the same bytes, hence the same name, and a row
+    only ever switches from one complete file to another (never to one being rewritten)."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return f"thumbnails/{image_id}/{size}-{digest}.{extension}"
 
 
 def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Image:
@@ -122,10 +125,11 @@ def _write(name: str, data: bytes) -> str:
 def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
     """Makes the thumbnails of `image` for every size in THUMBNAIL_SIZES and marks it done.
 
-    Idempotent: files have deterministic names and rows are replaced per size, so running it
-    again (a redelivered task, a regenerate) gives the same files and no duplicate rows. A new
-    row only points at a file once it is completely written; a rerun rewrites the same names,
-    so whatever a crashed attempt left half-written is replaced.
+    Idempotent and atomic: files are named by their content and rows are replaced per size in
+    one transaction, so running it again (a redelivered task, a regenerate) gives the same files
+    and no duplicate rows, and a reader sees either the previous complete file or the new one.
+    A file a row already points at is complete and is not written again; anything else under
+    the name (what a crashed attempt left half-written) is replaced before a row points at it.
 
     Raises `CorruptImage` or `OriginalMissing` (permanent) and `StorageUnavailable` (transient).
     """
@@ -137,10 +141,11 @@ def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
     except processing.ImageError as exc:
         raise CorruptImage(str(exc)) from exc
 
+    current = set(image.thumbnails.values_list("file", flat=True))
     written = {}
     for thumb in thumbs:
-        name = thumbnail_name(image_id=image.pk, size=thumb.size, extension=thumb.extension)
-        written[thumb.size] = (thumb, _write(name, thumb.data))
+        name = thumbnail_name(image_id=image.pk, size=thumb.size, extension=thumb.extension, data=thumb.data)
+        written[thumb.size] = (thumb, name if name in current else _write(name, thumb.data))
 
     rows = []
     with transaction.atomic():

@@ -126,15 +126,8 @@ def test_running_the_task_again_is_harmless(worker, client, settings):
     after = {t.size: (t.pk, t.file.name) for t in Thumbnail.objects.filter(image_id=image_id)}
     assert after == before
     assert Thumbnail.objects.filter(image_id=image_id).count() == 3
-    assert (
-        sorted(os.listdir(settings.MEDIA_ROOT / "thumbnails" / str(image_id)))
-        == files
-        == [
-            "128.jpg",
-            "256.jpg",
-            "512.jpg",
-        ]
-    )
+    assert sorted(os.listdir(settings.MEDIA_ROOT / "thumbnails" / str(image_id))) == files
+    assert files == sorted(os.path.basename(name) for _, name in after.values())
     assert {name: default_storage.open(name).read() for name in contents} == contents
     assert Image.objects.get(pk=image_id).status == Image.Status.DONE
     assert not DeadLetter.objects.exists()
