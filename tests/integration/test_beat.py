@@ -71,3 +71,36 @@ def test_two_beats_send_each_tick_once_and_the_standby_takes_over(start_worker, 
     wait_for(lambda: '"beat.leading"' in standby.log(), timeout=20)
     before = pings()
     wait_for(lambda: pings() >= before + 2, timeout=20)
+
+
+def test_housekeeping_tasks_run_on_a_real_worker(start_worker, tmp_path, settings):
+    import os
+
+    from django_celery_results.models import TaskResult
+
+    from config.celery import app
+    from jobs.models import DailyReport
+
+    temp = tmp_path / "temp"
+    outside = tmp_path / "outside"
+    temp.mkdir()
+    outside.mkdir()
+    old, fresh, precious = temp / "old.upload", temp / "fresh.upload", outside / "precious"
+    for path in (old, fresh, precious):
+        path.write_bytes(b"x")
+    for path in (old, precious):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    (temp / "link").symlink_to(precious)
+
+    start_worker(queues="low", extra_env={"TEMP_ROOT": str(temp), "CLEANUP_MAX_AGE_HOURS": "1"})
+    cleanup = app.send_task("jobs.cleanup_temp_files")
+    wait_for(lambda: TaskResult.objects.filter(task_id=cleanup.id, status="SUCCESS").exists())
+    assert not old.exists()
+    assert fresh.exists()
+    assert precious.exists()
+    assert (temp / "link").is_symlink()
+
+    report = app.send_task("jobs.daily_report")
+    wait_for(lambda: TaskResult.objects.filter(task_id=report.id, status="SUCCESS").exists())
+    data = DailyReport.objects.get().data
+    assert data["by_task"]["jobs.cleanup_temp_files"] == {"SUCCESS": 1}

@@ -148,3 +148,18 @@ def test_setup_schedules_creates_once_and_keeps_edits():
     assert PeriodicTask.objects.count() == len(DEFAULT_SCHEDULES)
     cron = PeriodicTask.objects.get(name="jobs: daily task report").crontab
     assert (cron.minute, cron.hour) == ("5", "0")
+
+
+@pytest.mark.django_db
+def test_bulk_edits_in_the_beat_admin_tell_the_scheduler(admin_client):
+    from django_celery_beat.models import PeriodicTasks
+
+    schedules_setup()
+    before = PeriodicTasks.last_change()
+    ids = list(PeriodicTask.objects.values_list("pk", flat=True))
+    response = admin_client.post(
+        "/admin/django_celery_beat/periodictask/", {"action": "disable_tasks", "_selected_action": ids}
+    )
+    assert response.status_code == 302
+    assert not PeriodicTask.objects.filter(enabled=True).exists()
+    assert PeriodicTasks.last_change() > before
