@@ -11,20 +11,11 @@ import pytest
 from jobs.models import DeadLetter
 from jobs.services import dead_letters_requeue
 from tests.integration import tasks
+from tests.integration.conftest import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 FAST_RETRIES = {"TASK_RETRY_BACKOFF_BASE": "0.2", "TASK_RETRY_BACKOFF_MAX": "10", "TASK_MAX_RETRIES": "3"}
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def key() -> str:

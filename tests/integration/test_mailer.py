@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from celery.result import AsyncResult
 
@@ -12,20 +10,11 @@ from jobs.services import dead_letters_requeue
 from mailer.models import Email
 from mailer.services import Attachment, email_queue
 from mailer.tasks import send_email
+from tests.integration.conftest import wait_for
 from tests.mailer.smtp_server import SMTPServer
 from tests.mailer.test_queue import PDF, PNG
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,21 +13,12 @@ import pytest
 from jobs.models import DeadLetter
 from mailer.models import Email
 from mailer.services import Attachment, email_queue
+from tests.integration.conftest import wait_for
 from tests.mailer.test_queue import PDF
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 TOKEN = "pm-server-token-for-tests"
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 class PostmarkStub:

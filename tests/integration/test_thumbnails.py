@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from django.core.files.storage import default_storage
 
 from jobs.models import DeadLetter
+from tests.integration.conftest import wait_for as _wait_for
 from tests.thumbnails import images
 from thumbnails.models import Image, Thumbnail
 from thumbnails.tasks import generate
@@ -16,16 +16,6 @@ from thumbnails.tasks import generate
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 API = "/api/thumbnails/"
-
-
-def wait_for(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture
@@ -158,3 +148,7 @@ def test_refusals_queue_nothing(client, settings, redis_client):
     assert redis_client.llen("normal") == 0
     assert not Image.objects.exists()
     assert not [f for _, _, files in os.walk(settings.MEDIA_ROOT) for f in files]
+
+
+def wait_for(predicate, timeout=60.0, interval=0.1):
+    return _wait_for(predicate, timeout=timeout, interval=interval)
