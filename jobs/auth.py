@@ -1,4 +1,9 @@
-"""Staff-only JSON endpoints: a Django session or HTTP basic auth with a staff account."""
+"""Staff-only JSON endpoints: a Django session or HTTP basic auth with a staff account.
+
+Session requests keep Django's CSRF protection on writes; requests authenticated with HTTP basic
+auth carry their credentials in every request, so no ambient cookie can be abused and CSRF does
+not apply.
+"""
 
 from __future__ import annotations
 
@@ -8,54 +13,74 @@ from collections.abc import Callable
 from functools import wraps
 
 from django.contrib.auth import authenticate
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from jobs.middleware import json_error
 
+REALM = 'Basic realm="jobsite API", charset="UTF-8"'
 
-def _basic_auth_user(request: HttpRequest):
-    header = request.headers.get("Authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic" or not encoded:
+
+def _unauthorized(message: str) -> JsonResponse:
+    response = json_error(message, 401)
+    response["WWW-Authenticate"] = REALM
+    return response
+
+
+def _basic_credentials(request: HttpRequest) -> tuple[str, str] | None:
+    """(username, password) from an `Authorization: Basic` header; raises ValueError when the
+    header is there but malformed; None when there is no basic auth header."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
         return None
     try:
-        username, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError("malformed basic auth header") from exc
+    username, sep, password = decoded.partition(":")
     if not sep:
-        return None
-    return authenticate(request, username=username, password=password)
+        raise ValueError("malformed basic auth header")
+    return username, password
+
+
+def _csrf_failure(request: HttpRequest) -> HttpResponse | None:
+    """Runs Django's CSRF check on a view that is exempt from the middleware's own check."""
+
+    def no_view(_request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
+        raise AssertionError
+
+    check = CsrfViewMiddleware(no_view)
+    check.process_request(request)
+    return check.process_view(request, no_view, (), {})
 
 
 def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """401 (with a Basic challenge) without credentials, 403 for a non-staff user.
+    """Lets staff in by basic auth or session: 401 (with `WWW-Authenticate`) without valid
+    credentials, 403 for a user who is not staff, 403 for a session POST without CSRF token."""
 
-    Session requests keep Django's CSRF protection; requests authenticated with HTTP basic auth
-    carry their credentials in every request, so no cookie can be abused and CSRF does not apply.
-    """
-
+    @csrf_exempt  # checked below for session users; basic auth carries no ambient credentials
     @wraps(view)
-    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        user = None
-        via_basic = "Authorization" in request.headers
-        if via_basic:
-            user = _basic_auth_user(request)
-        elif request.user.is_authenticated:
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        try:
+            credentials = _basic_credentials(request)
+        except ValueError:
+            return _unauthorized("malformed basic auth header")
+        if credentials is not None:
+            user = authenticate(request, username=credentials[0], password=credentials[1])
+            if user is None:
+                return _unauthorized("invalid credentials")
+            request.user = user
+        else:
             user = request.user
-            if request.method not in ("GET", "HEAD", "OPTIONS"):
-                from django.middleware.csrf import CsrfViewMiddleware
-
-                reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
-                if reason is not None:
+            if not user.is_authenticated:
+                return _unauthorized("authentication required")
+            if request.method not in {"GET", "HEAD", "OPTIONS", "TRACE"}:
+                failure = _csrf_failure(request)
+                if failure is not None:
                     return json_error("CSRF verification failed", 403)
-        if user is None or not user.is_active:
-            response = json_error("authentication required", 401)
-            response["WWW-Authenticate"] = 'Basic realm="jobs", charset="UTF-8"'
-            return response
-        if not user.is_staff:
+        if not (user.is_active and user.is_staff):
             return json_error("staff only", 403)
-        request.user = user
         return view(request, *args, **kwargs)
 
-    return csrf_exempt(wrapped)
+    return wrapper
