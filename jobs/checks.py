@@ -35,6 +35,16 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
                 id="jobs.W002",
             )
         )
+    soft, hard = settings.CELERY_TASK_SOFT_TIME_LIMIT, settings.CELERY_TASK_TIME_LIMIT
+    if soft and hard and soft >= hard:
+        problems.append(
+            Warning(
+                f"CELERY_TASK_SOFT_TIME_LIMIT ({soft} s) is not below CELERY_TASK_TIME_LIMIT ({hard} s).",
+                hint="The prefork pool arms the soft limit first and the hard one only after it, so a task "
+                "would run until the soft limit and be killed at the same moment, without time to clean up.",
+                id="jobs.W006",
+            )
+        )
     if float(getattr(settings, "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 0) or 0) <= 0:
         problems.append(
             Warning(

@@ -72,6 +72,20 @@ def child(key: str) -> None:
     _redis().set(f"{key}:child", 1)
 
 
+@shared_task(base=JobTask, name="tests.stubborn")
+def stubborn(key: str, seconds: float) -> None:
+    """Ignores its soft time limit, so only the hard one can stop it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    _redis().incr(key)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            _redis().set(f"{key}:soft", 1)
+
+
 @shared_task(base=JobTask, name="tests.slow_mark")
 def slow_mark(key: str, n: int, seconds: float) -> None:
     """Notes its start, works for `seconds`, then notes its completion."""

@@ -145,9 +145,11 @@ def test_soft_time_limit_is_dead_lettered(start_worker, redis_client):
 def test_hard_time_limit_is_dead_lettered_with_its_queue(start_worker, redis_client):
     start_worker()
     k = key()
-    # Hard limit first: the soft one would come later, so the pool kills the process.
-    tasks.slow.apply_async((k, 30), time_limit=1, soft_time_limit=10, headers={"request_id": "rid-hard"})
-    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.slow").first())
+    # The prefork pool always arms the soft limit first (a hard limit below it would only
+    # fire together with it), so the task swallows the soft one and the pool must kill it.
+    tasks.stubborn.apply_async((k, 30), soft_time_limit=0.5, time_limit=1.5, headers={"request_id": "rid-hard"})
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.stubborn").first())
+    assert redis_client.get(f"{k}:soft") == b"1"
     assert row.reason == DeadLetter.Reason.TIME_LIMIT
     assert row.exception_type == "TimeLimitExceeded"
     assert row.queue == "normal"

@@ -93,7 +93,8 @@ def test_risky_combinations_warn(settings):
     settings.FLOWER_BASIC_AUTH = ""
     settings.TASK_MAX_RETRIES = 10
     settings.CELERY_TASK_TIME_LIMIT = 7200
+    settings.CELERY_TASK_SOFT_TIME_LIMIT = 7200
     settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = 0
     settings.JOBS_WORKER_LOST_LIMIT = 0
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
-    assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W005", "jobs.E001"}
+    assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W005", "jobs.W006", "jobs.E001"}
