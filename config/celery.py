@@ -13,8 +13,9 @@ app.autodiscover_tasks()
 
 
 def _add_worker_steps() -> None:
-    from jobs.worker import LivenessStep
+    from jobs.worker import LivenessStep, ZeroIsNoLimitStep
 
+    app.steps["worker"].add(ZeroIsNoLimitStep)
     app.steps["consumer"].add(LivenessStep)
 
 

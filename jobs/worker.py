@@ -121,6 +121,21 @@ class JobConsumer(Consumer):
         super().on_invalid_task(body, message, exc)
 
 
+class ZeroIsNoLimitStep(bootsteps.Step):
+    """`CELERY_WORKER_MAX_TASKS_PER_CHILD=0` (or `..._MAX_MEMORY_PER_CHILD=0`) means no limit.
+
+    The settings turn 0 into None, but the `celery` command also reads `CELERY_WORKER_*`
+    variables as its own options (click's `auto_envvar_prefix`), and those win over settings:
+    billiard would then refuse 0 and the worker die at start. Every step of the blueprint is
+    constructed before any builds its part, so this runs before the pool is created."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        for name in ("max_tasks_per_child", "max_memory_per_child"):
+            if not getattr(parent, name, None):
+                setattr(parent, name, None)
+
+
 class LivenessStep(bootsteps.StartStopStep):
     """Refreshes the worker's liveness file from the consumer's own event loop, and only while
     the consumer is connected and consuming queues: a worker process that lives on but no longer

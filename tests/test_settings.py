@@ -111,6 +111,8 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
         CLEANUP_MAX_AGE_HOURS="1.5",
         FLOWER_BASIC_AUTH="admin:pw",
         WORKER_METRICS_PORT="0",
+        CELERY_WORKER_MAX_TASKS_PER_CHILD="0",
+        CELERY_WORKER_MAX_MEMORY_PER_CHILD="512000",
     )
     assert s.DEBUG is False
     assert s.LOG_FORMAT == "json"  # follows debug when not set
@@ -134,6 +136,8 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     assert (s.MAX_UPLOAD_BYTES, s.MAX_IMAGE_PIXELS, s.CLEANUP_MAX_AGE_HOURS) == (1000, 2000, 1.5)
     assert s.FLOWER_BASIC_AUTH == "admin:pw"
     assert s.WORKER_METRICS_PORT == 0
+    assert s.CELERY_WORKER_MAX_TASKS_PER_CHILD is None  # 0: no limit
+    assert s.CELERY_WORKER_MAX_MEMORY_PER_CHILD == 512000
 
 
 def test_rabbitmq_broker_gets_no_redis_only_options(load_settings):

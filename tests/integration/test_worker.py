@@ -20,6 +20,13 @@ def test_worker_runs_task_and_stores_result(start_worker):
     assert row.content_type == "application/json"
 
 
+def test_zero_turns_the_pool_process_limits_off(start_worker):
+    # The celery command reads CELERY_WORKER_* variables as its own options; billiard refuses 0.
+    start_worker(extra_env={"CELERY_WORKER_MAX_TASKS_PER_CHILD": "0", "CELERY_WORKER_MAX_MEMORY_PER_CHILD": "0"})
+
+    assert set(ping.delay().get(timeout=30)) == {"pong"}
+
+
 def test_task_is_routed_to_its_queue(start_worker, redis_client):
     # No worker yet: the message waits in the Redis list of its queue.
     ping.delay()
