@@ -7,7 +7,8 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.context import request_id_var
@@ -42,6 +43,17 @@ def test_enqueue_publishes_after_commit_and_forgets(django_capture_on_commit_cal
     message = json.loads(redis_client.lindex("low", 0))
     assert message["headers"]["id"] == task_id
     assert message["headers"]["request_id"] == "rid-out"
+    assert not OutboxMessage.objects.exists()
+
+
+def test_the_request_path_costs_one_insert_and_one_delete(django_capture_on_commit_callbacks, redis_client):
+    """The publish after commit reads nothing back and deletes in one statement: on every upload
+    and email, a second read or a transaction of its own is measurable (bench/upload.py)."""
+    with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
+        enqueue(ping, queue="low")
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    assert [s for s in statements if s in {"SELECT", "INSERT", "UPDATE", "DELETE"}] == ["INSERT", "DELETE"]
+    assert redis_client.llen("low") == 1
     assert not OutboxMessage.objects.exists()
 
 
