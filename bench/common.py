@@ -102,13 +102,31 @@ class Worker:
         return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout=60)
         os.unlink(self.log.name)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a count of clients, requests, images)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -36,7 +36,7 @@ import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from bench.common import Environment, Worker, emit, table  # noqa: E402
+from bench.common import Environment, Worker, emit, positive_int, table  # noqa: E402
 
 MODES = (("reuse", "true"), ("no reuse", "false"))
 
@@ -163,7 +163,7 @@ def run_handoff(reuse: bool, port: int, handler: Counter, count: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (well under 20 s)")
-    parser.add_argument("--emails", type=int, default=None, help="emails per mode (default 300, 60 with --quick)")
+    parser.add_argument("--emails", type=positive_int, help="emails per mode (default 300, 60 with --quick)")
     args = parser.parse_args()
     count = args.emails or (60 if args.quick else 300)
 
