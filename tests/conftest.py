@@ -15,6 +15,15 @@ from django.test import override_settings
 from jobs.localredis import LocalRedis
 
 
+def results_table(response) -> str:
+    """The HTML of an admin changelist's result table ("" when the list is empty)."""
+    content = response.content.decode()
+    if 'id="result_list"' not in content:
+        return ""
+    start = content.index('id="result_list"')
+    return content[start : content.index("</table>", start)]
+
+
 def reset_broker_pools() -> None:
     """Makes the Celery app connect afresh, to whatever broker URL is configured now."""
     from config.celery import app

@@ -30,6 +30,17 @@ def database_url() -> str:
     return f"postgres://{auth}{host}{port}/{db['NAME']}"
 
 
+def process_env(**overrides: str) -> dict[str, str]:
+    """The environment of a process a test starts: test settings, the test database, JSON logs."""
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "LOG_FORMAT": "json",
+        **overrides,
+    }
+
+
 class WorkerProcess:
     """`celery -A config worker` as an operator starts it, with its log kept in a file."""
 
@@ -45,16 +56,10 @@ class WorkerProcess:
         self.log_path = log_path
         self.queues = queues
         self.concurrency = concurrency
-        self.env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "config.settings.test",
-            "DATABASE_URL": database_url(),
-            "LOG_FORMAT": "json",
-            "WORKER_METRICS_PORT": "0",
-            # Tests that stop a busy worker don't need to wait the production 30 s.
-            "CELERY_SHUTDOWN_TIMEOUT": "1",
-            **(extra_env or {}),
-        }
+        # Tests that stop a busy worker don't need to wait the production 30 s; a test's own
+        # extra_env wins over both defaults.
+        defaults = {"WORKER_METRICS_PORT": "0", "CELERY_SHUTDOWN_TIMEOUT": "1"}
+        self.env = process_env(**{**defaults, **(extra_env or {})})
         self.extra_args = ["-I", "tests.integration.tasks", *(extra_args or [])]
         self.process: subprocess.Popen | None = None
 
@@ -105,13 +110,7 @@ class ServiceProcess:
     def __init__(self, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "config.settings.test",
-            "DATABASE_URL": database_url(),
-            "LOG_FORMAT": "json",
-            **(extra_env or {}),
-        }
+        self.env = process_env(**(extra_env or {}))
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServiceProcess:

@@ -9,19 +9,12 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from jobs.models import DeadLetter
+from tests.conftest import results_table
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "/admin/jobs/deadletter/"
-
-
-def results_table(response) -> str:
-    content = response.content.decode()
-    if 'id="result_list"' not in content:
-        return ""
-    start = content.index('id="result_list"')
-    return content[start : content.index("</table>", start)]
 
 
 @pytest.fixture

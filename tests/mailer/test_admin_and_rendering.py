@@ -11,19 +11,12 @@ from django.template import TemplateSyntaxError
 from mailer import rendering
 from mailer.models import Email
 from mailer.services import Attachment, email_queue
+from tests.conftest import results_table
 from tests.mailer.test_queue import PDF
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "/admin/mailer/email/"
-
-
-def results_table(response) -> str:
-    content = response.content.decode()
-    if 'id="result_list"' not in content:
-        return ""
-    start = content.index('id="result_list"')
-    return content[start : content.index("</table>", start)]
 
 
 @pytest.fixture
