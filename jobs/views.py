@@ -29,14 +29,13 @@ def readyz(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text: django-prometheus's metrics plus queue lengths, dead letters and
-    heartbeats computed at scrape time. Keep it internal (deploy behind the network edge)."""
-    from django_prometheus.exports import ExportToDjangoView
+    """Prometheus text: django-prometheus's metrics (of every gunicorn worker, see
+    jobs.prometheus_multiprocess) plus queue lengths, dead letters and heartbeats computed at
+    scrape time. Keep it internal (deploy behind the network edge)."""
+    from jobs.prometheus_multiprocess import metrics_page
 
-    from jobs.metrics import register_web_collector
-
-    register_web_collector()
-    return ExportToDjangoView(request)
+    body, content_type = metrics_page()
+    return HttpResponse(body, content_type=content_type)
 
 
 @never_cache

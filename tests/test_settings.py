@@ -52,7 +52,7 @@ def test_local_defaults(load_settings):
     assert s.DEBUG is True
     assert s.LOG_FORMAT == "console"
     assert s.SECRET_KEY == s.DEV_SECRET_KEY
-    assert s.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+    assert s.DATABASES["default"]["ENGINE"] == "django_prometheus.db.backends.sqlite3"
     assert str(s.DATABASES["default"]["NAME"]).endswith("var/db.sqlite3")
     assert s.DATABASES["default"]["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert "journal_mode=WAL" in s.DATABASES["default"]["OPTIONS"]["init_command"]
@@ -119,7 +119,7 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     assert s.SESSION_COOKIE_SECURE is True
     assert s.ALLOWED_HOSTS == ["example.com", "www.example.com"]
     db = s.DATABASES["default"]
-    assert (db["ENGINE"], db["HOST"], db["NAME"]) == ("django.db.backends.postgresql", "db.internal", "app")
+    assert (db["ENGINE"], db["HOST"], db["NAME"]) == ("django_prometheus.db.backends.postgresql", "db.internal", "app")
     assert db["CONN_MAX_AGE"] == 60
     assert db["CONN_HEALTH_CHECKS"] is True
     assert s.CELERY_BROKER_URL == "redis://cache.internal:6379/1"

@@ -90,10 +90,21 @@ TEMPLATES = [
 DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 
 
+# django-prometheus's wrappers of Django's own backends: the same vendor, features and options,
+# plus the `django_db_*` metrics (queries, errors, query latency, new connections) on /metrics.
+PROMETHEUS_DB_ENGINES = {
+    "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+    "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
+    "django.db.backends.mysql": "django_prometheus.db.backends.mysql",
+    "django.contrib.gis.db.backends.postgis": "django_prometheus.db.backends.postgis",
+    "django.contrib.gis.db.backends.spatialite": "django_prometheus.db.backends.spatialite",
+}
+
+
 def _tune_database(db: dict) -> dict:
-    """Make the embedded SQLite safe for a web process and a worker side by side, and keep
-    PostgreSQL connections open between requests."""
-    engine = db["ENGINE"]
+    """Count queries through django-prometheus, make the embedded SQLite safe for a web process
+    and a worker side by side, and keep PostgreSQL connections open between requests."""
+    engine = db["ENGINE"] = PROMETHEUS_DB_ENGINES.get(db["ENGINE"], db["ENGINE"])
     options = db.setdefault("OPTIONS", {})
     if engine.endswith("sqlite3"):
         # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN,
