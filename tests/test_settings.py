@@ -216,3 +216,97 @@ def test_production_passes_check_deploy():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+# --- Media storage ------------------------------------------------------------------------------
+
+STORAGE_VARIABLES = [
+    "STORAGE_BACKEND", "AWS_STORAGE_BUCKET_NAME", "AWS_S3_REGION_NAME", "AWS_S3_ENDPOINT_URL", "AWS_LOCATION",
+    "AWS_S3_CUSTOM_DOMAIN", "AWS_S3_ADDRESSING_STYLE", "AWS_QUERYSTRING_AUTH", "AWS_QUERYSTRING_EXPIRE",
+]  # fmt: skip
+
+
+@pytest.fixture
+def load_storage_settings(load_settings, monkeypatch):
+    def load(module: str = "local", **environ: str):
+        for name in STORAGE_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        return load_settings(module, **environ)
+
+    return load
+
+
+def test_media_is_on_the_filesystem_by_default(load_storage_settings):
+    s = load_storage_settings()
+    assert s.STORAGE_BACKEND == "filesystem"
+    assert s.STORAGES["default"] == {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+    assert s.STORAGES["staticfiles"]["BACKEND"] == "whitenoise.storage.CompressedStaticFilesStorage"
+
+
+def test_s3_storage_is_configured_from_the_environment_without_keys(load_storage_settings):
+    s = load_storage_settings(
+        "production",
+        DJANGO_SECRET_KEY="k" * 50,
+        STORAGE_BACKEND="S3",
+        AWS_STORAGE_BUCKET_NAME="jobsite-media",
+        AWS_S3_REGION_NAME="eu-central-1",
+        AWS_S3_ENDPOINT_URL="https://minio.internal:9000",
+        AWS_LOCATION="/media/",
+        AWS_S3_ADDRESSING_STYLE="path",
+        AWS_QUERYSTRING_EXPIRE="600",
+        AWS_ACCESS_KEY_ID="AKIAEXAMPLEEXAMPLE",
+        AWS_SECRET_ACCESS_KEY="secret-from-the-environment",
+    )
+    default = s.STORAGES["default"]
+    assert default["BACKEND"] == "storages.backends.s3.S3Storage"
+    options = default["OPTIONS"]
+    assert options["bucket_name"] == "jobsite-media"
+    assert options["region_name"] == "eu-central-1"
+    assert options["endpoint_url"] == "https://minio.internal:9000"
+    assert options["location"] == "media"
+    assert options["custom_domain"] is None
+    assert options["file_overwrite"] is True  # content-addressed names: an overwrite is the same bytes
+    assert options["default_acl"] is None
+    assert (options["querystring_auth"], options["querystring_expire"]) == (True, 600)
+    config = options["client_config"]
+    assert config.s3 == {"addressing_style": "path"}
+    assert config.signature_version == "s3v4"
+    assert (config.connect_timeout, config.read_timeout) == (5, 30)
+    # Credentials stay with boto3's own lookup (environment, profile, IAM role), never in settings.
+    assert not {"access_key", "secret_key", "security_token"} & set(options)
+    assert "secret-from-the-environment" not in repr(s.STORAGES)
+
+    # The backend accepts every option, and reads the keys from the environment itself.
+    from storages.backends.s3 import S3Storage
+
+    storage = S3Storage(**options)
+    assert (storage.bucket_name, storage.location, storage.file_overwrite) == ("jobsite-media", "media", True)
+    assert storage.access_key == "AKIAEXAMPLEEXAMPLE"
+
+
+def test_s3_storage_needs_a_bucket(load_storage_settings):
+    with pytest.raises(ImproperlyConfigured, match="AWS_STORAGE_BUCKET_NAME"):
+        load_storage_settings(STORAGE_BACKEND="s3")
+
+
+def test_unknown_storage_backend_is_refused(load_storage_settings):
+    with pytest.raises(ImproperlyConfigured, match="STORAGE_BACKEND must be 'filesystem' or 's3'"):
+        load_storage_settings(STORAGE_BACKEND="ftp")
+
+
+def test_production_with_media_on_s3_passes_check_deploy():
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DJANGO_SETTINGS_MODULE="config.settings.production",
+        DJANGO_SECRET_KEY="a-long-random-production-secret-" + "q7Z" * 12,
+        DJANGO_ALLOWED_HOSTS="jobs.example.com",
+        FLOWER_BASIC_AUTH="admin:secret",
+        STORAGE_BACKEND="s3",
+        AWS_STORAGE_BUCKET_NAME="jobsite-media",
+        AWS_S3_REGION_NAME="eu-central-1",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout

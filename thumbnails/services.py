@@ -43,10 +43,32 @@ _STORAGE_TRANSIENT_NAMES = frozenset(
 )
 
 
+# What an S3-compatible store answers when it is overloaded or failing (botocore's ClientError
+# after its own retries): worth another try later, unlike a missing bucket or refused credentials.
+_STORAGE_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException"}
+)
+
+
 def _storage_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _STORAGE_TRANSIENT) or any(
+    if isinstance(exc, _STORAGE_TRANSIENT) or any(
         cls.__name__ in _STORAGE_TRANSIENT_NAMES for cls in type(exc).__mro__
-    )
+    ):
+        return True
+    response = getattr(exc, "response", None)  # botocore's ClientError carries the parsed reply
+    if not isinstance(response, dict):
+        return False
+    code = str((response.get("Error") or {}).get("Code", ""))
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+    return code in _STORAGE_TRANSIENT_CODES or status == 429 or status >= 500
+
+
+def _overwrites_whole(storage) -> bool:
+    """Whether saving over an existing name replaces it in one step, as an object store's PUT
+    does (django-storages' S3 and GCS backends with `file_overwrite`): a reader then sees the old
+    object or the new one, never a missing or partial one. Django's FileSystemStorage
+    (`allow_overwrite` truncates the file in place) does not."""
+    return getattr(storage, "file_overwrite", False) is True
 
 
 def _original_name(info: processing.ImageInfo) -> str:
@@ -65,7 +87,8 @@ def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Imag
     """Validates an upload, stores it and queues its thumbnails once the transaction commits.
 
     Raises `UploadTooLarge` or a `processing.ImageError` (not an image, unsupported format,
-    too many pixels); nothing is stored or queued then.
+    too many pixels), or `StorageUnavailable` when the storage backend cannot be reached;
+    nothing is stored or queued then.
     """
     limit = settings.MAX_UPLOAD_BYTES
     if upload.size is None or upload.size > limit:
@@ -76,7 +99,12 @@ def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Imag
         raise UploadTooLarge(len(data), limit)
     info = processing.inspect(data, max_pixels=settings.MAX_IMAGE_PIXELS)
 
-    stored = default_storage.save(_original_name(info), ContentFile(data))
+    try:
+        stored = default_storage.save(_original_name(info), ContentFile(data))
+    except Exception as exc:
+        if _storage_transient(exc):
+            raise StorageUnavailable(f"storing the original failed: {exc}") from exc
+        raise
     try:
         with transaction.atomic():
             image = Image.objects.create(
@@ -109,7 +137,10 @@ def _read_original(image: Image) -> bytes:
 def _write(name: str, data: bytes) -> str:
     """Writes `data` under exactly `name`, replacing what a previous attempt left there."""
     try:
-        if default_storage.exists(name):
+        # On a disk a crashed attempt may have left half a file: remove it, then create the name
+        # afresh. An object store never shows a partial object and replaces one whole, so there
+        # the write goes straight over it (no moment without the file a committed row names).
+        if not _overwrites_whole(default_storage) and default_storage.exists(name):
             default_storage.delete(name)
         saved = default_storage.save(name, ContentFile(data))
         if saved != name:

@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_POST
 from jobs.context import get_request_id
 from jobs.middleware import json_error
 from thumbnails import processing, selectors, services
-from thumbnails.exceptions import UploadTooLarge
+from thumbnails.exceptions import StorageUnavailable, UploadTooLarge
 from thumbnails.models import Image
 
 #: What a multipart body may carry beyond the file itself (boundaries, headers, small fields).
@@ -85,6 +85,11 @@ def api_image_create(request: HttpRequest) -> HttpResponse:
         image = services.image_create(upload=upload, request_id=get_request_id())
     except UploadTooLarge:
         return _too_large(limit)
+    except StorageUnavailable:
+        # The media store (S3) did not answer; nothing was stored or queued, the client may retry.
+        response = json_error("file storage is unavailable; try again shortly", 503, code="storage_unavailable")
+        response["Retry-After"] = "30"
+        return response
     except processing.TooManyPixels as exc:
         return json_error(f"the image has too many pixels: {exc}", 400, code="too_many_pixels")
     except processing.UnsupportedFormat as exc:

@@ -162,8 +162,58 @@ for _dir in (VAR_DIR, MEDIA_ROOT, TEMP_ROOT, STATIC_ROOT):
     # A read-only image is fine: the operator provides the volumes.
     with contextlib.suppress(OSError):
         _dir.mkdir(parents=True, exist_ok=True)
+
+# Media (uploads, thumbnails, attachments) goes through Django's storage API only, so where it
+# lives is configuration: MEDIA_ROOT on a local or shared disk, or an S3 bucket (or any
+# S3-compatible store) through django-storages, which is imported only when chosen.
+STORAGE_BACKEND = env.str("STORAGE_BACKEND", default="filesystem").strip().lower()
+if STORAGE_BACKEND == "filesystem":
+    _media_storage: dict = {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+elif STORAGE_BACKEND == "s3":
+    if not is_set("AWS_STORAGE_BUCKET_NAME"):
+        raise ImproperlyConfigured("STORAGE_BACKEND=s3 needs AWS_STORAGE_BUCKET_NAME.")
+    try:
+        from botocore.config import Config as _BotoConfig
+    except ImportError as exc:  # pragma: no cover - boto3 comes with requirements/production.txt
+        raise ImproperlyConfigured(
+            "STORAGE_BACKEND=s3 needs django-storages[s3] (requirements/production.txt)."
+        ) from exc
+    _media_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        # No credentials here: boto3 finds them the standard way (AWS_ACCESS_KEY_ID and
+        # AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the IAM role of the pod, task or instance).
+        "OPTIONS": {
+            "bucket_name": env.str("AWS_STORAGE_BUCKET_NAME").strip(),
+            "region_name": env.str("AWS_S3_REGION_NAME", default="").strip() or None,
+            "endpoint_url": env.str("AWS_S3_ENDPOINT_URL", default="").strip() or None,
+            "location": env.str("AWS_LOCATION", default="").strip().strip("/"),  # key prefix in a shared bucket
+            "custom_domain": env.str("AWS_S3_CUSTOM_DOMAIN", default="").strip() or None,  # a CDN in front
+            # Names are unique by construction (a UUID for an original, the content's digest for
+            # a thumbnail), so writing over an existing name can only put back the same bytes:
+            # one PUT, which S3 applies whole. Without overwrite, django-storages would first ask
+            # whether the name exists and then upload a suffixed copy for a redelivered task.
+            "file_overwrite": True,
+            "default_acl": None,  # the bucket's policy decides; new buckets refuse ACLs
+            # A private bucket: URLs are signed and expire (unsigned behind AWS_S3_CUSTOM_DOMAIN).
+            "querystring_auth": env.bool("AWS_QUERYSTRING_AUTH", default=True),
+            "querystring_expire": env.int("AWS_QUERYSTRING_EXPIRE", default=3600),
+            # An object never changes under its name (see above), so browsers and CDNs may keep it.
+            "object_parameters": {"CacheControl": "max-age=31536000, immutable"},
+            # A request (an upload) must not hang for botocore's default 60 s on an unreachable
+            # endpoint; a worker's task is retried later anyway (StorageUnavailable is transient).
+            "client_config": _BotoConfig(
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"mode": "standard", "max_attempts": 3},
+                signature_version="s3v4",
+                s3={"addressing_style": env.str("AWS_S3_ADDRESSING_STYLE", default="auto").strip() or "auto"},
+            ),
+        },
+    }
+else:
+    raise ImproperlyConfigured(f"STORAGE_BACKEND must be 'filesystem' or 's3', not {STORAGE_BACKEND!r}.")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _media_storage,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 SERVE_MEDIA = env.bool("SERVE_MEDIA", default=True)
