@@ -403,6 +403,28 @@ if BROKER_IS_REDIS:
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 
+if BROKER_SCHEME == "amqps":
+    # RabbitMQ over TLS takes the same URL options as `rediss://` (ssl_cert_reqs, ssl_ca_certs,
+    # ssl_certfile, ssl_keyfile, ssl_check_hostname). kombu would hand them to py-amqp under their
+    # `ssl_` names, which it refuses; the transport's own `ssl` option wins over them. Verified by
+    # default: the system CAs (or ssl_ca_certs), and the certificate must name the URL's host.
+    import ssl
+
+    from kombu.utils.url import parse_url
+
+    _url = CELERY_BROKER_URL.split(";")[0]  # failover URLs: the first one's options apply to all
+    try:
+        _tls = {k.removeprefix("ssl_"): v for k, v in (parse_url(_url).get("ssl") or {}).items()}
+    except KeyError as exc:
+        _bad = f"ssl_cert_reqs must be required, optional or none, not {exc}"
+        raise ImproperlyConfigured(f"CELERY_BROKER_URL: {_bad}.") from None
+    if _unknown := set(_tls) - {"cert_reqs", "ca_certs", "certfile", "keyfile", "check_hostname"}:
+        raise ImproperlyConfigured(f"CELERY_BROKER_URL: unknown TLS options {sorted('ssl_' + k for k in _unknown)}.")
+    _tls.setdefault("cert_reqs", ssl.CERT_REQUIRED)
+    if _tls.pop("check_hostname", True) and _tls["cert_reqs"] != ssl.CERT_NONE:
+        _tls["server_hostname"] = urlsplit(_url).hostname
+    CELERY_BROKER_TRANSPORT_OPTIONS["ssl"] = _tls
+
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's database scheduler behind a Redis lock: one beat sends, others stand by.
 CELERY_BEAT_SCHEDULER = "jobs.beat:LockedDatabaseScheduler"

