@@ -37,7 +37,7 @@ $(STAMP): $(REQS)
 run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py setup_schedules
-	$(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
+	FORCE_COLOR=1 $(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
 
 test: install
 	@echo "--- benchmarks, quick mode (so they cannot rot) ---"

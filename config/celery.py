@@ -2,10 +2,25 @@
 
 import os
 import sys
+from pathlib import Path
 
 from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+
+_program = Path(sys.argv[0])
+#: Run as `celery ...` or `python -m celery ...` (not imported by gunicorn or manage.py).
+CELERY_PROGRAM = "celery" in {_program.name, _program.parent.name}
+if CELERY_PROGRAM:
+    # The web's prometheus_client multiprocess directory is for gunicorn's workers only: a worker
+    # or beat that inherited it would write metric files nobody reads or cleans (and fail on every
+    # database connection when the directory is missing). The worker serves its own /metrics.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    os.environ.pop("prometheus_multiproc_dir", None)
+    if "prometheus_client.values" in sys.modules:  # imported already by Celery's CLI plugins (Flower's)
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
 
 app = Celery("config", task_cls="jobs.base:MeteredTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -13,13 +28,33 @@ app.autodiscover_tasks()
 
 
 def _add_worker_steps() -> None:
-    from jobs.worker import LivenessStep, ZeroIsNoLimitStep
+    from jobs.worker import LivenessStep, ShutdownLogStep, ZeroIsNoLimitStep
 
     app.steps["worker"].add(ZeroIsNoLimitStep)
+    app.steps["worker"].add(ShutdownLogStep)
     app.steps["consumer"].add(LivenessStep)
 
 
 _add_worker_steps()
+
+
+def _json_only_output() -> None:
+    """`celery worker` and `celery beat` with LOG_FORMAT=json: Celery's banners and any print()
+    become JSON log lines, so a log shipper never meets a line that is not JSON."""
+    if not CELERY_PROGRAM or not {"worker", "beat"} & set(sys.argv[1:]):
+        return
+    from django.conf import settings
+
+    if settings.LOG_FORMAT == "json":
+        import django
+
+        from jobs.logging import capture_stdio
+
+        capture_stdio()
+        django.setup()  # logging configured now, before Celery prints or fails at start
+
+
+_json_only_output()
 
 
 def _configure_flower() -> None:

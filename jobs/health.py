@@ -11,6 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.db import connections
 
+from jobs.policy import redact_text
+
 BROKER_CHECK_TIMEOUT = 2.0
 
 
@@ -32,7 +34,7 @@ def _timed(check) -> dict[str, Any]:
     try:
         details = check() or {}
     except Exception as exc:  # noqa: BLE001 - any failure makes the check fail, with its reason
-        return {"ok": False, "error": f"{type(exc).__name__}: {redact_url(str(exc))}"[:300]}
+        return {"ok": False, "error": f"{type(exc).__name__}: {redact_text(str(exc))}"[:300]}
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1), **details}
 
 
@@ -112,7 +114,7 @@ def jobs_stats_report() -> dict[str, Any]:
     try:
         queues: dict[str, Any] = queue_lengths()
     except Exception as exc:  # noqa: BLE001
-        queues = {"error": f"{type(exc).__name__}: {redact_url(str(exc))}"[:300]}
+        queues = {"error": f"{type(exc).__name__}: {redact_text(str(exc))}"[:300]}
     since = timezone.now() - timedelta(hours=24)
     by_state: dict[str, int] = {}
     by_task: dict[str, dict[str, int]] = {}

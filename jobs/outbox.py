@@ -122,6 +122,6 @@ def outbox_backlog() -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    from jobs.health import redact_url
+    from jobs.policy import redact_text
 
-    return redact_url(f"{type(exc).__name__}: {exc}")[:500]
+    return redact_text(f"{type(exc).__name__}: {exc}")[:500]

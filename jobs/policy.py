@@ -66,3 +66,18 @@ def redact(value: Any) -> tuple[Any, bool]:
         return repr(item)[:500]
 
     return walk(value), redacted
+
+
+#: `scheme://user:password@`: the password of a URL written anywhere in a text.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?P<password>[^\s@/]+)@", re.IGNORECASE)
+#: An email address: the local part goes, the domain stays (useful, and not the person).
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})")
+
+
+def redact_text(text: str, *, addresses: bool = False) -> str:
+    """`text` with URL passwords (anywhere in it, e.g. inside an exception message) replaced by
+    `***`, and with `addresses`, the local part of every email address too."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", text)
+    if addresses:
+        text = _ADDRESS.sub(lambda m: f"{REDACTED}@{m['domain']}", text)
+    return text

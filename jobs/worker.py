@@ -136,6 +136,16 @@ class ZeroIsNoLimitStep(bootsteps.Step):
                 setattr(parent, name, None)
 
 
+class ShutdownLogStep(bootsteps.StartStopStep):
+    """Logs `worker.stopping` as a shutdown begins, warm or cold (Celery's own notice is printed
+    from its signal handler, and its `worker_shutdown` signal is not sent on a cold shutdown)."""
+
+    label = "Shutdown log"
+
+    def close(self, worker) -> None:
+        logger.info("worker.stopping", extra={"hostname": worker.hostname})
+
+
 class LivenessStep(bootsteps.StartStopStep):
     """Refreshes the worker's liveness file from the consumer's own event loop, and only while
     the consumer is connected and consuming queues: a worker process that lives on but no longer

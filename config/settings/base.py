@@ -448,7 +448,7 @@ LOGGING = {
     },
     "handlers": {
         "default": {
-            "class": "logging.StreamHandler",
+            "class": "jobs.logging.StreamHandler",
             "formatter": LOG_FORMAT,
             "filters": ["context"],
         },

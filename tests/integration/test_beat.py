@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -48,6 +49,20 @@ def test_setup_schedules_twice_and_live_edits_reach_a_running_beat(start_worker,
     time.sleep(4)
     assert TaskResult.objects.filter(task_name="jobs.heartbeat").count() == settled
     assert beat.process.poll() is None
+
+    # A restarted beat keeps those edits: django-celery-beat's own sync of CELERY_BEAT_SCHEDULE
+    # would re-enable the heartbeat and put its default interval back.
+    beat.stop()
+    restarted = start_service(BEAT, extra_env=FAST_BEAT)
+    wait_for(lambda: '"beat.leading"' in restarted.log())
+    time.sleep(3)
+    heartbeat.refresh_from_db()
+    assert heartbeat.enabled is False
+    assert heartbeat.interval.every == 1
+    assert TaskResult.objects.filter(task_name="jobs.heartbeat").count() == settled
+    # Beat writes nothing but JSON lines, its start banner included.
+    for line in [*beat.log().splitlines(), *restarted.log().splitlines()]:
+        assert json.loads(line)["event"]
 
 
 def test_two_beats_send_each_tick_once_and_the_standby_takes_over(start_worker, start_service):

@@ -46,7 +46,7 @@ def test_request_id_from_the_api_reaches_the_worker_log(client, start_worker, se
 
     wait_for(lambda: Image.objects.get(pk=image_id).status == Image.Status.DONE, timeout=60)
     assert Image.objects.get(pk=image_id).request_id == "req-http-42"
-    worker_lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    worker_lines = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
     task_lines = [line for line in worker_lines if line.get("task_name") == "thumbnails.generate"]
     assert task_lines
     assert {line.get("request_id") for line in task_lines} == {"req-http-42"}
@@ -78,3 +78,51 @@ def test_upload_while_the_broker_is_down_returns_at_once_and_runs_later(client, 
         broker.stop()
         monkeypatch.undo()
         reset_broker_pools()
+
+
+def test_one_request_id_in_the_json_lines_of_a_real_web_process_and_the_worker(start_service, start_worker, tmp_path):
+    """gunicorn as the image runs it (JSON log config, access log on stdout) and a worker: every
+    line either writes is one JSON object, and the request's id is in both."""
+    import requests
+
+    from config.env import BASE_DIR
+    from jobs.localredis import free_port
+
+    port = free_port()
+    media = {"MEDIA_ROOT": str(tmp_path / "media"), "LOG_FORMAT": "json"}
+    web = start_service(
+        [
+            "gunicorn", "config.wsgi", "--config", str(BASE_DIR / "config" / "gunicorn.py"),
+            "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket",
+            "--log-config-json", str(BASE_DIR / "docker" / "gunicorn-logging.json"), "--access-logfile", "-",
+        ],
+        extra_env={**media, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")},
+    )  # fmt: skip
+    worker = start_worker(extra_env=media)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert web.process.poll() is None, web.log()[-3000:]
+        try:
+            return requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, timeout=30)
+    response = requests.post(
+        f"{base}/api/thumbnails/",
+        files={"image": ("photo.jpg", images.jpeg((640, 480)), "image/jpeg")},
+        headers={"X-Request-ID": "req-web-7"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    assert response.headers["X-Request-ID"] == "req-web-7"
+    image_id = response.json()["id"]
+    wait_for(lambda: Image.objects.get(pk=image_id).status == Image.Status.DONE, timeout=60)
+
+    web_lines = [json.loads(line) for line in web.log().splitlines() if line.strip()]
+    assert any(line.get("request_id") == "req-web-7" for line in web_lines)
+    worker_lines = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
+    task_lines = [line for line in worker_lines if line.get("task_name") == "thumbnails.generate"]
+    assert task_lines
+    assert {line.get("request_id") for line in task_lines} == {"req-web-7"}

@@ -22,11 +22,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 
 def json_lines(text: str) -> list[dict]:
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            lines.append(json.loads(line))  # every structured line must parse
-    return lines
+    """Every line a process wrote, each of which must be one JSON object."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_request_id_travels_into_tasks_and_their_children(start_worker, redis_client):
@@ -44,6 +41,13 @@ def test_request_id_travels_into_tasks_and_their_children(start_worker, redis_cl
     assert ran["tests.child_ran"]["request_id"] == "req-e2e-1"
     assert ran["tests.child_ran"]["task_name"] == "tests.child"
     assert ran["tests.parent_ran"]["task_id"] != ran["tests.child_ran"]["task_id"]
+    printed = [line for line in lines if line["event"] == f"tests.parent printed {key}"]
+    assert printed
+    assert printed[0]["request_id"] == "req-e2e-1"
+    # Celery's start banner, a plain print to sys.__stdout__ otherwise, is a log record too.
+    assert any("[queues]" in line["event"] for line in lines)
+    worker.stop()
+    assert any(line["event"] == "worker.stopping" for line in json_lines(worker.log()))  # JSON to the end
     for line in lines:
         assert {"timestamp", "level", "logger", "event"} <= set(line)
 
@@ -137,3 +141,12 @@ def test_flower_will_not_start_without_auth_outside_debug(redis_server):
     )  # fmt: skip
     assert result.returncode != 0
     assert "FLOWER_BASIC_AUTH (user:password) must be set" in result.stderr
+
+
+def test_a_worker_ignores_the_webs_prometheus_multiprocess_directory(start_worker, tmp_path):
+    """An environment shared with gunicorn (one ConfigMap) must not switch a worker's
+    prometheus_client to files in a directory that is not there."""
+    missing = tmp_path / "no-such-dir"
+    start_worker(extra_env={"PROMETHEUS_MULTIPROC_DIR": str(missing)})
+    assert tasks.flaky.delay(f"k-{uuid.uuid4().hex}", 0).get(timeout=30) == 1  # result stored in the database
+    assert not missing.exists()

@@ -1,14 +1,24 @@
-"""The retry policy and redaction, as pure functions."""
+"""The retry policy, error classification and redaction."""
 
 from __future__ import annotations
 
+import errno
 import random
+import smtplib
 
 import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.policy import REDACTED, redact, retry_delay
+from jobs.exceptions import PermanentError
+from jobs.policy import REDACTED, redact, redact_text, retry_delay
+
+
+def _http_error(status: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status}", response=response)
 
 
 class _Fixed(random.Random):
@@ -86,3 +96,53 @@ def test_redact_leaves_plain_values_and_makes_them_json_safe():
     assert changed is False
     assert out[:6] == [1, "a", None, 2.5, [3, 4], {"id": 5}]
     assert isinstance(out[6], str)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "transient"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "transient"),
+        (OSError(errno.ENOSPC, "No space left on device"), "unexpected"),
+        (requests.ConnectionError("refused"), "transient"),
+        (requests.ReadTimeout("slow"), "transient"),
+        (_http_error(503), "transient"),
+        (_http_error(429), "transient"),
+        (_http_error(404), "unexpected"),
+        (smtplib.SMTPResponseException(451, b"try later"), "transient"),
+        (smtplib.SMTPResponseException(550, b"no such user"), "unexpected"),
+        (PermanentError("bad input"), "permanent"),
+        (ValueError("bug"), "unexpected"),
+    ],
+)
+def test_network_errors_are_transient_for_every_task(exc, kind):
+    from jobs.tasks import ping
+
+    assert ping.classify(exc) == kind
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "OperationalError: Error connecting to redis://:s3cret@cache:6379/0: refused",
+            "OperationalError: Error connecting to redis://:***@cache:6379/0: refused",
+        ),
+        ("amqps://app:p%40ss@rabbit:5671// down", "amqps://app:***@rabbit:5671// down"),
+        ("redis://cache:6379/0 and ada@example.com", "redis://cache:6379/0 and ada@example.com"),
+    ],
+)
+def test_redact_text_finds_url_passwords_anywhere(text, expected):
+    assert redact_text(text) == expected
+
+
+def test_redact_text_masks_addresses_on_request_and_keeps_the_domain():
+    refusal = (
+        "SMTPRecipientsRefused: {'ada.lovelace+x@example.com': (550, b'no such user'), 'bob@mail.example.org': ...}"
+    )
+    masked = redact_text(refusal, addresses=True)
+    assert "ada.lovelace" not in masked
+    assert "bob@" not in masked
+    assert "***@example.com" in masked
+    assert "***@mail.example.org" in masked
+    assert redact_text("worker celery@pod-7 ready", addresses=True) == "worker celery@pod-7 ready"

@@ -3,6 +3,7 @@ sorted, connection reused."""
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import socket
 import ssl
@@ -126,11 +127,23 @@ def test_a_failed_send_goes_back_to_queued_with_the_error(smtp_settings, queued)
     assert len(smtp_settings.messages) == 1
 
 
-def test_a_refused_recipient_is_permanent(smtp_settings, queued):
+def test_a_refused_recipient_is_permanent_and_its_address_is_not_logged(smtp_settings, queued, caplog):
+    from jobs.logging import ContextFilter, JsonFormatter
+
     smtp_settings.handler.rcpt_reply = "550 5.1.1 No such user"
-    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
-        email_send(email=queued())
+    email = queued()
+    with caplog.at_level(logging.INFO), pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        email_send(email=email)
     assert classify_send_error(info.value) == "permanent"
+    address = email.to[0]
+    assert address in str(info.value)  # the refusal names the recipient...
+    lines = []
+    for record in caplog.records:
+        if record.name != "mail.log":  # aiosmtpd's own lines: the server stands in for the world outside
+            ContextFilter().filter(record)
+            lines.append(JsonFormatter().format(record))
+    assert any('"email.send_failed"' in line for line in lines)
+    assert not [line for line in lines if address in line]  # ...the log lines do not
 
 
 def test_a_greylisted_recipient_is_transient(smtp_settings, queued):
@@ -218,11 +231,13 @@ def test_task_sends_by_id(queued):
     assert len(mail.outbox) == 1
 
 
-def test_task_returns_early_when_the_email_is_gone(queued):
+def test_task_fails_for_good_when_the_email_is_gone(queued):
     email = queued()
     email_id = email.pk
     email.delete()
-    assert send_email(email_id) == "gone"
+    with pytest.raises(InvalidTaskArguments, match=f"email {email_id} does not exist") as info:
+        send_email(email_id)
+    assert EmailTask().classify(info.value) == "permanent"
     assert mail.outbox == []
 
 
