@@ -13,7 +13,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from jobs.models import DailyReport, DeadLetter, DeadLetterEvent
+from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge
 from jobs.selectors import dead_letter_groups
 from jobs.services import dead_letters_discard, dead_letters_requeue
 
@@ -183,6 +183,24 @@ class DeadLetterAdmin(admin.ModelAdmin):
             "changelist_url": reverse("admin:jobs_deadletter_changelist"),
         }
         return render(request, "admin/jobs/deadletter/groups.html", context)
+
+
+@admin.register(DeadLetterPurge)
+class DeadLetterPurgeAdmin(admin.ModelAdmin):
+    """The record of purges: read-only, and kept (delete is refused too)."""
+
+    list_display = ("at", "actor", "count", "statuses", "older_than")
+    date_hierarchy = "at"
+    search_fields = ("actor",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
 
 
 @admin.register(DailyReport)

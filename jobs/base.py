@@ -13,17 +13,19 @@ It owns what each task would otherwise get wrong on its own:
 
 A concrete task stays a few lines::
 
-    @shared_task(base=JobTask, name="thumbnails.generate", transient_errors=(StorageTimeout,))
+    @shared_task(base=JobTask, name="thumbnails.generate", transient_errors=(StorageUnavailable,))
     def generate(image_id: int) -> None: ...
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import smtplib
 import socket
 from typing import Any, ClassVar
 
+import requests
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
@@ -45,9 +47,39 @@ DEFAULT_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     socket.gaierror,
     smtplib.SMTPServerDisconnected,
     smtplib.SMTPConnectError,
+    requests.ConnectionError,
+    requests.Timeout,
     OperationalError,
     InterfaceError,
 )
+
+#: A plain OSError with one of these is the network, not the task: retried too.
+NETWORK_ERRNOS = frozenset(
+    {
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ENETRESET,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+    }
+)
+
+
+def is_transient_by_default(exc: BaseException) -> bool:
+    """Network and database errors, an SMTP 4xx reply and an HTTP 429 or 5xx (requests)."""
+    if isinstance(exc, DEFAULT_TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return 400 <= exc.smtp_code < 500
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return exc.response.status_code == 429 or exc.response.status_code >= 500
+    return isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS
+
 
 #: Share of the visibility timeout a retry delay may use at most.
 VISIBILITY_MARGIN = 0.9
@@ -70,7 +102,7 @@ class JobTask(MeteredTask):
 
     abstract = True
 
-    #: Exception classes retried with backoff, in addition to `DEFAULT_TRANSIENT_ERRORS`.
+    #: Exception classes retried with backoff, in addition to `is_transient_by_default`.
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Exception classes never retried (checked before the transient ones).
     permanent_errors: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -88,7 +120,7 @@ class JobTask(MeteredTask):
         Override to look inside an exception (an SMTP reply code, an HTTP status)."""
         if isinstance(exc, (PermanentError, *self.permanent_errors)):
             return "permanent"
-        if isinstance(exc, (*DEFAULT_TRANSIENT_ERRORS, *self.transient_errors)):
+        if isinstance(exc, self.transient_errors) or is_transient_by_default(exc):
             return "transient"
         return "unexpected"
 

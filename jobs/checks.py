@@ -8,24 +8,61 @@ from django.core.checks import Error, Warning, register
 from jobs.policy import JITTER
 
 
-@register("jobs")
-def check_task_settings(app_configs=None, **kwargs) -> list:
-    problems = []
-    redis = settings.BROKER_IS_REDIS
-    visibility = settings.CELERY_VISIBILITY_TIMEOUT
+def _longest_delay(base: float, cap: float, retries: int) -> float:
+    """The longest delay a task's retries can reach: the cap alone says nothing when the
+    retries stop before the doubling gets there."""
+    return min(base * 2 ** max(retries - 1, 0), max(cap, base)) * (1 + JITTER) if retries > 0 else 0.0
+
+
+def _retry_delay_warnings(visibility: int) -> list:
+    """jobs.W001 for the project-wide policy and for each task that overrides it."""
     base, cap, retries = settings.TASK_RETRY_BACKOFF_BASE, settings.TASK_RETRY_BACKOFF_MAX, settings.TASK_MAX_RETRIES
-    longest = min(base * 2 ** max(retries - 1, 0), max(cap, base)) * (1 + JITTER)
-    if redis and retries > 0 and longest >= visibility:
+    hint = (
+        "Redis redelivers a retry held longer than the visibility timeout, so it would run twice; "
+        "retry delays are clipped to 90 % of the timeout. Lower the cap or raise the timeout."
+    )
+    problems = []
+    longest = _longest_delay(base, cap, retries)
+    if longest >= visibility:
         problems.append(
             Warning(
                 f"The longest retry delay ({longest:g} s with TASK_RETRY_BACKOFF_BASE={base:g}, "
                 f"TASK_RETRY_BACKOFF_MAX={cap:g}, TASK_MAX_RETRIES={retries}) is not below "
                 f"CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
-                hint="Redis redelivers a retry held longer than the visibility timeout, so it would run twice; "
-                "retry delays are clipped to 90 % of the timeout. Lower the cap or raise the timeout.",
+                hint=hint,
                 id="jobs.W001",
             )
         )
+    from config.celery import app
+    from jobs.base import JobTask
+
+    for name, task in sorted(app.tasks.items()):
+        if not isinstance(task, JobTask) or (task.retry_limit, task.backoff_base, task.backoff_max) == (None,) * 3:
+            continue
+        own = _longest_delay(
+            base if task.backoff_base is None else task.backoff_base,
+            cap if task.backoff_max is None else task.backoff_max,
+            task.retries_allowed(),
+        )
+        if own >= visibility > longest:
+            problems.append(
+                Warning(
+                    f"Task {name}: its longest retry delay ({own:g} s, from its own retry_limit, backoff_base "
+                    f"or backoff_max) is not below CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                    hint=hint,
+                    id="jobs.W001",
+                )
+            )
+    return problems
+
+
+@register("jobs")
+def check_task_settings(app_configs=None, **kwargs) -> list:
+    problems = []
+    redis = settings.BROKER_IS_REDIS
+    visibility = settings.CELERY_VISIBILITY_TIMEOUT
+    if redis:
+        problems.extend(_retry_delay_warnings(visibility))
     if redis and visibility <= settings.CELERY_TASK_TIME_LIMIT:
         problems.append(
             Warning(

@@ -93,6 +93,23 @@ class DeadLetterEvent(models.Model):
         return f"{self.action} by {self.actor or 'system'} at {self.at:%Y-%m-%d %H:%M:%S}"
 
 
+class DeadLetterPurge(models.Model):
+    """One purge of dead letters (retention, or by hand): the rows and their own trail are gone,
+    this says who removed how many, which statuses, older than what, and when."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=150, blank=True, help_text="User or process that purged.")
+    count = models.PositiveIntegerField()
+    statuses = models.JSONField(default=list)
+    older_than = models.DurationField()
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.count} purged by {self.actor or 'system'} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
 class DailyReport(models.Model):
     """The daily task report: counts by task and state, retries, dead letters, slowest tasks."""
 

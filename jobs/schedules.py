@@ -63,12 +63,17 @@ def _schedule_fields(default: DefaultSchedule) -> dict:
 
 
 def schedules_setup(*, reset: bool = False) -> dict[str, list[str]]:
-    """Creates each default schedule that is missing (matched by name); keeps the ones that exist
-    as staff left them, unless `reset`, which puts the defaults back. Returns names by outcome."""
+    """Creates each default schedule that is missing; keeps the ones that exist as staff left them,
+    unless `reset`, which puts the defaults back. A default is found by its name, or else by its
+    task (staff may have renamed it: a second copy would run the task twice). Returns names by
+    outcome."""
     outcome: dict[str, list[str]] = {"created": [], "kept": [], "reset": []}
     with transaction.atomic():
         for default in DEFAULT_SCHEDULES:
-            existing = PeriodicTask.objects.filter(name=default.name).first()
+            existing = (
+                PeriodicTask.objects.filter(name=default.name).first()
+                or PeriodicTask.objects.filter(task=default.task).order_by("pk").first()
+            )
             if existing is not None and not reset:
                 outcome["kept"].append(default.name)
                 continue
@@ -89,6 +94,7 @@ def schedules_setup(*, reset: bool = False) -> dict[str, list[str]]:
             else:
                 for name, value in values.items():
                     setattr(existing, name, value)
+                existing.name = default.name
                 existing.last_run_at = None
                 existing.save()
                 outcome["reset"].append(default.name)

@@ -7,8 +7,23 @@ from datetime import datetime
 
 from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 
 from jobs.models import DeadLetter
+
+
+def parse_moment(value: str) -> datetime | None:
+    """An ISO 8601 date or date-time (naive: the current time zone), or None when it is not one."""
+    try:
+        moment = parse_datetime(value)
+        if moment is None:
+            day = parse_date(value)
+            moment = None if day is None else datetime(day.year, day.month, day.day)
+    except ValueError:
+        return None
+    if moment is not None and timezone.is_naive(moment):
+        moment = timezone.make_aware(moment)
+    return moment
 
 
 def dead_letters_select(

@@ -7,6 +7,7 @@ callers of these functions.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -14,13 +15,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import Error as DatabaseErrors
+from django.db import IntegrityError, connection, transaction
 from django.db.models import CharField, F, QuerySet, Value
 from django.db.models.functions import Cast, Concat
 from django.utils import timezone
 
 from jobs.context import get_request_id
-from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge
 from jobs.policy import redact
 from jobs.signals import dead_letter_created
 
@@ -76,7 +78,7 @@ def dead_letter_record(
             # A concurrent report of the same failure won the insert (the child and the worker's
             # main process both report a hard time limit): fold this report into its row.
             row, created, repeated = _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
-    except DatabaseError:
+    except DatabaseErrors:  # DatabaseError and InterfaceError ("connection already closed") alike
         # The failure must not be lost with the database: this line holds all a replay needs.
         logger.exception(
             "dead_letter.unsaved",
@@ -174,7 +176,9 @@ def dead_letters_requeue(
     SKIP LOCKED` where the database has it) and takes only rows still pending, so a row is
     published at most once per call. The message is published before the row is marked, inside
     the row's transaction: a failed publish leaves the row pending and stops the run.
-    `rate` limits publishes per second; `progress` is called with the number of rows handled.
+    `rate` limits publishes per second: batches shrink to about a second's worth and the pause
+    comes after each batch has committed, so no lock is held while waiting. `progress` is called
+    with the number of rows handled.
     """
     from config.celery import app
 
@@ -183,15 +187,19 @@ def dead_letters_requeue(
     if dry_run:
         result.requeued = [(pk, "") for pk in ids]
         return result
-    interval = 1.0 / rate if rate else 0.0
+    if rate:
+        batch_size = max(1, min(batch_size, math.ceil(rate)))
     lock_kwargs = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
     with app.producer_or_acquire() as producer:
         for start in range(0, len(ids), batch_size):
+            began, published = time.monotonic(), result.count
             chunk = ids[start : start + batch_size]
-            if not _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result):
+            if not _requeue_batch(app, producer, chunk, actor, lock_kwargs, result):
                 break
             if progress:
                 progress(min(start + batch_size, len(ids)))
+            if rate and start + batch_size < len(ids):
+                time.sleep(max(0.0, (result.count - published) / rate - (time.monotonic() - began)))
     logger.info(
         "dead_letter.requeued",
         extra={"count": result.count, "skipped": len(result.skipped), "actor": actor, "error": result.error or None},
@@ -199,7 +207,7 @@ def dead_letters_requeue(
     return result
 
 
-def _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result: RequeueResult) -> bool:
+def _requeue_batch(app, producer, chunk, actor, lock_kwargs, result: RequeueResult) -> bool:
     now = timezone.now()
     # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.
     run = uuid.uuid4().hex
@@ -233,8 +241,6 @@ def _requeue_batch(app, producer, chunk, actor, interval, lock_kwargs, result: R
                 break
             done.append(row.pk)
             result.requeued.append((row.pk, new_id))
-            if interval:
-                time.sleep(interval)
         DeadLetter.objects.filter(pk__in=done).update(
             status=DeadLetter.Status.REQUEUED,
             requeued_at=now,
@@ -289,14 +295,19 @@ def dead_letters_purge(
     dry_run: bool = False,
 ) -> int:
     """Deletes dead letters in `statuses` that last failed more than `older_than` ago
-    (retention); pending ones are kept unless asked for. Returns how many rows go."""
-    cutoff = timezone.now() - older_than
-    rows = DeadLetter.objects.filter(status__in=list(statuses), failed_at__lt=cutoff)
+    (retention); pending ones are kept unless asked for. Returns how many rows go. The rows'
+    own audit trail goes with them; a `DeadLetterPurge` row records who purged what, and when."""
+    now = timezone.now()
+    statuses = sorted(statuses)
+    rows = DeadLetter.objects.filter(status__in=statuses, failed_at__lt=now - older_than)
     count = rows.count()
     if not dry_run and count:
         with transaction.atomic():
             DeadLetterEvent.objects.filter(dead_letter__in=rows).delete()
-            rows.delete()
+            count = rows.delete()[1].get(DeadLetter._meta.label, 0)
+            DeadLetterPurge.objects.create(
+                at=now, actor=actor[:150], count=count, statuses=statuses, older_than=older_than
+            )
     logger.info(
         "dead_letter.purged",
         extra={"count": count, "actor": actor, "older_than_seconds": older_than.total_seconds(), "dry_run": dry_run},

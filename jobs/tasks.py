@@ -9,7 +9,7 @@ from celery import shared_task
 from jobs.base import JobTask
 
 
-@shared_task(name="jobs.ping")
+@shared_task(base=JobTask, name="jobs.ping", retry_limit=0)
 def ping() -> dict[str, str]:
     """A no-op that proves a worker consumes and stores results (smoke tests, deploy checks)."""
     return {"pong": socket.gethostname()}

@@ -2,10 +2,20 @@
 
 from django.urls import path
 
-from jobs import views
+from jobs import api, views
 
 urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
     path("api/jobs/health/", views.jobs_health, name="jobs-health"),
     path("api/jobs/stats/", views.jobs_stats, name="jobs-stats"),
+    path("api/jobs/dead-letters/", api.dead_letter_list, name="dead-letter-list"),
+    path("api/jobs/dead-letters/groups/", api.dead_letter_groups_view, name="dead-letter-groups"),
+    path("api/jobs/dead-letters/requeue/", api.dead_letter_requeue_many, name="dead-letter-requeue-many"),
+    path("api/jobs/dead-letters/<int:dead_letter_id>/", api.dead_letter_detail, name="dead-letter-detail"),
+    path(
+        "api/jobs/dead-letters/<int:dead_letter_id>/requeue/", api.dead_letter_requeue_one, name="dead-letter-requeue"
+    ),
+    path(
+        "api/jobs/dead-letters/<int:dead_letter_id>/discard/", api.dead_letter_discard_one, name="dead-letter-discard"
+    ),
 ]

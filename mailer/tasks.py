@@ -107,8 +107,8 @@ def send_email(email_id: int) -> str:
     if not _valid_id(email_id):
         raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
     email = Email.objects.filter(pk=email_id).first()
-    if email is None:  # deleted after it was queued
-        return "gone"
+    if email is None:  # never existed, or deleted after it was queued: nothing a retry could fix
+        raise InvalidTaskArguments(f"email {email_id} does not exist")
     return email_send(email=email).status
 
 

@@ -23,8 +23,8 @@ def generate(self: JobTask, image_id: int) -> None:
     if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 1:
         raise InvalidTaskArguments(f"image_id must be a positive integer, not {image_id!r}")
     image = Image.objects.filter(pk=image_id).first()
-    if image is None:  # deleted after it was queued
-        return
+    if image is None:  # never existed, or deleted after it was queued: nothing a retry could fix
+        raise InvalidTaskArguments(f"image {image_id} does not exist")
     try:
         services.thumbnails_generate(image=image)
     except Exception as exc:

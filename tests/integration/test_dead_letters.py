@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
+from config.env import BASE_DIR
 from jobs.models import DeadLetter
 from jobs.services import dead_letters_requeue
 from tests.integration import tasks
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import process_env, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
@@ -130,6 +134,69 @@ def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client
     # The worker keeps consuming after it.
     assert tasks.flaky.delay(key(), 0).get(timeout=30) == 1
     assert worker.process.poll() is None
+    assert logged_dead_letter(worker, "bad-1")["reason"] == "undecodable"
+
+
+def logged_dead_letter(worker, task_id: str) -> dict:
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
+    return next(
+        line for line in lines if line["event"] == "dead_letter.created" and line.get("dead_letter_task_id") == task_id
+    )
+
+
+def test_malformed_json_message_is_refused_logged_and_dead_lettered(start_worker, redis_client):
+    from config.celery import app
+
+    worker = start_worker()
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b'{"args": [1], "kwargs": {',  # cut off
+            routing_key="normal",
+            exchange="normal",
+            serializer=None,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={"id": "bad-json-1", "task": "tests.flaky"},
+        )
+    row = wait_for(lambda: DeadLetter.objects.filter(task_id="bad-json-1").first())
+    assert row.reason == DeadLetter.Reason.UNDECODABLE
+    assert row.status == DeadLetter.Status.PENDING
+    assert logged_dead_letter(worker, "bad-json-1")["level"] == "ERROR"
+    assert tasks.flaky.delay(key(), 0).get(timeout=30) == 1
+    assert worker.process.poll() is None
+
+
+def manage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env=process_env(), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_requeue_dead_command_as_a_process(start_worker, redis_client):
+    start_worker(extra_env=FAST_RETRIES)
+    k = key()
+    tasks.permanent.delay(k)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="tests.permanent").first())
+
+    refused = manage("requeue_dead", str(row.pk), "999999")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "CommandError: Unknown dead letter id(s): 999999. Nothing was requeued."
+    )  # one readable line (after the system checks' warnings), no traceback
+    assert "Traceback" not in refused.stderr
+    dry = manage("requeue_dead", "--task", "tests.permanent", "--dry-run")
+    assert dry.returncode == 0
+    assert "Would requeue 1 dead letter(s)" in dry.stdout
+    assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.PENDING
+
+    redis_client.set(f"{k}:healed", 1)
+    done = manage("requeue_dead", str(row.pk))
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: int(redis_client.get(k)) == 2)  # the worker ran the requeued task, healed
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.REQUEUED
+    assert row.requeued_by.startswith("cli:")
 
 
 def test_soft_time_limit_is_dead_lettered(start_worker, redis_client):

@@ -153,11 +153,15 @@ def test_one_worker_process_reuses_its_smtp_connection(mail_worker, smtp_server)
     assert smtp_server.handler.connections == 1
 
 
-def test_a_deleted_email_is_skipped(mail_worker, smtp_server):
+def test_a_deleted_email_fails_for_good_with_the_reason(mail_worker, smtp_server):
     email = queue()
     email_id = email.pk
     email.delete()
     mail_worker()
-    assert send_email.apply_async((email_id,)).get(timeout=30) == "gone"
+    result = send_email.apply_async((email_id,))
+    with pytest.raises(Exception, match="does not exist"):
+        result.get(timeout=30)
     assert smtp_server.messages == []
-    assert not DeadLetter.objects.exists()
+    row = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert row.exception_message == f"email {email_id} does not exist"
+    assert row.failure_count == 1  # not retried

@@ -123,12 +123,16 @@ def test_running_the_task_again_is_harmless(worker, client, settings):
     assert not DeadLetter.objects.exists()
 
 
-def test_a_deleted_image_is_skipped(worker, client):
+def test_a_task_for_a_deleted_image_fails_for_good_with_the_reason(worker, client):
     image_id = upload(client, images.jpeg(), "a.jpg")
     wait_for(lambda: finished(client, image_id))
     Image.objects.filter(pk=image_id).delete()
-    assert generate.delay(image_id).get(timeout=60) is None
-    assert not DeadLetter.objects.exists()
+    result = generate.delay(image_id)
+    with pytest.raises(Exception, match="does not exist"):
+        result.get(timeout=60)
+    row = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
+    assert row.exception_message == f"image {image_id} does not exist"
+    assert row.failure_count == 1
 
 
 def test_refusals_queue_nothing(client, settings, redis_client):

@@ -98,3 +98,31 @@ def test_risky_combinations_warn(settings):
     settings.JOBS_WORKER_LOST_LIMIT = 0
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
     assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W005", "jobs.W006", "jobs.E001"}
+
+
+def test_a_task_whose_own_retry_policy_reaches_the_visibility_timeout_is_named(settings, monkeypatch):
+    from jobs.tasks import dead_letter_digest
+
+    settings.DEBUG = True
+    settings.CELERY_VISIBILITY_TIMEOUT = 3600
+    monkeypatch.setattr(dead_letter_digest, "retry_limit", 8)  # 60 s doubling reaches 7680 s
+    problems = [p for p in checks.check_task_settings() if p.id == "jobs.W001"]
+    assert len(problems) == 1
+    assert "jobs.dead_letter_digest" in problems[0].msg
+
+
+def test_a_cap_the_retries_never_reach_is_not_a_risk(settings):
+    settings.DEBUG = True
+    settings.TASK_RETRY_BACKOFF_MAX = 7200  # above the timeout, but 5 retries stop at 960 s
+    assert "jobs.W001" not in ids(settings)
+
+
+def test_retry_countdown_of_a_task_stays_below_the_visibility_timeout(settings, monkeypatch):
+    from jobs.tasks import dead_letter_digest
+
+    settings.CELERY_VISIBILITY_TIMEOUT = 600
+    monkeypatch.setattr(dead_letter_digest, "backoff_base", 500)
+    assert dead_letter_digest.retry_countdown(1) >= 500
+    assert dead_letter_digest.retry_countdown(3) == pytest.approx(540)  # 2000 s clipped to 90 % of 600 s
+    settings.BROKER_IS_REDIS = False  # RabbitMQ has no visibility timeout to stay under
+    assert dead_letter_digest.retry_countdown(3) >= 2000

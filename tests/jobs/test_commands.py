@@ -39,6 +39,7 @@ def test_requeue_by_ids(redis_client):
     [
         ((), "Nothing selected"),
         (("1", "--all"), "either ids or --all"),
+        (("1", "--task", "x", "--queue", "low"), r"either ids or selectors \(--task, --queue\)"),
         (("--all", "--limit", "0"), "--limit must be a positive number"),
         (("--all", "--rate", "0"), "--rate must be a positive number"),
         (("--since", "yesterday"), "is not an ISO 8601"),

@@ -20,7 +20,7 @@ from jobs.housekeeping import (
     retry_count_add,
     temp_files_cleanup,
 )
-from jobs.models import DailyReport
+from jobs.models import DailyReport, DeadLetter, DeadLetterPurge
 from jobs.schedules import DEFAULT_SCHEDULES, schedules_setup
 from jobs.tasks import cleanup_temp_files, daily_report, dead_letter_retention
 from tests.jobs.factories import DeadLetterFactory
@@ -120,9 +120,13 @@ def test_daily_report_counts(redis_client, settings):
 @pytest.mark.django_db
 def test_dead_letter_retention_task(settings):
     settings.JOBS_DEAD_LETTER_RETENTION_DAYS = 30
-    DeadLetterFactory(status="discarded", failed_at=timezone.now() - timedelta(days=31))
-    DeadLetterFactory(status="discarded")
-    assert dead_letter_retention() == 1
+    old = timezone.now() - timedelta(days=31)
+    DeadLetterFactory(status="discarded", failed_at=old)
+    DeadLetterFactory(status="requeued", failed_at=old)
+    kept = [DeadLetterFactory(status="pending", failed_at=old), DeadLetterFactory(status="discarded")]
+    assert dead_letter_retention() == 2
+    assert set(DeadLetter.objects.values_list("pk", flat=True)) == {row.pk for row in kept}
+    assert DeadLetterPurge.objects.get().actor == "retention"
 
 
 @pytest.mark.django_db
@@ -148,6 +152,19 @@ def test_setup_schedules_creates_once_and_keeps_edits():
     assert PeriodicTask.objects.count() == len(DEFAULT_SCHEDULES)
     cron = PeriodicTask.objects.get(name="jobs: daily task report").crontab
     assert (cron.minute, cron.hour) == ("5", "0")
+
+
+@pytest.mark.django_db
+def test_setup_schedules_finds_a_renamed_default_by_its_task():
+    schedules_setup()
+    PeriodicTask.objects.filter(name="jobs: heartbeat").update(name="Liveness every 30 s")
+    assert "jobs: heartbeat" in schedules_setup()["kept"]
+    assert PeriodicTask.objects.filter(task="jobs.heartbeat").count() == 1  # no second copy running it twice
+
+    schedules_setup(reset=True)
+    assert list(PeriodicTask.objects.filter(task="jobs.heartbeat").values_list("name", flat=True)) == [
+        "jobs: heartbeat"
+    ]
 
 
 @pytest.mark.django_db

@@ -15,6 +15,7 @@ from config.celery import app
 from jobs import beat
 from jobs.flower import FlowerConfigError, flower_environment
 from jobs.heartbeat import heartbeat_write, liveness_touch
+from jobs.models import OutboxMessage
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -55,8 +56,10 @@ def test_stats_needs_staff(client, django_user_model):
 def test_stats_content(admin_client, redis_client):
     DeadLetterFactory.create_batch(2)
     app.send_task("jobs.ping", queue="low")
+    OutboxMessage.objects.create(task_name="jobs.ping", task_id="waiting-for-the-broker")
     body = admin_client.get("/api/jobs/stats/").json()
     assert body["queues"] == {"high": 0, "normal": 0, "low": 1}
+    assert body["outbox_backlog"] == 1
     assert body["dead_letters"]["pending"] == 2
     assert body["dead_letters"]["oldest_pending_age_seconds"] >= 0
     assert set(body["tasks_24h"]) == {"by_state", "by_task"}

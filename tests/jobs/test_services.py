@@ -8,14 +8,13 @@ import threading
 from datetime import timedelta
 
 import pytest
-from django.db import OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 from django.utils import timezone
 
 from jobs import services
-from jobs.models import DeadLetter, DeadLetterEvent
+from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge
 from jobs.services import dead_letter_record, dead_letters_discard, dead_letters_purge, dead_letters_requeue
 from jobs.signals import dead_letter_created
-from tests.conftest import reset_broker_pools
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -97,6 +96,17 @@ def test_record_falls_back_to_a_log_line_when_the_database_fails(monkeypatch, ca
     assert line.exc_info is not None
 
 
+def test_record_falls_back_to_a_log_line_when_the_connection_is_gone(monkeypatch, caplog):
+    # "connection already closed" is an InterfaceError, which is not a DatabaseError.
+    def closed(*args, **kwargs):
+        raise InterfaceError("connection already closed")
+
+    monkeypatch.setattr(DeadLetter.objects, "create", closed)
+    with caplog.at_level(logging.ERROR, logger="jobs.dead_letters"):
+        assert record() is None
+    assert any(r.getMessage() == "dead_letter.unsaved" for r in caplog.records)
+
+
 def test_requeue_publishes_and_marks_rows(redis_client):
     rows = DeadLetterFactory.create_batch(3)
     result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="admin:ops")
@@ -135,18 +145,6 @@ def test_requeue_reports_progress(redis_client):
     seen = []
     dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", batch_size=2, progress=seen.append)
     assert seen == [2, 4, 5]
-
-
-@pytest.fixture
-def dead_broker(monkeypatch):
-    """Points the Celery app at a port nothing listens on."""
-    from jobs.localredis import free_port
-
-    reset_broker_pools()
-    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
-    yield
-    monkeypatch.undo()
-    reset_broker_pools()
 
 
 def test_failed_publish_leaves_rows_pending(dead_broker):
@@ -201,8 +199,31 @@ def test_purge_deletes_only_old_finished_rows():
     keep_recent = DeadLetterFactory(status=DeadLetter.Status.DISCARDED)
     assert dead_letters_purge(older_than=timedelta(days=30), actor="t", dry_run=True) == 2
     assert DeadLetter.objects.count() == 4
+    assert not DeadLetterPurge.objects.exists()  # a dry run leaves no trace
     assert dead_letters_purge(older_than=timedelta(days=30), actor="t") == 2
     assert set(DeadLetter.objects.values_list("pk", flat=True)) == {keep_pending.pk, keep_recent.pk}
+    purge = DeadLetterPurge.objects.get()
+    assert (purge.actor, purge.count, purge.older_than) == ("t", 2, timedelta(days=30))
+    assert purge.statuses == ["discarded", "requeued"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_throttled_requeue_waits_between_committed_batches(redis_client, monkeypatch):
+    """`--rate` must not sleep inside a transaction: that would hold row locks (and SQLite's
+    write lock) for the whole pause, and web and worker writes would time out behind it."""
+    DeadLetterFactory.create_batch(5)
+    pauses = []
+
+    def sleep(seconds):
+        assert not connection.in_atomic_block, "slept while holding the batch's locks"
+        assert DeadLetter.objects.filter(status="requeued").count() == 2 * (len(pauses) + 1)
+        pauses.append(seconds)
+
+    monkeypatch.setattr(services.time, "sleep", sleep)
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", rate=2)
+    assert result.count == 5
+    assert len(pauses) == 2  # batches of 2, 2 and 1; no pause after the last
+    assert all(0 < p <= 1 for p in pauses)
 
 
 def test_services_module_has_no_stray_publish_on_import():

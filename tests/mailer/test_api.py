@@ -190,3 +190,13 @@ def test_wrong_methods_are_405_json(client, staff_user):
     assert response.status_code == 405
     assert response.json() == {"error": "method not allowed"}
     assert client.delete(f"{URL}1/", **basic("staff", "s3cret-pass")).status_code == 405
+
+
+def test_an_oversized_body_is_413_json_and_queues_nothing(client, staff_user, django_capture_on_commit_callbacks):
+    huge = {**PAYLOAD, "context": {"filler": "x" * (3 * 1024 * 1024)}}  # above DATA_UPLOAD_MAX_MEMORY_SIZE
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = post(client, huge, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 413
+    assert response.json()["error"] == "request body too large"
+    assert not Email.objects.exists()
+    assert callbacks == []

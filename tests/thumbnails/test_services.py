@@ -201,8 +201,10 @@ def test_storage_timeout_is_transient_and_does_not_fail_the_image(settings):
     assert image.status == Image.Status.PROCESSING  # retried later, not failed
 
 
-def test_task_returns_early_when_the_image_is_gone():
-    assert generate(987654) is None
+def test_task_fails_for_good_when_the_image_is_gone():
+    with pytest.raises(InvalidTaskArguments, match="image 987654 does not exist") as info:
+        generate(987654)
+    assert generate.classify(info.value) == "permanent"
 
 
 @pytest.mark.parametrize("bad", ["12", 1.5, None, True, [1]])

@@ -5,11 +5,9 @@ from __future__ import annotations
 import getpass
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 
 from jobs.models import DeadLetter
-from jobs.selectors import dead_letters_select
+from jobs.selectors import dead_letters_select, parse_moment
 from jobs.services import dead_letters_requeue
 
 PROGRESS_THRESHOLD = 1000
@@ -17,17 +15,9 @@ PROGRESS_THRESHOLD = 1000
 
 def parse_since(value: str):
     """An ISO 8601 date or date-time; naive values are taken in the current time zone."""
-    try:
-        moment = parse_datetime(value)
-        if moment is None:
-            day = parse_date(value)
-            moment = None if day is None else timezone.datetime(day.year, day.month, day.day)
-    except ValueError:
-        moment = None
+    moment = parse_moment(value)
     if moment is None:
         raise CommandError(f"--since {value!r} is not an ISO 8601 date or date-time (e.g. 2026-11-24T08:00:00Z).")
-    if timezone.is_naive(moment):
-        moment = timezone.make_aware(moment)
     return moment
 
 
@@ -36,7 +26,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="Dead letter ids to requeue.")
-        parser.add_argument("--all", action="store_true", help="Requeue every pending dead letter.")
+        parser.add_argument(
+            "--all", action="store_true", help="Requeue every pending dead letter (that the selectors match, if any)."
+        )
         parser.add_argument("--task", help="Only dead letters of this task name.")
         parser.add_argument("--queue", help="Only dead letters from this queue.")
         parser.add_argument("--exception", help="Only dead letters with this exception type (e.g. TimeoutError).")
@@ -62,6 +54,9 @@ class Command(BaseCommand):
             )
         if ids and options["all"]:
             raise CommandError("Give either ids or --all, not both.")
+        if ids and any(selectors.values()):
+            given = ", ".join(f"--{name.replace('_', '-')}" for name, value in selectors.items() if value)
+            raise CommandError(f"Give either ids or selectors ({given}), not both.")
         if options["limit"] is not None and options["limit"] < 1:
             raise CommandError("--limit must be a positive number.")
         if options["rate"] is not None and options["rate"] <= 0:

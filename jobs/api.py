@@ -1,0 +1,250 @@
+"""The dead-letter API, for staff: list, show, requeue and discard, by id or by filter.
+
+Reads need the `jobs.view_deadletter` permission, writes `jobs.change_deadletter` (the same as the
+admin's actions). Authentication is `jobs.auth.staff_required`: a session (writes carry the CSRF
+token) or HTTP basic auth. Every write goes through `jobs.services`, like the admin and
+`manage.py requeue_dead`, so it is recorded with its actor (`api:<username>`) on the row's trail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from jobs.auth import staff_required
+from jobs.middleware import json_error
+from jobs.models import DeadLetter
+from jobs.selectors import dead_letter_groups, dead_letters_select, parse_moment
+from jobs.services import dead_letters_discard, dead_letters_requeue
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_BULK = 1000  # per call; larger or throttled runs: `manage.py requeue_dead --rate`
+SELECTORS = ("task", "queue", "exception", "request_id", "since")
+
+
+class BadRequest(ValueError):
+    """A query or body the API refuses: answered 400 with `field`."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _permission(codename: str) -> Callable:
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            if not request.user.has_perm(f"jobs.{codename}"):
+                return json_error(f"permission jobs.{codename} required", 403)
+            try:
+                return view(request, *args, **kwargs)
+            except BadRequest as exc:
+                return json_error(str(exc), 400, field=exc.field)
+
+        return wrapper
+
+    return decorate
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"api:{request.user.get_username()}"
+
+
+def _summary(row: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": row.pk,
+        "status": row.status,
+        "task_name": row.task_name,
+        "task_id": row.task_id,
+        "queue": row.queue,
+        "reason": row.reason,
+        "exception_type": row.exception_type,
+        "exception_message": row.exception_message[:500],
+        "failure_count": row.failure_count,
+        "first_failed_at": row.first_failed_at.isoformat(),
+        "failed_at": row.failed_at.isoformat(),
+        "request_id": row.request_id or None,
+    }
+
+
+def _detail(row: DeadLetter) -> dict[str, Any]:
+    return {
+        **_summary(row),
+        "exception_message": row.exception_message,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "redacted": row.redacted,
+        "retries": row.retries,
+        "worker": row.worker,
+        "traceback": row.traceback,
+        "requeue_count": row.requeue_count,
+        "requeued_task_id": row.requeued_task_id or None,
+        "events": [
+            {"action": e.action, "actor": e.actor, "at": e.at.isoformat(), "task_id": e.task_id or None, "note": e.note}
+            for e in row.events.order_by("at", "pk")
+        ],
+    }
+
+
+def _selection(values: dict[str, Any]) -> dict[str, Any]:
+    """The selectors of a query string or a JSON body, checked."""
+    selection: dict[str, Any] = {}
+    for name in SELECTORS:
+        value = values.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str) or len(value) > 200:
+            raise BadRequest(f"{name} must be a string of at most 200 characters", name)
+        selection[name] = value
+    if "since" in selection:
+        moment = parse_moment(selection["since"])
+        if moment is None:
+            raise BadRequest("since must be an ISO 8601 date or date-time", "since")
+        selection["since"] = moment
+    return selection
+
+
+def _int(values: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = values.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a whole number", name) from None
+    if isinstance(value, bool) or not low <= number <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}", name)
+    return number
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_deadletter")
+def dead_letter_list(request: HttpRequest) -> HttpResponse:
+    """`?status=&task=&queue=&exception=&request_id=&since=&limit=&before=`: newest first;
+    `next` is the URL of the following page (keyset on the id, stable while rows arrive)."""
+    query = request.GET
+    status = query.get("status") or None
+    if status is not None and status not in DeadLetter.Status.values:
+        raise BadRequest(f"status must be one of {', '.join(DeadLetter.Status.values)}", "status")
+    limit = _int(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    before = _int(query, "before", None, 1, 2**63 - 1)
+    rows = dead_letters_select(status=status, **_selection(query)).order_by("-pk")
+    if before is not None:
+        rows = rows.filter(pk__lt=before)
+    page = list(rows[: limit + 1])
+    more = len(page) > limit
+    page = page[:limit]
+    next_url = None
+    if more:
+        params = query.copy()
+        params["before"] = str(page[-1].pk)
+        next_url = f"{request.path}?{params.urlencode()}"
+    return JsonResponse({"results": [_summary(row) for row in page], "next": next_url})
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_deadletter")
+def dead_letter_groups_view(request: HttpRequest) -> HttpResponse:
+    """Pending dead letters by task and exception type, largest group first."""
+    groups = [
+        {
+            **group,
+            "first_failed_at": group["first_failed_at"].isoformat(),
+            "last_failed_at": group["last_failed_at"].isoformat(),
+        }
+        for group in dead_letter_groups()
+    ]
+    return JsonResponse({"groups": groups})
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_deadletter")
+def dead_letter_detail(request: HttpRequest, dead_letter_id: int) -> HttpResponse:
+    row = DeadLetter.objects.filter(pk=dead_letter_id).first()
+    if row is None:
+        return json_error("dead letter not found", 404)
+    return JsonResponse(_detail(row))
+
+
+def _requeue(request: HttpRequest, rows) -> HttpResponse:
+    result = dead_letters_requeue(dead_letters=rows, actor=_actor(request))
+    body = {
+        "requeued": [{"id": pk, "task_id": task_id} for pk, task_id in result.requeued],
+        "skipped": [{"id": pk, "reason": why} for pk, why in result.skipped],
+    }
+    if result.error:  # the broker refused: what was not published stays pending
+        return json_error(result.error, 503, **body)
+    return JsonResponse(body, status=202)
+
+
+@require_POST
+@staff_required
+@_permission("change_deadletter")
+def dead_letter_requeue_one(request: HttpRequest, dead_letter_id: int) -> HttpResponse:
+    row = DeadLetter.objects.filter(pk=dead_letter_id).first()
+    if row is None:
+        return json_error("dead letter not found", 404)
+    if row.status != DeadLetter.Status.PENDING:
+        return json_error(f"dead letter {row.pk} is {row.status}, not pending", 409, current_status=row.status)
+    return _requeue(request, DeadLetter.objects.filter(pk=row.pk))
+
+
+@require_POST
+@staff_required
+@_permission("change_deadletter")
+def dead_letter_discard_one(request: HttpRequest, dead_letter_id: int) -> HttpResponse:
+    row = DeadLetter.objects.filter(pk=dead_letter_id).first()
+    if row is None:
+        return json_error("dead letter not found", 404)
+    if not dead_letters_discard(dead_letters=DeadLetter.objects.filter(pk=row.pk), actor=_actor(request)):
+        row.refresh_from_db(fields=["status"])
+        return json_error(f"dead letter {row.pk} is {row.status}, not pending", 409, current_status=row.status)
+    return JsonResponse({"id": row.pk, "status": DeadLetter.Status.DISCARDED})
+
+
+@require_POST
+@staff_required
+@_permission("change_deadletter")
+def dead_letter_requeue_many(request: HttpRequest) -> HttpResponse:
+    """JSON `{"ids": [...]}` or selectors (`task`, `queue`, `exception`, `request_id`, `since`,
+    or `"all": true`), with optional `limit` (oldest first, at most 1000 per call)."""
+    try:
+        body = json.loads(request.body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_error("the body must be JSON", 400)
+    if not isinstance(body, dict):
+        return json_error('the body must be a JSON object, e.g. {"task": "mailer.send_email"}', 400)
+    ids = body.get("ids")
+    selection = _selection(body)
+    everything = body.get("all") is True
+    if ids is not None:
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadRequest("ids must be a non-empty list of dead letter ids", "ids")
+        if selection or everything:
+            raise BadRequest("give either ids or selectors, not both", "ids")
+    elif not selection and not everything:
+        raise BadRequest('nothing selected: give ids, selectors or "all": true', "ids")
+    limit = _int(body, "limit", MAX_BULK, 1, MAX_BULK)
+
+    rows = dead_letters_select(ids=ids, status=DeadLetter.Status.PENDING, **selection)
+    if ids is not None:
+        unknown = sorted(set(ids) - set(DeadLetter.objects.filter(pk__in=ids).values_list("pk", flat=True)))
+        if unknown:
+            return json_error("unknown dead letter ids; nothing was requeued", 404, ids=unknown)
+    chosen = list(rows.values_list("pk", flat=True)[:limit])
+    if not chosen:
+        return json_error("no pending dead letters match; nothing was requeued", 404)
+    return _requeue(request, DeadLetter.objects.filter(pk__in=chosen))
