@@ -2,7 +2,8 @@
 
 Docker cannot run on the build machines, so these tests read the files and check the properties the
 deployment relies on: what would break a rollout (grace periods shorter than the worker's shutdown
-timeout, a missing probe, a secret baked into a file) fails here. `docker compose config` and
+timeout, a missing probe, a secret baked into a file) fails here. compose.yaml is validated against
+the Compose Specification schema (check-jsonschema); `docker compose config` and
 hadolint run when they are installed and are skipped, saying why, when they are not.
 """
 
@@ -211,6 +212,15 @@ def test_workers_consume_their_queues_and_outlive_the_shutdown_timeout():
         assert service["environment"]["CELERY_WORKER_CONCURRENCY"], name
         grace = parse_duration(service["stop_grace_period"])
         assert grace > timeout, f"{name}: stop_grace_period {grace}s must exceed CELERY_SHUTDOWN_TIMEOUT {timeout}s"
+
+
+def test_beat_and_flower_also_stop_gracefully():
+    timeout = shutdown_timeout()
+    for name in ("beat", "flower"):
+        service = services()[name]
+        assert service["stop_signal"] == "SIGTERM", name
+        assert service["init"] is True, name
+        assert parse_duration(service["stop_grace_period"]) > timeout, name
 
 
 def test_beat_flower_and_migrate_commands():
@@ -676,3 +686,22 @@ def test_hadolint_accepts_the_dockerfile():
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _check_compose_schema(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with its vendored copy of the Compose Specification schema (no network)."""
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+
+
+def test_compose_file_matches_the_compose_specification(tmp_path):
+    result = _check_compose_schema(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check can fail: a misspelt key in a copy is refused.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("stop_grace_period:", "stop_grace_periode:", 1))
+    refused = _check_compose_schema(broken)
+    assert refused.returncode != 0
+    assert "stop_grace_periode" in refused.stdout + refused.stderr

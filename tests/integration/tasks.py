@@ -61,6 +61,7 @@ def parent(key: str) -> str:
     import logging
 
     logging.getLogger("tests.tasks").info("tests.parent_ran", extra={"key": key})
+    print(f"tests.parent printed {key}")  # noqa: T201 - a stray print must still come out as JSON
     return child.delay(key).id
 
 
@@ -94,3 +95,9 @@ def slow_mark(key: str, n: int, seconds: float) -> None:
     time.sleep(seconds)
     client.sadd(f"{key}:done", n)
     client.incr(f"{key}:completions")
+
+
+@shared_task(base=JobTask, name="tests.record_order")
+def record_order(key: str, label: str) -> None:
+    """Appends `label` to the list `key`: the order in which a worker ran tasks."""
+    _redis().rpush(key, label)

@@ -56,11 +56,30 @@ def sigterm_scenario(start_worker, redis_client, extra_env: dict[str, str], brok
 
     start_worker(concurrency=2, extra_env=env)
     wait_for(lambda: members(redis_client, f"{key}:done") == set(range(7)), timeout=90)
+    assert int(redis_client.get(f"{key}:completions")) == 7  # each ran to its end exactly once
     assert not DeadLetter.objects.exists()
 
 
 def test_sigterm_during_a_batch_loses_nothing(start_worker, redis_client):
     sigterm_scenario(start_worker, redis_client, {})
+
+
+def test_sigterm_lets_running_tasks_finish_within_the_shutdown_timeout(start_worker, redis_client):
+    key = f"k-{uuid.uuid4().hex}"
+    env = {"CELERY_SHUTDOWN_TIMEOUT": "8"}
+    first = start_worker(concurrency=2, extra_env=env)
+    publish_batch(key, 4, 1.0)  # two run at once, two wait in the queue
+    wait_for(lambda: len(members(redis_client, f"{key}:started")) == 2)
+    running = members(redis_client, f"{key}:started")
+
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout=60) is not None
+    assert members(redis_client, f"{key}:done") == running  # the running two finished before the exit
+
+    start_worker(concurrency=2, extra_env=env)
+    wait_for(lambda: members(redis_client, f"{key}:done") == set(range(4)), timeout=60)
+    assert int(redis_client.get(f"{key}:completions")) == 4  # the finished two did not run again
+    assert not DeadLetter.objects.exists()
 
 
 def test_sigkill_of_the_whole_worker_loses_nothing(start_worker, redis_client):
@@ -106,11 +125,17 @@ def test_worker_survives_a_redis_restart_and_consumes_again(start_worker, tmp_pa
 
         wait_for(consumed_after_restart, timeout=60, interval=0.5)
         assert worker.process.poll() is None
-        probe = subprocess.run(
-            [sys.executable, "manage.py", "probe", "worker", "--max-age", "10"],
-            cwd=BASE_DIR, env=worker.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert probe.returncode == 0, probe.stderr
+        # The liveness file must be written afresh by the reconnected consumer, not left over.
+        for stale in (tmp_path / "live").iterdir():
+            stale.unlink()
+
+        def probe_passes():
+            return subprocess.run(
+                [sys.executable, "manage.py", "probe", "worker", "--max-age", "3"],
+                cwd=BASE_DIR, env=worker.env, capture_output=True, text=True, timeout=60,
+            ).returncode == 0  # fmt: skip
+
+        wait_for(probe_passes, timeout=20, interval=0.5)
     finally:
         broker.stop()
 
