@@ -8,7 +8,6 @@ token) or HTTP basic auth. Every write goes through `jobs.services`, like the ad
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -18,7 +17,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs.auth import staff_required
-from jobs.middleware import json_error
+from jobs.middleware import json_error, json_object
 from jobs.models import DeadLetter
 from jobs.selectors import dead_letter_groups, dead_letters_select, parse_moment
 from jobs.services import dead_letters_discard, dead_letters_requeue
@@ -190,29 +189,32 @@ def _requeue(request: HttpRequest, rows) -> HttpResponse:
     return JsonResponse(body, status=202)
 
 
+def _not_pending(dead_letter_id: int) -> HttpResponse:
+    """404 for an unknown id, 409 naming the status of a row that is no longer pending."""
+    status = DeadLetter.objects.filter(pk=dead_letter_id).values_list("status", flat=True).first()
+    if status is None:
+        return json_error("dead letter not found", 404)
+    return json_error(f"dead letter {dead_letter_id} is {status}, not pending", 409, current_status=status)
+
+
 @require_POST
 @staff_required
 @_permission("change_deadletter")
 def dead_letter_requeue_one(request: HttpRequest, dead_letter_id: int) -> HttpResponse:
-    row = DeadLetter.objects.filter(pk=dead_letter_id).first()
-    if row is None:
-        return json_error("dead letter not found", 404)
-    if row.status != DeadLetter.Status.PENDING:
-        return json_error(f"dead letter {row.pk} is {row.status}, not pending", 409, current_status=row.status)
-    return _requeue(request, DeadLetter.objects.filter(pk=row.pk))
+    rows = DeadLetter.objects.filter(pk=dead_letter_id, status=DeadLetter.Status.PENDING)
+    if not rows.exists():
+        return _not_pending(dead_letter_id)
+    return _requeue(request, rows)
 
 
 @require_POST
 @staff_required
 @_permission("change_deadletter")
 def dead_letter_discard_one(request: HttpRequest, dead_letter_id: int) -> HttpResponse:
-    row = DeadLetter.objects.filter(pk=dead_letter_id).first()
-    if row is None:
-        return json_error("dead letter not found", 404)
-    if not dead_letters_discard(dead_letters=DeadLetter.objects.filter(pk=row.pk), actor=_actor(request)):
-        row.refresh_from_db(fields=["status"])
-        return json_error(f"dead letter {row.pk} is {row.status}, not pending", 409, current_status=row.status)
-    return JsonResponse({"id": row.pk, "status": DeadLetter.Status.DISCARDED})
+    rows = DeadLetter.objects.filter(pk=dead_letter_id)
+    if not dead_letters_discard(dead_letters=rows, actor=_actor(request)):  # only a pending row is discarded
+        return _not_pending(dead_letter_id)
+    return JsonResponse({"id": dead_letter_id, "status": DeadLetter.Status.DISCARDED})
 
 
 @require_POST
@@ -221,12 +223,9 @@ def dead_letter_discard_one(request: HttpRequest, dead_letter_id: int) -> HttpRe
 def dead_letter_requeue_many(request: HttpRequest) -> HttpResponse:
     """JSON `{"ids": [...]}` or selectors (`task`, `queue`, `exception`, `request_id`, `since`,
     or `"all": true`), with optional `limit` (oldest first, at most 1000 per call)."""
-    try:
-        body = json.loads(request.body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return json_error("the body must be JSON", 400)
-    if not isinstance(body, dict):
-        return json_error('the body must be a JSON object, e.g. {"task": "mailer.send_email"}', 400)
+    body = json_object(request, '{"ids": [...]} or selectors, e.g. {"task": "mailer.send_email"}')
+    if isinstance(body, HttpResponse):
+        return body
     ids = body.get("ids")
     selection = _selection(body)
     everything = body.get("all") is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -37,6 +38,18 @@ class RequestIdMiddleware:
 def json_error(message: str, status: int, **extra: object) -> JsonResponse:
     """The project's one error shape: `{"error": "...", ...}`."""
     return JsonResponse({"error": message, **extra}, status=status)
+
+
+def json_object(request: HttpRequest, shape: str) -> dict | JsonResponse:
+    """The request's body as a JSON object, or the 400 answer saying why it is not one (`shape`
+    shows what is expected)."""
+    try:
+        body = json.loads(request.body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_error("the body must be JSON", 400)
+    if not isinstance(body, dict):
+        return json_error(f"the body must be a JSON object {shape}", 400)
+    return body
 
 
 def _wants_json(request: HttpRequest) -> bool:

@@ -6,13 +6,11 @@ or with HTTP basic auth (scripts; no cookie is involved, so no CSRF check applie
 
 from __future__ import annotations
 
-import json
-
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs.auth import staff_required
-from jobs.middleware import json_error
+from jobs.middleware import json_error, json_object
 from mailer.exceptions import EmailRefused
 from mailer.models import Email
 from mailer.services import email_queue
@@ -31,12 +29,9 @@ def _email_json(email: Email) -> dict:
 @require_POST
 @staff_required
 def email_create(request: HttpRequest) -> HttpResponse:
-    try:
-        body = json.loads(request.body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return json_error("the body must be JSON", 400)
-    if not isinstance(body, dict):
-        return json_error('the body must be a JSON object {"template", "to", "context"}', 400)
+    body = json_object(request, '{"template", "to", "context"}')
+    if isinstance(body, HttpResponse):
+        return body
     template, to, context = body.get("template"), body.get("to"), body.get("context", {})
     if not isinstance(template, str):
         return json_error("template must be a string", 400, field="template")

@@ -203,7 +203,8 @@ def test_production_will_not_boot_without_secret_key():
     assert "DJANGO_SECRET_KEY must be set" in result.stderr
 
 
-def test_production_passes_check_deploy():
+def check_deploy(**env: str) -> None:
+    """`manage.py check --deploy` with production settings fails on any warning."""
     result = _manage(
         "check",
         "--deploy",
@@ -213,9 +214,14 @@ def test_production_passes_check_deploy():
         DJANGO_SECRET_KEY="a-long-random-production-secret-" + "q7Z" * 12,
         DJANGO_ALLOWED_HOSTS="jobs.example.com",
         FLOWER_BASIC_AUTH="admin:secret",
+        **env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+def test_production_passes_check_deploy():
+    check_deploy()
 
 
 # --- Media storage ------------------------------------------------------------------------------
@@ -295,18 +301,4 @@ def test_unknown_storage_backend_is_refused(load_storage_settings):
 
 
 def test_production_with_media_on_s3_passes_check_deploy():
-    result = _manage(
-        "check",
-        "--deploy",
-        "--fail-level",
-        "WARNING",
-        DJANGO_SETTINGS_MODULE="config.settings.production",
-        DJANGO_SECRET_KEY="a-long-random-production-secret-" + "q7Z" * 12,
-        DJANGO_ALLOWED_HOSTS="jobs.example.com",
-        FLOWER_BASIC_AUTH="admin:secret",
-        STORAGE_BACKEND="s3",
-        AWS_STORAGE_BUCKET_NAME="jobsite-media",
-        AWS_S3_REGION_NAME="eu-central-1",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "no issues" in result.stdout
+    check_deploy(STORAGE_BACKEND="s3", AWS_STORAGE_BUCKET_NAME="jobsite-media", AWS_S3_REGION_NAME="eu-central-1")

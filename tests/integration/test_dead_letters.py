@@ -115,19 +115,9 @@ def test_task_that_kills_its_worker_ends_in_quarantine(start_worker, redis_clien
 
 
 def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client):
-    from config.celery import app
-
     worker = start_worker()
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            b"\x80\x04\x95 not really a pickle",
-            routing_key="normal",
-            exchange="normal",
-            serializer=None,
-            content_type="application/x-python-serialize",
-            content_encoding="binary",
-            headers={"id": "bad-1", "task": "tests.permanent"},
-        )
+    publish_raw(b"\x80\x04\x95 not really a pickle", "application/x-python-serialize", "binary",
+                task_id="bad-1", task="tests.permanent")  # fmt: skip
     row = wait_for(lambda: DeadLetter.objects.filter(reason=DeadLetter.Reason.UNDECODABLE).first())
     assert row.task_id == "bad-1"
     assert "x-python-serialize" in row.raw_message
@@ -135,6 +125,17 @@ def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client
     assert tasks.flaky.delay(key(), 0).get(timeout=30) == 1
     assert worker.process.poll() is None
     assert logged_dead_letter(worker, "bad-1")["reason"] == "undecodable"
+
+
+def publish_raw(body: bytes, content_type: str, encoding: str, *, task_id: str, task: str) -> None:
+    """A message straight to the `normal` queue, as a foreign or broken producer would send it."""
+    from config.celery import app
+
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body, routing_key="normal", exchange="normal", serializer=None, content_type=content_type,
+            content_encoding=encoding, headers={"id": task_id, "task": task},
+        )  # fmt: skip
 
 
 def logged_dead_letter(worker, task_id: str) -> dict:
@@ -145,19 +146,8 @@ def logged_dead_letter(worker, task_id: str) -> dict:
 
 
 def test_malformed_json_message_is_refused_logged_and_dead_lettered(start_worker, redis_client):
-    from config.celery import app
-
     worker = start_worker()
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            b'{"args": [1], "kwargs": {',  # cut off
-            routing_key="normal",
-            exchange="normal",
-            serializer=None,
-            content_type="application/json",
-            content_encoding="utf-8",
-            headers={"id": "bad-json-1", "task": "tests.flaky"},
-        )
+    publish_raw(b'{"args": [1], "kwargs": {', "application/json", "utf-8", task_id="bad-json-1", task="tests.flaky")
     row = wait_for(lambda: DeadLetter.objects.filter(task_id="bad-json-1").first())
     assert row.reason == DeadLetter.Reason.UNDECODABLE
     assert row.status == DeadLetter.Status.PENDING

@@ -78,7 +78,9 @@ def test_dead_letter_requeue_api_never_fails_on_any_json(client, superuser_auth,
 
 
 @FUZZ
-@given(query=st.dictionaries(st.sampled_from(["status", "task", "since", "limit", "before", "x"]), st.text(max_size=30)))
+@given(
+    query=st.dictionaries(st.sampled_from(["status", "task", "since", "limit", "before", "x"]), st.text(max_size=30))
+)
 def test_dead_letter_list_api_never_fails_on_any_query(client, superuser_auth, query):
     response = client.get("/api/jobs/dead-letters/", query, **superuser_auth)
     assert response.status_code in (200, 400), response.content
