@@ -1,0 +1,66 @@
+"""`make run`'s process set (honcho with the Procfile, behind jobs.localredis): all four come up,
+and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from config.env import BASE_DIR
+from jobs.localredis import free_port
+from tests.integration.conftest import process_env, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - a local test server
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def test_the_procfile_brings_up_web_worker_beat_and_flower_and_ctrl_c_stops_them_all(tmp_path):
+    web_port, flower_port = free_port(), free_port()
+    env = process_env(
+        WEB_PORT=str(web_port),
+        FLOWER_PORT=str(flower_port),
+        FLOWER_BASIC_AUTH="ops:s3cret",
+        FLOWER_DB=str(tmp_path / "flower.db"),
+        LIVENESS_DIR=str(tmp_path / "live"),
+        WORKER_METRICS_PORT="0",
+        JOBS_BEAT_LOCK_TTL="5",
+        PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",  # as the Makefile exports it
+    )
+    log = (tmp_path / "honcho.log").open("wb")
+    # What `make run` runs (the Makefile adds migrate and setup_schedules before it).
+    command = [sys.executable, "-m", "jobs.localredis", "--", sys.executable, "-m", "honcho", "start", "-f", "Procfile"]
+    run = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    output = tmp_path / "honcho.log"
+    try:
+        wait_for(lambda: status(f"http://127.0.0.1:{web_port}/readyz") == 200, timeout=60, interval=0.5)
+        wait_for(lambda: status(f"http://127.0.0.1:{flower_port}/") == 401, timeout=60, interval=0.5)  # auth on
+        wait_for(lambda: " ready." in output.read_text(errors="replace"), timeout=60, interval=0.5)
+        wait_for(lambda: "beat.leading" in output.read_text(errors="replace"), timeout=60, interval=0.5)
+        processes = psutil.Process(run.pid).children(recursive=True)
+        assert len(processes) >= 5  # honcho, and under it the shells or the four programs
+
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        assert run.wait(timeout=60) is not None
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert not alive, [p.info for p in alive]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        log.close()
