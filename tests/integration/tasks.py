@@ -101,3 +101,27 @@ def slow_mark(key: str, n: int, seconds: float) -> None:
 def record_order(key: str, label: str) -> None:
     """Appends `label` to the list `key`: the order in which a worker ran tasks."""
     _redis().rpush(key, label)
+
+
+@shared_task(base=JobTask, name="tests.generate_dies_midway")
+def generate_dies_midway(key: str, image_id: int) -> None:
+    """`thumbnails.generate`, except that its first attempt leaves half a thumbnail file behind
+    and kills its process, as an OOM kill or a power cut would."""
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from thumbnails import services
+    from thumbnails.models import Image
+
+    if _redis().incr(f"{key}:attempt") == 1:
+        real_write, calls = services._write, []
+
+        def write_half_then_die(name: str, data: bytes) -> str:
+            calls.append(name)
+            if len(calls) == 2:
+                default_storage.save(name, ContentFile(data[: len(data) // 2]))
+                os._exit(9)
+            return real_write(name, data)
+
+        services._write = write_half_then_die
+    services.thumbnails_generate(image=Image.objects.get(pk=image_id))

@@ -123,6 +123,34 @@ def test_running_the_task_again_is_harmless(worker, client, settings):
     assert not DeadLetter.objects.exists()
 
 
+def test_a_worker_killed_mid_write_leaves_nothing_half_done(start_worker, client, settings, redis_client):
+    """The first attempt writes half of a thumbnail and its process dies; the redelivered
+    message (late ack, reject on worker lost) finishes the job with whole files and one row
+    per size."""
+    from PIL import Image as PILImage
+
+    from tests.integration import tasks
+
+    image_id = upload(client, images.jpeg((1600, 1200)), "a.jpg")
+    for queued in redis_client.keys("normal*"):  # the upload's own task: this test sends its own
+        redis_client.delete(queued)
+    key = f"k-{image_id}-{os.getpid()}"
+    tasks.generate_dies_midway.apply_async((key, image_id), queue="normal")
+    start_worker(extra_env={"MEDIA_ROOT": str(settings.MEDIA_ROOT)}, queues="normal", concurrency=1)
+
+    wait_for(lambda: Image.objects.get(pk=image_id).status == Image.Status.DONE, timeout=60)
+    assert int(redis_client.get(f"{key}:attempt")) == 2  # died once, redelivered once
+    rows = list(Thumbnail.objects.filter(image_id=image_id))
+    assert sorted(row.size for row in rows) == sorted(settings.THUMBNAIL_SIZES)
+    folder = settings.MEDIA_ROOT / "thumbnails" / str(image_id)
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(row.file.name) for row in rows)
+    for row in rows:
+        with default_storage.open(row.file.name) as handle, PILImage.open(handle) as picture:
+            picture.load()  # a half-written file would fail here
+            assert max(picture.size) == row.size
+    assert not DeadLetter.objects.exists()
+
+
 def test_a_task_for_a_deleted_image_fails_for_good_with_the_reason(worker, client):
     image_id = upload(client, images.jpeg(), "a.jpg")
     wait_for(lambda: finished(client, image_id))
