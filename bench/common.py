@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,39 +73,56 @@ class Environment:
 
 
 class Worker:
-    """`celery -A config worker` with the given queues and processes, loading bench tasks."""
+    """`celery -A config worker` with the given queues and processes, loading bench tasks.
+
+    `app="bench.plain_app"` runs the plain Celery baseline instead (no project, so no liveness
+    file: give `start` a `ready` check). `loglevel` adds `-l LEVEL` (Celery's own logging; the
+    project's worker takes its level from `LOG_LEVEL`)."""
 
     def __init__(self, *, queues: str = "normal", concurrency: int = 2, extra_env: dict | None = None,
-                 extra_args: list[str] | None = None) -> None:  # fmt: skip
-        self.args = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queues, "-c", str(concurrency),
-                     "--without-gossip", "--without-mingle", "--without-heartbeat", "-I", "bench.tasks",
-                     "-n", f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", *(extra_args or [])]  # fmt: skip
+                 extra_args: list[str] | None = None, app: str = "config",
+                 loglevel: str | None = None) -> None:  # fmt: skip
+        include = ["-I", "bench.tasks"] if app == "config" else []
+        self.args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency),
+                     "--without-gossip", "--without-mingle", "--without-heartbeat", *include,
+                     "-n", f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", *(["-l", loglevel] if loglevel else []),
+                     *(extra_args or [])]  # fmt: skip
         self.live = Path(tempfile.mkdtemp(prefix="bench-live-"))
         self.env = {**os.environ, "LIVENESS_DIR": str(self.live), "JOBS_LIVENESS_INTERVAL": "0.2", **(extra_env or {})}
         self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> Worker:
+    def start(self, timeout: float = 60, ready: Callable[[], bool] | None = None) -> Worker:
+        """Starts the worker and returns once it consumes: its liveness file exists, or `ready()`
+        (e.g. "a task sent to it has run") is true."""
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        ready = ready or (self.live / "worker.alive").exists  # written once the consumer consumes
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self.live / "worker.alive").exists():  # written once the consumer consumes
+            if ready():
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(Path(self.log.name).read_text(errors="replace")[-2000:])
-            time.sleep(0.05)
+            time.sleep(0.005)
         raise RuntimeError("worker not ready")
 
-    def rss_mb(self) -> float:
-        """Resident memory of the worker and its pool processes, in MB."""
+    def log_bytes(self) -> int:
+        """Bytes the worker has written to its stdout and stderr so far."""
+        return os.path.getsize(self.log.name)
+
+    def pss_mb(self) -> float:
+        """Proportional memory of the worker and its pool processes, in MB: pages the forked
+        processes share are split between them, so the sum is what the worker really occupies
+        (a sum of RSS counts every shared page once per process)."""
         import psutil
 
         parent = psutil.Process(self.process.pid)
-        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
+        return sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)]) / 2**20
 
     def stop(self) -> None:
         stop_process(self.process, timeout=60)
         os.unlink(self.log.name)
+        shutil.rmtree(self.live, ignore_errors=True)
 
 
 def stop_process(process: subprocess.Popen | None, timeout: float = 30) -> None:
