@@ -302,3 +302,10 @@ def test_unknown_storage_backend_is_refused(load_storage_settings):
 
 def test_production_with_media_on_s3_passes_check_deploy():
     check_deploy(STORAGE_BACKEND="s3", AWS_STORAGE_BUCKET_NAME="jobsite-media", AWS_S3_REGION_NAME="eu-central-1")
+
+
+def test_task_events_can_be_turned_off(load_settings, monkeypatch):
+    monkeypatch.delenv("CELERY_TASK_EVENTS", raising=False)
+    assert load_settings("local").CELERY_WORKER_SEND_TASK_EVENTS is True
+    s = load_settings("local", CELERY_TASK_EVENTS="false")
+    assert (s.CELERY_WORKER_SEND_TASK_EVENTS, s.CELERY_TASK_SEND_SENT_EVENT) == (False, False)
