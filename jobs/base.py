@@ -127,10 +127,15 @@ class JobTask(MeteredTask):
     def retries_allowed(self) -> int:
         return settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
 
-    def retry_countdown(self, attempt: int) -> float:
-        """Seconds before retry `attempt` (1-based), below the broker's visibility timeout."""
+    def backoff_policy(self) -> tuple[float, float]:
+        """(base, cap) of this task's retry delays: its own, else the project's settings."""
         base = settings.TASK_RETRY_BACKOFF_BASE if self.backoff_base is None else self.backoff_base
         cap = settings.TASK_RETRY_BACKOFF_MAX if self.backoff_max is None else self.backoff_max
+        return base, cap
+
+    def retry_countdown(self, attempt: int) -> float:
+        """Seconds before retry `attempt` (1-based), below the broker's visibility timeout."""
+        base, cap = self.backoff_policy()
         ceiling = None
         if settings.BROKER_IS_REDIS:
             ceiling = max(settings.CELERY_VISIBILITY_TIMEOUT * VISIBILITY_MARGIN, 1.0)

@@ -39,11 +39,7 @@ def _retry_delay_warnings(visibility: int) -> list:
     for name, task in sorted(app.tasks.items()):
         if not isinstance(task, JobTask) or (task.retry_limit, task.backoff_base, task.backoff_max) == (None,) * 3:
             continue
-        own = _longest_delay(
-            base if task.backoff_base is None else task.backoff_base,
-            cap if task.backoff_max is None else task.backoff_max,
-            task.retries_allowed(),
-        )
+        own = _longest_delay(*task.backoff_policy(), task.retries_allowed())
         if own >= visibility > longest:
             problems.append(
                 Warning(

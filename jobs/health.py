@@ -7,26 +7,12 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from django.db import connections
 
 from jobs.policy import redact_text
 
 BROKER_CHECK_TIMEOUT = 2.0
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe to log or show."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _timed(check) -> dict[str, Any]:

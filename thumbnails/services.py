@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -63,6 +64,18 @@ def _storage_transient(exc: BaseException) -> bool:
     return code in _STORAGE_TRANSIENT_CODES or status == 429 or status >= 500
 
 
+@contextmanager
+def _storage_errors(doing: str) -> Iterator[None]:
+    """Turns a storage failure worth another try (a timeout, an overloaded store) into
+    `StorageUnavailable`, which the task retries; any other error passes through."""
+    try:
+        yield
+    except Exception as exc:
+        if _storage_transient(exc):
+            raise StorageUnavailable(f"{doing} failed: {exc}") from exc
+        raise
+
+
 def _overwrites_whole(storage) -> bool:
     """Whether saving over an existing name replaces it in one step, as an object store's PUT
     does (django-storages' S3 and GCS backends with `file_overwrite`): a reader then sees the old
@@ -99,12 +112,8 @@ def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Imag
         raise UploadTooLarge(len(data), limit)
     info = processing.inspect(data, max_pixels=settings.MAX_IMAGE_PIXELS)
 
-    try:
+    with _storage_errors("storing the original"):
         stored = default_storage.save(_original_name(info), ContentFile(data))
-    except Exception as exc:
-        if _storage_transient(exc):
-            raise StorageUnavailable(f"storing the original failed: {exc}") from exc
-        raise
     try:
         with transaction.atomic():
             image = Image.objects.create(
@@ -124,19 +133,15 @@ def image_create(*, upload: UploadedFile, request_id: str | None = None) -> Imag
 
 def _read_original(image: Image) -> bytes:
     try:
-        with default_storage.open(image.original.name, "rb") as handle:
+        with _storage_errors("reading the original"), default_storage.open(image.original.name, "rb") as handle:
             return handle.read()
     except FileNotFoundError as exc:
         raise OriginalMissing(f"the original file {image.original.name!r} is missing") from exc
-    except Exception as exc:
-        if _storage_transient(exc):
-            raise StorageUnavailable(f"reading the original failed: {exc}") from exc
-        raise
 
 
 def _write(name: str, data: bytes) -> str:
     """Writes `data` under exactly `name`, replacing what a previous attempt left there."""
-    try:
+    with _storage_errors(f"writing {name!r}"):
         # On a disk a crashed attempt may have left half a file: remove it, then create the name
         # afresh. An object store never shows a partial object and replaces one whole, so there
         # the write goes straight over it (no moment without the file a committed row names).
@@ -147,10 +152,6 @@ def _write(name: str, data: bytes) -> str:
             # A concurrent run of the same task wrote `name` in between; it holds the same bytes.
             default_storage.delete(saved)
         return name
-    except Exception as exc:
-        if _storage_transient(exc):
-            raise StorageUnavailable(f"writing {name!r} failed: {exc}") from exc
-        raise
 
 
 def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
