@@ -1,8 +1,21 @@
 """Staff-only JSON endpoints: a Django session or HTTP basic auth with a staff account.
 
-Session requests keep Django's CSRF protection on writes; requests authenticated with HTTP basic
-auth carry their credentials in every request, so no ambient cookie can be abused and CSRF does
-not apply.
+Writes (every method but GET, HEAD, OPTIONS and TRACE) refuse a cross-site request first, whatever
+the authentication: a browser that once answered the basic auth prompt attaches those cached
+credentials to every request to the site, another site's form posts and `no-cors` fetches
+included, and SameSite (which protects the session cookie) does not cover them. A write is
+refused, before any password is checked and with nothing done:
+
+- 403 `{"error": "cross-site request refused"}` when `Sec-Fetch-Site` is there and is neither
+  `same-origin` nor `none` (`same-site` is another site of the same registrable domain), or when
+  `Origin` is there and is not the request's own origin (scheme and host as Django sees them, or
+  one of `CSRF_TRUSTED_ORIGINS`, as Django's CSRF middleware decides; `Origin: null` never is);
+- 415 when its Content-Type is not `application/json` (`jobs.middleware.not_json`), even when the
+  body is empty: a cross-site form can send an empty `text/plain` body, so every write, one that
+  takes no body too, must say `Content-Type: application/json`.
+
+A request with neither header (curl, a server-side client) passes on to authentication. Session
+requests also keep Django's CSRF token check on writes; basic auth needs no token.
 """
 
 from __future__ import annotations
@@ -17,9 +30,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from jobs.middleware import json_error
+from jobs.middleware import json_error, not_json
 
 REALM = 'Basic realm="jobsite API", charset="UTF-8"'
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+SAME_ORIGIN_FETCH_SITES = frozenset({"same-origin", "none"})  # `none`: typed or bookmarked by the user
 
 
 def _unauthorized(message: str) -> JsonResponse:
@@ -44,24 +59,54 @@ def _basic_credentials(request: HttpRequest) -> tuple[str, str] | None:
     return username, password
 
 
+def _no_view(_request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
+    raise AssertionError
+
+
+def _cross_site_header(request: HttpRequest) -> str | None:
+    """The header that shows the request comes from another site (`Sec-Fetch-Site` or
+    `Origin`), or None when neither does (same origin, or a client that sends neither)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site.strip().lower() not in SAME_ORIGIN_FETCH_SITES:
+        return "Sec-Fetch-Site"
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    # Django's own origin check: scheme and host as Django sees them, or CSRF_TRUSTED_ORIGINS.
+    if origin.strip().lower() == "null" or not CsrfViewMiddleware(_no_view)._origin_verified(request):
+        return "Origin"
+    return None
+
+
+def _cross_site_refusal(request: HttpRequest) -> HttpResponse | None:
+    """403 or 415 for a write that may come from another site; None for a safe method or a
+    same-origin JSON write."""
+    if request.method in SAFE_METHODS:
+        return None
+    header = _cross_site_header(request)
+    if header is not None:
+        return json_error("cross-site request refused", 403, header=header)
+    return not_json(request)
+
+
 def _csrf_failure(request: HttpRequest) -> HttpResponse | None:
     """Runs Django's CSRF check on a view that is exempt from the middleware's own check."""
-
-    def no_view(_request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
-        raise AssertionError
-
-    check = CsrfViewMiddleware(no_view)
+    check = CsrfViewMiddleware(_no_view)
     check.process_request(request)
-    return check.process_view(request, no_view, (), {})
+    return check.process_view(request, _no_view, (), {})
 
 
 def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Lets staff in by basic auth or session: 401 (with `WWW-Authenticate`) without valid
-    credentials, 403 for a user who is not staff, 403 for a session POST without CSRF token."""
+    """Lets staff in by basic auth or session: first 403/415 for a write that may come from
+    another site (see the module docstring), then 401 (with `WWW-Authenticate`) without valid
+    credentials, 403 for a user who is not staff, 403 for a session write without CSRF token."""
 
-    @csrf_exempt  # checked below for session users; basic auth carries no ambient credentials
+    @csrf_exempt  # checked below for session users; cross-site basic auth writes are refused first
     @wraps(view)
     def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        refused = _cross_site_refusal(request)
+        if refused is not None:
+            return refused
         try:
             credentials = _basic_credentials(request)
         except ValueError:
@@ -75,7 +120,7 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
             user = request.user
             if not user.is_authenticated:
                 return _unauthorized("authentication required")
-            if request.method not in {"GET", "HEAD", "OPTIONS", "TRACE"}:
+            if request.method not in SAFE_METHODS:
                 failure = _csrf_failure(request)
                 if failure is not None:
                     return json_error("CSRF verification failed", 403)

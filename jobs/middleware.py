@@ -40,9 +40,28 @@ def json_error(message: str, status: int, **extra: object) -> JsonResponse:
     return JsonResponse({"error": message, **extra}, status=status)
 
 
+JSON_REQUIRED = "Content-Type: application/json required"
+
+
+def not_json(request: HttpRequest) -> JsonResponse | None:
+    """The 415 answer for a request whose Content-Type (parameters such as `; charset=utf-8`
+    aside) is not `application/json`, a missing one included; None when it is JSON.
+
+    A browser sends a cross-site form or a `no-cors` fetch only as `text/plain`,
+    `application/x-www-form-urlencoded` or `multipart/form-data` (or with no type), never as
+    `application/json`, so insisting on it keeps another site's page from driving the API."""
+    if request.content_type.strip().lower() == "application/json":
+        return None
+    return json_error(JSON_REQUIRED, 415)
+
+
 def json_object(request: HttpRequest, shape: str) -> dict | JsonResponse:
-    """The request's body as a JSON object, or the 400 answer saying why it is not one (`shape`
-    shows what is expected)."""
+    """The request's body as a JSON object, or the answer saying why it is not one: 415 when the
+    Content-Type is not `application/json` (see `not_json`), 400 when the body is not a JSON
+    object (`shape` shows what is expected)."""
+    refused = not_json(request)
+    if refused is not None:
+        return refused
     try:
         body = json.loads(request.body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
