@@ -1,13 +1,20 @@
 """Alerting on new dead letters: a rate-limited digest email to `DEAD_LETTER_ALERT_EMAILS`.
 
-The first dead letter after a quiet period starts a digest that goes out a minute later (so a
-burst becomes one mail); no other digest is started for `JOBS_DEAD_LETTER_ALERT_INTERVAL` seconds.
-A failing alert is logged and dead-lettered without alerting again, so it can never loop.
+The first dead letter after a quiet period opens an alert window of
+`JOBS_DEAD_LETTER_ALERT_INTERVAL` seconds and starts a digest that goes out a minute later (so a
+burst becomes one mail). A dead letter arriving while a window is open schedules, once per window,
+a follow-up digest for the window's end; that follow-up opens the next window when it has
+something to mail (so a storm still mails about once per interval) and closes it otherwise. Every
+dead letter is thus mailed within about the interval plus a minute.
+A failing alert is logged and dead-lettered without alerting again, so it can never loop: only a
+new dead letter of another task schedules digests (the digest task's own are recorded with
+`alert=False`), and a follow-up only ever reschedules itself while its window's lock still holds.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.cache import cache
@@ -16,25 +23,80 @@ from django.utils import timezone
 
 logger = logging.getLogger("jobs.alerts")
 
-LOCK_KEY = "jobs:dead-letter-alert:lock"
+LOCK_KEY = "jobs:dead-letter-alert:lock"  # value: when the open window started (ISO 8601)
+FOLLOW_UP_KEY = "jobs:dead-letter-alert:follow-up:{window}"  # set once a window's follow-up is scheduled
 LAST_SENT_KEY = "jobs:dead-letter-alert:last-sent"
 GATHER_SECONDS = 60
+#: A follow-up is due this long after its window's end (the lock must be gone when it runs).
+FOLLOW_UP_MARGIN = 1
 
 
 def dead_letter_alert_schedule() -> bool:
-    """Starts a digest unless one was started within the alert interval; True if it did."""
+    """Starts a digest (a minute from now) unless an alert window is open; in an open window,
+    makes sure one follow-up digest runs when the window ends. True if it scheduled either."""
     if not settings.DEAD_LETTER_ALERT_EMAILS:
         return False
     from jobs.tasks import dead_letter_digest
 
+    interval = settings.JOBS_DEAD_LETTER_ALERT_INTERVAL
     try:
-        if not cache.add(LOCK_KEY, timezone.now().isoformat(), timeout=settings.JOBS_DEAD_LETTER_ALERT_INTERVAL):
+        now = timezone.now()
+        for _attempt in range(2):  # a second time when the window ended between `add` and `get`
+            if cache.add(LOCK_KEY, now.isoformat(), timeout=interval):
+                dead_letter_digest.apply_async(countdown=GATHER_SECONDS)
+                return True
+            window = cache.get(LOCK_KEY)
+            if window is not None:
+                break
+        else:
+            return False  # another process opened the window just now and started its digest
+        # One cheap `add` per dead letter in the window; only the first schedules anything.
+        left = _seconds_left(window, now)
+        if not cache.add(FOLLOW_UP_KEY.format(window=window), 1, timeout=int(left) + GATHER_SECONDS):
             return False
-        dead_letter_digest.apply_async(countdown=GATHER_SECONDS)
+        dead_letter_digest.apply_async(kwargs={"window": window}, countdown=left + FOLLOW_UP_MARGIN)
     except Exception:
         logger.warning("dead_letter.alert_schedule_failed", exc_info=True)
         return False
     return True
+
+
+def _seconds_left(window: str, now) -> float:
+    """Seconds until the alert window that started at `window` ends (its lock times out)."""
+    interval = settings.JOBS_DEAD_LETTER_ALERT_INTERVAL
+    try:
+        end = datetime.fromisoformat(window) + timedelta(seconds=interval)
+    except (TypeError, ValueError):
+        return float(interval)
+    return min(max((end - now).total_seconds(), 0.0), float(interval))
+
+
+def dead_letter_follow_up(window: str) -> int:
+    """The digest due when the alert window that started at `window` ends: mails what came in
+    since the last digest. Returns how many dead letters it reported.
+
+    It opens the next window when it mails (so the next dead letters wait for that window's
+    end: about one mail per interval) and leaves none open when there was nothing to mail. If a
+    newer window is already open, that window's own digest reports everything: nothing to do.
+    Run before its window ended (clocks differ), it schedules itself again for the end.
+    """
+    from jobs.tasks import dead_letter_digest
+
+    now = timezone.now()
+    if not cache.add(LOCK_KEY, now.isoformat(), timeout=settings.JOBS_DEAD_LETTER_ALERT_INTERVAL):
+        if cache.get(LOCK_KEY) == window:
+            dead_letter_digest.apply_async(
+                kwargs={"window": window}, countdown=_seconds_left(window, now) + FOLLOW_UP_MARGIN
+            )
+        return 0
+    try:
+        sent = dead_letter_digest_send()
+    except BaseException:
+        cache.delete(LOCK_KEY)  # the task's retry takes the window again
+        raise
+    if not sent:
+        cache.delete(LOCK_KEY)  # nothing mailed: the next dead letter is mailed a minute later
+    return sent
 
 
 def dead_letter_digest_send() -> int:

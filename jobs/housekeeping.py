@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -13,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Count
+from django.db.models import Count, DurationField, ExpressionWrapper, F
 from django.utils import timezone
 
 logger = logging.getLogger("jobs.housekeeping")
@@ -50,11 +51,49 @@ def cleanup_roots() -> list[Path]:
     return unique
 
 
-def _unsafe_root(root: Path) -> bool:
-    """A root whose cleanup would destroy real data: `/`, the project, the media files, home."""
-    resolved = root.resolve()
-    forbidden = {Path("/"), Path(settings.BASE_DIR).resolve(), Path(settings.MEDIA_ROOT).resolve(), Path.home()}
-    return resolved in forbidden or len(resolved.parts) < 3
+def _protected_paths() -> list[tuple[str, Path]]:
+    """What no cleanup root may be or contain: the project, its data and the home directory."""
+    paths: list[tuple[str, Any]] = [
+        ("the project (BASE_DIR)", settings.BASE_DIR),
+        ("VAR_DIR", getattr(settings, "VAR_DIR", None)),
+        ("MEDIA_ROOT", settings.MEDIA_ROOT),
+        ("STATIC_ROOT", getattr(settings, "STATIC_ROOT", None)),
+    ]
+    database = settings.DATABASES.get("default", {})
+    name = str(database.get("NAME") or "")
+    if database.get("ENGINE", "").endswith("sqlite3") and name and name != ":memory:" and not name.startswith("file:"):
+        paths.append(("the SQLite database", name))
+    with contextlib.suppress(RuntimeError):  # no home directory to find
+        paths.append(("the home directory", Path.home()))
+    return [(what, Path(path).resolve()) for what, path in paths if path]
+
+
+def cleanup_root_danger(root: Path | str) -> str | None:
+    """Why cleaning `root` would destroy real data, or None.
+
+    Paths are compared resolved (symlinks, `..`): dangerous are a filesystem root, and a root
+    that is, or contains at any depth, the project, its data (VAR_DIR, MEDIA_ROOT, STATIC_ROOT,
+    an SQLite database) or the home directory. A root inside MEDIA_ROOT is not: only what is
+    below the root is cleaned."""
+    resolved = Path(root).resolve()
+    if resolved == Path(resolved.anchor):
+        return f"{resolved} is a filesystem root"
+    for what, path in _protected_paths():
+        if path == resolved:
+            return f"{resolved} is {what}"
+        if resolved in path.parents:
+            return f"{resolved} contains {what} ({path})"
+    return None
+
+
+def cleanup_root_problem(root: Path | str) -> str | None:
+    """Why the cleanup refuses `root`, or None: a danger (above), or a top-level directory such
+    as `/tmp` or `/var`, shared with everything else on the machine."""
+    danger = cleanup_root_danger(root)
+    if danger:
+        return danger
+    resolved = Path(root).resolve()
+    return f"{resolved} is a top-level directory" if len(resolved.parts) < 3 else None
 
 
 def temp_files_cleanup(*, roots: list[Path], max_age: timedelta, dry_run: bool = False) -> CleanupReport:
@@ -69,9 +108,10 @@ def temp_files_cleanup(*, roots: list[Path], max_age: timedelta, dry_run: bool =
     for root in roots:
         if not root.is_dir() or root.is_symlink():
             continue
-        if _unsafe_root(root):
+        problem = cleanup_root_problem(root)
+        if problem:
             report.refused_roots.append(str(root))
-            logger.error("cleanup.refused_root", extra={"root": str(root)})
+            logger.error("cleanup.refused_root", extra={"root": str(root), "problem": problem})
             continue
         real_root = root.resolve()
         for dirpath, _dirnames, filenames in os.walk(real_root, topdown=False, followlinks=False):
@@ -157,16 +197,23 @@ def daily_report_build(*, end: datetime | None = None) -> dict[str, Any]:
         name = row["task_name"] or "<unknown>"
         by_task.setdefault(name, {})[row["status"]] = row["n"]
         totals[row["status"]] = totals.get(row["status"], 0) + row["n"]
-    slowest = []
-    for row in results.exclude(date_created=None).values("task_name", "task_id", "date_created", "date_done"):
-        slowest.append(
-            {
-                "task_name": row["task_name"],
-                "task_id": row["task_id"],
-                "seconds": round((row["date_done"] - row["date_created"]).total_seconds(), 3),
-            }
-        )
-    slowest = sorted(slowest, key=lambda r: r["seconds"], reverse=True)[:10]
+    # The ten longest runs, picked by the database (never a row per run in this process); ties
+    # in the results' own order, latest done first.
+    duration = ExpressionWrapper(F("date_done") - F("date_created"), output_field=DurationField())
+    longest = (
+        results.exclude(date_created=None)
+        .annotate(duration=duration)
+        .order_by("-duration", "-date_done", "-pk")
+        .values("task_name", "task_id", "date_created", "date_done")[:10]
+    )
+    slowest = [
+        {
+            "task_name": row["task_name"],
+            "task_id": row["task_id"],
+            "seconds": round((row["date_done"] - row["date_created"]).total_seconds(), 3),
+        }
+        for row in longest
+    ]
     retries: dict[str, int] = {}
     for day in {start.date(), end.date()}:
         for name, n in (cache.get(RETRIES_KEY.format(day=day.isoformat())) or {}).items():

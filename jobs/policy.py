@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from kombu.utils import json as kombu_json
 
 JITTER = 0.10
 REDACTED = "***"
@@ -45,7 +49,13 @@ def is_secret_key(key: object) -> bool:
 
 def redact(value: Any) -> tuple[Any, bool]:
     """A JSON-safe copy of `value` with secret-looking keys at any depth replaced by `***`,
-    and whether anything was replaced."""
+    and whether the copy cannot be replayed as the original (something was replaced).
+
+    Values Celery's JSON serializer (kombu's) carries as tagged objects - `datetime`, `date`,
+    `time`, `Decimal`, `UUID`, `bytes` and any type registered with `kombu.utils.json` - are
+    stored in kombu's own tagged form, `{"__type__": ..., "__value__": ...}`, so publishing the
+    stored arguments again gives the task the original types. Anything else kombu cannot encode
+    is stored as its `repr()` and counts as replaced."""
     redacted = False
 
     def walk(item: Any) -> Any:
@@ -63,7 +73,17 @@ def redact(value: Any) -> tuple[Any, bool]:
             return [walk(sub) for sub in item]
         if item is None or isinstance(item, str | int | float | bool):
             return item
-        return repr(item)[:500]
+        if isinstance(item, bytes) and b"\x00" in item:
+            # kombu would tag these as text ("bytes"), but PostgreSQL's jsonb refuses \u0000:
+            # kombu's other tag for bytes, base64, decodes to the same value.
+            return {"__type__": "base64", "__value__": base64.b64encode(item).decode("ascii")}
+        try:
+            # Exactly what the message would carry (kombu's encoder), as plain JSON values.
+            encoded = json.loads(kombu_json.dumps(item))
+        except Exception:  # noqa: BLE001 - not serializable (TypeError), circular, a failing __json__
+            redacted = True
+            return repr(item)[:500]
+        return walk(encoded)  # plain JSON now; still looks for secret keys inside
 
     return walk(value), redacted
 

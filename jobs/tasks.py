@@ -16,11 +16,12 @@ def ping() -> dict[str, str]:
 
 
 @shared_task(base=JobTask, name="jobs.dead_letter_digest", alert_on_dead_letter=False, retry_limit=2)
-def dead_letter_digest() -> int:
-    """Mails the digest of new dead letters (see `jobs.alerts`)."""
-    from jobs.alerts import dead_letter_digest_send
+def dead_letter_digest(window: str = "") -> int:
+    """Mails the digest of new dead letters (see `jobs.alerts`); with `window`, the follow-up
+    due when that alert window ends."""
+    from jobs.alerts import dead_letter_digest_send, dead_letter_follow_up
 
-    return dead_letter_digest_send()
+    return dead_letter_follow_up(window) if window else dead_letter_digest_send()
 
 
 @shared_task(base=JobTask, name="jobs.heartbeat", retry_limit=0, alert_on_dead_letter=False)

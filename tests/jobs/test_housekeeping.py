@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.core import mail
@@ -71,6 +72,97 @@ def test_cleanup_refuses_dangerous_roots(settings, tmp_path):
     assert precious.exists()
 
 
+@pytest.mark.parametrize("inside", ["media", "deep/down/media", "."])
+def test_cleanup_refuses_a_root_that_holds_the_media(settings, inside):
+    settings.MEDIA_ROOT = (settings.TEMP_ROOT / inside).resolve()
+    precious = make(settings.MEDIA_ROOT / "photo.jpg", age_hours=100)
+    report = temp_files_cleanup(roots=[settings.TEMP_ROOT], max_age=DAY)
+    assert report.refused_roots == [str(settings.TEMP_ROOT)]
+    assert precious.exists()
+
+
+def test_cleanup_compares_resolved_paths(settings, tmp_path):
+    real_media = make(settings.TEMP_ROOT / "uploads" / "photo.jpg", age_hours=100).parent
+    (tmp_path / "media-link").symlink_to(real_media, target_is_directory=True)
+    settings.MEDIA_ROOT = tmp_path / "media-link"  # looks elsewhere, lives inside the temp root
+    report = temp_files_cleanup(roots=[tmp_path / "media" / ".." / "tmp"], max_age=DAY)
+    assert report.refused_roots == [str(tmp_path / "media" / ".." / "tmp")]
+    assert (real_media / "photo.jpg").exists()
+
+
+@pytest.mark.parametrize("protected", ["BASE_DIR", "VAR_DIR", "STATIC_ROOT"])
+def test_cleanup_refuses_a_root_that_holds_the_project_or_its_data(settings, protected):
+    setattr(settings, protected, settings.TEMP_ROOT / "inside")
+    precious = make(settings.TEMP_ROOT / "inside" / "manage.py", age_hours=100)
+    report = temp_files_cleanup(roots=[settings.TEMP_ROOT], max_age=DAY)
+    assert report.refused_roots == [str(settings.TEMP_ROOT)]
+    assert precious.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_cleanup_refuses_a_root_that_holds_the_sqlite_database(settings):
+    database = make(settings.TEMP_ROOT / "db" / "db.sqlite3", age_hours=100)
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "ENGINE": "django.db.backends.sqlite3",
+                                      "NAME": str(database)}}  # fmt: skip
+    report = temp_files_cleanup(roots=[settings.TEMP_ROOT], max_age=DAY)
+    assert report.refused_roots == [str(settings.TEMP_ROOT)]
+    assert database.exists()
+
+
+def test_unsafe_root_reasons(settings, tmp_path):
+    from jobs.housekeeping import cleanup_root_problem
+
+    assert "filesystem root" in cleanup_root_problem(Path("/"))
+    assert cleanup_root_problem(Path("/tmp")) is not None  # a shared top-level directory
+    assert cleanup_root_problem(Path(settings.BASE_DIR)) is not None
+    assert cleanup_root_problem(Path(settings.BASE_DIR).parent / "..") is not None
+    assert cleanup_root_problem(settings.TEMP_ROOT) is None
+    assert cleanup_root_problem(settings.MEDIA_ROOT) is not None
+
+
+def test_cleanup_may_clean_a_temp_dir_inside_the_media(settings):
+    """Only media at or below a cleanup root is at risk; a temp dir of its own inside
+    MEDIA_ROOT deletes nothing else."""
+    photo = make(settings.MEDIA_ROOT / "photo.jpg", age_hours=100)
+    stale = make(settings.MEDIA_ROOT / "tmp" / "stale.upload", age_hours=100)
+    report = temp_files_cleanup(roots=[settings.MEDIA_ROOT / "tmp"], max_age=DAY)
+    assert report.refused_roots == []
+    assert report.removed == [str(stale)]
+    assert photo.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "media"),
+    [("TEMP_ROOT", "TEMP_ROOT/media"), ("TEMP_ROOT", "TEMP_ROOT"), ("FILE_UPLOAD_TEMP_DIR", "FILE_UPLOAD_TEMP_DIR/m")],
+)
+def test_manage_py_check_reports_a_cleanup_root_holding_the_media(settings, tmp_path, setting, media):
+    from django.core.management.base import SystemCheckError
+
+    from jobs.checks import check_cleanup_roots
+
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "uploads")
+    base, _, rest = media.partition("/")
+    settings.MEDIA_ROOT = Path(getattr(settings, base)) / rest
+    problems = check_cleanup_roots()
+    assert [p.id for p in problems] == ["jobs.E002"]
+    assert setting in problems[0].msg
+    assert str(Path(settings.MEDIA_ROOT).resolve()) in problems[0].msg
+    with pytest.raises(SystemCheckError, match=r"jobs\.E002"):
+        call_command("check", tags=["jobs"])
+
+
+def test_manage_py_check_reports_a_cleanup_root_at_the_filesystem_root_or_holding_the_project(settings):
+    from jobs.checks import check_cleanup_roots
+
+    settings.FILE_UPLOAD_TEMP_DIR = None
+    assert check_cleanup_roots() == []
+    settings.TEMP_ROOT = Path("/")
+    assert [p.id for p in check_cleanup_roots()] == ["jobs.E002"]
+    settings.TEMP_ROOT = Path(settings.BASE_DIR).parent
+    assert [p.id for p in check_cleanup_roots()] == ["jobs.E002"]
+    assert "BASE_DIR" in check_cleanup_roots()[0].msg
+
+
 def test_cleanup_task_uses_the_configured_roots(settings):
     settings.FILE_UPLOAD_TEMP_DIR = str(settings.TEMP_ROOT)
     settings.CLEANUP_MAX_AGE_HOURS = 1
@@ -115,6 +207,36 @@ def test_daily_report_counts(redis_client, settings):
     assert DailyReport.objects.count() == 1
     assert len(mail.outbox) == 2
     assert "mailer.send_email: success 1; retries 2" in mail.outbox[0].body
+
+
+@pytest.mark.django_db
+def test_daily_report_aggregates_in_the_database(redis_client):
+    """A busy day has millions of results: the report must not bring a row per task run into
+    the process. Every query of the results table aggregates (GROUP BY) or is LIMITed."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    now = timezone.now()
+    started = now - timedelta(hours=1)
+    TaskResult.objects.bulk_create(
+        TaskResult(task_id=f"id-{n}", task_name=f"t.{n % 3}", status="SUCCESS" if n % 4 else "FAILURE")
+        for n in range(40)
+    )
+    for n, row in enumerate(TaskResult.objects.order_by("task_id")):
+        TaskResult.objects.filter(pk=row.pk).update(date_created=started, date_done=started + timedelta(seconds=n))
+
+    table = TaskResult._meta.db_table
+    with CaptureQueriesContext(connection) as queries:
+        data = daily_report_build(end=now)
+    results_queries = [q["sql"] for q in queries if table in q["sql"]]
+    assert results_queries
+    assert [sql for sql in results_queries if "GROUP BY" not in sql.upper() and "LIMIT" not in sql.upper()] == []
+    assert len(queries) <= 4
+    assert data["totals"] == {"SUCCESS": 30, "FAILURE": 10}
+    assert sum(sum(states.values()) for states in data["by_task"].values()) == 40
+    assert [r["seconds"] for r in data["slowest"]] == [float(s) for s in range(39, 29, -1)]
+    by_id = {row.task_id: row.task_name for row in TaskResult.objects.all()}
+    assert all(by_id[r["task_id"]] == r["task_name"] for r in data["slowest"])
 
 
 @pytest.mark.django_db
