@@ -28,10 +28,11 @@ app.autodiscover_tasks()
 
 
 def _add_worker_steps() -> None:
-    from jobs.worker import LivenessStep, ShutdownLogStep, ZeroIsNoLimitStep
+    from jobs.worker import LedgerStep, LivenessStep, ShutdownLogStep, ZeroIsNoLimitStep
 
     app.steps["worker"].add(ZeroIsNoLimitStep)
     app.steps["worker"].add(ShutdownLogStep)
+    app.steps["worker"].add(LedgerStep)
     app.steps["consumer"].add(LivenessStep)
 
 

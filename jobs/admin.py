@@ -147,7 +147,12 @@ class DeadLetterAdmin(admin.ModelAdmin):
                 messages.WARNING,
             )
         if result.error:
-            self.message_user(request, f"Stopped: {result.error}. The rest stay pending.", messages.ERROR)
+            self.message_user(
+                request,
+                f"Stopped: {result.error}. {_plural(len(result.waiting))} wait in the outbox and go out when the "
+                "broker answers; the rest stay pending.",
+                messages.ERROR,
+            )
         if not (result.count or result.skipped or result.error):
             self.message_user(request, "Nothing to requeue: no pending dead letter was selected.", messages.WARNING)
 

@@ -183,8 +183,9 @@ def _requeue(request: HttpRequest, rows) -> HttpResponse:
     body = {
         "requeued": [{"id": pk, "task_id": task_id} for pk, task_id in result.requeued],
         "skipped": [{"id": pk, "reason": why} for pk, why in result.skipped],
+        "waiting": [{"id": pk, "task_id": task_id} for pk, task_id in result.waiting],
     }
-    if result.error:  # the broker refused: what was not published stays pending
+    if result.error:  # the broker refused: `waiting` go out with the relay, later rows stay pending
         return json_error(result.error, 503, **body)
     return JsonResponse(body, status=202)
 

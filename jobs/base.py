@@ -32,9 +32,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from jobs import crashloop
-from jobs.exceptions import PermanentError, TransientError
+from jobs.exceptions import PermanentError, RetryLater, TransientError
 from jobs.housekeeping import retry_count_add
 from jobs.models import DeadLetter
+from jobs.outcomes import ErrorKind, Job, job_gave_up
 from jobs.policy import retry_delay
 
 logger = logging.getLogger("jobs.task")
@@ -83,6 +84,8 @@ def is_transient_by_default(exc: BaseException) -> bool:
 
 #: Share of the visibility timeout a retry delay may use at most.
 VISIBILITY_MARGIN = 0.9
+#: Message header counting the postponements (`RetryLater`) among a job's retries.
+POSTPONED_HEADER = "jobs_postponed"
 
 
 class Quarantined(PermanentError):
@@ -112,17 +115,25 @@ class JobTask(MeteredTask):
     backoff_max: float | None = None
     #: Whether a dead letter of this task sends alerts (off for the alerting task itself).
     alert_on_dead_letter: bool = True
+    #: Postponements (`RetryLater`) allowed in a row before the job counts as failing.
+    postpone_limit: int = 20
 
     # --- policy -------------------------------------------------------------------------------
 
     def classify(self, exc: BaseException) -> str:
-        """`"permanent"`, `"transient"` or `"unexpected"` for an exception the task raised.
+        """`ErrorKind.PERMANENT`, `TRANSIENT` or `UNEXPECTED` for an exception the task raised.
         Override to look inside an exception (an SMTP reply code, an HTTP status)."""
         if isinstance(exc, (PermanentError, *self.permanent_errors)):
-            return "permanent"
+            return ErrorKind.PERMANENT
         if isinstance(exc, self.transient_errors) or is_transient_by_default(exc):
-            return "transient"
-        return "unexpected"
+            return ErrorKind.TRANSIENT
+        return ErrorKind.UNEXPECTED
+
+    def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
+        """Hook for the app that owns the job: it was given up for good (its dead letter is
+        written). Mark the app's own row failed here. Called once per give-up, in whichever process
+        saw the job end (a pool process, or the worker's main process after a hard time limit or a
+        revoke), with a usable database connection; it must be idempotent."""
 
     def retries_allowed(self) -> int:
         return settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
@@ -136,10 +147,22 @@ class JobTask(MeteredTask):
     def retry_countdown(self, attempt: int) -> float:
         """Seconds before retry `attempt` (1-based), below the broker's visibility timeout."""
         base, cap = self.backoff_policy()
-        ceiling = None
-        if settings.BROKER_IS_REDIS:
-            ceiling = max(settings.CELERY_VISIBILITY_TIMEOUT * VISIBILITY_MARGIN, 1.0)
-        return retry_delay(attempt, base=base, cap=cap, ceiling=ceiling)
+        return retry_delay(attempt, base=base, cap=cap, ceiling=self.retry_ceiling())
+
+    def retry_ceiling(self) -> float | None:
+        """The longest a retry may wait on Redis: a held retry must be run (and acknowledged)
+        before the visibility timeout, else Redis hands it to a second worker. So the delay, the
+        task's time limit and a margin for waiting on a free pool process must all fit in it."""
+        if not settings.BROKER_IS_REDIS:
+            return None
+        visibility = settings.CELERY_VISIBILITY_TIMEOUT
+        time_limit = self.time_limit or settings.CELERY_TASK_TIME_LIMIT or 0
+        margin = max(visibility * (1 - VISIBILITY_MARGIN), 60.0)
+        return max(visibility - time_limit - margin, 1.0)
+
+    def _below_visibility(self, delay: float) -> float:
+        ceiling = self.retry_ceiling()
+        return delay if ceiling is None else min(delay, ceiling)
 
     # --- execution ----------------------------------------------------------------------------
 
@@ -175,15 +198,24 @@ class JobTask(MeteredTask):
     def _failure_reason(self, request: Any, exc: Exception) -> str:
         """Retries a transient error (raising Retry) or names why the task fails for good."""
         kind = self.classify(exc)
-        if kind == "permanent":
+        if kind == ErrorKind.PERMANENT:
             return DeadLetter.Reason.PERMANENT_ERROR
-        if kind != "transient":
+        if kind != ErrorKind.TRANSIENT:
             return DeadLetter.Reason.UNEXPECTED_ERROR
         limit = self.retries_allowed()
-        if request.retries >= limit:
-            return DeadLetter.Reason.RETRIES_EXHAUSTED
-        attempt = request.retries + 1
-        delay = self.retry_countdown(attempt)
+        # Postponements (RetryLater) are retries that use none of the budget; a header counts them.
+        postponed = int(getattr(request, POSTPONED_HEADER, 0) or 0)
+        headers = dict(request.headers or {})
+        if isinstance(exc, RetryLater) and postponed < self.postpone_limit:
+            attempt = request.retries + 1
+            delay = self._below_visibility(exc.retry_after)
+            postponed += 1
+        else:
+            if request.retries - postponed >= limit:
+                return DeadLetter.Reason.RETRIES_EXHAUSTED
+            attempt = request.retries + 1
+            delay = self.retry_countdown(attempt - postponed)
+        headers[POSTPONED_HEADER] = postponed
         logger.warning(
             "task.retry",
             extra={
@@ -194,34 +226,63 @@ class JobTask(MeteredTask):
             },
         )
         retry_count_add(self.name)
-        raise self.retry(exc=exc, countdown=delay, max_retries=limit) from exc
+        request.headers = headers  # the retry's message (and a ledger row) carry the count on
+        try:
+            self.retry(exc=exc, countdown=delay, max_retries=limit + postponed, headers=headers)
+        except Reject as refused:
+            # Celery turns a retry whose publish failed (the broker full, paused or gone) into
+            # Reject(requeue=False): the message would be acked and the job lost. The ledger keeps
+            # it instead and publishes the retry when it is due.
+            self._retry_refused(request, attempt, delay, refused)
+        raise AssertionError("Task.retry always raises")  # pragma: no cover
 
-    # --- failure ------------------------------------------------------------------------------
+    def _retry_refused(self, request: Any, attempt: int, delay: float, refused: Reject) -> None:
+        from jobs.ledger import ledger_defer_retry
+
+        logger.error("task.retry_refused", extra={"attempt": attempt, "error": f"{refused.reason}"[:500]})
+        delivery = request.delivery_info or {}
+        deferred = ledger_defer_retry(
+            task_name=self.name,
+            task_id=request.id,
+            args=request.args,
+            kwargs=request.kwargs,
+            headers=dict(request.headers or {}),
+            queue=delivery.get("routing_key") or self._default_queue(),
+            retries=attempt,
+            delay=delay,
+        )
+        # Recorded: acknowledge this delivery. Not recorded (the database is down too): give the
+        # message back to the broker, which keeps it (at worst until its visibility timeout).
+        raise Reject(refused.reason, requeue=not deferred)
+
+    # --- the end ------------------------------------------------------------------------------
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
-        """The task failed for good: keep it as a dead letter."""
-        from jobs.services import dead_letter_record
-
+        """The task failed for good: the one failure path (`jobs.outcomes.job_gave_up`)."""
         request = self.request
         reason = getattr(request, "jobs_reason", None)
         if reason is None:
             is_timeout = isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded)
             reason = DeadLetter.Reason.TIME_LIMIT if is_timeout else DeadLetter.Reason.UNEXPECTED_ERROR
         delivery = request.delivery_info or {}
-        dead_letter_record(
+        job = Job(
             task_name=self.name,
             task_id=task_id,
+            args=tuple(args or ()),
+            kwargs=dict(kwargs or {}),
+            retries=request.retries or 0,
             queue=delivery.get("routing_key") or self._default_queue(),
-            args=args,
-            kwargs=kwargs,
+            request_id=getattr(request, "request_id", None) or "",
+            dead_letter_id=getattr(request, "dead_letter_id", None),
+        )
+        job_gave_up(
+            task=self,
+            job=job,
+            reason=reason,
             exc_type=type(exc).__name__,
             exc_message=str(exc),
             traceback=str(getattr(einfo, "traceback", "") or ""),
-            retries=request.retries or 0,
-            reason=reason,
-            request_id=getattr(request, "request_id", None) or "",
             worker=request.hostname or "",
-            dead_letter_id=getattr(request, "dead_letter_id", None),
             alert=self.alert_on_dead_letter,
         )
 

@@ -31,6 +31,8 @@ logger = logging.getLogger("jobs.beat")
 
 LOCK_KEY = "jobs:beat:leader"
 STANDBY_POLL = 5.0
+#: Seconds before the next tick after one failed (a paused broker, a restarting database).
+RETRY_AFTER_ERROR = 2.0
 TIME_ZONE_KEY = "jobs:beat:time_zone"
 
 _RENEW = """
@@ -97,8 +99,32 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         reset_schedules_if_time_zone_changed()
 
     def tick(self, *args, **kwargs) -> float:
+        """One scheduler tick that never raises: Celery's beat loop (`Service.start`) catches only
+        KeyboardInterrupt and SystemExit, so any error here (Redis paused or full, the database
+        restarting) would end beat. It is logged and the tick tried again shortly."""
+        try:
+            return self._tick(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logger.warning("beat.tick_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
+            self._drop_database_connection()
+            self._heap = None  # re-read the schedule from the database once it answers
+            return RETRY_AFTER_ERROR
+
+    def _drop_database_connection(self) -> None:
+        from django.db import close_old_connections, connection
+
+        try:
+            close_old_connections()
+            connection.close()
+        except Exception:  # a dead connection is dropped anyway
+            logger.debug("beat.close_failed", exc_info=True)
+
+    def _tick(self, *args, **kwargs) -> float:
         leading = self.lock.acquire_or_renew()
-        liveness_touch("beat", leading=leading)
+        try:
+            liveness_touch("beat", leading=leading)
+        except OSError as exc:
+            logger.warning("beat.liveness_write_failed", extra={"error": str(exc)[:200]})
         if not leading:
             if self._leading:
                 logger.warning("beat.standby", extra={"reason": "lost the beat lock"})
@@ -114,7 +140,10 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             # The previous leader may have sent tasks since we last read: start from the database.
             self._initial_read = True
             self._heap = None
-        heartbeat_write("beat")
+        try:
+            heartbeat_write("beat")
+        except Exception as exc:  # noqa: BLE001 - the cache (Redis) paused: sending goes on
+            logger.warning("beat.heartbeat_write_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
         return min(super().tick(*args, **kwargs), self.max_interval)
 
     def close(self) -> None:

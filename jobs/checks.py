@@ -14,21 +14,30 @@ def _longest_delay(base: float, cap: float, retries: int) -> float:
     return min(base * 2 ** max(retries - 1, 0), max(cap, base)) * (1 + JITTER) if retries > 0 else 0.0
 
 
+def project_retry_ceiling(visibility: float) -> float:
+    """The longest a retry may wait on Redis with the project's time limit (`JobTask.retry_ceiling`)."""
+    margin = max(visibility * 0.1, 60.0)
+    return max(visibility - (settings.CELERY_TASK_TIME_LIMIT or 0) - margin, 1.0)
+
+
 def _retry_delay_warnings(visibility: int) -> list:
     """jobs.W001 for the project-wide policy and for each task that overrides it."""
     base, cap, retries = settings.TASK_RETRY_BACKOFF_BASE, settings.TASK_RETRY_BACKOFF_MAX, settings.TASK_MAX_RETRIES
     hint = (
-        "Redis redelivers a retry held longer than the visibility timeout, so it would run twice; "
-        "retry delays are clipped to 90 % of the timeout. Lower the cap or raise the timeout."
+        "Redis redelivers a retry held longer than the visibility timeout, so it would run twice. A held "
+        "retry must also run to its time limit, after waiting for a free pool process, before the timeout: "
+        "retry delays are clipped to CELERY_VISIBILITY_TIMEOUT minus CELERY_TASK_TIME_LIMIT minus a margin "
+        "(10 %, at least 60 s). Lower the cap or raise the timeout."
     )
     problems = []
     longest = _longest_delay(base, cap, retries)
-    if longest >= visibility:
+    ceiling = project_retry_ceiling(visibility)
+    if longest >= ceiling:
         problems.append(
             Warning(
                 f"The longest retry delay ({longest:g} s with TASK_RETRY_BACKOFF_BASE={base:g}, "
-                f"TASK_RETRY_BACKOFF_MAX={cap:g}, TASK_MAX_RETRIES={retries}) is not below "
-                f"CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                f"TASK_RETRY_BACKOFF_MAX={cap:g}, TASK_MAX_RETRIES={retries}) is not below the longest a "
+                f"retry may wait ({ceiling:g} s, from CELERY_VISIBILITY_TIMEOUT={visibility} s).",
                 hint=hint,
                 id="jobs.W001",
             )
@@ -40,11 +49,12 @@ def _retry_delay_warnings(visibility: int) -> list:
         if not isinstance(task, JobTask) or (task.retry_limit, task.backoff_base, task.backoff_max) == (None,) * 3:
             continue
         own = _longest_delay(*task.backoff_policy(), task.retries_allowed())
-        if own >= visibility > longest:
+        own_ceiling = task.retry_ceiling() or ceiling
+        if own >= own_ceiling and longest < ceiling:
             problems.append(
                 Warning(
                     f"Task {name}: its longest retry delay ({own:g} s, from its own retry_limit, backoff_base "
-                    f"or backoff_max) is not below CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                    f"or backoff_max) is not below the longest a retry may wait ({own_ceiling:g} s).",
                     hint=hint,
                     id="jobs.W001",
                 )
@@ -112,4 +122,31 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
                 id="jobs.E001",
             )
         )
+    return problems
+
+
+@register("jobs")
+def check_cleanup_roots(app_configs=None, **kwargs) -> list:
+    """jobs.E002: the hourly temp-file cleanup deletes old files under TEMP_ROOT and
+    FILE_UPLOAD_TEMP_DIR, so neither may be a filesystem root or hold the project or its data."""
+    from pathlib import Path
+
+    from jobs.housekeeping import cleanup_root_danger
+
+    problems, seen = [], set()
+    for setting in ("TEMP_ROOT", "FILE_UPLOAD_TEMP_DIR"):
+        root = getattr(settings, setting, None)
+        if not root or Path(root).resolve() in seen:
+            continue
+        seen.add(Path(root).resolve())
+        problem = cleanup_root_danger(root)
+        if problem:
+            problems.append(
+                Error(
+                    f"{setting} ({root}) is not safe to clean: {problem}.",
+                    hint="The hourly clean-up deletes every file older than CLEANUP_MAX_AGE_HOURS below it "
+                    "(it refuses to run there). Give temporary files a directory of their own.",
+                    id="jobs.E002",
+                )
+            )
     return problems

@@ -22,3 +22,13 @@ class PermanentError(JobError):
 
 class InvalidTaskArguments(PermanentError):
     """A task was called with arguments it cannot accept (wrong type, out of range)."""
+
+
+class RetryLater(TransientError):
+    """Not yet: the job waits for something with a known end (another attempt's lease on the same
+    row). Retried after `retry_after` seconds without using up the retry budget (at most
+    `JobTask.postpone_limit` times in a row)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(float(retry_after), 1.0)

@@ -30,6 +30,16 @@ DEAD_LETTERS_CREATED = Counter(
     ["task", "reason"],
 )
 
+LEDGER_REPUBLISHED = Counter(
+    "jobs_ledger_republished",
+    "Jobs the sweeper published again because the broker no longer held their message, by task.",
+    ["task"],
+)
+
+
+def ledger_republished(*, task_name: str) -> None:
+    LEDGER_REPUBLISHED.labels(task=task_name).inc()
+
 
 def task_event(task: str, state: str) -> None:
     TASKS.labels(task=task, state=state).inc()
@@ -83,6 +93,21 @@ class JobsCollector:
             logger.warning("metrics.dead_letters_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
         yield dead
         yield oldest
+
+        ledger = GaugeMetricFamily("jobs_ledger_jobs", "Unfinished jobs in the ledger by state.", labels=["state"])
+        ledger_oldest = GaugeMetricFamily(
+            "jobs_ledger_oldest_unfinished_age_seconds", "Age of the oldest job accepted and not finished (0: none)."
+        )
+        try:
+            from jobs.ledger import ledger_counts, ledger_oldest_age
+
+            for state, count in ledger_counts().items():
+                ledger.add_metric([state], count)
+            ledger_oldest.add_metric([], ledger_oldest_age())
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("metrics.ledger_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        yield ledger
+        yield ledger_oldest
 
         from jobs.heartbeat import heartbeat_read
 

@@ -22,6 +22,9 @@ class DeadLetter(models.Model):
         TIME_LIMIT = "time_limit", "Time limit"
         WORKER_LOST = "worker_lost", "Worker lost repeatedly (quarantined)"
         UNDECODABLE = "undecodable", "Message could not be decoded"
+        UNPUBLISHABLE = "unpublishable", "The broker cannot take the message"
+        RETRY_REFUSED = "retry_refused", "The retry could not be scheduled"
+        REVOKED = "revoked", "Revoked"
 
     task_name = models.CharField(max_length=200, db_index=True, help_text="The task's registered name.")
     task_id = models.CharField(max_length=64, db_index=True, help_text="Id of the latest attempt that failed.")
@@ -126,10 +129,13 @@ class DailyReport(models.Model):
 
 
 class OutboxMessage(models.Model):
-    """A task publish written in the same transaction as the data it is about.
+    """The ledger of an accepted job: written in the same transaction as the data it is about,
+    kept until the job has finished (done, or dead-lettered).
 
-    Deleted as soon as the broker took the message; left for the relay (a periodic task and the
-    worker's start-up) when the broker did not answer, so a request never loses or waits on a task.
+    The broker is the fast path; this row is the record. A row never published (the broker did
+    not answer, or a retry's publish was refused) is published by the relay; a published row whose
+    message the broker no longer holds (restarted empty, failed over, dropped it) is republished by
+    the sweeper, with the same task id. See `jobs.ledger`.
     """
 
     task_name = models.CharField(max_length=200)
@@ -138,11 +144,35 @@ class OutboxMessage(models.Model):
     kwargs = models.JSONField(default=dict)
     options = models.JSONField(default=dict, help_text="Publish options: queue, countdown, priority, headers.")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    attempts = models.PositiveIntegerField(default=0, editable=False)
+    attempts = models.PositiveIntegerField(default=0, editable=False, help_text="Publishes the broker refused.")
     last_error = models.TextField(blank=True)
+    published_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the broker last took its message; empty: not yet."
+    )
+    not_before = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="Not published before this (a retry waiting for its time)."
+    )
+    retries = models.PositiveIntegerField(default=0, editable=False, help_text="Retries the job has used.")
+    missing_since = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When a sweep first found its message gone from the broker."
+    )
+    republished = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Times the sweeper brought it back after the broker lost it."
+    )
+    claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
+    claim = models.CharField(max_length=32, blank=True, editable=False)
 
     class Meta:
         ordering = ["created_at", "id"]
+        verbose_name = "unfinished job"
+        verbose_name_plural = "unfinished jobs (ledger)"
+        indexes = [models.Index(fields=["published_at"], name="outbox_published_at")]
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}]"
+
+    @property
+    def state(self) -> str:
+        if self.published_at is None:
+            return "waiting for its time" if self.not_before else "waiting to be published"
+        return "missing from the broker" if self.missing_since else "published"

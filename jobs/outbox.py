@@ -1,9 +1,11 @@
-"""Publishing tasks so that none is lost when the broker is down and no request hangs on it.
+"""Publishing tasks so that none is lost when the broker is down or loses them, and no request
+hangs on it.
 
-`enqueue()` writes the message to `OutboxMessage` inside the caller's transaction and, once the
-transaction commits, publishes it with a short timeout and deletes the row. When the broker does
-not answer, the row stays and `outbox_relay()` (every few seconds from beat, and at worker
-start-up) publishes it later, with the same task id.
+`enqueue()` writes the job to the ledger (`OutboxMessage`) inside the caller's transaction and,
+once the transaction commits, publishes it with a short timeout and marks the row published.
+The row stays until the job has finished (`jobs.ledger.ledger_finish`). When the broker does not
+answer, the row stays unpublished and `outbox_relay()` publishes it later, with the same task id;
+when the broker loses a published message, `jobs.ledger.ledger_sweep()` notices and republishes.
 """
 
 from __future__ import annotations
@@ -13,19 +15,28 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from celery.exceptions import QueueNotFound
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
+from kombu.exceptions import EncodeError
 
 from jobs.context import get_request_id
-from jobs.models import OutboxMessage
+from jobs.models import DeadLetter, OutboxMessage
 
 logger = logging.getLogger("jobs.outbox")
 
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3}
 #: A row younger than this, never tried, belongs to the publisher of its own request.
 RELAY_GRACE = timedelta(seconds=30)
+#: How long a relay or sweep run owns the rows it claimed (it publishes outside any transaction).
+CLAIM_TTL = timedelta(seconds=60)
 ALLOWED_OPTIONS = {"queue", "countdown", "priority", "expires"}
+#: Errors of one message, not of the broker: retrying cannot help (a queue this release no longer
+#: declares, arguments that cannot be encoded). Anything else means the broker is not taking messages.
+UNPUBLISHABLE_ERRORS = (QueueNotFound, EncodeError)
+#: The message header that marks a job kept in the ledger (the worker then clears its row at the end).
+LEDGER_HEADER = "jobs_ledger"
 
 
 def enqueue(
@@ -36,89 +47,208 @@ def enqueue(
     unknown = set(options) - ALLOWED_OPTIONS
     if unknown:
         raise TypeError(f"unsupported publish options: {', '.join(sorted(unknown))}")
-    name = task if isinstance(task, str) else task.name
+    headers = dict(options.pop("headers", None) or {})
     request_id = request_id or get_request_id()
-    headers = {"request_id": request_id} if request_id else {}
+    if request_id:
+        headers.setdefault("request_id", request_id)
+    return ledger_add(
+        task if isinstance(task, str) else task.name, args=args, kwargs=kwargs, headers=headers, **options
+    )
+
+
+def ledger_add(
+    task_name: str,
+    *,
+    args: list | tuple = (),
+    kwargs: dict | None = None,
+    headers: dict | None = None,
+    task_id: str | None = None,
+    **options: Any,
+) -> str:
+    """Writes one job to the ledger in the current transaction and publishes it once that commits."""
     message = OutboxMessage.objects.create(
-        task_name=name,
-        task_id=str(uuid.uuid4()),
+        task_name=task_name,
+        task_id=task_id or str(uuid.uuid4()),
         args=list(args),
         kwargs=dict(kwargs or {}),
-        options={**options, "headers": headers},
+        options={**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
     )
-    transaction.on_commit(lambda: _publish_and_forget(message))
+    transaction.on_commit(lambda: _publish_after_commit(message), robust=True)
     return message.task_id
 
 
-def _publish(message: OutboxMessage) -> None:
-    from config.celery import app
+def publish(message: OutboxMessage, *, producer: Any = None) -> None:
+    """Sends the ledger row's message (same task id, its retries so far). Raises what the broker raised."""
+    from celery import current_app
 
     options = dict(message.options)
-    headers = options.pop("headers", {}) or {}
-    app.send_task(
+    headers = dict(options.pop("headers", {}) or {})
+    headers[LEDGER_HEADER] = 1
+    if message.not_before is not None:
+        options.pop("countdown", None)  # its time has come: that is why it is published now
+    current_app.send_task(
         message.task_name,
         args=message.args,
         kwargs=message.kwargs,
         task_id=message.task_id,
         headers=headers,
+        retries=message.retries,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
+        producer=producer,
         **options,
     )
 
 
-def _publish_and_forget(message: OutboxMessage) -> None:
-    """Runs on commit, on the request path: no read of its own, one plain DELETE once published.
-    (The relay leaves the row alone for RELAY_GRACE after its creation; only a transaction held
-    open longer than that could see its message published by both, with the same task id.)"""
+def _publish_after_commit(message: OutboxMessage) -> None:
+    """Runs on commit, on the request path: no read of its own, one UPDATE in autocommit. It never
+    raises: its transaction has committed, so the caller must not undo anything (the row is the
+    job's record; the relay publishes it if this did not)."""
     try:
-        _publish(message)
-    except Exception as exc:  # noqa: BLE001 - the broker is down: keep the row for the relay
-        OutboxMessage.objects.filter(pk=message.pk).update(attempts=message.attempts + 1, last_error=_describe(exc))
+        try:
+            publish(message)
+        except Exception as exc:  # noqa: BLE001 - the broker is down: keep the row for the relay
+            error = _describe(exc)
+            OutboxMessage.objects.filter(pk=message.pk).update(attempts=message.attempts + 1, last_error=error)
+            logger.warning(
+                "outbox.publish_deferred",
+                extra={"task_id": message.task_id, "outbox_task": message.task_name, "error": error},
+            )
+            return
+        # One statement, no transaction of its own: on SQLite a transaction would be a second
+        # wait for the write lock on every enqueue.
+        table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET published_at = %s WHERE id = %s",  # noqa: S608 - our own table name
+                [timezone.now(), message.pk],
+            )
+    except Exception as exc:  # noqa: BLE001 - a database hiccup after COMMIT: the relay covers it
         logger.warning(
-            "outbox.publish_deferred",
+            "outbox.after_commit_failed",
             extra={"task_id": message.task_id, "outbox_task": message.task_name, "error": _describe(exc)},
         )
-        return
-    # One statement, in autocommit: QuerySet.delete() would add a collector and a transaction,
-    # which on SQLite is a second wait for the write lock on every enqueue.
-    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {table} WHERE id = %s", [message.pk])  # noqa: S608 - our own table name
+
+
+def ledger_claim(rows, *, limit: int) -> tuple[str, list[OutboxMessage]]:
+    """Claims up to `limit` rows of the queryset `rows` for this run, without a transaction held
+    open: one conditional UPDATE takes only rows no other run holds. Returns (claim, rows)."""
+    now = timezone.now()
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    ids = list(rows.filter(free).order_by("pk").values_list("pk", flat=True)[:limit])
+    if not ids:
+        return "", []
+    claim = uuid.uuid4().hex
+    OutboxMessage.objects.filter(free, pk__in=ids).update(claim=claim, claimed_until=now + CLAIM_TTL)
+    return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
 
 
 def outbox_relay(*, limit: int = 500) -> dict[str, int]:
-    """Publishes waiting outbox messages (failed ones, and ones older than the grace period whose
-    publisher died); stops at the first failure, the broker being down. Returns counts."""
-    published = failed = 0
-    lock = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
-    cutoff = timezone.now() - RELAY_GRACE
-    with transaction.atomic():
-        rows = list(
-            OutboxMessage.objects.select_for_update(**lock)
-            .filter(Q(attempts__gt=0) | Q(created_at__lt=cutoff))
-            .order_by("pk")[:limit]
+    """Publishes the ledger's unpublished rows: ones the broker refused, ones older than the
+    grace period whose publisher died, retries whose time has come. No transaction is held while
+    publishing. A broker that does not answer stops the run; a row the broker can never take (a
+    queue that no longer exists) is dead-lettered instead of blocking the rows behind it."""
+
+    now = timezone.now()
+    due = OutboxMessage.objects.filter(published_at__isnull=True).filter(
+        Q(not_before__isnull=True, attempts__gt=0)
+        | Q(not_before__isnull=True, created_at__lt=now - RELAY_GRACE)
+        | Q(not_before__lte=now)
+    )
+    _claim, rows = ledger_claim(due, limit=limit)
+    published, failed, unpublishable = publish_claimed(rows)
+    if published or failed or unpublishable:
+        logger.info(
+            "outbox.relayed",
+            extra={"published": published, "failed": failed, "unpublishable": unpublishable},
         )
-        done = []
+    return {"published": published, "failed": failed, "waiting": outbox_backlog()}
+
+
+def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
+    """Publishes rows this run claimed, on one producer, outside any transaction, and marks them
+    published. Stops at the first error of the broker (the rest wait for the next run); a row the
+    broker can never take is dead-lettered. Returns (published, failed, unpublishable)."""
+    from celery import current_app
+
+    if not rows:
+        return 0, 0, 0
+    published: list[int] = []
+    failed = unpublishable = 0
+    with current_app.producer_or_acquire() as producer:
         for message in rows:
             try:
-                _publish(message)
-            except Exception as exc:  # noqa: BLE001
-                OutboxMessage.objects.filter(pk=message.pk).update(
-                    attempts=message.attempts + 1, last_error=_describe(exc)
-                )
+                publish(message, producer=producer)
+            except UNPUBLISHABLE_ERRORS as exc:
+                unpublishable += 1
+                _unpublishable(message, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the broker is down, full or paused: stop here
                 failed += 1
+                _publish_failed(message, exc)
                 break
-            done.append(message.pk)
-            published += 1
-        OutboxMessage.objects.filter(pk__in=done).delete()
-    if published or failed:
-        logger.info("outbox.relayed", extra={"published": published, "failed": failed})
-    return {"published": published, "failed": failed, "waiting": OutboxMessage.objects.count()}
+            published.append(message.pk)
+    OutboxMessage.objects.filter(pk__in=published).update(
+        published_at=timezone.now(), missing_since=None, not_before=None, claim="", claimed_until=None
+    )
+    OutboxMessage.objects.filter(pk__in=[row.pk for row in rows]).exclude(pk__in=published).update(
+        claim="", claimed_until=None
+    )
+    return len(published), failed, unpublishable
+
+
+def ledger_publish_now(task_ids: list[str]) -> tuple[int, str]:
+    """Publishes the ledger rows of `task_ids` now (after their transaction committed), stopping at
+    the first broker error; whatever is left waits for the relay. Returns (published, error)."""
+    _claim, rows = ledger_claim(
+        OutboxMessage.objects.filter(task_id__in=task_ids, published_at__isnull=True), limit=len(task_ids)
+    )
+    published, failed, _unpublishable = publish_claimed(rows)
+    if failed:
+        error = (
+            OutboxMessage.objects.filter(task_id__in=task_ids)
+            .exclude(last_error="")
+            .values_list("last_error", flat=True)
+            .first()
+        )
+        return published, f"publishing failed: {error or 'the broker did not answer'}"
+    return published, ""
+
+
+def _publish_failed(message: OutboxMessage, exc: BaseException) -> None:
+    OutboxMessage.objects.filter(pk=message.pk).update(attempts=message.attempts + 1, last_error=_describe(exc))
+    logger.warning("outbox.publish_failed", extra={"task_id": message.task_id, "error": _describe(exc)})
+
+
+def _unpublishable(message: OutboxMessage, exc: BaseException) -> None:
+    """A message the broker will never take: it ends as a dead letter (replayable once fixed)."""
+    from jobs.services import dead_letter_record
+
+    headers = dict(message.options.get("headers") or {})
+    saved = dead_letter_record(
+        task_name=message.task_name,
+        task_id=message.task_id,
+        queue=str(message.options.get("queue") or ""),
+        args=message.args,
+        kwargs=message.kwargs,
+        exc_type=type(exc).__name__,
+        exc_message=f"the broker cannot take this message: {exc}",
+        traceback="",
+        retries=message.retries,
+        reason=DeadLetter.Reason.UNPUBLISHABLE,
+        request_id=str(headers.get("request_id") or ""),
+        worker="outbox relay",
+        dead_letter_id=headers.get("dead_letter_id"),
+    )
+    if saved is not None:
+        OutboxMessage.objects.filter(pk=message.pk).delete()
+    else:
+        _publish_failed(message, exc)
 
 
 def outbox_backlog() -> int:
-    return OutboxMessage.objects.count()
+    """Jobs waiting to be published (not the ones published and not finished yet)."""
+    return OutboxMessage.objects.filter(published_at__isnull=True).count()
 
 
 def _describe(exc: BaseException) -> str:

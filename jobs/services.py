@@ -22,7 +22,8 @@ from django.db.models.functions import Cast, Concat
 from django.utils import timezone
 
 from jobs.context import get_request_id
-from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge
+from jobs.db import with_fresh_connection
+from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.policy import redact
 from jobs.signals import dead_letter_created
 
@@ -71,13 +72,19 @@ def dead_letter_record(
         "failed_at": now,
         "status": DeadLetter.Status.PENDING,
     }
-    try:
+
+    def store() -> tuple[DeadLetter, bool, bool]:
         try:
-            row, created, repeated = _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
+            return _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
         except IntegrityError:
             # A concurrent report of the same failure won the insert (the child and the worker's
             # main process both report a hard time limit): fold this report into its row.
-            row, created, repeated = _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
+            return _store_failure(fields, now=now, task_id=task_id, dead_letter_id=dead_letter_id)
+
+    try:
+        # A worker's main process may hold a connection the database has since cut (a restart,
+        # a failover): reconnect rather than lose the failure.
+        row, created, repeated = with_fresh_connection(store, what="dead_letter_record")
     except DatabaseErrors:  # DatabaseError and InterfaceError ("connection already closed") alike
         # The failure must not be lost with the database: this line holds all a replay needs.
         logger.exception(
@@ -153,6 +160,7 @@ class RequeueResult:
 
     requeued: list[tuple[int, str]] = field(default_factory=list)  # (dead letter id, new task id)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (dead letter id, why)
+    waiting: list[tuple[int, str]] = field(default_factory=list)  # requeued, held in the outbox for the broker
     error: str = ""  # set when publishing failed and the run stopped
 
     @property
@@ -172,16 +180,16 @@ def dead_letters_requeue(
     """Publishes each pending dead letter of `dead_letters` again, with its original task name,
     arguments and queue, and marks it `requeued`.
 
-    Safe when two operators click at once: each batch locks its rows (`SELECT ... FOR UPDATE
-    SKIP LOCKED` where the database has it) and takes only rows still pending, so a row is
-    published at most once per call. The message is published before the row is marked, inside
-    the row's transaction: a failed publish leaves the row pending and stops the run.
+    Each batch is one short transaction that locks its rows (`SELECT ... FOR UPDATE SKIP LOCKED`
+    where the database has it; only rows still pending), writes the jobs to the ledger and marks
+    the rows requeued; the messages are published after it committed, outside any transaction (no
+    lock, SQLite's write lock included, is held while the broker answers). So two operators
+    clicking at once requeue a row once, and a requeued job is never lost: when the broker does
+    not answer, the run stops, the jobs of that batch wait in the outbox (`waiting`, published by
+    the relay once the broker is back) and the later rows stay pending.
     `rate` limits publishes per second: batches shrink to about a second's worth and the pause
-    comes after each batch has committed, so no lock is held while waiting. `progress` is called
-    with the number of rows handled.
+    comes after each batch has committed. `progress` is called with the number of rows handled.
     """
-    from config.celery import app
-
     result = RequeueResult()
     ids = list(dead_letters.filter(status=DeadLetter.Status.PENDING).order_by("pk").values_list("pk", flat=True))
     if dry_run:
@@ -190,24 +198,31 @@ def dead_letters_requeue(
     if rate:
         batch_size = max(1, min(batch_size, math.ceil(rate)))
     lock_kwargs = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
-    with app.producer_or_acquire() as producer:
-        for start in range(0, len(ids), batch_size):
-            began, published = time.monotonic(), result.count
-            chunk = ids[start : start + batch_size]
-            if not _requeue_batch(app, producer, chunk, actor, lock_kwargs, result):
-                break
-            if progress:
-                progress(min(start + batch_size, len(ids)))
-            if rate and start + batch_size < len(ids):
-                time.sleep(max(0.0, (result.count - published) / rate - (time.monotonic() - began)))
+    for start in range(0, len(ids), batch_size):
+        began, published = time.monotonic(), result.count
+        chunk = ids[start : start + batch_size]
+        if not _requeue_batch(chunk, actor, lock_kwargs, result):
+            break
+        if progress:
+            progress(min(start + batch_size, len(ids)))
+        if rate and start + batch_size < len(ids):
+            time.sleep(max(0.0, (result.count - published) / rate - (time.monotonic() - began)))
     logger.info(
         "dead_letter.requeued",
-        extra={"count": result.count, "skipped": len(result.skipped), "actor": actor, "error": result.error or None},
+        extra={
+            "count": result.count,
+            "skipped": len(result.skipped),
+            "waiting": len(result.waiting),
+            "actor": actor,
+            "error": result.error or None,
+        },
     )
     return result
 
 
-def _requeue_batch(app, producer, chunk, actor, lock_kwargs, result: RequeueResult) -> bool:
+def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: dict, result: RequeueResult) -> bool:
+    from jobs.outbox import LEDGER_HEADER, ledger_publish_now
+
     now = timezone.now()
     # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.
     run = uuid.uuid4().hex
@@ -218,29 +233,24 @@ def _requeue_batch(app, producer, chunk, actor, lock_kwargs, result: RequeueResu
             .order_by("pk")
         )
         done: list[int] = []
-        ok = True
+        jobs: list[OutboxMessage] = []
         for row in rows:
             if row.redacted:
                 result.skipped.append((row.pk, "arguments were redacted when stored"))
                 continue
-            new_id = f"{run}-{row.pk}"
-            try:
-                app.send_task(
-                    row.task_name,
-                    args=row.args,
-                    kwargs=row.kwargs,
-                    task_id=new_id,
-                    queue=row.queue or None,
-                    headers={"dead_letter_id": row.pk, "request_id": row.request_id or get_request_id() or ""},
-                    producer=producer,
+            headers = {"dead_letter_id": row.pk, LEDGER_HEADER: 1}
+            request_id = row.request_id or get_request_id() or ""
+            if request_id:
+                headers["request_id"] = request_id
+            options = {"headers": headers, **({"queue": row.queue} if row.queue else {})}
+            jobs.append(
+                OutboxMessage(
+                    task_name=row.task_name, task_id=f"{run}-{row.pk}", args=row.args, kwargs=row.kwargs,
+                    options=options, created_at=now,
                 )
-            except Exception as exc:  # noqa: BLE001 - any publish failure stops the run, rows stay pending
-                result.error = f"publishing failed: {type(exc).__name__}: {exc}"[:500]
-                logger.error("dead_letter.requeue_failed", extra={"dead_letter_id": row.pk, "error": result.error})
-                ok = False
-                break
+            )  # fmt: skip
             done.append(row.pk)
-            result.requeued.append((row.pk, new_id))
+        OutboxMessage.objects.bulk_create(jobs)
         DeadLetter.objects.filter(pk__in=done).update(
             status=DeadLetter.Status.REQUEUED,
             requeued_at=now,
@@ -261,7 +271,20 @@ def _requeue_batch(app, producer, chunk, actor, lock_kwargs, result: RequeueResu
             ],
             batch_size=500,
         )
-    return ok
+    result.requeued.extend((pk, f"{run}-{pk}") for pk in done)
+    if not done:
+        return True
+    _published, error = ledger_publish_now([f"{run}-{pk}" for pk in done])
+    if error:
+        waiting = set(
+            OutboxMessage.objects.filter(task_id__in=[f"{run}-{pk}" for pk in done], published_at__isnull=True)
+            .values_list("task_id", flat=True)
+        )  # fmt: skip
+        result.waiting.extend((pk, task_id) for pk, task_id in result.requeued if task_id in waiting)
+        result.error = error
+        logger.error("dead_letter.requeue_waiting", extra={"waiting": len(waiting), "error": error})
+        return False
+    return True
 
 
 def dead_letters_discard(*, dead_letters: QuerySet[DeadLetter], actor: str, note: str = "") -> int:
@@ -294,12 +317,20 @@ def dead_letters_purge(
     statuses: Iterable[str] = (DeadLetter.Status.REQUEUED, DeadLetter.Status.DISCARDED),
     dry_run: bool = False,
 ) -> int:
-    """Deletes dead letters in `statuses` that last failed more than `older_than` ago
-    (retention); pending ones are kept unless asked for. Returns how many rows go. The rows'
-    own audit trail goes with them; a `DeadLetterPurge` row records who purged what, and when."""
+    """Deletes dead letters in `statuses` whose latest activity (failed, requeued or discarded,
+    whichever came last) is more than `older_than` ago (retention); pending ones are kept unless
+    asked for. Returns how many rows go. A row requeued today stays however long ago it first
+    failed, so a requeued job that dies again still finds its row. The rows' own audit trail
+    goes with them; a `DeadLetterPurge` row records who purged what, and when."""
+    from django.db.models.functions import Coalesce, Greatest
+
     now = timezone.now()
     statuses = sorted(statuses)
-    rows = DeadLetter.objects.filter(status__in=statuses, failed_at__lt=now - older_than)
+    # GREATEST is NULL with a NULL argument on SQLite (not on PostgreSQL): Coalesce for both.
+    last_activity = Greatest("failed_at", Coalesce("requeued_at", "failed_at"), Coalesce("discarded_at", "failed_at"))
+    rows = DeadLetter.objects.alias(last_activity=last_activity).filter(
+        status__in=statuses, last_activity__lt=now - older_than
+    )
     count = rows.count()
     if not dry_run and count:
         with transaction.atomic():

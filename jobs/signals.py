@@ -76,16 +76,68 @@ def _relay_outbox_at_start() -> None:
     """Whatever waited in the outbox while the broker was down goes out as soon as a worker is up."""
     import logging
 
+    from django.db import connection
+
+    from jobs.db import with_fresh_connection
     from jobs.outbox import outbox_relay
 
     try:
-        outbox_relay()
+        with_fresh_connection(outbox_relay, what="outbox_relay_at_start")
     except Exception:  # never keep a worker from starting
         logging.getLogger("jobs.outbox").warning("outbox.relay_at_start_failed", exc_info=True)
+    finally:
+        connection.close()  # the main process keeps no connection to go stale (jobs.db)
 
 
 @signals.task_postrun.connect
-def _leave_task(**kwargs) -> None:
+def _leave_task(task=None, task_id: str | None = None, state: str | None = None, **kwargs) -> None:
     request_id_var.set(None)
     task_id_var.set(None)
     task_name_var.set(None)
+    if task_id and getattr(getattr(task, "request", None), "jobs_ledger", None):
+        _ledger_end(task, task_id, state)
+
+
+def _ledger_end(task, task_id: str, state: str | None) -> None:
+    """A job kept in the ledger has ended in this pool process: forget it. A JobTask's failure
+    is forgotten by the failure path, and only once its dead letter is safe."""
+    from celery import states
+
+    from jobs.ledger import ledger_finish
+
+    is_job_task = getattr(task, "on_give_up", None) is not None
+    if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
+        ledger_finish(task_id)
+
+
+@signals.task_revoked.connect
+def _on_revoked(request=None, terminated: bool = False, expired: bool = False, **kwargs) -> None:
+    """A revoked (or expired) job ends here, in the worker's main process: kept as a dead letter
+    (no alert: someone chose this), its app told, its ledger row forgotten."""
+    task = getattr(request, "task", None)
+    if request is None or getattr(task, "on_give_up", None) is None:
+        return
+    from jobs.models import DeadLetter
+    from jobs.outcomes import Job, job_gave_up
+
+    headers = getattr(request, "_request_dict", None) or {}
+    delivery = getattr(request, "delivery_info", None) or {}
+    what = "expired before it ran" if expired else ("terminated" if terminated else "revoked")
+    job_gave_up(
+        task=task,
+        job=Job(
+            task_name=request.name,
+            task_id=request.id,
+            args=tuple(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            retries=int(headers.get("retries") or 0),
+            queue=str(delivery.get("routing_key") or ""),
+            request_id=str(headers.get(REQUEST_ID_HEADER) or ""),
+            dead_letter_id=headers.get("dead_letter_id"),
+        ),
+        reason=DeadLetter.Reason.REVOKED,
+        exc_type="Revoked",
+        exc_message=f"the task was {what}",
+        worker=str(getattr(request, "hostname", "") or ""),
+        alert=False,
+    )

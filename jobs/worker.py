@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import logging
 from typing import Any
 
@@ -53,6 +55,7 @@ class JobRequest(Request):
         super().send_event(type_, **fields)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        _fresh_db()  # Celery may write the result from this (main) process
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
@@ -61,6 +64,7 @@ class JobRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft:
             return super().on_timeout(soft, timeout)
+        _fresh_db()
         self.task.request_stack.push(self._context)
         try:
             return super().on_timeout(soft, timeout)
@@ -68,40 +72,69 @@ class JobRequest(Request):
             self.task.request_stack.pop()
 
 
-def _message_summary(message: Any) -> tuple[dict, str]:
+def _message_summary(message: Any) -> tuple[dict, str, tuple, dict]:
+    """Headers, the start of the body (secrets redacted), and the arguments when the body is
+    a protocol 2 JSON message (`[args, kwargs, embed]`)."""
+    from jobs.policy import redact, redact_text
+
     headers = dict(getattr(message, "headers", None) or {})
     body = getattr(message, "body", b"") or b""
     if isinstance(body, str):
         body = body.encode(errors="replace")
+    args: tuple = ()
+    kwargs: dict = {}
     try:
-        text = body[:4000].decode()
-    except UnicodeDecodeError:
-        text = "base64:" + base64.b64encode(body[:3000]).decode()
-    return headers, text
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if isinstance(payload, list) and len(payload) >= 2 and isinstance(payload[0], list):
+        args, kwargs = tuple(payload[0]), payload[1] if isinstance(payload[1], dict) else {}
+    if payload is not None:
+        text = json.dumps(redact(payload)[0])[:4000]
+    else:
+        try:
+            text = body[:4000].decode()
+        except UnicodeDecodeError:
+            text = "base64:" + base64.b64encode(body[:3000]).decode()
+    return headers, redact_text(text), args, kwargs
+
+
+def _fresh_db() -> None:
+    """Celery's own main-process writes (the result backend's mark_as_failure) run on this
+    process's connection: drop it first if it died or aged (see jobs.db)."""
+    from django.db import close_old_connections
+
+    with contextlib.suppress(Exception):  # closing a dead connection may fail; it is dropped anyway
+        close_old_connections()
 
 
 class JobConsumer(Consumer):
     """Celery's consumer, plus a dead letter for every message it has to throw away
-    (undecodable, disallowed content type such as pickle, unknown or invalid task)."""
+    (undecodable, disallowed content type such as pickle, unknown or invalid task), written with
+    its arguments so it can be replayed once a worker knows the task."""
 
     def _dead_letter(self, message: Any, exc: BaseException | None, what: str) -> None:
-        from jobs.services import dead_letter_record
+        from jobs.models import DeadLetter
+        from jobs.outcomes import Job, job_gave_up
 
-        headers, text = _message_summary(message)
+        headers, text, args, kwargs = _message_summary(message)
         delivery = getattr(message, "delivery_info", None) or {}
         try:
-            dead_letter_record(
-                task_name=str(headers.get("task") or "<unknown>")[:200],
-                task_id=str(headers.get("id") or "")[:64],
-                queue=str(delivery.get("routing_key") or ""),
-                args=[],
-                kwargs={},
+            job_gave_up(
+                task=None,
+                job=Job(
+                    task_name=str(headers.get("task") or "<unknown>")[:200],
+                    task_id=str(headers.get("id") or "")[:64],
+                    args=args,
+                    kwargs=kwargs,
+                    retries=int(headers.get("retries") or 0) if str(headers.get("retries", "0")).isdigit() else 0,
+                    queue=str(delivery.get("routing_key") or ""),
+                    request_id=str(headers.get("request_id") or "")[:128],
+                    dead_letter_id=headers.get("dead_letter_id"),
+                ),
+                reason=DeadLetter.Reason.UNDECODABLE,
                 exc_type=type(exc).__name__ if exc else what,
                 exc_message=f"{what}: {exc}"[:2000] if exc else what,
-                traceback="",
-                retries=0,
-                reason="undecodable",
-                request_id=str(headers.get("request_id") or "")[:128],
                 worker=str(self.hostname or ""),
                 raw_message=f"content-type={getattr(message, 'content_type', '')} body={text}",
             )
@@ -110,15 +143,26 @@ class JobConsumer(Consumer):
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._dead_letter(message, exc, "message could not be decoded")
-        super().on_decode_error(message, exc)
+        self._guarded(super().on_decode_error, message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
         self._dead_letter(message, exc, "unknown task")
-        super().on_unknown_task(body, message, exc)
+        self._guarded(super().on_unknown_task, body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         self._dead_letter(message, exc, "invalid task message")
-        super().on_invalid_task(body, message, exc)
+        self._guarded(super().on_invalid_task, body, message, exc)
+
+    def _guarded(self, handler: Any, *args: Any) -> None:
+        """Celery's handlers reject the message, then mark the result failed in the database: a
+        database error there must not stop the consumer (the dead letter is written already)."""
+        from django.db import Error as DatabaseError
+
+        _fresh_db()
+        try:
+            handler(*args)
+        except DatabaseError as exc:
+            logger.warning("worker.result_not_stored", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
 class ZeroIsNoLimitStep(bootsteps.Step):
@@ -157,8 +201,12 @@ class LivenessStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.tref = None
+        self.client = None
 
     def start(self, parent: Any) -> None:
+        from jobs.ledger import _redis_client
+
+        self.client = _redis_client()
         self.touch(parent)
         from django.conf import settings
 
@@ -180,3 +228,44 @@ class LivenessStep(bootsteps.StartStopStep):
             liveness_touch("worker", hostname=parent.hostname, queues=queues)
         except OSError:
             logger.warning("worker.liveness_write_failed", exc_info=True)
+        try:
+            from jobs.ledger import worker_reserved_publish
+
+            worker_reserved_publish(parent.hostname, held_task_ids(), client=self.client)
+        except Exception as exc:  # noqa: BLE001 - Redis paused or full: the sweeper then waits longer
+            logger.warning("worker.reserved_write_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+
+
+def held_task_ids() -> set[str]:
+    """Ids of the tasks this worker holds: running, prefetched, or waiting for their ETA."""
+    from celery.worker import state
+
+    held = set()
+    for requests in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+        held.update(request.id for request in list(requests))
+    return held
+
+
+class LedgerStep(bootsteps.StartStopStep):
+    """Runs the ledger's upkeep (`jobs.ledger`: publish what waits, bring back what the broker
+    lost) in a thread of the worker's main process, so it goes on whether beat runs or not."""
+
+    label = "Ledger sweeper"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sweeper = None
+
+    def start(self, parent: Any) -> None:
+        from django.conf import settings
+
+        from jobs.ledger import Sweeper
+
+        interval = settings.JOBS_LEDGER_SWEEP_INTERVAL
+        if interval > 0:
+            self.sweeper = Sweeper(interval).start()
+
+    def stop(self, parent: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None

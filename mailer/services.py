@@ -18,18 +18,20 @@ from email.mime.base import MIMEBase
 from typing import Any
 
 from django.conf import settings
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.mail import EmailMultiAlternatives
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import validate_email
-from django.db import OperationalError, transaction
+from django.db import Error as DatabaseError
+from django.db import connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from jobs.context import get_request_id
-from jobs.exceptions import TransientError
+from jobs.exceptions import RetryLater, TransientError
 from jobs.outbox import enqueue
 from mailer import backend, rendering
 from mailer.exceptions import EmailRefused
@@ -60,8 +62,15 @@ class Attachment:
     content_id: str = ""
 
 
-class HandOffInProgress(TransientError):
-    """Another attempt is handing this email to the backend right now; try again later."""
+class HandOffInProgress(RetryLater):
+    """Another attempt is handing this email to the backend right now: try again when its lease
+    ends (a postponement: it uses none of the retry budget, so the waiting copy can never give up
+    before the attempt it waits for has had its whole lease)."""
+
+
+class SentNotRecorded(TransientError):
+    """The backend took the email but the database would not record it; the fact is kept in the
+    cache and the next attempt records it without sending again."""
 
 
 # --- queueing ---------------------------------------------------------------------------------
@@ -290,27 +299,41 @@ def email_send(*, email: Email) -> Email:
     1. Claim: one conditional UPDATE moves the email to `sending` and counts the attempt, only
        if it is `queued` or `failed` (or `sending` for longer than the lease, meaning the attempt
        that claimed it died mid hand-off). An email already `sent` is left alone; one claimed by
-       an attempt still running raises `HandOffInProgress` (transient: retried later).
+       an attempt still running raises `HandOffInProgress` (retried when the lease ends).
     2. Send, with the email's stable Message-ID header.
     3. Record: `sent`, when, and the provider's message id. If the send raised, the email goes
-       back to `queued` with the error, and the error is raised for the task to classify.
+       back to `queued` with the error, and the error is raised for the task to classify. If the
+       database cannot record it, the hand-off is kept in the cache and `SentNotRecorded` raised:
+       the next attempt records it and sends nothing.
 
     A worker lost between 2 and 3 leaves the email in `sending`; after the lease it is sent again
     with the same Message-ID, as an SMTP client must do when the server's final reply never came.
     """
+    handed_off = _handed_off(email.pk)
+    if handed_off is not None:  # an earlier attempt sent it; only the record was missing
+        _record_sent(email, handed_off)
+        _forget_handed_off(email.pk)
+        email.refresh_from_db()
+        logger.info("email.sent_recorded_late", extra={"email_id": email.pk})
+        return email
     now = timezone.now()
+    lease = _sending_lease()
     claim = {"status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now}
     rows = Email.objects.filter(pk=email.pk)
     claimed = rows.filter(status__in=[Email.Status.QUEUED, Email.Status.FAILED]).update(**claim) == 1
     if not claimed:
-        stale = rows.filter(status=Email.Status.SENDING, handed_off_at__lt=now - _sending_lease())
+        stale = rows.filter(status=Email.Status.SENDING, handed_off_at__lt=now - lease)
         claimed = stale.update(**claim) == 1
         if claimed:
             logger.warning("email.handoff_unconfirmed", extra={"email_id": email.pk})
     email.refresh_from_db()
     if not claimed:
         if email.status == Email.Status.SENDING:
-            raise HandOffInProgress(f"email {email.pk} is being handed off by another attempt")
+            ends = (email.handed_off_at or now) + lease
+            raise HandOffInProgress(
+                f"email {email.pk} is being handed off by another attempt",
+                retry_after=(ends - timezone.now()).total_seconds() + 1,
+            )
         logger.info("email.already_sent", extra={"email_id": email.pk, "status": email.status})
         return email
 
@@ -325,7 +348,11 @@ def email_send(*, email: Email) -> Email:
         logger.warning("email.send_failed", extra={"email_id": email.pk, "attempt": email.attempts, "error": error})
         raise
     provider_id = _provider_message_id(message)
-    _record_sent(email, provider_id)
+    try:
+        _record_sent(email, provider_id)
+    except DatabaseError as exc:
+        _keep_handed_off(email.pk, provider_id)
+        raise SentNotRecorded(f"email {email.pk} was sent but not recorded: {type(exc).__name__}") from exc
     email.refresh_from_db()
     logger.info(
         "email.sent",
@@ -334,9 +361,34 @@ def email_send(*, email: Email) -> Email:
     return email
 
 
-def _record_sent(email: Email, provider_id: str, tries: int = 3) -> None:
+HANDED_OFF_KEY = "mailer:handed-off:{}"
+
+
+def _handed_off(email_id: int) -> str | None:
+    try:
+        return cache.get(HANDED_OFF_KEY.format(email_id))
+    except Exception:  # noqa: BLE001 - no cache: nothing known, the database decides
+        return None
+
+
+def _keep_handed_off(email_id: int, provider_id: str) -> None:
+    try:
+        cache.set(HANDED_OFF_KEY.format(email_id), provider_id, timeout=7 * 24 * 3600)
+    except Exception:
+        logger.exception("email.handoff_not_kept", extra={"email_id": email_id})
+
+
+def _forget_handed_off(email_id: int) -> None:
+    try:
+        cache.delete(HANDED_OFF_KEY.format(email_id))
+    except Exception:  # noqa: BLE001 - it only says to record `sent`, which is done
+        logger.warning("email.handoff_not_forgotten", extra={"email_id": email_id})
+
+
+def _record_sent(email: Email, provider_id: str, tries: int = 5) -> None:
     """Marks the email sent. The message is out: a database hiccup here must not turn into a retry
-    that finds the email still `sending`, so the write itself is tried a few times first."""
+    that sends it again, so the write is tried a few times, each on a new connection when the
+    last one died (a database restart cuts every connection)."""
     for attempt in range(1, tries + 1):
         done = timezone.now()
         try:
@@ -344,10 +396,14 @@ def _record_sent(email: Email, provider_id: str, tries: int = 3) -> None:
                 status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
             )
             return
-        except OperationalError:
-            if attempt == tries:
+        except DatabaseError:  # OperationalError and InterfaceError ("connection already closed")
+            if attempt == tries or connection.in_atomic_block:
                 logger.exception("email.sent_unrecorded", extra={"email_id": email.pk})
                 raise
+            try:
+                connection.close()
+            except DatabaseError:
+                logger.debug("email.close_failed", exc_info=True)
             time.sleep(0.5 * attempt)
 
 

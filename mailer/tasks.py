@@ -14,6 +14,7 @@ from django.core.mail import BadHeaderError
 
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
+from jobs.outcomes import Job
 from mailer import backend
 from mailer.models import Email
 from mailer.services import HandOffInProgress, email_mark_failed, email_send
@@ -82,19 +83,18 @@ def _is_boto_network_error(cause: BaseException | None) -> bool:
 
 
 class EmailTask(JobTask):
-    """`JobTask` that reads SMTP reply codes and provider statuses, and marks the email
-    `failed` when the task fails for good (the dead letter is `JobTask`'s)."""
+    """`JobTask` that reads SMTP reply codes and provider statuses, and marks the email `failed`
+    when the job is given up (the dead letter is `JobTask`'s)."""
 
     def classify(self, exc: BaseException) -> str:
         return classify_send_error(exc) or super().classify(exc)
 
-    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
-        super().on_failure(exc, task_id, args, kwargs, einfo)
-        email_id = args[0] if args else kwargs.get("email_id")
-        if isinstance(exc, HandOffInProgress):
-            return  # a duplicate gave up waiting; the attempt that holds the email decides its status
+    def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
+        email_id = job.argument(0, "email_id")
+        if error.startswith(f"{HandOffInProgress.__name__}:"):
+            return  # a copy gave up waiting; the attempt that holds the email decides its status
         if _valid_id(email_id):
-            email_mark_failed(email_id=email_id, error=f"{type(exc).__name__}: {exc}")
+            email_mark_failed(email_id=email_id, error=error)
 
 
 def _valid_id(value: object) -> bool:

@@ -205,11 +205,17 @@ def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
     return rows
 
 
-def image_mark_failed(*, image: Image, error: str) -> None:
-    """Records that the thumbnails of `image` cannot be made."""
-    Image.objects.filter(pk=image.pk).update(status=Image.Status.FAILED, error=error[:2000], updated=timezone.now())
-    image.status, image.error = Image.Status.FAILED, error[:2000]
-    logger.warning("thumbnails.failed", extra={"image_id": image.pk, "error": error[:500]})
+def image_mark_failed(*, image_id: int, error: str) -> bool:
+    """Records that the thumbnails of an image cannot be made (its job was given up). An image
+    made after all (a second run finished) stays done. False when nothing changed."""
+    updated = (
+        Image.objects.filter(pk=image_id)
+        .exclude(status=Image.Status.DONE)
+        .update(status=Image.Status.FAILED, error=error[:2000], updated=timezone.now())
+    )
+    if updated:
+        logger.warning("thumbnails.failed", extra={"image_id": image_id, "error": error[:500]})
+    return bool(updated)
 
 
 def images_regenerate(*, images: Iterable[Image]) -> int:

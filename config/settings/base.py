@@ -315,6 +315,12 @@ LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
 JOBS_LIVENESS_INTERVAL = env.float("JOBS_LIVENESS_INTERVAL", default=5.0)
 # Seconds a dead beat blocks its standby at most (the leader renews the lock every tick).
 JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
+# The ledger (jobs.ledger): every worker's sweeper thread runs this often (0: off), one at a time;
+# a published job is looked for in the broker once it is this old, and republished when two
+# sweeps this far apart did not find it.
+JOBS_LEDGER_SWEEP_INTERVAL = env.float("JOBS_LEDGER_SWEEP_INTERVAL", default=15.0)
+JOBS_LEDGER_LOST_AFTER = env.float("JOBS_LEDGER_LOST_AFTER", default=60.0)
+JOBS_LEDGER_MISSING_GRACE = env.float("JOBS_LEDGER_MISSING_GRACE", default=30.0)
 
 # --- Celery (read by config/celery.py through the CELERY_ namespace) ------------------------
 
@@ -380,6 +386,10 @@ CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
 
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A channel error (Redis refusing writes at maxmemory: OutOfMemoryError is a ResponseError)
+# restarts the consumer like a lost connection does, instead of stopping the worker with
+# "Unrecoverable error"; the ledger brings back a message lost in between.
+CELERY_BROKER_CHANNEL_ERROR_RETRY = True
 CELERY_BROKER_CONNECTION_MAX_RETRIES = env.int("CELERY_BROKER_CONNECTION_MAX_RETRIES", default=100)
 CELERY_BROKER_CONNECTION_TIMEOUT = 5
 CELERY_BROKER_POOL_LIMIT = env.int("CELERY_BROKER_POOL_LIMIT", default=10)

@@ -115,13 +115,16 @@ def test_requeue_one_publishes_it_and_records_the_actor(client, ops, redis_clien
     assert redis_client.llen("normal") == 1
 
 
-def test_requeue_while_the_broker_is_down_is_503_and_leaves_the_row_pending(client, ops, dead_broker):
+def test_requeue_while_the_broker_is_down_is_503_and_the_job_waits_in_the_outbox(client, ops, dead_broker):
+    from jobs.models import OutboxMessage
+
     row = DeadLetterFactory()
     response = post(client, f"{BASE}{row.pk}/requeue/", **ops)
     assert response.status_code == 503
-    assert "publishing failed" in response.json()["error"]
-    row.refresh_from_db()
-    assert row.status == DeadLetter.Status.PENDING
+    body = response.json()
+    assert "publishing failed" in body["error"]
+    assert [item["id"] for item in body["waiting"]] == [row.pk]
+    assert OutboxMessage.objects.get(task_id=body["waiting"][0]["task_id"]).published_at is None
 
 
 def test_discard_one(client, ops):

@@ -12,7 +12,7 @@ from django.db import InterfaceError, OperationalError, close_old_connections, c
 from django.utils import timezone
 
 from jobs import services
-from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge
+from jobs.models import DeadLetter, DeadLetterPurge
 from jobs.services import dead_letter_record, dead_letters_discard, dead_letters_purge, dead_letters_requeue
 from jobs.signals import dead_letter_created
 from tests.jobs.factories import DeadLetterFactory
@@ -147,13 +147,43 @@ def test_requeue_reports_progress(redis_client):
     assert seen == [2, 4, 5]
 
 
-def test_failed_publish_leaves_rows_pending(dead_broker):
-    DeadLetterFactory.create_batch(2)
-    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t")
-    assert result.count == 0
+def test_requeue_while_the_broker_is_down_keeps_the_jobs_in_the_outbox(dead_broker, django_capture_on_commit_callbacks):
+    """The first batch is written to the ledger before anything is published: the broker being down
+    loses nothing; the relay publishes those jobs later. The run stops there: later batches stay
+    pending, and no publish ever happens inside the batch's transaction."""
+    from jobs.models import OutboxMessage
+
+    DeadLetterFactory.create_batch(3)
+    result = dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t", batch_size=2)
     assert "publishing failed" in result.error
-    assert DeadLetter.objects.filter(status="pending").count() == 2
-    assert not DeadLetterEvent.objects.filter(action="requeued").exists()
+    assert result.count == 2
+    assert [pk for pk, _ in result.waiting] == [pk for pk, _ in result.requeued]
+    assert DeadLetter.objects.filter(status="pending").count() == 1
+    waiting = OutboxMessage.objects.filter(task_id__in=[task_id for _, task_id in result.waiting])
+    assert waiting.count() == 2
+    assert all(row.published_at is None for row in waiting)
+    assert {row.options["headers"]["dead_letter_id"] for row in waiting} == {pk for pk, _ in result.requeued}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requeue_never_publishes_inside_its_transaction(redis_client, monkeypatch):
+    """SQLite holds its write lock for the whole transaction: a publish inside it would make every
+    other writer wait on the broker."""
+    from django.db import connection
+
+    from jobs import outbox
+
+    seen = []
+    original = outbox.publish
+
+    def watching(message, **kwargs):
+        seen.append(connection.in_atomic_block)
+        return original(message, **kwargs)
+
+    monkeypatch.setattr(outbox, "publish", watching)
+    DeadLetterFactory.create_batch(2)
+    assert dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t").count == 2
+    assert seen == [False, False]
 
 
 @pytest.mark.django_db(transaction=True)

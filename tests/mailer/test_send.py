@@ -84,7 +84,7 @@ def test_a_hand_off_in_progress_is_not_repeated(smtp_settings, queued):
     with pytest.raises(HandOffInProgress):
         email_send(email=email)
     assert smtp_settings.messages == []
-    assert isinstance(HandOffInProgress("x"), TransientError)
+    assert isinstance(HandOffInProgress("x", retry_after=1), TransientError)
 
 
 def test_a_hand_off_abandoned_past_the_lease_is_sent_again_with_the_same_message_id(settings, smtp_settings, queued):
@@ -318,6 +318,6 @@ def test_errors_are_sorted(exc, kind):
 def test_a_duplicate_that_gives_up_waiting_leaves_the_email_to_its_owner(queued):
     email = queued()
     Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=timezone.now())
-    send_email.on_failure(HandOffInProgress("busy"), "task-4", (email.pk,), {}, None)
+    send_email.on_failure(HandOffInProgress("busy", retry_after=5), "task-4", (email.pk,), {}, None)
     email.refresh_from_db()
     assert email.status == Email.Status.SENDING

@@ -56,7 +56,7 @@ def test_no_add(staff_client):
 
 def test_regenerate_action_queues_and_reports(staff_client, done_image, django_capture_on_commit_callbacks):
     other = services.image_create(upload=images.upload(images.png_alpha()))
-    services.image_mark_failed(image=other, error="boom")
+    services.image_mark_failed(image_id=other.pk, error="boom")
     with django_capture_on_commit_callbacks() as callbacks:
         response = staff_client.post(
             CHANGELIST, {"action": "regenerate", "_selected_action": [done_image.pk, other.pk]}, follow=True

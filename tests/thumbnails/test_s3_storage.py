@@ -286,8 +286,8 @@ def test_a_missing_bucket_is_not_retried(bucket, settings):
     default = settings.STORAGES["default"]
     options = {**default["OPTIONS"], "bucket_name": "no-such-bucket-here"}
     settings.STORAGES = {**settings.STORAGES, "default": {**default, "OPTIONS": options}}
-    with pytest.raises(OriginalMissing) as caught:  # S3 answers 404 for an object of a missing bucket
-        generate(image.pk)
-    assert generate.classify(caught.value) == "permanent"
+    result = generate.apply(args=[image.pk])  # through the tracer: the failure path runs
+    assert isinstance(result.result, OriginalMissing)  # S3 answers 404 for an object of a missing bucket
+    assert generate.classify(result.result) == "permanent"
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED

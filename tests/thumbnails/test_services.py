@@ -11,6 +11,7 @@ import pytest
 from django.core.files.storage import default_storage
 
 from jobs.exceptions import InvalidTaskArguments
+from jobs.models import DeadLetter
 from tests.thumbnails import images
 from thumbnails import processing, services
 from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UploadTooLarge
@@ -169,10 +170,16 @@ def test_images_regenerate_resets_status_and_queues_each(django_capture_on_commi
     assert {one.pk, two.pk} == set(Image.objects.values_list("pk", flat=True))
 
 
+def _run_as_a_worker_would(image_id: int):
+    """Runs the task through Celery's tracer (`apply`): the failure path runs, not only the body."""
+    return generate.apply(args=[image_id], task_id=f"t-{image_id}")
+
+
 def test_task_marks_a_corrupt_image_failed_and_raises_a_permanent_error():
     image = create(images.truncated_jpeg())
-    with pytest.raises(CorruptImage):
-        generate(image.pk)
+    result = _run_as_a_worker_would(image.pk)
+    assert isinstance(result.result, CorruptImage)
+    assert DeadLetter.objects.get(task_id=f"t-{image.pk}").reason == DeadLetter.Reason.PERMANENT_ERROR
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED
     assert "CorruptImage" in image.error
@@ -184,8 +191,7 @@ def test_task_marks_a_corrupt_image_failed_and_raises_a_permanent_error():
 def test_task_marks_failed_when_the_original_is_missing():
     image = create(images.jpeg())
     default_storage.delete(image.original.name)
-    with pytest.raises(OriginalMissing):
-        generate(image.pk)
+    assert isinstance(_run_as_a_worker_would(image.pk).result, OriginalMissing)
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED
     assert "missing" in image.error

@@ -146,7 +146,7 @@ def test_detail_of_a_done_image(client):
 
 def test_detail_of_a_failed_image_carries_the_error(client):
     image = services.image_create(upload=images.upload(images.jpeg()))
-    services.image_mark_failed(image=image, error="CorruptImage: truncated")
+    services.image_mark_failed(image_id=image.pk, error="CorruptImage: truncated")
     body = client.get(f"{API}{image.pk}/").json()
     assert (body["status"], body["error"]) == ("failed", "CorruptImage: truncated")
 
@@ -162,7 +162,7 @@ def test_page_lists_latest_images_with_thumbnails_and_status(client):
     services.thumbnails_generate(image=done)
     pending = services.image_create(upload=images.upload(images.webp()))
     failed = services.image_create(upload=images.upload(images.gif_animated()))
-    services.image_mark_failed(image=failed, error="broken <b>file</b>")
+    services.image_mark_failed(image_id=failed.pk, error="broken <b>file</b>")
     response = client.get("/thumbnails/")
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/html")

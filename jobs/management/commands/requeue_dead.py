@@ -107,7 +107,11 @@ class Command(BaseCommand):
         for pk, why in result.skipped:
             self.stderr.write(f"  skipped #{pk}: {why}")
         if result.error:
-            raise CommandError(f"Requeued {result.count} of {total} dead letter(s), then stopped: {result.error}")
+            raise CommandError(
+                f"Requeued {result.count} of {total} dead letter(s), then stopped: {result.error}. "
+                f"{len(result.waiting)} of them wait in the outbox and go out when the broker answers; "
+                "the rest stay pending."
+            )
         self.stdout.write(self.style.SUCCESS(f"Requeued {result.count} dead letter(s)."))
 
     def _progress(self, done: int, total: int) -> None:

@@ -1,0 +1,48 @@
+"""Database access from the places a request cycle never cleans up after: the worker's main
+process, its background threads, and the end of a task.
+
+Celery's Django fix-up closes connections around tasks in the pool processes only. The worker's
+main process keeps the connection it opened first for as long as it lives, so after a database
+restart or failover every later write there would fail on a dead socket. `with_fresh_connection`
+drops a connection that is unusable or too old before it is used, and when a call fails on a
+connection error it closes the connection and tries again on a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
+
+logger = logging.getLogger("jobs.db")
+
+T = TypeVar("T")
+
+#: Errors of the connection rather than of the statement: worth a new connection and one more try.
+CONNECTION_ERRORS = (InterfaceError, OperationalError)
+
+
+def with_fresh_connection(call: Callable[[], T], *, what: str, attempts: int = 3, pause: float = 0.5) -> T:
+    """Runs `call()` (a few statements) on a usable connection, reconnecting after a connection
+    error up to `attempts` times; the last error is raised. Inside a transaction nothing can be
+    retried: the error is raised at once."""
+    for attempt in range(1, attempts + 1):
+        if not connection.in_atomic_block:
+            close_old_connections()
+        try:
+            return call()
+        except CONNECTION_ERRORS as exc:
+            if connection.in_atomic_block or attempt == attempts:
+                raise
+            logger.warning(
+                "db.reconnecting",
+                extra={"what": what, "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            with contextlib.suppress(Exception):  # closing a dead socket may fail too; it is gone anyway
+                connection.close()
+            time.sleep(pause * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover

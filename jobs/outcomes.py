@@ -1,0 +1,104 @@
+"""The one failure path: how every job ends is decided and recorded here.
+
+A job ends in one of three ways (`Outcome`): it succeeded, it will run again (a retry, now or
+from the ledger when the broker refused the retry), or it was given up. Whatever gave it up (its
+own error, retries exhausted, a time limit, quarantine after worker losses, a message the worker
+cannot run, a revoke, a message the broker cannot take), `job_gave_up()`:
+
+1. writes the dead letter (on a fresh database connection when the old one died);
+2. tells the owning app through its task's `on_give_up(job, reason=..., error=...)` hook, so no
+   row of the app stays `processing`, `queued` or `sending` with nothing left to move it;
+3. forgets the job in the ledger, once its dead letter is safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.db import with_fresh_connection
+
+logger = logging.getLogger("jobs.outcomes")
+
+
+class Outcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"
+    GAVE_UP = "gave_up"
+
+
+class ErrorKind(enum.StrEnum):
+    """What an exception a task raised means (`JobTask.classify`)."""
+
+    TRANSIENT = "transient"  # retried with backoff
+    PERMANENT = "permanent"  # given up at once
+    UNEXPECTED = "unexpected"  # a bug: given up at once, kept as a dead letter
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a give-up hook learns about the job: enough to find the app's own row."""
+
+    task_name: str
+    task_id: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    queue: str = ""
+    request_id: str = ""
+    dead_letter_id: int | str | None = None
+
+    def argument(self, position: int, name: str) -> Any:
+        """The argument at `position`, or passed by `name`; None when there is none."""
+        if len(self.args) > position:
+            return self.args[position]
+        return self.kwargs.get(name)
+
+
+def job_gave_up(
+    *,
+    task: Any,
+    job: Job,
+    reason: str,
+    exc_type: str,
+    exc_message: str,
+    traceback: str = "",
+    worker: str = "",
+    raw_message: str = "",
+    alert: bool = True,
+) -> Any:
+    """Records a job given up for good (see the module's docstring); returns its dead letter, or
+    None when the database could not take it (then the ledger keeps the job: it runs again later
+    rather than being lost, and the failure is logged with all a replay needs)."""
+    from jobs.ledger import ledger_finish
+    from jobs.services import dead_letter_record
+
+    row = dead_letter_record(
+        task_name=job.task_name,
+        task_id=job.task_id,
+        queue=job.queue,
+        args=job.args,
+        kwargs=job.kwargs,
+        exc_type=exc_type,
+        exc_message=exc_message,
+        traceback=traceback,
+        retries=job.retries,
+        reason=reason,
+        request_id=job.request_id,
+        worker=worker,
+        dead_letter_id=job.dead_letter_id,
+        raw_message=raw_message,
+        alert=alert,
+    )
+    hook = getattr(task, "on_give_up", None)
+    if hook is not None:
+        error = f"{exc_type}: {exc_message}"[:2000]
+        try:
+            with_fresh_connection(lambda: hook(job, reason=reason, error=error), what="on_give_up")
+        except Exception:
+            logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
+    if row is not None:
+        ledger_finish(job.task_id)
+    return row

@@ -1,0 +1,187 @@
+"""The ledger: an accepted job stays known to the database until it has finished, and the
+sweeper brings back, with the same identity, a job whose message the broker no longer holds."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.db import OperationalError, connection
+from django.utils import timezone
+
+from jobs.ledger import (
+    RESERVED_KEY,
+    ledger_counts,
+    ledger_defer_retry,
+    ledger_finish,
+    ledger_oldest_age,
+    ledger_sweep,
+    worker_reserved_publish,
+)
+from jobs.models import DeadLetter, OutboxMessage
+from jobs.outbox import enqueue, outbox_relay
+
+pytestmark = pytest.mark.django_db
+
+
+def _published(task_id: str, *, ago: float = 600, **fields) -> OutboxMessage:
+    """A job published `ago` seconds ago whose message the broker no longer has."""
+    return OutboxMessage.objects.create(
+        task_name="jobs.ping",
+        task_id=task_id,
+        options={"queue": "low", "headers": {"request_id": "rid-1", "jobs_ledger": 1}},
+        published_at=timezone.now() - timedelta(seconds=ago),
+        **fields,
+    )
+
+
+def _queued_ids(redis_client, queue: str = "low") -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange(queue, 0, -1)]
+
+
+def _age_missing(task_id: str, seconds: float = 3600) -> None:
+    OutboxMessage.objects.filter(task_id=task_id).update(missing_since=timezone.now() - timedelta(seconds=seconds))
+
+
+def test_a_job_the_broker_lost_is_republished_with_the_same_identity_after_two_sweeps(redis_client):
+    _published("lost-1", retries=2)
+    first = ledger_sweep()
+    assert first == {"candidates": 1, "missing": 1, "republished": 0}  # seen gone once: not yet
+    assert _queued_ids(redis_client) == []
+    _age_missing("lost-1")
+    assert ledger_sweep()["republished"] == 1
+
+    message = json.loads(redis_client.lindex("low", 0))
+    assert message["headers"]["id"] == "lost-1"
+    assert message["headers"]["retries"] == 2  # the retries it used stay used
+    assert message["headers"]["request_id"] == "rid-1"
+    row = OutboxMessage.objects.get(task_id="lost-1")
+    assert row.republished == 1
+    assert row.missing_since is None
+    assert (timezone.now() - row.published_at).total_seconds() < 60
+    assert ledger_sweep()["candidates"] == 0  # published again just now: not judged again yet
+
+
+def test_a_job_whose_message_is_still_queued_is_left_alone(redis_client, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        task_id = enqueue("jobs.ping", queue="low")
+    OutboxMessage.objects.update(published_at=timezone.now() - timedelta(hours=1))
+    _age_missing(task_id)  # even one a previous sweep had missed
+    assert ledger_sweep() == {"candidates": 1, "missing": 0, "republished": 0}
+    assert _queued_ids(redis_client) == [task_id]
+    assert OutboxMessage.objects.get(task_id=task_id).missing_since is None
+
+
+def test_a_job_delivered_and_not_acknowledged_is_left_alone(redis_client):
+    """A running, prefetched or ETA-held message sits in the transport's `unacked` hash."""
+    _published("running-1")
+    message = {"headers": {"id": "running-1", "task": "jobs.ping"}, "body": "W10=", "properties": {}}
+    redis_client.hset("unacked", "tag-1", json.dumps([message, "", "low"]))
+    _age_missing("running-1")
+    assert ledger_sweep()["republished"] == 0
+    assert _queued_ids(redis_client) == []
+
+
+def test_a_job_a_live_worker_holds_is_left_alone(redis_client):
+    """After the broker restarted empty, a worker still runs (or holds for its ETA) what it took."""
+    _published("held-1")
+    worker_reserved_publish("worker-a@host", ["held-1"])
+    assert redis_client.ttl(RESERVED_KEY.format("worker-a@host")) > 0  # gone by itself with the worker
+    _age_missing("held-1")
+    assert ledger_sweep()["republished"] == 0
+
+
+def test_young_jobs_are_not_judged(redis_client, settings):
+    settings.JOBS_LEDGER_LOST_AFTER = 60
+    _published("young-1", ago=10)
+    assert ledger_sweep() == {"candidates": 0, "missing": 0, "republished": 0}
+
+
+def test_without_a_readable_broker_only_the_visibility_timeout_rule_applies(redis_client, settings):
+    """RabbitMQ's queues cannot be read without consuming: a job is republished only once it is
+    older than anything the broker could legitimately still hold, and not held by a worker."""
+    settings.BROKER_IS_REDIS = False
+    settings.CELERY_VISIBILITY_TIMEOUT = 100
+    _published("old-1", ago=200)
+    _published("recent-1", ago=120)
+    _published("held-2", ago=200)
+    worker_reserved_publish("worker-b@host", ["held-2"])
+    assert ledger_sweep()["republished"] == 1
+    assert _queued_ids(redis_client) == ["old-1"]
+
+
+def test_a_finished_job_is_forgotten():
+    _published("done-1")
+    assert ledger_finish("done-1") is True
+    assert not OutboxMessage.objects.exists()
+    assert ledger_finish("") is False
+
+
+@pytest.mark.django_db(transaction=True)  # outside a transaction, as at the end of a task
+def test_finishing_survives_a_connection_the_database_cut():
+    """`ledger_finish` runs at the end of every ledger job: a dead connection is replaced."""
+    _published("done-2")
+    calls = []
+
+    def cut_once(execute, sql, params, many, context):
+        if sql.startswith("DELETE") and not calls:
+            calls.append(sql)
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(cut_once):
+        assert ledger_finish("done-2") is True
+    assert calls
+    assert not OutboxMessage.objects.exists()
+
+
+def test_a_refused_retry_waits_in_the_ledger_and_is_published_when_due(redis_client):
+    _published("retry-1")
+    assert ledger_defer_retry(
+        task_name="jobs.ping", task_id="retry-1", args=[], kwargs={}, headers={"request_id": "r"},
+        queue="low", retries=3, delay=3600,
+    )  # fmt: skip
+    row = OutboxMessage.objects.get(task_id="retry-1")
+    assert row.published_at is None
+    assert row.retries == 3
+    assert outbox_relay()["published"] == 0  # not due yet
+    OutboxMessage.objects.update(not_before=timezone.now() - timedelta(seconds=1))
+    assert outbox_relay()["published"] == 1
+    message = json.loads(redis_client.lindex("low", 0))
+    assert (message["headers"]["id"], message["headers"]["retries"]) == ("retry-1", 3)
+
+
+def test_a_refused_retry_of_a_job_not_in_the_ledger_gets_a_row(redis_client):
+    """A task sent by beat or `.delay()` has no row yet: its refused retry must not be lost either."""
+    assert ledger_defer_retry(
+        task_name="jobs.ping", task_id="beat-1", args=[1], kwargs={"a": 2}, headers={}, queue="low",
+        retries=1, delay=0,
+    )  # fmt: skip
+    row = OutboxMessage.objects.get(task_id="beat-1")
+    assert (row.args, row.kwargs, row.options["queue"]) == ([1], {"a": 2}, "low")
+    assert outbox_relay()["published"] == 1
+
+
+def test_one_unpublishable_row_does_not_block_the_rows_behind_it(redis_client):
+    """A queue this release no longer declares: the broker will never take it. It becomes a dead
+    letter; the rows after it still go out (the relay used to stop at the first error)."""
+    old = timezone.now() - timedelta(minutes=5)
+    OutboxMessage.objects.create(task_name="jobs.ping", task_id="gone-q", options={"queue": "gone"}, created_at=old)
+    OutboxMessage.objects.create(task_name="jobs.ping", task_id="fine", options={"queue": "low"}, created_at=old)
+    assert outbox_relay()["published"] == 1
+    assert _queued_ids(redis_client) == ["fine"]
+    dead = DeadLetter.objects.get(task_id="gone-q")
+    assert dead.reason == DeadLetter.Reason.UNPUBLISHABLE
+    assert not OutboxMessage.objects.filter(task_id="gone-q").exists()
+
+
+def test_counts_and_oldest_age_for_operators():
+    assert ledger_oldest_age() == 0.0
+    _published("p-1")
+    _published("m-1", missing_since=timezone.now())
+    OutboxMessage.objects.create(
+        task_name="jobs.ping", task_id="u-1", created_at=timezone.now() - timedelta(seconds=90)
+    )
+    assert ledger_counts() == {"unpublished": 1, "published": 1, "missing": 1}
+    assert 85 < ledger_oldest_age() < 200
