@@ -13,7 +13,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge
+from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.selectors import dead_letter_groups
 from jobs.services import dead_letters_discard, dead_letters_requeue
 
@@ -232,3 +232,64 @@ class DailyReportAdmin(admin.ModelAdmin):
     @admin.display(description="Report")
     def report(self, obj: DailyReport) -> str:
         return format_html("<pre>{}</pre>", obj.text)
+
+
+class LedgerStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin) -> list[tuple[str, str]]:
+        return [
+            ("unpublished", "Waiting to be published"),
+            ("published", "Published, not finished"),
+            ("missing", "Missing from the broker"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "unpublished":
+            return queryset.filter(published_at__isnull=True)
+        if self.value() == "published":
+            return queryset.filter(published_at__isnull=False, missing_since__isnull=True)
+        if self.value() == "missing":
+            return queryset.filter(missing_since__isnull=False)
+        return queryset
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):
+    """The ledger: every accepted job not finished yet. Rows come and go by themselves; a row that
+    stays long is a job to look at (its state, publish errors, how often it was brought back)."""
+
+    list_display = ("task_name", "task_id", "state", "created_at", "published_at", "retries", "republished",
+                    "attempts", "short_error")  # fmt: skip
+    list_filter = (LedgerStateFilter, "task_name")
+    search_fields = ("task_id", "task_name")
+    date_hierarchy = "created_at"
+    ordering = ("created_at", "id")
+    readonly_fields = ("task_name", "task_id", "state", "args", "kwargs", "options", "created_at", "published_at",
+                       "not_before", "retries", "missing_since", "republished", "attempts", "last_error",
+                       "claimed_until")  # fmt: skip
+    fields = readonly_fields
+    actions = ("publish_now",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.display(description="last publish error")
+    def short_error(self, obj: OutboxMessage) -> str:
+        return obj.last_error[:80]
+
+    @admin.action(description="Publish selected again now", permissions=["view"])
+    def publish_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        from jobs.outbox import ledger_publish_now
+
+        task_ids = list(queryset.values_list("task_id", flat=True))
+        OutboxMessage.objects.filter(task_id__in=task_ids).update(published_at=None, not_before=None)
+        published, error = ledger_publish_now(task_ids)
+        noun = "job" if published == 1 else "jobs"
+        self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)
+        if error:
+            self.message_user(request, f"Stopped: {error}. The rest go out with the relay.", messages.ERROR)

@@ -115,8 +115,9 @@ class JobTask(MeteredTask):
     backoff_max: float | None = None
     #: Whether a dead letter of this task sends alerts (off for the alerting task itself).
     alert_on_dead_letter: bool = True
-    #: Postponements (`RetryLater`) allowed in a row before the job counts as failing.
-    postpone_limit: int = 20
+    #: Postponements (`RetryLater`) allowed before they count against the retry budget (a safety
+    #: net: what a job waits for has an end, and the backoff soon reaches it).
+    postpone_limit: int = 50
 
     # --- policy -------------------------------------------------------------------------------
 
@@ -208,7 +209,8 @@ class JobTask(MeteredTask):
         headers = dict(request.headers or {})
         if isinstance(exc, RetryLater) and postponed < self.postpone_limit:
             attempt = request.retries + 1
-            delay = self._below_visibility(exc.retry_after)
+            # Look again with the usual backoff, never later than the moment the wait ends.
+            delay = self._below_visibility(min(self.retry_countdown(postponed + 1), exc.retry_after))
             postponed += 1
         else:
             if request.retries - postponed >= limit:

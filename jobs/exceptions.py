@@ -26,8 +26,8 @@ class InvalidTaskArguments(PermanentError):
 
 class RetryLater(TransientError):
     """Not yet: the job waits for something with a known end (another attempt's lease on the same
-    row). Retried after `retry_after` seconds without using up the retry budget (at most
-    `JobTask.postpone_limit` times in a row)."""
+    row). Retried with the usual backoff, but never later than `retry_after` seconds, and without
+    using up the retry budget (up to `JobTask.postpone_limit` times)."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,6 @@ RUNTIME = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )  # fmt: skip
 IN_PROGRESS = Gauge("celery_tasks_in_progress", "Tasks running now in this worker.", ["task"])
-DEAD_LETTERS_CREATED = Counter(
-    "jobs_dead_letters_created",
-    "Dead letters written (a requeued job failing again counts again), by task and reason.",
-    ["task", "reason"],
-)
 
 LEDGER_REPUBLISHED = Counter(
     "jobs_ledger_republished",
@@ -43,10 +38,6 @@ def ledger_republished(*, task_name: str) -> None:
 
 def task_event(task: str, state: str) -> None:
     TASKS.labels(task=task, state=state).inc()
-
-
-def dead_letter_created(*, task_name: str, reason: str) -> None:
-    DEAD_LETTERS_CREATED.labels(task=task_name, reason=reason).inc()
 
 
 def start_worker_metrics_server(port: int) -> bool:
@@ -93,6 +84,22 @@ class JobsCollector:
             logger.warning("metrics.dead_letters_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
         yield dead
         yield oldest
+
+        # Counted from the rows, not in the process that wrote them: dead letters are written in
+        # pool processes, which serve no metrics. A purge lowers it (a counter reset to Prometheus).
+        created = CounterMetricFamily(
+            "jobs_dead_letters_created",
+            "Failures kept as dead letters (a requeued job failing again counts again), by task and reason.",
+            labels=["task", "reason"],
+        )
+        try:
+            from jobs.selectors import dead_letter_failures
+
+            for (task, reason), count in dead_letter_failures().items():
+                created.add_metric([task, reason], count)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("metrics.dead_letters_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        yield created
 
         ledger = GaugeMetricFamily("jobs_ledger_jobs", "Unfinished jobs in the ledger by state.", labels=["state"])
         ledger_oldest = GaugeMetricFamily(

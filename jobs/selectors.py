@@ -99,3 +99,11 @@ def queue_lengths(queues: Iterable[str] = QUEUES) -> dict[str, int]:
                 lengths[name] = 0
                 channel = conn.channel()
     return lengths
+
+
+def dead_letter_failures() -> dict[tuple[str, str], int]:
+    """Failures kept as dead letters, by (task name, reason): each row counts its failure_count."""
+    from django.db.models import Sum
+
+    rows = DeadLetter.objects.values("task_name", "reason").annotate(total=Sum("failure_count")).order_by()
+    return {(row["task_name"], row["reason"]): row["total"] or 0 for row in rows}

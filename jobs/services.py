@@ -107,9 +107,6 @@ def dead_letter_record(
             "failure_count": row.failure_count,
         },
     )
-    from jobs import metrics
-
-    metrics.dead_letter_created(task_name=task_name, reason=reason)
     dead_letter_created.send(sender=DeadLetter, dead_letter=row, created=created)
     if alert:
         from jobs.alerts import dead_letter_alert_schedule

@@ -67,7 +67,8 @@ def daily_report() -> int:
 
 @shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False)
 def outbox_relay() -> dict:
-    """Publishes task messages kept in the outbox while the broker was down (every 10 s)."""
-    from jobs.outbox import outbox_relay as relay
+    """The ledger's upkeep from beat (every 10 s), besides every worker's own sweeper thread:
+    publishes what waits in the outbox, republishes what the broker lost (`jobs.ledger`)."""
+    from jobs.ledger import ledger_run
 
-    return relay()
+    return ledger_run()

@@ -165,3 +165,21 @@ def test_a_deleted_email_fails_for_good_with_the_reason(mail_worker, smtp_server
     row = wait_for(lambda: DeadLetter.objects.filter(task_id=result.id).first())
     assert row.exception_message == f"email {email_id} does not exist"
     assert row.failure_count == 1  # not retried
+
+
+def test_a_copy_that_finds_the_email_being_sent_waits_for_the_lease_without_using_its_retries(mail_worker, smtp_server):
+    """The copy used to retry with the normal backoff and budget: with a short backoff it gave up
+    before the lease ended and the email stayed `sending` forever. Now it waits for the lease,
+    outside the budget (here no retry at all is allowed), takes the email over and sends it once."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    mail_worker(extra_env={"TASK_MAX_RETRIES": "0", "MAILER_SENDING_LEASE_SECONDS": "3"})
+    with transaction.atomic():  # published on commit, so the task finds the email already held
+        email = queue("Grace")
+        # An attempt that died mid hand-off a moment ago holds the lease.
+        Email.objects.filter(pk=email.pk).update(status=Email.Status.SENDING, handed_off_at=timezone.now(), attempts=1)
+    wait_for(lambda: sent(email), timeout=30)
+    assert email.attempts == 2  # the held attempt, then the copy once the lease ended
+    assert len(smtp_server.messages) == 1
+    assert not DeadLetter.objects.exists()

@@ -185,3 +185,31 @@ def test_counts_and_oldest_age_for_operators():
     )
     assert ledger_counts() == {"unpublished": 1, "published": 1, "missing": 1}
     assert 85 < ledger_oldest_age() < 200
+
+
+def test_the_ledger_command_reports_and_sweeps(redis_client):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    _published("cmd-1", missing_since=timezone.now() - timedelta(hours=1))
+    out = StringIO()
+    call_command("ledger", "--sweep", stdout=out)
+    text = out.getvalue()
+    assert "republished 1 the broker had lost" in text
+    assert "Unfinished jobs: 1 (0 waiting to be published, 1 published, 0 missing" in text
+    assert "jobs.ping" in text
+    assert _queued_ids(redis_client) == ["cmd-1"]
+
+
+def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_client):
+    row = _published("adm-1")
+    page = admin_client.get("/admin/jobs/outboxmessage/?state=published")
+    assert page.status_code == 200
+    assert "adm-1" in page.content.decode()
+    assert admin_client.get("/admin/jobs/outboxmessage/add/").status_code == 403
+    response = admin_client.post(
+        "/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]}, follow=True
+    )
+    assert "Published 1 job again" in response.content.decode()
+    assert _queued_ids(redis_client) == ["adm-1"]
