@@ -9,6 +9,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import OperationalError
 from django_celery_beat.models import PeriodicTask
 
 from config.celery import app
@@ -156,3 +157,27 @@ def test_time_zone_change_resets_last_run(settings, redis_client):
     settings.TIME_ZONE = "Europe/Berlin"
     assert beat.reset_schedules_if_time_zone_changed() is True
     assert not PeriodicTask.objects.exclude(last_run_at=None).exists()
+
+
+def test_a_beat_tick_that_meets_a_broken_dependency_is_logged_not_fatal(redis_client, monkeypatch, caplog):
+    """Celery's beat loop catches only KeyboardInterrupt and SystemExit: a Redis pause (the
+    heartbeat write after the lock renewal) or a database error used to end beat."""
+    from celery import current_app
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    scheduler = beat.LockedDatabaseScheduler(app=current_app, lazy=True)
+
+    def paused(name):
+        raise ConnectionError("Redis is paused")
+
+    monkeypatch.setattr(beat, "heartbeat_write", paused)
+    monkeypatch.setattr(DatabaseScheduler, "tick", lambda self, *a, **k: 1.5)
+    assert scheduler.tick() == 1.5  # the heartbeat is skipped, sending goes on
+    assert "beat.heartbeat_write_failed" in caplog.text
+
+    def database_restarting(self, *args, **kwargs):
+        raise OperationalError("the database system is starting up")
+
+    monkeypatch.setattr(DatabaseScheduler, "tick", database_restarting)
+    assert scheduler.tick() == beat.RETRY_AFTER_ERROR
+    assert "beat.tick_failed" in caplog.text
