@@ -54,7 +54,64 @@ class JobRequest(Request):
             metrics.task_event(self.name, "retried")
         super().send_event(type_, **fields)
 
+    def revoked(self) -> bool:
+        """Celery asks this before it hands the task to the pool: a JobTask whose pool process
+        died under it `JOBS_WORKER_LOST_LIMIT` times is quarantined here, in the main process,
+        without being run again (it might kill its process before its own code can stop it)."""
+        if super().revoked():
+            return True
+        if self._quarantined():
+            self._already_revoked = True
+            return True
+        return False
+
+    def _quarantined(self) -> bool:
+        from django.conf import settings
+
+        from jobs import crashloop
+
+        if getattr(self.task, "on_give_up", None) is None or not (self.delivery_info or {}).get("redelivered"):
+            return False
+        deaths = crashloop.losses(self.id)
+        if deaths < settings.JOBS_WORKER_LOST_LIMIT:
+            return False
+        from celery.worker.state import task_ready
+
+        from jobs.models import DeadLetter
+        from jobs.outcomes import Job, job_gave_up
+
+        message = f"the worker running this task was lost {deaths} times in a row; quarantined"
+        task_ready(self)
+        self.send_event("task-failed", exception=f"Quarantined({message!r})", traceback="")
+        headers = self._request_dict or {}
+        job_gave_up(
+            task=self.task,
+            job=Job(
+                task_name=self.name,
+                task_id=self.id,
+                args=tuple(self.args or ()),
+                kwargs=dict(self.kwargs or {}),
+                retries=int(headers.get("retries") or 0),
+                queue=str((self.delivery_info or {}).get("routing_key") or ""),
+                request_id=str(headers.get("request_id") or ""),
+                dead_letter_id=headers.get("dead_letter_id"),
+            ),
+            reason=DeadLetter.Reason.WORKER_LOST,
+            exc_type="Quarantined",
+            exc_message=message,
+            worker=str(self.hostname or ""),
+        )
+        crashloop.clear(self.id)
+        self.acknowledge()
+        return True
+
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        from billiard.exceptions import WorkerLostError
+
+        if isinstance(getattr(exc_info, "exception", None), WorkerLostError) and getattr(self.task, "on_give_up", None):
+            from jobs import crashloop
+
+            crashloop.note_loss(self.id)
         _fresh_db()  # Celery may write the result from this (main) process
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
