@@ -108,7 +108,9 @@ class JobRequest(Request):
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         from billiard.exceptions import WorkerLostError
 
-        if isinstance(getattr(exc_info, "exception", None), WorkerLostError) and getattr(self.task, "on_give_up", None):
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # billiard wraps it in an ExceptionWithTraceback
+        if isinstance(exc, WorkerLostError) and getattr(self.task, "on_give_up", None):
             from jobs import crashloop
 
             crashloop.note_loss(self.id)

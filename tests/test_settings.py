@@ -57,7 +57,7 @@ def test_local_defaults(load_settings):
     assert s.DATABASES["default"]["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert "journal_mode=WAL" in s.DATABASES["default"]["OPTIONS"]["init_command"]
     assert s.CELERY_BROKER_URL == "redis://127.0.0.1:6379/0"
-    assert s.CELERY_RESULT_BACKEND == "django-db"
+    assert s.CELERY_RESULT_BACKEND == "jobs.results:DatabaseBackend"  # `django-db`, riding out restarts
     assert s.EMAIL_BACKEND == "django.core.mail.backends.console.EmailBackend"
     assert s.THUMBNAIL_SIZES == [128, 256, 512]
     assert s.MAX_UPLOAD_BYTES == 20971520

@@ -329,6 +329,12 @@ BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme
 BROKER_IS_REDIS = BROKER_SCHEME in {"redis", "rediss", "sentinel"}
 
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
+if CELERY_RESULT_BACKEND == "django-db":
+    # django-celery-results' own backend, with writes that ride out database restarts
+    # (jobs/results.py); django-celery-results' entry point would win over a loader alias.
+    CELERY_RESULT_BACKEND = "jobs.results:DatabaseBackend"
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True  # a cut connection is replaced (jobs/results.py)
+CELERY_RESULT_BACKEND_MAX_RETRIES = 5
 CELERY_RESULT_EXTENDED = True  # keeps task name and queue on results, for reports and the admin
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=7 * 24 * 3600)
 CELERY_CACHE_BACKEND = "default"

@@ -197,3 +197,20 @@ def test_web_metrics_count_dead_letters_written_anywhere_and_show_the_ledger(cli
     assert 'jobs_dead_letters_created_total{reason="unexpected_error",task="thumbnails.generate"} 2.0' in text
     assert 'jobs_ledger_jobs{state="unpublished"} 1.0' in text
     assert "jobs_ledger_oldest_unfinished_age_seconds" in text
+
+
+def test_a_task_result_write_rides_out_a_cut_connection_and_never_fails_the_task(redis_client, caplog):
+    """Celery writes results outside the task's code; the stock backend's failure on a cut
+    connection became the task's own failure (a job that had succeeded was dead-lettered)."""
+    from celery import current_app
+    from django_celery_results.models import TaskResult
+
+    backend = current_app.backend
+    with connection.execute_wrapper(cut := _cut("SELECT", error=OperationalError)):
+        backend.store_result("res-1", {"ok": 1}, "SUCCESS")
+    assert cut.calls
+    assert TaskResult.objects.get(task_id="res-1").status == "SUCCESS"
+
+    with connection.execute_wrapper(_cut("SELECT", times=99)):
+        assert backend.store_result("res-2", None, "STARTED") is None  # not raised
+    assert "results.not_stored" in caplog.text
