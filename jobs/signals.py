@@ -108,36 +108,3 @@ def _ledger_end(task, task_id: str, state: str | None) -> None:
     is_job_task = getattr(task, "on_give_up", None) is not None
     if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
         ledger_finish(task_id)
-
-
-@signals.task_revoked.connect
-def _on_revoked(request=None, terminated: bool = False, expired: bool = False, **kwargs) -> None:
-    """A revoked (or expired) job ends here, in the worker's main process: kept as a dead letter
-    (no alert: someone chose this), its app told, its ledger row forgotten."""
-    task = getattr(request, "task", None)
-    if request is None or getattr(task, "on_give_up", None) is None:
-        return
-    from jobs.models import DeadLetter
-    from jobs.outcomes import Job, job_gave_up
-
-    headers = getattr(request, "_request_dict", None) or {}
-    delivery = getattr(request, "delivery_info", None) or {}
-    what = "expired before it ran" if expired else ("terminated" if terminated else "revoked")
-    job_gave_up(
-        task=task,
-        job=Job(
-            task_name=request.name,
-            task_id=request.id,
-            args=tuple(request.args or ()),
-            kwargs=dict(request.kwargs or {}),
-            retries=int(headers.get("retries") or 0),
-            queue=str(delivery.get("routing_key") or ""),
-            request_id=str(headers.get(REQUEST_ID_HEADER) or ""),
-            dead_letter_id=headers.get("dead_letter_id"),
-        ),
-        reason=DeadLetter.Reason.REVOKED,
-        exc_type="Revoked",
-        exc_message=f"the task was {what}",
-        worker=str(getattr(request, "hostname", "") or ""),
-        alert=False,
-    )

@@ -78,24 +78,14 @@ class JobRequest(Request):
         from celery.worker.state import task_ready
 
         from jobs.models import DeadLetter
-        from jobs.outcomes import Job, job_gave_up
+        from jobs.outcomes import job_gave_up
 
         message = f"the worker running this task was lost {deaths} times in a row; quarantined"
         task_ready(self)
         self.send_event("task-failed", exception=f"Quarantined({message!r})", traceback="")
-        headers = self._request_dict or {}
         job_gave_up(
             task=self.task,
-            job=Job(
-                task_name=self.name,
-                task_id=self.id,
-                args=tuple(self.args or ()),
-                kwargs=dict(self.kwargs or {}),
-                retries=int(headers.get("retries") or 0),
-                queue=str((self.delivery_info or {}).get("routing_key") or ""),
-                request_id=str(headers.get("request_id") or ""),
-                dead_letter_id=headers.get("dead_letter_id"),
-            ),
+            job=self._job(),
             reason=DeadLetter.Reason.WORKER_LOST,
             exc_type="Quarantined",
             exc_message=message,
@@ -104,6 +94,46 @@ class JobRequest(Request):
         crashloop.clear(self.id)
         self.acknowledge()
         return True
+
+    def _job(self):
+        """What the give-up hook is told about this job."""
+        from jobs.outcomes import Job
+
+        headers = self._request_dict or {}
+        return Job(
+            task_name=self.name,
+            task_id=self.id,
+            args=tuple(self.args or ()),
+            kwargs=dict(self.kwargs or {}),
+            retries=int(headers.get("retries") or 0),
+            queue=str((self.delivery_info or {}).get("routing_key") or ""),
+            request_id=str(headers.get("request_id") or ""),
+            dead_letter_id=headers.get("dead_letter_id"),
+        )
+
+    def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
+        """A revoked, expired or terminated JobTask ends here, in the main process: kept as a dead
+        letter (no alert: someone chose this), its app told, its ledger row forgotten. (Celery's
+        `task_revoked` signal carries no arguments of the task, so this is not a signal handler.)"""
+        super()._announce_revoked(reason, terminated, signum, expired)
+        if getattr(self.task, "on_give_up", None) is None:
+            return
+        from jobs.models import DeadLetter
+        from jobs.outcomes import job_gave_up
+
+        what = "expired before it ran" if expired else ("terminated" if terminated else "revoked")
+        try:
+            job_gave_up(
+                task=self.task,
+                job=self._job(),
+                reason=DeadLetter.Reason.REVOKED,
+                exc_type="Revoked",
+                exc_message=f"the task was {what}",
+                worker=str(self.hostname or ""),
+                alert=False,
+            )
+        except Exception:
+            logger.exception("worker.revoke_not_recorded", extra={"task_id": self.id})
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         from billiard.exceptions import WorkerLostError

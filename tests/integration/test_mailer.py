@@ -183,3 +183,21 @@ def test_a_copy_that_finds_the_email_being_sent_waits_for_the_lease_without_usin
     assert email.attempts == 2  # the held attempt, then the copy once the lease ended
     assert len(smtp_server.messages) == 1
     assert not DeadLetter.objects.exists()
+
+
+def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(mail_worker, smtp_server):
+    """A revoked or expired task used to end with no record: the email stayed `queued`."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    mail_worker()
+    email = Email.objects.create(to=["eve@example.com"], template="welcome", subject="Hi", body_text="Hi")
+    send_email.apply_async((email.pk,), countdown=2, expires=timezone.now() + timedelta(seconds=1))
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first(), timeout=30)
+    assert row.reason == DeadLetter.Reason.REVOKED
+    assert "expired" in row.exception_message
+    assert row.args == [email.pk]  # replayable
+    email.refresh_from_db()
+    assert email.status == Email.Status.FAILED
+    assert smtp_server.messages == []

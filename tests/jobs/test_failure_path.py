@@ -170,24 +170,6 @@ def test_a_message_the_worker_cannot_run_keeps_its_arguments_and_no_secret(redis
     assert (row.status, row.failure_count, row.task_id) == (DeadLetter.Status.PENDING, 2, "unknown-2")
 
 
-def test_a_revoked_email_ends_failed_with_a_dead_letter_and_no_alert(redis_client, settings):
-    from jobs.signals import _on_revoked
-    from mailer.tasks import send_email
-
-    settings.DEAD_LETTER_ALERT_EMAILS = ["ops@example.com"]
-    email = _email(redis_client)
-    request = SimpleNamespace(
-        task=send_email, name=send_email.name, id="rev-1", args=[email.pk], kwargs={}, hostname="w@h",
-        delivery_info={"routing_key": "high"}, _request_dict={"retries": 0, "request_id": "rid-r"},
-    )  # fmt: skip
-    _on_revoked(request=request, terminated=False, expired=True)
-    row = DeadLetter.objects.get(task_id="rev-1")
-    assert row.reason == DeadLetter.Reason.REVOKED
-    assert "expired" in row.exception_message
-    assert Email.objects.get(pk=email.pk).status == Email.Status.FAILED
-    assert not redis_client.exists("jobs:dead-letter-alert:lock")
-
-
 def test_web_metrics_count_dead_letters_written_anywhere_and_show_the_ledger(client, redis_client):
     """The dead-letter counter lived in the pool processes, which serve no metrics."""
     generate.on_failure(RuntimeError("boom"), "m-1", (1,), {}, None)
