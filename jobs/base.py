@@ -35,7 +35,7 @@ from jobs import crashloop
 from jobs.exceptions import PermanentError, RetryLater, TransientError
 from jobs.housekeeping import retry_count_add
 from jobs.models import DeadLetter
-from jobs.outcomes import ErrorKind, Job, job_gave_up
+from jobs.outcomes import LEDGER_HEADER, ErrorKind, Job, job_gave_up
 from jobs.policy import retry_delay
 
 logger = logging.getLogger("jobs.task")
@@ -229,6 +229,10 @@ class JobTask(MeteredTask):
         )
         retry_count_add(self.name)
         request.headers = headers  # the retry's message (and a ledger row) carry the count on
+        if getattr(request, LEDGER_HEADER, None):
+            from jobs.ledger import ledger_note_retry
+
+            ledger_note_retry(request.id, retries=attempt, postponed=postponed)
         try:
             self.retry(exc=exc, countdown=delay, max_retries=limit + postponed, headers=headers)
         except Reject as refused:

@@ -4,8 +4,8 @@ process, its background threads, and the end of a task.
 Celery's Django fix-up closes connections around tasks in the pool processes only. The worker's
 main process keeps the connection it opened first for as long as it lives, so after a database
 restart or failover every later write there would fail on a dead socket. `with_fresh_connection`
-drops a connection that is unusable or too old before it is used, and when a call fails on a
-connection error it closes the connection and tries again on a new one.
+runs a call and, when it fails on a connection error, closes the connection and tries again on a
+new one (no health check up front: that would be one more query before every write).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from django.db import InterfaceError, OperationalError, connection
 
 logger = logging.getLogger("jobs.db")
 
@@ -31,8 +31,6 @@ def with_fresh_connection(call: Callable[[], T], *, what: str, attempts: int = 3
     error up to `attempts` times; the last error is raised. Inside a transaction nothing can be
     retried: the error is raised at once."""
     for attempt in range(1, attempts + 1):
-        if not connection.in_atomic_block:
-            close_old_connections()
         try:
             return call()
         except CONNECTION_ERRORS as exc:

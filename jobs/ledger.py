@@ -31,6 +31,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
@@ -43,11 +44,12 @@ from django.utils import timezone
 
 from jobs.db import with_fresh_connection
 from jobs.models import OutboxMessage
-from jobs.outbox import LEDGER_HEADER, ledger_claim, outbox_relay, publish_claimed
+from jobs.outbox import ledger_claim, outbox_relay, publish_claimed
+from jobs.outcomes import LEDGER_HEADER
 
 logger = logging.getLogger("jobs.ledger")
 
-RESERVED_KEY = "jobs:reserved:{}"
+RESERVED_KEY = "jobs:reserved"
 SWEEP_LOCK_KEY = "jobs:ledger:sweep"
 #: At most this many messages are read from the broker's queues in one sweep; beyond it the
 #: sweep does not judge (a backlog that large is drained first) and says so.
@@ -91,11 +93,20 @@ def ledger_defer_retry(
     headers = {k: v for k, v in (headers or {}).items() if isinstance(k, str)}
     headers[LEDGER_HEADER] = 1
 
+    from jobs.base import POSTPONED_HEADER
+
+    postponed = int(headers.pop(POSTPONED_HEADER, 0) or 0)
+
     def write() -> None:
-        updated = OutboxMessage.objects.filter(task_id=task_id).update(
-            published_at=None, not_before=not_before, retries=retries, missing_since=None, claim="", claimed_until=None
-        )
-        if not updated:
+        row = OutboxMessage.objects.filter(task_id=task_id).first()
+        if row is not None:
+            # The retry's own headers (request id, dead letter id) win over what was first stored.
+            merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
+            OutboxMessage.objects.filter(pk=row.pk).update(
+                published_at=None, not_before=not_before, retries=retries, postponed=postponed, options=merged,
+                missing_since=None, claim="", claimed_until=None,
+            )  # fmt: skip
+        else:
             OutboxMessage.objects.create(
                 task_name=task_name,
                 task_id=task_id,
@@ -104,6 +115,7 @@ def ledger_defer_retry(
                 options={**options, "headers": headers},
                 not_before=not_before,
                 retries=retries,
+                postponed=postponed,
             )
 
     try:
@@ -118,36 +130,65 @@ def ledger_defer_retry(
     return True
 
 
+def ledger_note_retry(task_id: str, *, retries: int, postponed: int) -> None:
+    """A ledger job scheduled a retry: the row keeps the count, so a job the sweeper brings back
+    resumes with the retries it has used. One UPDATE per retry (not per task); best effort."""
+    try:
+        OutboxMessage.objects.filter(task_id=task_id).update(retries=retries, postponed=postponed)
+    except Exception as exc:  # noqa: BLE001 - a lost count means at most a few more retries
+        logger.warning(
+            "ledger.retry_not_noted", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        )
+
+
 # --- what the broker and the workers hold -----------------------------------------------------
 
 
-def broker_task_ids(*, limit: int = SCAN_LIMIT) -> set[str] | None:
-    """Task ids of every message the Redis broker holds (queued or delivered and unacknowledged);
-    None when the broker is not Redis or holds more than `limit` messages (not judged)."""
+class BrokerView:
+    """What a sweep could learn from the broker: the task ids it holds (Redis), or only how many
+    messages wait ready in each queue (RabbitMQ), or nothing (`skipped`: not judged this round)."""
+
+    def __init__(self, *, ids: set[str] | None = None, depths: dict[str, int] | None = None) -> None:
+        self.ids = ids
+        self.depths = depths
+
+    @property
+    def skipped(self) -> bool:
+        return self.ids is None and self.depths is None
+
+
+def broker_view(*, limit: int = SCAN_LIMIT) -> BrokerView:
+    """On Redis, the task ids of every message the broker holds (queued, or delivered and not
+    acknowledged); past `limit` queued messages, nothing (the backlog is drained first). On
+    other brokers, the ready depth of each queue (a passive declare)."""
     from celery import current_app
 
-    if not settings.BROKER_IS_REDIS:
-        return None
-    found: set[str] = set()
+    queues = list(current_app.amqp.queues.values())
     with current_app.connection_for_write() as conn:
         channel = conn.default_channel
+        if not settings.BROKER_IS_REDIS:
+            depths = {}
+            for queue in queues:
+                try:
+                    depths[queue.name] = int(channel.queue_declare(queue.name, passive=True)[1])
+                except conn.channel_errors:  # no such queue: nothing waits in it
+                    depths[queue.name] = 0
+                    channel = conn.channel()  # AMQP closes a channel on an error
+            return BrokerView(depths=depths)
         client = channel.client
-        keys = [
-            channel._q_for_pri(queue.name, priority)
-            for queue in current_app.amqp.queues.values()
-            for priority in channel.priority_steps
-        ]
+        keys = [channel._q_for_pri(queue.name, priority) for queue in queues for priority in channel.priority_steps]
         lengths = {key: client.llen(key) for key in keys}
         if sum(lengths.values()) > limit:
             logger.warning(
                 "ledger.sweep_skipped", extra={"reason": "backlog too large", "messages": sum(lengths.values())}
             )
-            return None
+            return BrokerView()
+        found: set[str] = set()
         for key, length in lengths.items():
             for start in range(0, length, 1000):
                 found.update(_ids(client.lrange(key, start, start + 999)))
         found.update(_ids(client.hvals(channel.unacked_key)))
-    return found
+    return BrokerView(ids=found)
 
 
 def _ids(raw_messages: Iterable[bytes]) -> set[str]:
@@ -174,18 +215,26 @@ def _redis_client():
 
 def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: Any = None) -> None:
     """Records which tasks this worker holds (running, prefetched, waiting for their ETA), for
-    the sweeper; expires by itself when the worker is gone."""
-    ttl = max(int(settings.JOBS_LIVENESS_INTERVAL * 4), 10)
-    (client or _redis_client()).set(RESERVED_KEY.format(hostname), json.dumps(sorted(task_ids)), ex=ttl)
+    the sweeper: one field of one hash, read as stale when the worker stops refreshing it."""
+    value = json.dumps({"at": time.time(), "ids": sorted(task_ids)})
+    (client or _redis_client()).hset(RESERVED_KEY, hostname, value)
 
 
 def workers_reserved_ids(*, client: Any = None) -> set[str]:
+    """Task ids held by the live workers; entries of workers gone silent are dropped."""
     client = client or _redis_client()
+    stale_after = max(settings.JOBS_LIVENESS_INTERVAL * 4, 10)
     ids: set[str] = set()
-    for key in client.scan_iter(match=RESERVED_KEY.format("*"), count=100):
-        raw = client.get(key)
-        if raw:
-            ids.update(str(item) for item in json.loads(raw))
+    for hostname, raw in client.hgetall(RESERVED_KEY).items():
+        try:
+            entry = json.loads(raw)
+            fresh = time.time() - float(entry["at"]) < stale_after
+        except (ValueError, KeyError, TypeError):
+            fresh = False
+        if fresh:
+            ids.update(str(item) for item in entry["ids"])
+        else:
+            client.hdel(RESERVED_KEY, hostname)
     return ids
 
 
@@ -195,47 +244,64 @@ def workers_reserved_ids(*, client: Any = None) -> set[str]:
 def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
     """Republishes the published jobs whose message the broker no longer holds (see the module's
     docstring). Returns counts: candidates, missing (seen gone once), republished."""
+    from celery import current_app
+
     now = timezone.now()
     lost_after = timedelta(seconds=settings.JOBS_LEDGER_LOST_AFTER)
     grace = timedelta(seconds=settings.JOBS_LEDGER_MISSING_GRACE)
     candidates = list(
         OutboxMessage.objects.filter(published_at__lt=now - lost_after)
         .order_by("published_at")
-        .values_list("pk", "task_id", "missing_since", "published_at")[:limit]
+        .values_list("pk", "task_id", "task_name", "options", "missing_since", "published_at")[:limit]
     )
     result = {"candidates": len(candidates), "missing": 0, "republished": 0}
     if not candidates:
         return result
+    view = broker_view()
+    if view.skipped:
+        return result
     in_workers = workers_reserved_ids()
-    in_broker = broker_task_ids()
-    if in_broker is None:
-        # Not readable: only the time-based rule, past the longest a broker may hold a message.
+    if view.ids is None:
+        # Queues that cannot be read: a job is gone only when it is older than anything the broker
+        # may legitimately hold, no worker holds it, and its queue has no message waiting at all.
         cutoff = now - timedelta(seconds=settings.CELERY_VISIBILITY_TIMEOUT + 60)
-        gone = [pk for pk, task_id, _m, published in candidates if published < cutoff and task_id not in in_workers]
-        present: list[int] = []
-        first_seen: list[int] = []
+        depths = view.depths or {}
+
+        def queue_of(task_name: str, options: dict) -> str:
+            queue = (options or {}).get("queue") or current_app.amqp.router.route({}, task_name).get("queue")
+            return str(getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE)
+
+        gone = [
+            pk
+            for pk, task_id, name, options, _missing, published in candidates
+            if published < cutoff and task_id not in in_workers and depths.get(queue_of(name, options), 1) == 0
+        ]
+        judged = {"published_at__lt": cutoff}
     else:
-        held = in_broker | in_workers
-        present = [pk for pk, task_id, missing, _p in candidates if task_id in held and missing is not None]
-        absent = [(pk, missing) for pk, task_id, missing, _p in candidates if task_id not in held]
+        held = view.ids | in_workers
+        present = [pk for pk, task_id, _n, _o, missing, _p in candidates if task_id in held and missing is not None]
+        absent = [(pk, missing) for pk, task_id, _n, _o, missing, _p in candidates if task_id not in held]
         first_seen = [pk for pk, missing in absent if missing is None]
         gone = [pk for pk, missing in absent if missing is not None and missing <= now - grace]
-    if present:
-        OutboxMessage.objects.filter(pk__in=present).update(missing_since=None)
-    if first_seen:
-        OutboxMessage.objects.filter(pk__in=first_seen, missing_since__isnull=True).update(missing_since=now)
-    result["missing"] = len(first_seen)
+        judged = {"missing_since__lte": now - grace}
+        if present:
+            OutboxMessage.objects.filter(pk__in=present).update(missing_since=None)
+        if first_seen:
+            OutboxMessage.objects.filter(pk__in=first_seen, missing_since__isnull=True).update(missing_since=now)
+        result["missing"] = len(first_seen)
     if gone:
-        result["republished"] = _republish(gone)
+        result["republished"] = _republish(gone, judged)
     return result
 
 
-def _republish(ids: list[int]) -> int:
+def _republish(ids: list[int], judged: dict[str, Any]) -> int:
+    """Claims and publishes the rows judged lost, only while they still are as judged: a sweep
+    running beside this one (another worker, beat's) that republished one first has changed it."""
     from django.db.models import F
 
     from jobs import metrics
 
-    rows = OutboxMessage.objects.filter(pk__in=ids, published_at__isnull=False)
+    rows = OutboxMessage.objects.filter(pk__in=ids, published_at__isnull=False, **judged)
     _claim, claimed = ledger_claim(rows, limit=len(ids))
     for row in claimed:
         logger.warning(
@@ -254,8 +320,28 @@ def _republish(ids: list[int]) -> int:
     return published
 
 
-def ledger_run() -> dict[str, Any]:
-    """One round of the ledger's upkeep: the relay, then the sweep."""
+def sweep_lock(token: str, *, ttl: float) -> bool:
+    """Whether `token` may sweep now: takes or renews a Redis lock with expiry. One sweep at a
+    time saves reading the broker twice; correctness does not depend on it (rows are claimed as
+    judged). When Redis does not answer the lock, the sweep goes ahead."""
+    try:
+        client = _redis_client()
+        ttl_ms = max(int(ttl * 1000), 2000)
+        if client.set(SWEEP_LOCK_KEY, token, nx=True, px=ttl_ms):
+            return True
+        if (client.get(SWEEP_LOCK_KEY) or b"").decode() == token:
+            client.pexpire(SWEEP_LOCK_KEY, ttl_ms)
+            return True
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def ledger_run(*, token: str | None = None, ttl: float = 60.0) -> dict[str, Any]:
+    """One round of the ledger's upkeep: the relay, then the sweep; skipped (`{}`) while another
+    process holds the sweep lock."""
+    if not sweep_lock(token or uuid.uuid4().hex, ttl=ttl):
+        return {}
     return {"relay": outbox_relay(), "sweep": ledger_sweep()}
 
 
@@ -303,21 +389,12 @@ class Sweeper:
 
         while not self.stopped.wait(self.interval):
             try:
-                if self._lead():
-                    close_old_connections()
-                    with_fresh_connection(ledger_run, what="ledger_sweep", attempts=2)
+                close_old_connections()
+                with_fresh_connection(
+                    lambda: ledger_run(token=self.token, ttl=self.interval * 2 + 30), what="ledger_sweep", attempts=2
+                )
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 logger.warning("ledger.sweep_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             finally:
                 with contextlib.suppress(Exception):  # this thread's own connection: never left to go stale
                     connection.close()
-
-    def _lead(self) -> bool:
-        ttl = max(int(self.interval * 2000), 2000)
-        client = _redis_client()
-        if client.set(SWEEP_LOCK_KEY, self.token, nx=True, px=ttl):
-            return True
-        if (client.get(SWEEP_LOCK_KEY) or b"").decode() == self.token:
-            client.pexpire(SWEEP_LOCK_KEY, ttl)
-            return True
-        return False

@@ -153,6 +153,9 @@ class OutboxMessage(models.Model):
         null=True, blank=True, editable=False, help_text="Not published before this (a retry waiting for its time)."
     )
     retries = models.PositiveIntegerField(default=0, editable=False, help_text="Retries the job has used.")
+    postponed = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Of those, postponements that used none of the retry budget."
+    )
     missing_since = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="When a sweep first found its message gone from the broker."
     )

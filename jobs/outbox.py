@@ -23,6 +23,7 @@ from kombu.exceptions import EncodeError
 
 from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
+from jobs.outcomes import LEDGER_HEADER
 
 logger = logging.getLogger("jobs.outbox")
 
@@ -35,8 +36,6 @@ ALLOWED_OPTIONS = {"queue", "countdown", "priority", "expires"}
 #: Errors of one message, not of the broker: retrying cannot help (a queue this release no longer
 #: declares, arguments that cannot be encoded). Anything else means the broker is not taking messages.
 UNPUBLISHABLE_ERRORS = (QueueNotFound, EncodeError)
-#: The message header that marks a job kept in the ledger (the worker then clears its row at the end).
-LEDGER_HEADER = "jobs_ledger"
 
 
 def enqueue(
@@ -81,11 +80,19 @@ def publish(message: OutboxMessage, *, producer: Any = None) -> None:
     """Sends the ledger row's message (same task id, its retries so far). Raises what the broker raised."""
     from celery import current_app
 
+    from jobs.base import POSTPONED_HEADER
+
     options = dict(message.options)
     headers = dict(options.pop("headers", {}) or {})
     headers[LEDGER_HEADER] = 1
-    if message.not_before is not None:
-        options.pop("countdown", None)  # its time has come: that is why it is published now
+    if message.postponed:
+        headers[POSTPONED_HEADER] = message.postponed
+    if message.not_before is not None or message.retries:
+        options.pop("countdown", None)  # a retry due now, or one whose first countdown has passed
+    elif message.published_at is not None and options.get("countdown"):
+        # Published before and lost: only what is left of the original countdown.
+        due = message.created_at + timedelta(seconds=float(options["countdown"]))
+        options["countdown"] = max((due - timezone.now()).total_seconds(), 0)
     current_app.send_task(
         message.task_name,
         args=message.args,
@@ -139,7 +146,9 @@ def ledger_claim(rows, *, limit: int) -> tuple[str, list[OutboxMessage]]:
     if not ids:
         return "", []
     claim = uuid.uuid4().hex
-    OutboxMessage.objects.filter(free, pk__in=ids).update(claim=claim, claimed_until=now + CLAIM_TTL)
+    # The same conditions as the selection: a row another run published (or finished) in between
+    # is no longer taken.
+    rows.filter(free, pk__in=ids).update(claim=claim, claimed_until=now + CLAIM_TTL)
     return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
 
 
@@ -221,28 +230,31 @@ def _publish_failed(message: OutboxMessage, exc: BaseException) -> None:
 
 
 def _unpublishable(message: OutboxMessage, exc: BaseException) -> None:
-    """A message the broker will never take: it ends as a dead letter (replayable once fixed)."""
-    from jobs.services import dead_letter_record
+    """A message the broker will never take: the job ends through the failure path (a dead letter,
+    replayable once fixed, and its app told)."""
+    from celery import current_app
+
+    from jobs.outcomes import Job, job_gave_up
 
     headers = dict(message.options.get("headers") or {})
-    saved = dead_letter_record(
-        task_name=message.task_name,
-        task_id=message.task_id,
-        queue=str(message.options.get("queue") or ""),
-        args=message.args,
-        kwargs=message.kwargs,
+    saved = job_gave_up(
+        task=current_app.tasks.get(message.task_name),
+        job=Job(
+            task_name=message.task_name,
+            task_id=message.task_id,
+            args=tuple(message.args or ()),
+            kwargs=dict(message.kwargs or {}),
+            retries=message.retries,
+            queue=str(message.options.get("queue") or ""),
+            request_id=str(headers.get("request_id") or ""),
+            dead_letter_id=headers.get("dead_letter_id"),
+        ),
+        reason=DeadLetter.Reason.UNPUBLISHABLE,
         exc_type=type(exc).__name__,
         exc_message=f"the broker cannot take this message: {exc}",
-        traceback="",
-        retries=message.retries,
-        reason=DeadLetter.Reason.UNPUBLISHABLE,
-        request_id=str(headers.get("request_id") or ""),
         worker="outbox relay",
-        dead_letter_id=headers.get("dead_letter_id"),
     )
-    if saved is not None:
-        OutboxMessage.objects.filter(pk=message.pk).delete()
-    else:
+    if saved is None:
         _publish_failed(message, exc)
 
 

@@ -8,7 +8,7 @@ cannot run, a revoke, a message the broker cannot take), `job_gave_up()`:
 1. writes the dead letter (on a fresh database connection when the old one died);
 2. tells the owning app through its task's `on_give_up(job, reason=..., error=...)` hook, so no
    row of the app stays `processing`, `queued` or `sending` with nothing left to move it;
-3. forgets the job in the ledger, once its dead letter is safe.
+3. forgets the job in the ledger, once its dead letter is safe and its app was told.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Any
 from jobs.db import with_fresh_connection
 
 logger = logging.getLogger("jobs.outcomes")
+
+#: The message header that marks a job kept in the ledger (the worker then clears its row at the end).
+LEDGER_HEADER = "jobs_ledger"
 
 
 class Outcome(enum.StrEnum):
@@ -93,12 +96,14 @@ def job_gave_up(
         alert=alert,
     )
     hook = getattr(task, "on_give_up", None)
+    told = True
     if hook is not None:
         error = f"{exc_type}: {exc_message}"[:2000]
         try:
             with_fresh_connection(lambda: hook(job, reason=reason, error=error), what="on_give_up")
         except Exception:
+            told = False  # the ledger keeps the job: it runs again and its next give-up tells the app
             logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
-    if row is not None:
+    if row is not None and told:
         ledger_finish(job.task_id)
     return row

@@ -47,7 +47,10 @@ class JobRequest(Request):
         elif type_ == "task-failed":
             self._finished()
             metrics.task_event(self.name, "failed")
-            if getattr(self.task, "alert_on_dead_letter", None) is not None:  # a JobTask: it was dead-lettered
+            # A JobTask's failure is a dead letter, unless it was a Reject: a retry the broker
+            # refused, which the ledger keeps.
+            rejected = str(fields.get("exception") or "").startswith("Reject(")
+            if getattr(self.task, "alert_on_dead_letter", None) is not None and not rejected:
                 metrics.task_event(self.name, "dead_lettered")
         elif type_ == "task-retried":
             self._finished()
@@ -114,10 +117,13 @@ class JobRequest(Request):
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
         """A revoked, expired or terminated JobTask ends here, in the main process: kept as a dead
         letter (no alert: someone chose this), its app told, its ledger row forgotten. (Celery's
-        `task_revoked` signal carries no arguments of the task, so this is not a signal handler.)"""
+        `task_revoked` signal carries no arguments of the task, so this is not a signal handler.)
+        A periodic tick that expired (django-celery-beat's header says so) is not recorded."""
         super()._announce_revoked(reason, terminated, signum, expired)
         if getattr(self.task, "on_give_up", None) is None:
             return
+        if expired and (self._request_dict or {}).get("periodic_task_name"):
+            return  # a periodic tick that came too late (beat's `expires`): the next one runs
         from jobs.models import DeadLetter
         from jobs.outcomes import job_gave_up
 

@@ -191,9 +191,14 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
 
     from django.utils import timezone
 
+    from jobs.tasks import heartbeat
+
     mail_worker()
     email = Email.objects.create(to=["eve@example.com"], template="welcome", subject="Hi", body_text="Hi")
-    send_email.apply_async((email.pk,), countdown=2, expires=timezone.now() + timedelta(seconds=1))
+    expires = timezone.now() + timedelta(seconds=1)
+    # A periodic tick that comes too late is skipped, not kept: the next tick runs.
+    heartbeat.apply_async(countdown=2, expires=expires, headers={"periodic_task_name": "jobs: heartbeat"})
+    send_email.apply_async((email.pk,), countdown=2, expires=expires)
     row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first(), timeout=30)
     assert row.reason == DeadLetter.Reason.REVOKED
     assert "expired" in row.exception_message
@@ -201,3 +206,7 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
     email.refresh_from_db()
     assert email.status == Email.Status.FAILED
     assert smtp_server.messages == []
+    import time
+
+    time.sleep(1)  # the tick was due at the same moment
+    assert not DeadLetter.objects.filter(task_name="jobs.heartbeat").exists()

@@ -196,3 +196,35 @@ def test_a_task_result_write_rides_out_a_cut_connection_and_never_fails_the_task
     with connection.execute_wrapper(_cut("SELECT", times=99)):
         assert backend.store_result("res-2", None, "STARTED") is None  # not raised
     assert "results.not_stored" in caplog.text
+
+
+def test_a_job_the_broker_can_never_take_ends_through_the_failure_path(redis_client):
+    """It used to get a dead letter only: its image stayed `pending` with nothing to move it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.outbox import outbox_relay
+
+    image = thumbnail_services.image_create(upload=images.upload(images.jpeg()))
+    OutboxMessage.objects.filter(args=[image.pk]).update(
+        published_at=None, options={"queue": "retired-queue"}, created_at=timezone.now() - timedelta(minutes=5)
+    )
+    outbox_relay()
+    image.refresh_from_db()
+    assert image.status == Image.Status.FAILED
+    assert DeadLetter.objects.get(args=[image.pk]).reason == DeadLetter.Reason.UNPUBLISHABLE
+    assert not OutboxMessage.objects.filter(args=[image.pk]).exists()
+
+
+def test_a_give_up_the_app_could_not_hear_keeps_the_job_in_the_ledger(redis_client, monkeypatch):
+    """Else the image would stay `processing` with no ledger row left to bring the job back."""
+    OutboxMessage.objects.create(task_name="thumbnails.generate", task_id="deaf-1", args=[5])
+
+    def broken(*args, **kwargs):
+        raise OperationalError("the database system is shutting down")
+
+    monkeypatch.setattr(thumbnail_services, "image_mark_failed", broken)
+    generate.on_failure(RuntimeError("boom"), "deaf-1", (5,), {}, None)
+    assert DeadLetter.objects.filter(task_id="deaf-1").exists()
+    assert OutboxMessage.objects.filter(task_id="deaf-1").exists()

@@ -87,9 +87,47 @@ def test_a_job_a_live_worker_holds_is_left_alone(redis_client):
     """After the broker restarted empty, a worker still runs (or holds for its ETA) what it took."""
     _published("held-1")
     worker_reserved_publish("worker-a@host", ["held-1"])
-    assert redis_client.ttl(RESERVED_KEY.format("worker-a@host")) > 0  # gone by itself with the worker
     _age_missing("held-1")
     assert ledger_sweep()["republished"] == 0
+
+
+def test_a_worker_that_stopped_refreshing_holds_nothing(redis_client, settings):
+    settings.JOBS_LIVENESS_INTERVAL = 1
+    _published("held-by-dead-worker")
+    redis_client.hset(RESERVED_KEY, "dead@host", json.dumps({"at": 0, "ids": ["held-by-dead-worker"]}))
+    _age_missing("held-by-dead-worker")
+    assert ledger_sweep()["republished"] == 1
+    assert not redis_client.hexists(RESERVED_KEY, "dead@host")  # dropped on the way
+
+
+def test_two_sweeps_that_judged_the_same_job_lost_publish_it_once(redis_client):
+    """The second sweep's claim re-checks what it judged: the first one republished the job."""
+    from jobs.ledger import _republish
+
+    row = _published("raced-1", missing_since=timezone.now() - timedelta(hours=1))
+    judged = {"missing_since__lte": timezone.now() - timedelta(seconds=30)}
+    assert _republish([row.pk], judged) == 1
+    assert _republish([row.pk], judged) == 0
+    assert _queued_ids(redis_client) == ["raced-1"]
+
+
+def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch):
+    from jobs import ledger
+
+    monkeypatch.setattr(ledger, "SCAN_LIMIT", 1)
+    redis_client.lpush("low", b"{}", b"{}")
+    _published("unjudged-1", missing_since=timezone.now() - timedelta(hours=1))
+    monkeypatch.setattr(ledger, "broker_view", lambda: ledger.BrokerView())  # what a skipped scan returns
+    assert ledger_sweep()["republished"] == 0
+
+
+def test_only_one_process_sweeps_at_a_time(redis_client):
+    from jobs.ledger import ledger_run
+
+    _published("locked-1", missing_since=timezone.now() - timedelta(hours=1))
+    assert ledger_run(token="worker-a", ttl=60)["sweep"]["republished"] == 1
+    assert ledger_run(token="beat-b", ttl=60) == {}  # worker-a holds the lock
+    assert ledger_run(token="worker-a", ttl=60) != {}  # its holder renews it
 
 
 def test_young_jobs_are_not_judged(redis_client, settings):
@@ -98,9 +136,10 @@ def test_young_jobs_are_not_judged(redis_client, settings):
     assert ledger_sweep() == {"candidates": 0, "missing": 0, "republished": 0}
 
 
-def test_without_a_readable_broker_only_the_visibility_timeout_rule_applies(redis_client, settings):
+def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_count(redis_client, settings):
     """RabbitMQ's queues cannot be read without consuming: a job is republished only once it is
-    older than anything the broker could legitimately still hold, and not held by a worker."""
+    older than anything the broker could legitimately still hold, no worker holds it, and its
+    queue has no message waiting (else a long backlog would be republished again and again)."""
     settings.BROKER_IS_REDIS = False
     settings.CELERY_VISIBILITY_TIMEOUT = 100
     _published("old-1", ago=200)
@@ -109,6 +148,8 @@ def test_without_a_readable_broker_only_the_visibility_timeout_rule_applies(redi
     worker_reserved_publish("worker-b@host", ["held-2"])
     assert ledger_sweep()["republished"] == 1
     assert _queued_ids(redis_client) == ["old-1"]
+    OutboxMessage.objects.update(published_at=timezone.now() - timedelta(seconds=500))
+    assert ledger_sweep()["republished"] == 0  # `low` now holds a message: it may be any of them
 
 
 def test_a_finished_job_is_forgotten():
@@ -213,3 +254,18 @@ def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_clie
     )
     assert "Published 1 job again" in response.content.decode()
     assert _queued_ids(redis_client) == ["adm-1"]
+
+
+def test_a_job_brought_back_resumes_with_the_retries_it_used(redis_client):
+    """The row keeps the retry count (and the postponements that used no budget): a job the
+    sweeper republishes does not start its retries over, nor re-wait its first countdown."""
+    from jobs.ledger import ledger_note_retry
+
+    row = _published("counted-1", missing_since=timezone.now() - timedelta(hours=1))
+    OutboxMessage.objects.filter(pk=row.pk).update(options={**row.options, "countdown": 30})
+    ledger_note_retry("counted-1", retries=3, postponed=2)
+    assert ledger_sweep()["republished"] == 1
+    message = json.loads(redis_client.lindex("low", 0))
+    assert message["headers"]["retries"] == 3
+    assert message["headers"]["jobs_postponed"] == 2
+    assert message["headers"]["eta"] is None  # its countdown passed long ago
