@@ -1,7 +1,9 @@
 """The email API: `POST /api/emails/` and `GET /api/emails/<id>/`, for staff only.
 
 Staff authenticate with their session (the admin's login; a POST must then carry the CSRF token)
-or with HTTP basic auth (scripts; no cookie is involved, so no CSRF check applies).
+or with HTTP basic auth (scripts). Either way a write must be `application/json` and must not come
+from another site (`Origin`, `Sec-Fetch-Site`): a browser attaches cached Basic credentials to a
+cross-site form post too (`jobs.auth.staff_required`).
 """
 
 from __future__ import annotations
