@@ -2,8 +2,9 @@
 
 Reads need the `jobs.view_deadletter` permission, writes `jobs.change_deadletter` (the same as the
 admin's actions). Authentication is `jobs.auth.staff_required`: a session (writes carry the CSRF
-token) or HTTP basic auth; writes must be JSON from the same site, whatever the authentication. Every write goes through `jobs.services`, like the admin and
-`manage.py requeue_dead`, so it is recorded with its actor (`api:<username>`) on the row's trail.
+token) or HTTP basic auth; writes must be JSON from the same site, whatever the authentication.
+Every write goes through `jobs.services`, like the admin and `manage.py requeue_dead`, so it is
+recorded with its actor (`api:<username>`) on the row's trail.
 """
 
 from __future__ import annotations

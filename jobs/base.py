@@ -130,6 +130,12 @@ class JobTask(MeteredTask):
             return ErrorKind.TRANSIENT
         return ErrorKind.UNEXPECTED
 
+    def on_lost(self, job: Job) -> None:
+        """Hook: the pool process running this job died or was stopped (a crash, the OOM killer,
+        Celery cancelling it when the broker connection dropped). The job will run again; release
+        here what its attempt held (a claim with a lease), so the next attempt need not wait for
+        the lease. Called in the worker's main process; must be idempotent and quick."""
+
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         """Hook for the app that owns the job: it was given up for good (its dead letter is
         written). Mark the app's own row failed here. Called once per give-up, in whichever process

@@ -114,6 +114,25 @@ class JobRequest(Request):
             dead_letter_id=headers.get("dead_letter_id"),
         )
 
+    def _announce_cancelled(self, emit_retry: bool = True) -> None:
+        """Celery stopped the running task itself (the broker connection dropped, with
+        `worker_cancel_long_running_tasks_on_connection_loss`): the message comes back and the job
+        runs again, so the app releases what the stopped attempt held."""
+        super()._announce_cancelled(emit_retry=emit_retry)
+        self._tell_lost()
+
+    def _tell_lost(self) -> None:
+        hook = getattr(self.task, "on_lost", None)
+        if hook is None or getattr(self, "_told_lost", False):
+            return
+        self._told_lost = True
+        from jobs.db import with_fresh_connection
+
+        try:
+            with_fresh_connection(lambda: hook(self._job()), what="on_lost")
+        except Exception:
+            logger.exception("worker.on_lost_failed", extra={"task_id": self.id})
+
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
         """A revoked, expired or terminated JobTask ends here, in the main process: kept as a dead
         letter (no alert: someone chose this), its app told, its ledger row forgotten. (Celery's
@@ -150,6 +169,7 @@ class JobRequest(Request):
             from jobs import crashloop
 
             crashloop.note_loss(self.id)
+            self._tell_lost()
         _fresh_db()  # Celery may write the result from this (main) process
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

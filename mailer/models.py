@@ -66,6 +66,9 @@ class Email(models.Model):
 
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
+    claimed_by = models.CharField(
+        max_length=64, blank=True, editable=False, help_text="Task id of the attempt that holds the `sending` claim."
+    )
     handed_off_at = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="When the latest hand-off to the backend started."
     )

@@ -293,7 +293,7 @@ def _sending_lease() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def email_send(*, email: Email) -> Email:
+def email_send(*, email: Email, attempt: str = "") -> Email:
     """Hands `email` to the configured backend, at most once per successful hand-off.
 
     1. Claim: one conditional UPDATE moves the email to `sending` and counts the attempt, only
@@ -306,8 +306,10 @@ def email_send(*, email: Email) -> Email:
        database cannot record it, the hand-off is kept in the cache and `SentNotRecorded` raised:
        the next attempt records it and sends nothing.
 
-    A worker lost between 2 and 3 leaves the email in `sending`; after the lease it is sent again
-    with the same Message-ID, as an SMTP client must do when the server's final reply never came.
+    A worker lost between 2 and 3 leaves the email in `sending`; after the lease (or at once, when
+    the worker's main process saw its pool process die: `email_release`) it is sent again with the
+    same Message-ID, as an SMTP client must do when the server's final reply never came.
+    `attempt` (the task id) names the claim's holder.
     """
     handed_off = _handed_off(email.pk)
     if handed_off is not None:  # an earlier attempt sent it; only the record was missing
@@ -318,7 +320,10 @@ def email_send(*, email: Email) -> Email:
         return email
     now = timezone.now()
     lease = _sending_lease()
-    claim = {"status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now}
+    claim = {
+        "status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now,
+        "claimed_by": attempt[:64],
+    }  # fmt: skip
     rows = Email.objects.filter(pk=email.pk)
     claimed = rows.filter(status__in=[Email.Status.QUEUED, Email.Status.FAILED]).update(**claim) == 1
     if not claimed:
@@ -443,6 +448,20 @@ def _provider_message_id(message: EmailMultiAlternatives) -> str:
     if isinstance(message_id, set):
         message_id = ",".join(sorted(str(item) for item in message_id if item))
     return str(message_id or "")[:255]
+
+
+def email_release(*, email_id: int, attempt: str) -> bool:
+    """The attempt `attempt` that claimed the email was stopped mid hand-off (its process died):
+    the email goes back to `queued`, so the job's next attempt sends it without waiting for the
+    lease. Only that attempt's claim is released. True when it was."""
+    if not attempt:
+        return False
+    released = Email.objects.filter(pk=email_id, status=Email.Status.SENDING, claimed_by=attempt[:64]).update(
+        status=Email.Status.QUEUED, claimed_by="", updated_at=timezone.now()
+    )
+    if released:
+        logger.warning("email.handoff_interrupted", extra={"email_id": email_id})
+    return bool(released)
 
 
 def email_mark_failed(*, email_id: int, error: str) -> bool:

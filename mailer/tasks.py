@@ -17,7 +17,7 @@ from jobs.exceptions import InvalidTaskArguments
 from jobs.outcomes import Job
 from mailer import backend
 from mailer.models import Email
-from mailer.services import HandOffInProgress, email_mark_failed, email_send
+from mailer.services import HandOffInProgress, email_mark_failed, email_release, email_send
 
 
 def classify_send_error(exc: BaseException) -> str | None:
@@ -89,6 +89,11 @@ class EmailTask(JobTask):
     def classify(self, exc: BaseException) -> str:
         return classify_send_error(exc) or super().classify(exc)
 
+    def on_lost(self, job: Job) -> None:
+        email_id = job.argument(0, "email_id")
+        if _valid_id(email_id):
+            email_release(email_id=email_id, attempt=job.task_id)
+
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         email_id = job.argument(0, "email_id")
         if error.startswith(f"{HandOffInProgress.__name__}:"):
@@ -101,15 +106,15 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-@shared_task(base=EmailTask, name="mailer.send_email")  # routed to `high` by CELERY_TASK_ROUTES
-def send_email(email_id: int) -> str:
+@shared_task(bind=True, base=EmailTask, name="mailer.send_email")  # routed to `high` by CELERY_TASK_ROUTES
+def send_email(self: EmailTask, email_id: int) -> str:
     """Sends the stored email `email_id`; returns its status."""
     if not _valid_id(email_id):
         raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
     email = Email.objects.filter(pk=email_id).first()
     if email is None:  # never existed, or deleted after it was queued: nothing a retry could fix
         raise InvalidTaskArguments(f"email {email_id} does not exist")
-    return email_send(email=email).status
+    return email_send(email=email, attempt=self.request.id or "").status
 
 
 @worker_process_shutdown.connect

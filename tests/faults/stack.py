@@ -160,8 +160,8 @@ class PrivateRedis:
             if name.split("\x06", 1)[0] in QUEUES and client.type(key) == b"list":
                 held["queued"] |= _ids(client.lrange(key, 0, -1))
         held["unacked"] = _ids(client.hvals("unacked"))
-        for key in client.scan_iter(match=RESERVED_KEY.format("*")):
-            held["reserved"] |= {str(item) for item in json.loads(client.get(key) or "[]")}
+        for raw in client.hvals(RESERVED_KEY):  # one field per worker: {"at", "ids"}
+            held["reserved"] |= {str(item) for item in json.loads(raw).get("ids", [])}
         return held
 
     def restart_empty(self) -> None:

@@ -210,3 +210,23 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
 
     time.sleep(1)  # the tick was due at the same moment
     assert not DeadLetter.objects.filter(task_name="jobs.heartbeat").exists()
+
+
+def test_a_pool_process_killed_mid_hand_off_releases_the_email_at_once(mail_worker, smtp_server):
+    """The dead attempt's claim used to hold the email `sending` for the whole lease (the task
+    time limit plus the email timeout, 10 minutes): the worker's main process now releases it."""
+    import os
+    import signal
+
+    import psutil
+
+    smtp_server.handler.rcpt_delay = 5.0  # the hand-off is under way when the process dies
+    worker = mail_worker(concurrency=1)
+    email = queue("Lin")
+    assert smtp_server.handler.rcpt_started.wait(20)
+    [pool_process] = psutil.Process(worker.process.pid).children()
+    os.kill(pool_process.pid, signal.SIGKILL)
+    wait_for(lambda: sent(email), timeout=30)
+    assert email.attempts == 2
+    assert [m["Message-ID"] for m in smtp_server.messages] == [email.message_id]
+    assert not DeadLetter.objects.exists()

@@ -3,6 +3,7 @@ with an error, like a server that is greylisting or full."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import socket
 import threading
@@ -25,6 +26,8 @@ class Handler:
         self.connections = 0  # SMTP sessions that said EHLO (one per client connection)
         self.data_reply: str | None = None  # e.g. "451 4.3.0 try again later"
         self.rcpt_reply: str | None = None  # e.g. "550 5.1.1 no such user"
+        self.rcpt_delay = 0.0  # seconds the first RCPT of the run waits (a slow server, mid hand-off)
+        self.rcpt_started = threading.Event()  # set when a RCPT arrives
         self._lock = threading.Lock()
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
@@ -34,6 +37,10 @@ class Handler:
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.rcpt_started.set()
+        if self.rcpt_delay:
+            delay, self.rcpt_delay = self.rcpt_delay, 0.0
+            await asyncio.sleep(delay)
         if self.rcpt_reply:
             return self.rcpt_reply
         envelope.rcpt_tos.append(address)
