@@ -17,3 +17,21 @@ def dead_broker(monkeypatch):
     yield
     monkeypatch.undo()
     reset_broker_pools()
+
+
+@pytest.fixture
+def publishes_in_transaction(monkeypatch) -> list[bool]:
+    """For each message the outbox publishes, whether a transaction was open at that moment."""
+    from django.db import connection
+
+    from jobs import outbox
+
+    seen: list[bool] = []
+    original = outbox.publish
+
+    def watching(message, **kwargs):
+        seen.append(connection.in_atomic_block)
+        return original(message, **kwargs)
+
+    monkeypatch.setattr(outbox, "publish", watching)
+    return seen

@@ -272,21 +272,11 @@ def test_a_job_brought_back_resumes_with_the_retries_it_used(redis_client):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_relay_never_publishes_inside_a_transaction(redis_client, monkeypatch):
+def test_the_relay_never_publishes_inside_a_transaction(redis_client, publishes_in_transaction):
     """It used to publish under SELECT ... FOR UPDATE inside atomic(): on SQLite every other writer
     waited for the broker while the write lock was held."""
-    from jobs import outbox
-
-    seen = []
-    original = outbox.publish
-
-    def watching(message, **kwargs):
-        seen.append(connection.in_atomic_block)
-        return original(message, **kwargs)
-
-    monkeypatch.setattr(outbox, "publish", watching)
     old = timezone.now() - timedelta(minutes=5)
     for task_id in ("tx-1", "tx-2"):
         OutboxMessage.objects.create(task_name="jobs.ping", task_id=task_id, options={"queue": "low"}, created_at=old)
     assert outbox_relay()["published"] == 2
-    assert seen == [False, False]
+    assert publishes_in_transaction == [False, False]

@@ -166,24 +166,12 @@ def test_requeue_while_the_broker_is_down_keeps_the_jobs_in_the_outbox(dead_brok
 
 
 @pytest.mark.django_db(transaction=True)
-def test_requeue_never_publishes_inside_its_transaction(redis_client, monkeypatch):
+def test_requeue_never_publishes_inside_its_transaction(redis_client, publishes_in_transaction):
     """SQLite holds its write lock for the whole transaction: a publish inside it would make every
     other writer wait on the broker."""
-    from django.db import connection
-
-    from jobs import outbox
-
-    seen = []
-    original = outbox.publish
-
-    def watching(message, **kwargs):
-        seen.append(connection.in_atomic_block)
-        return original(message, **kwargs)
-
-    monkeypatch.setattr(outbox, "publish", watching)
     DeadLetterFactory.create_batch(2)
     assert dead_letters_requeue(dead_letters=DeadLetter.objects.all(), actor="t").count == 2
-    assert seen == [False, False]
+    assert publishes_in_transaction == [False, False]
 
 
 @pytest.mark.django_db(transaction=True)
