@@ -39,16 +39,23 @@ run: install
 	$(BIN)/python manage.py setup_schedules
 	FORCE_COLOR=1 $(BIN)/python -m jobs.localredis -- $(BIN)/honcho start -f Procfile
 
-# The benchmarks' quick mode runs beside the suite (so they cannot rot; their figures mean nothing
-# here): both mostly wait on the processes they start, and the whole stays within 15 minutes.
+# Beside the suite run the fault suite (tests/faults, its own test database) and the benchmarks'
+# quick mode (so they cannot rot; their figures mean nothing here): all of them mostly wait on the
+# processes they start, and together they stay well within 15 minutes on 2 cores. Their output
+# follows the suite's; any of them failing fails make test (a fault run that selects nothing is fine).
 test: install
-	@echo "--- the test suite, with the benchmarks' quick mode beside it (output in var/bench-quick.log) ---"
+	@echo "--- the test suite; beside it the fault suite (var/faults.log) and the benchmarks' quick mode (var/bench-quick.log) ---"
 	@$(BIN)/python -m bench --quick > var/bench-quick.log 2>&1 & bench=$$!; \
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
+	TEST_DATABASE_SUFFIX=_faults $(BIN)/python -m pytest -m faults -p no:cacheprovider $(PYTEST_ARGS) \
+		> var/faults.log 2>&1 & faults=$$!; \
+	$(BIN)/python -m pytest -m "not faults" --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
+	wait $$faults; faulted=$$?; [ $$faulted -eq 5 ] && faulted=0; \
 	wait $$bench; benched=$$?; \
+	echo "--- the fault suite ---"; cat var/faults.log; \
 	echo "--- benchmarks, quick mode ---"; cat var/bench-quick.log; \
+	if [ $$faulted -ne 0 ]; then echo "the fault suite failed (exit $$faulted)"; fi; \
 	if [ $$benched -ne 0 ]; then echo "the benchmarks' quick mode failed (exit $$benched)"; fi; \
-	[ $$tests -eq 0 ] && [ $$benched -eq 0 ]
+	[ $$tests -eq 0 ] && [ $$faulted -eq 0 ] && [ $$benched -eq 0 ]
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)

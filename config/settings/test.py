@@ -31,3 +31,7 @@ STORAGES = {
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not :memory:, so a worker started by a test sees the same database.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}
+elif os.environ.get("TEST_DATABASE_SUFFIX"):
+    # `make test` runs the fault suite beside the rest of the suite: a test database of its own.
+    _name = DATABASES["default"]["NAME"]
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{_name}{os.environ['TEST_DATABASE_SUFFIX']}"}
