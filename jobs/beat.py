@@ -111,13 +111,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             return RETRY_AFTER_ERROR
 
     def _drop_database_connection(self) -> None:
-        from django.db import close_old_connections, connection
+        from jobs.db import close_connection
 
-        try:
-            close_old_connections()
-            connection.close()
-        except Exception:  # a dead connection is dropped anyway
-            logger.debug("beat.close_failed", exc_info=True)
+        close_connection()
 
     def _tick(self, *args, **kwargs) -> float:
         leading = self.lock.acquire_or_renew()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 logger = logging.getLogger("jobs.db")
 
@@ -40,7 +40,19 @@ def with_fresh_connection(call: Callable[[], T], *, what: str, attempts: int = 3
                 "db.reconnecting",
                 extra={"what": what, "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"[:300]},
             )
-            with contextlib.suppress(Exception):  # closing a dead socket may fail too; it is gone anyway
-                connection.close()
+            close_connection()
             time.sleep(pause * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def drop_stale_connection() -> None:
+    """Drops this thread's connection if it errored or outlived CONN_MAX_AGE (the next query then
+    connects, and health-checks a kept one): for code that runs outside a request cycle."""
+    with contextlib.suppress(Exception):  # closing a dead socket may fail too; it is gone anyway
+        close_old_connections()
+
+
+def close_connection() -> None:
+    """Closes this thread's connection, dead or alive, without raising."""
+    with contextlib.suppress(Exception):
+        connection.close()

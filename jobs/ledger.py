@@ -25,7 +25,6 @@ somewhere does its work once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -39,7 +38,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Min
+from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from jobs.db import with_fresh_connection
@@ -354,12 +353,11 @@ def ledger_oldest_age() -> float:
 def ledger_counts() -> dict[str, int]:
     """Unfinished jobs by state: `unpublished` (waiting for the broker or their time),
     `published`, `missing` (a sweep found the broker without them)."""
-    rows = OutboxMessage.objects
-    return {
-        "unpublished": rows.filter(published_at__isnull=True).count(),
-        "published": rows.filter(published_at__isnull=False, missing_since__isnull=True).count(),
-        "missing": rows.filter(missing_since__isnull=False).count(),
-    }
+    return OutboxMessage.objects.aggregate(
+        unpublished=Count("pk", filter=Q(published_at__isnull=True)),
+        published=Count("pk", filter=Q(published_at__isnull=False, missing_since__isnull=True)),
+        missing=Count("pk", filter=Q(missing_since__isnull=False)),
+    )
 
 
 # --- the sweeper in the worker -----------------------------------------------------------------
@@ -385,16 +383,15 @@ class Sweeper:
         self.stopped.set()
 
     def _loop(self) -> None:
-        from django.db import close_old_connections
+        from jobs.db import close_connection, drop_stale_connection
 
         while not self.stopped.wait(self.interval):
             try:
-                close_old_connections()
+                drop_stale_connection()
                 with_fresh_connection(
                     lambda: ledger_run(token=self.token, ttl=self.interval * 2 + 30), what="ledger_sweep", attempts=2
                 )
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 logger.warning("ledger.sweep_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
             finally:
-                with contextlib.suppress(Exception):  # this thread's own connection: never left to go stale
-                    connection.close()
+                close_connection()  # this thread's own connection: never left to go stale

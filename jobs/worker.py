@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 from typing import Any
@@ -217,10 +216,9 @@ def _message_summary(message: Any) -> tuple[dict, str, tuple, dict]:
 def _fresh_db() -> None:
     """Celery's own main-process writes (the result backend's mark_as_failure) run on this
     process's connection: drop it first if it died or aged (see jobs.db)."""
-    from django.db import close_old_connections
+    from jobs.db import drop_stale_connection
 
-    with contextlib.suppress(Exception):  # closing a dead connection may fail; it is dropped anyway
-        close_old_connections()
+    drop_stale_connection()
 
 
 class JobConsumer(Consumer):

@@ -9,7 +9,6 @@ import json
 import logging
 import mimetypes
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,7 +25,7 @@ from django.core.mail import EmailMultiAlternatives
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import validate_email
 from django.db import Error as DatabaseError
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -394,22 +393,19 @@ def _record_sent(email: Email, provider_id: str, tries: int = 5) -> None:
     """Marks the email sent. The message is out: a database hiccup here must not turn into a retry
     that sends it again, so the write is tried a few times, each on a new connection when the
     last one died (a database restart cuts every connection)."""
-    for attempt in range(1, tries + 1):
+    from jobs.db import with_fresh_connection
+
+    def record() -> None:
         done = timezone.now()
-        try:
-            Email.objects.filter(pk=email.pk).update(
-                status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
-            )
-            return
-        except DatabaseError:  # OperationalError and InterfaceError ("connection already closed")
-            if attempt == tries or connection.in_atomic_block:
-                logger.exception("email.sent_unrecorded", extra={"email_id": email.pk})
-                raise
-            try:
-                connection.close()
-            except DatabaseError:
-                logger.debug("email.close_failed", exc_info=True)
-            time.sleep(0.5 * attempt)
+        Email.objects.filter(pk=email.pk).update(
+            status=Email.Status.SENT, sent_at=done, provider_message_id=provider_id, last_error="", updated_at=done
+        )
+
+    try:
+        with_fresh_connection(record, what="email_record_sent", attempts=tries)
+    except DatabaseError:
+        logger.exception("email.sent_unrecorded", extra={"email_id": email.pk})
+        raise
 
 
 def _build_message(email: Email) -> EmailMultiAlternatives:
