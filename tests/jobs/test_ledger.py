@@ -242,6 +242,11 @@ def test_the_ledger_command_reports_and_sweeps(redis_client):
     assert "jobs.ping" in text
     assert _queued_ids(redis_client) == ["cmd-1"]
 
+    from django.core.management import CommandError
+
+    with pytest.raises(CommandError, match="--limit must be a positive number"):
+        call_command("ledger", "--limit", "-1")
+
 
 def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_client):
     row = _published("adm-1")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Min
 
 from jobs.ledger import ledger_counts, ledger_oldest_age, ledger_run
@@ -22,6 +22,8 @@ class Command(BaseCommand):
         parser.add_argument("--limit", type=int, default=10, help="How many tasks to list by count (default 10).")
 
     def handle(self, *args, **options) -> None:
+        if options["limit"] < 1:
+            raise CommandError("--limit must be a positive number.")
         if options["sweep"]:
             result = ledger_run()
             relay, sweep = result["relay"], result["sweep"]
