@@ -156,12 +156,13 @@ class BrokerView:
         return self.ids is None and self.depths is None
 
 
-def broker_view(*, limit: int = SCAN_LIMIT) -> BrokerView:
+def broker_view(*, limit: int | None = None) -> BrokerView:
     """On Redis, the task ids of every message the broker holds (queued, or delivered and not
     acknowledged); past `limit` queued messages, nothing (the backlog is drained first). On
     other brokers, the ready depth of each queue (a passive declare)."""
     from celery import current_app
 
+    limit = SCAN_LIMIT if limit is None else limit
     queues = list(current_app.amqp.queues.values())
     with current_app.connection_for_write() as conn:
         channel = conn.default_channel
