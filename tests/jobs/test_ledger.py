@@ -111,9 +111,11 @@ def test_two_sweeps_that_judged_the_same_job_lost_publish_it_once(redis_client):
     assert _queued_ids(redis_client) == ["raced-1"]
 
 
-def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch):
+def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch, settings):
+    """Not even by the time rule: a long backlog would be republished again and again."""
     from jobs import ledger
 
+    settings.CELERY_VISIBILITY_TIMEOUT = 100  # the job (600 s old) is past the time rule's cutoff
     monkeypatch.setattr(ledger, "SCAN_LIMIT", 1)
     redis_client.lpush("low", json.dumps({"headers": {"id": "x"}}), json.dumps({"headers": {"id": "y"}}))
     _published("unjudged-1", missing_since=timezone.now() - timedelta(hours=1))
