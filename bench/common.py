@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -34,19 +35,24 @@ def emit(bench: str, metric: str, ours: float, baseline: float | None = None, un
 
 
 class Environment:
-    """A private Redis and a migrated scratch database (SQLite, or a fresh PostgreSQL database
-    when DATABASE_URL points at a server), exported to this process and its children."""
+    """A private Redis and a migrated scratch database, exported to this process and its children.
+
+    The database is a fresh one on the PostgreSQL server `BENCH_DATABASE_URL` or `DATABASE_URL`
+    names (dropped afterwards), what the project runs on; without one, SQLite in a temporary
+    directory. `database` says which, for the tables."""
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.redis = None
         self.env: dict[str, str] = {}
+        self.database = "SQLite"
+        self._drop: Callable[[], None] | None = None
 
     def __enter__(self) -> Environment:
         from jobs.localredis import LocalRedis
 
         self.redis = LocalRedis().start()
-        database_url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{self.tmp / 'bench.sqlite3'}"
+        database_url = self._database()
         self.env = {
             "DJANGO_SETTINGS_MODULE": "config.settings.test",
             "REDIS_URL": self.redis.url,
@@ -62,9 +68,32 @@ class Environment:
         )
         return self
 
+    def _database(self) -> str:
+        server = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("DATABASE_URL") or ""
+        if not server.startswith(("postgres://", "postgresql://")):
+            return f"sqlite:///{self.tmp / 'bench.sqlite3'}"
+        import psycopg
+        from psycopg import sql
+
+        parts = urlsplit(server)
+        name = f"bench_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+        admin = urlunsplit(parts._replace(path="/postgres"))
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+        def drop() -> None:
+            with psycopg.connect(admin, autocommit=True) as connection:
+                connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+        self._drop = drop
+        self.database = "PostgreSQL"
+        return urlunsplit(parts._replace(path=f"/{name}"))
+
     def __exit__(self, *exc) -> None:
         if self.redis:
             self.redis.stop()
+        if self._drop:
+            self._drop()
 
     def django(self) -> None:
         import django

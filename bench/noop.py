@@ -5,8 +5,8 @@ one) is the same function on the plain Celery app (bench/plain_app.py) and on th
 (bench/tasks.py). The producer runs in a process of its own for each side, so the plain app
 publishes without Django or any of the project's signal handlers in the process:
 
-    python -m bench.noop {plain|bare|job} enqueue KEY COUNT    # prints {"rate": tasks/s}
-    python -m bench.noop {plain|bare|job} latency KEY SAMPLES  # one task at a time, each once
+    python -m bench.noop {plain|bare|job|shipped} enqueue KEY COUNT    # prints {"rate": tasks/s}
+    python -m bench.noop {plain|bare|job|shipped} latency KEY SAMPLES  # one task at a time, each once
                                                                # the previous one ran
 
 Nothing here imports Django or the project at module level.
@@ -22,7 +22,12 @@ import time
 
 import redis
 
-TASK_NAMES = {"plain": "bench.noop_plain", "bare": "bench.noop_bare", "job": "bench.noop_job"}
+TASK_NAMES = {
+    "plain": "bench.noop_plain",
+    "bare": "bench.noop_bare",
+    "job": "bench.noop_job",
+    "shipped": "bench.noop_shipped",
+}
 
 _client = None
 

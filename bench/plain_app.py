@@ -49,7 +49,7 @@ if os.environ.get("BENCH_PLAIN_PROJECT_SETTINGS") == "1":
         task_send_sent_event=True,
         task_time_limit=600,
         task_soft_time_limit=540,
-        worker_max_tasks_per_child=1000,
+        worker_max_tasks_per_child=10_000,
         worker_max_memory_per_child=256_000,
     )
 

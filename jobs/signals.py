@@ -47,6 +47,20 @@ def _count_received(request=None, **kwargs) -> None:
     metrics.task_event(getattr(request, "name", None) or "<unknown>", "received")
 
 
+@signals.worker_process_init.connect
+def _pool_process_started(**kwargs) -> None:
+    from jobs.results import results_start_buffering
+
+    results_start_buffering()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_exiting(**kwargs) -> None:
+    from jobs.results import results_stop_buffering
+
+    results_stop_buffering()
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(**kwargs) -> None:
     from django.conf import settings

@@ -321,6 +321,10 @@ JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
 JOBS_LEDGER_SWEEP_INTERVAL = env.float("JOBS_LEDGER_SWEEP_INTERVAL", default=15.0)
 JOBS_LEDGER_LOST_AFTER = env.float("JOBS_LEDGER_LOST_AFTER", default=60.0)
 JOBS_LEDGER_MISSING_GRACE = env.float("JOBS_LEDGER_MISSING_GRACE", default=30.0)
+# Task history (jobs/results.py): a pool process writes its tasks' results this often, in one
+# statement, and keeps at most this many rows while the database refuses them.
+JOBS_RESULTS_FLUSH_INTERVAL = env.float("JOBS_RESULTS_FLUSH_INTERVAL", default=0.5)
+JOBS_RESULTS_BUFFER_LIMIT = env.int("JOBS_RESULTS_BUFFER_LIMIT", default=10_000)
 
 # --- Celery (read by config/celery.py through the CELERY_ namespace) ------------------------
 
@@ -381,7 +385,7 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=540)
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
 # 0 turns a limit off (billiard refuses 0 itself: None is its "no limit").
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1000) or None
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=10_000) or None
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=256_000) or None  # KiB
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_CONSUMER = "jobs.worker:JobConsumer"  # dead-letters messages it cannot run

@@ -1,0 +1,158 @@
+"""Task history written in batches (jobs/results.py): one row per task, its last state, never undone."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from celery import current_app, states
+from django.db import OperationalError, connection
+from django.utils import timezone
+from django_celery_results.models import TaskResult
+from kombu.exceptions import EncodeError
+
+from jobs import results
+
+pytestmark = pytest.mark.django_db
+
+
+class Request:
+    """What Celery hands the backend about a running task (the fields the history keeps)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+        self.task = "tests.history"
+        self.argsrepr = "('a', 1)"
+        self.kwargsrepr = "{'b': 2}"
+        self.hostname = "worker-1@host"
+        self.periodic_task_name = None
+        self.children = []
+        self.ignore_result = False
+        self.parent_id = None
+        self.root_id = None
+        self.group = None
+        self.chord = None
+
+
+@pytest.fixture
+def buffer(settings):
+    """This process writes results the way a pool process does; the writing thread is given a
+    long interval, so the test decides when a batch is written."""
+    settings.JOBS_RESULTS_FLUSH_INTERVAL = 3600
+    buffer = results.results_start_buffering()
+    yield buffer
+    results._buffer = None
+    buffer.rows.clear()  # nothing for the thread to write outside the test's transaction
+    buffer.stopped.set()
+    buffer.wake.set()
+
+
+def store(task_id: str, state: str, result=None, traceback=None):
+    return current_app.backend.store_result(task_id, result, state, traceback=traceback, request=Request(task_id))
+
+
+def test_a_task_is_one_row_with_its_last_state_and_its_start_time(buffer):
+    store("t-1", states.STARTED, {"pid": 1})
+    started = timezone.now()
+    store("t-1", states.SUCCESS, {"answer": 42})
+
+    assert not TaskResult.objects.filter(task_id="t-1").exists()  # noted, not written yet
+    assert buffer.flush() == 1
+    row = TaskResult.objects.get(task_id="t-1")
+    assert row.status == states.SUCCESS
+    assert row.result == '{"answer": 42}'
+    assert row.task_name == "tests.history"
+    assert row.task_args == "\"('a', 1)\""
+    assert row.worker == "worker-1@host"
+    assert row.date_started is not None and row.date_started <= started
+    assert row.date_created <= row.date_started <= row.date_done
+
+
+def test_a_long_task_shows_as_started_until_it_ends(buffer):
+    store("t-2", states.STARTED, {"pid": 1})
+    buffer.flush()
+    assert TaskResult.objects.get(task_id="t-2").status == states.STARTED
+
+    store("t-2", states.SUCCESS, None)
+    buffer.flush()
+    row = TaskResult.objects.get(task_id="t-2")
+    assert row.status == states.SUCCESS
+    assert row.date_started is not None  # kept from the first write
+
+
+def test_a_late_non_final_state_never_undoes_a_final_one():
+    # Written synchronously, as the worker's main process does (a hard time limit), then a pool
+    # process's STARTED arrives late: the FAILURE stays.
+    store("t-3", states.FAILURE, RuntimeError("hard time limit"), traceback="Traceback ...")
+    store("t-3", states.STARTED, {"pid": 1})
+    assert TaskResult.objects.get(task_id="t-3").status == states.FAILURE
+    # A requeued job that then succeeds does replace its failure.
+    store("t-3", states.SUCCESS, 7)
+    assert TaskResult.objects.get(task_id="t-3").status == states.SUCCESS
+
+
+def test_states_of_one_task_noted_out_of_order_keep_the_final_one(buffer):
+    store("t-4", states.SUCCESS, 1)
+    store("t-4", states.RETRY, None)
+    buffer.flush()
+    assert TaskResult.objects.get(task_id="t-4").status == states.SUCCESS
+
+
+def test_a_result_that_cannot_be_encoded_still_fails_the_task(buffer):
+    with pytest.raises(EncodeError):
+        store("t-5", states.SUCCESS, object())
+    assert buffer.flush() == 0
+
+
+def test_a_refused_batch_is_kept_for_the_next_round(buffer, caplog):
+    store("t-6", states.SUCCESS, 1)
+    store("t-7", states.SUCCESS, 2)
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    with connection.execute_wrapper(refuse):
+        assert buffer.flush() == 0
+    assert "results.flush_failed" in caplog.text
+    assert not TaskResult.objects.filter(task_id__in=["t-6", "t-7"]).exists()
+
+    store("t-7", states.FAILURE, RuntimeError("later"))  # newer than what was kept
+    assert buffer.flush() == 2
+    assert dict(TaskResult.objects.values_list("task_id", "status")) == {"t-6": "SUCCESS", "t-7": "FAILURE"}
+
+
+def test_a_database_down_for_long_costs_the_oldest_history_not_the_memory(settings, caplog):
+    buffer = results.ResultBuffer(interval=3600, limit=2)
+    now = timezone.now()
+    for n in range(5):
+        row = current_app.backend.result_row(f"old-{n}", None, states.SUCCESS, request=Request(f"old-{n}"))
+        buffer.rows[row["task_id"]] = {**row, "date_done": now + timedelta(seconds=n)}
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("the database system is starting up")
+
+    with connection.execute_wrapper(refuse):
+        buffer.flush()
+    assert sorted(buffer.rows) == ["old-3", "old-4"]
+    assert buffer.dropped == 3
+    assert buffer.flush() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_writing_thread_writes_on_its_own_and_at_exit(settings):
+    settings.JOBS_RESULTS_FLUSH_INTERVAL = 0.05
+    results.results_start_buffering()
+    try:
+        store("t-8", states.SUCCESS, "done")
+        deadline = time.monotonic() + 10
+        while not TaskResult.objects.filter(task_id="t-8").exists():
+            assert time.monotonic() < deadline, "the writing thread never wrote"
+            time.sleep(0.02)
+        settings.JOBS_RESULTS_FLUSH_INTERVAL = 3600
+        results.results_start_buffering()
+        store("t-9", states.SUCCESS, "at exit")
+    finally:
+        results.results_stop_buffering()  # a pool process exiting writes what waits
+    assert TaskResult.objects.get(task_id="t-9").status == states.SUCCESS
+    assert results.results_buffered() is None
