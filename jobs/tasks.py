@@ -24,7 +24,13 @@ def dead_letter_digest(window: str = "") -> int:
     return dead_letter_follow_up(window) if window else dead_letter_digest_send()
 
 
-@shared_task(base=JobTask, name="jobs.heartbeat", retry_limit=0, alert_on_dead_letter=False)
+#: Housekeeping that runs every few seconds stays out of the task history and Flower's task list
+#: (about 11 500 rows a day otherwise); the worker's metrics still count it, and a failure still
+#: ends in a dead letter.
+QUIET = {"ignore_result": True, "send_events": False}
+
+
+@shared_task(base=JobTask, name="jobs.heartbeat", retry_limit=0, alert_on_dead_letter=False, **QUIET)
 def heartbeat() -> dict:
     """Sent by beat every 30 s: records that a worker consumes (for `/api/jobs/health/`)."""
     from jobs.heartbeat import heartbeat_write
@@ -65,7 +71,7 @@ def daily_report() -> int:
     return daily_report_create().pk
 
 
-@shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False)
+@shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False, **QUIET)
 def outbox_relay() -> dict:
     """The ledger's upkeep from beat (every 10 s), besides every worker's own sweeper thread:
     publishes what waits in the outbox, republishes what the broker lost (`jobs.ledger`)."""

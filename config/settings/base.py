@@ -394,6 +394,9 @@ CELERY_WORKER_CONSUMER = "jobs.worker:JobConsumer"  # dead-letters messages it c
 # FLOWER_ENABLE_EVENTS=false too, or Flower switches them back on in running workers).
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
+# A worker publishes its task events in batches, at most this many seconds late (0: Celery's own
+# publish on every loop iteration; see jobs.worker.JobConsumer).
+JOBS_TASK_EVENTS_FLUSH_INTERVAL = env.float("JOBS_TASK_EVENTS_FLUSH_INTERVAL", default=0.1)
 
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A channel error (Redis refusing writes at maxmemory: OutOfMemoryError is a ResponseError)

@@ -65,7 +65,8 @@ def test_a_task_is_one_row_with_its_last_state_and_its_start_time(buffer):
     assert row.task_name == "tests.history"
     assert row.task_args == "\"('a', 1)\""
     assert row.worker == "worker-1@host"
-    assert row.date_started is not None and row.date_started <= started
+    assert row.date_started is not None
+    assert row.date_started <= started
     assert row.date_created <= row.date_started <= row.date_done
 
 
