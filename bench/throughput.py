@@ -122,7 +122,12 @@ def measure(side: Side, count: int, samples: int) -> None:
     key = f"{side.producer}-{uuid.uuid4().hex}"
     side.enqueue.append(json.loads(produce(side, "enqueue", key, count))["rate"])
     warm = max(20, count // 50)
-    worker = Worker(app=side.app, concurrency=2, extra_env=side.env, loglevel=side.loglevel, extra_args=side.args)
+    env = dict(side.env)
+    if side.app == "config":  # the project's worker serves its metrics, as it does in production
+        from jobs.localredis import free_port
+
+        env["WORKER_METRICS_PORT"] = str(free_port())
+    worker = Worker(app=side.app, concurrency=2, extra_env=env, loglevel=side.loglevel, extra_args=side.args)
     try:
         worker.start(ready=lambda: noop.done(key) >= warm)
         started, first, log_start = time.perf_counter(), noop.done(key), worker.log_bytes()

@@ -28,6 +28,7 @@ results are history, never the job's truth.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -254,6 +255,10 @@ def results_start_buffering() -> ResultBuffer:
     process as it starts)."""
     global _buffer
     results_stop_buffering()
+    # Also on the way out of a worker whose shutdown sends no signal (a cold one: SIGTERM here);
+    # a pool process leaves through `worker_process_shutdown` instead (it skips atexit).
+    atexit.unregister(results_stop_buffering)
+    atexit.register(results_stop_buffering)
     _buffer = ResultBuffer(interval=settings.JOBS_RESULTS_FLUSH_INTERVAL, limit=settings.JOBS_RESULTS_BUFFER_LIMIT)
     return _buffer
 

@@ -38,6 +38,7 @@ def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
     request_id_var.set(sane_request_id(getattr(request, REQUEST_ID_HEADER, None)))
     task_id_var.set(task_id)
     task_name_var.set(getattr(task, "name", None))
+    _recycle_connections(request)
 
 
 @signals.task_received.connect
@@ -54,6 +55,7 @@ def _pool_process_started(**kwargs) -> None:
     results_start_buffering()
 
 
+@signals.worker_shutdown.connect
 @signals.worker_process_shutdown.connect
 def _pool_process_exiting(**kwargs) -> None:
     from jobs.results import results_stop_buffering
@@ -68,8 +70,22 @@ def _on_worker_ready(**kwargs) -> None:
     from jobs import metrics
 
     _bound_sigterm()
+    _buffer_results_without_prefork(kwargs.get("sender"))
     metrics.start_worker_metrics_server(settings.WORKER_METRICS_PORT)
     _relay_outbox_at_start()
+
+
+def _buffer_results_without_prefork(consumer) -> None:
+    """A pool that runs tasks in this process (threads, gevent, solo) writes their results in
+    batches from here; a prefork worker's main process forks, and writes its few results (hard
+    time limits, lost processes) at once."""
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    from jobs.results import results_start_buffering
+
+    pool = getattr(consumer, "pool", None)
+    if pool is not None and not isinstance(pool, PreforkPool):
+        results_start_buffering()
 
 
 def _bound_sigterm() -> None:
@@ -108,8 +124,23 @@ def _leave_task(task=None, task_id: str | None = None, state: str | None = None,
     request_id_var.set(None)
     task_id_var.set(None)
     task_name_var.set(None)
-    if task_id and getattr(getattr(task, "request", None), "jobs_ledger", None):
+    request = getattr(task, "request", None)
+    if task_id and getattr(request, "jobs_ledger", None):
         _ledger_end(task, task_id, state)
+    _recycle_connections(request)
+
+
+def _recycle_connections(request) -> None:
+    """Django's rule for a request, around every task: a connection that errored, or is older
+    than CONN_MAX_AGE, is dropped; one kept is health-checked before its next use. (Celery's
+    Django fix-up closed every connection twice per task instead, so each task that touched the
+    database paid for a new connection: CELERY_DB_REUSE_MAX turns that off.) Not for a task run
+    eagerly, inside its caller's transaction."""
+    if getattr(request, "is_eager", False):
+        return
+    from jobs.db import drop_stale_connection
+
+    drop_stale_connection()
 
 
 def _ledger_end(task, task_id: str, state: str | None) -> None:

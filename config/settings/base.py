@@ -388,6 +388,11 @@ CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=10_000) or None
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=256_000) or None  # KiB
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fix-up closes every database connection before and after every task: each task
+# that touches the database then opens a new one (milliseconds on PostgreSQL). This number of tasks
+# is never reached; jobs.signals applies Django's request-cycle rule instead (CONN_MAX_AGE, health
+# checks, a connection that errored dropped).
+CELERY_DB_REUSE_MAX = 2**31
 CELERY_WORKER_CONSUMER = "jobs.worker:JobConsumer"  # dead-letters messages it cannot run
 # Task events feed Flower's live task list; they cost about a third of the throughput of tiny
 # tasks (docs/performance.md). CELERY_TASK_EVENTS=false turns them off (set Flower's

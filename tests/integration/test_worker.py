@@ -1,5 +1,7 @@
 """A real worker, a real Redis, a real result row."""
 
+import time
+
 import pytest
 from django_celery_results.models import TaskResult
 
@@ -41,3 +43,26 @@ def test_task_is_routed_to_its_queue(start_worker, redis_client):
         time.sleep(0.1)
     assert TaskResult.objects.filter(task_name="jobs.ping", status="SUCCESS").count() == 1
     assert redis_client.llen("low") == 0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_results_are_written_in_batches_and_at_the_latest_when_the_worker_stops(start_worker, redis_client, pool):
+    """A result waits in the process that ran the task (a pool process, or the worker's main
+    process for the threads pool) until the next batch: here a minute away, so only the write on
+    the way out can store it."""
+    from tests.integration import tasks
+
+    worker = start_worker(extra_env={"JOBS_RESULTS_FLUSH_INTERVAL": "60"}, extra_args=["--pool", pool])
+    key = f"batched-{pool}"
+    result = tasks.flaky.delay(key, 0)
+    deadline = time.monotonic() + 30
+    while int(redis_client.get(key) or 0) < 1:
+        assert time.monotonic() < deadline, "the task never ran"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not TaskResult.objects.filter(task_id=result.id).exists()  # noted, not written yet
+
+    worker.stop()
+    row = TaskResult.objects.get(task_id=result.id)
+    assert (row.status, row.result) == ("SUCCESS", "1")
+    assert row.date_started is not None
