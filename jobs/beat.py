@@ -9,19 +9,34 @@
 - A change of `TIME_ZONE` resets `last_run_at`, so schedules are not computed in the old zone.
 - Every tick refreshes the beat's liveness file (for `manage.py probe beat`) and, while it
   leads, the beat heartbeat behind `/api/jobs/health/`.
+- A tick sends every entry that is due (up to `BATCH`), not one: their new `last_run_at` and
+  their messages (ledger rows, `jobs.outbox`) are written in one transaction, then published.
+  So a standby that takes over never sends a tick its predecessor sent (the run time was
+  committed with the message), and a tick whose publish failed is not lost (the ledger publishes
+  it). Celery's scheduler instead sent one entry per tick, compared the whole schedule with itself
+  before each, and saved each entry with two statements after its send: beat could not keep up
+  with a few thousand schedules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import socket
+import time
 import uuid
+from datetime import datetime, timedelta
+from typing import Any
 
 import redis
+from celery.beat import event_t
+from celery.utils.time import maybe_make_aware
 from django.conf import settings
 from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
 
@@ -34,6 +49,13 @@ STANDBY_POLL = 5.0
 #: Seconds before the next tick after one failed (a paused broker, a restarting database).
 RETRY_AFTER_ERROR = 2.0
 TIME_ZONE_KEY = "jobs:beat:time_zone"
+#: Due entries one tick sends at most (one transaction; the next tick follows at once).
+BATCH = 500
+#: Seconds between two ticks at least: what came due meanwhile goes out together (a tick costs a
+#: transaction), at most this late.
+TICK_SPACING = 0.1
+#: Seconds between two looks at whether the schedules were edited (one query each).
+CHANGE_CHECK_INTERVAL = 1.0
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -55,16 +77,25 @@ class BeatLock:
     def __init__(self, url: str, ttl: float) -> None:
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self.ttl_ms = int(ttl * 1000)
+        #: A lock renewed this recently is still held for most of its TTL: no round trip. (Beat
+        #: ticks many times a second with thousands of schedules.)
+        self.renew_every = ttl / 10
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = False
+        self.renewed_at = 0.0
 
     def acquire_or_renew(self) -> bool:
         """True while this beat leads. Any Redis error counts as not leading: better no beat for
         a moment than two."""
+        now = time.monotonic()
+        if self.held and now - self.renewed_at < self.renew_every:
+            return True
         try:
             if self.held and self.client.eval(_RENEW, 1, LOCK_KEY, self.token, self.ttl_ms):
+                self.renewed_at = now
                 return True
             self.held = bool(self.client.set(LOCK_KEY, self.token, nx=True, px=self.ttl_ms))
+            self.renewed_at = now
         except (redis.RedisError, OSError) as exc:
             if self.held:
                 logger.error("beat.lock_lost", extra={"error": str(exc)[:200]})
@@ -108,6 +139,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             logger.warning("beat.tick_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
             self._drop_database_connection()
             self._heap = None  # re-read the schedule from the database once it answers
+            self._initial_read = True
             return RETRY_AFTER_ERROR
 
     def _drop_database_connection(self) -> None:
@@ -117,10 +149,15 @@ class LockedDatabaseScheduler(DatabaseScheduler):
 
     def _tick(self, *args, **kwargs) -> float:
         leading = self.lock.acquire_or_renew()
-        try:
-            liveness_touch("beat", leading=leading)
-        except OSError as exc:
-            logger.warning("beat.liveness_write_failed", extra={"error": str(exc)[:200]})
+        # The liveness file and the heartbeat once a second, however often beat ticks.
+        now = time.monotonic()
+        touch = now - getattr(self, "_touched_at", 0.0) >= 1.0 or leading != self._leading
+        if touch:
+            self._touched_at = now
+            try:
+                liveness_touch("beat", leading=leading)
+            except OSError as exc:
+                logger.warning("beat.liveness_write_failed", extra={"error": str(exc)[:200]})
         if not leading:
             if self._leading:
                 logger.warning("beat.standby", extra={"reason": "lost the beat lock"})
@@ -136,11 +173,121 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             # The previous leader may have sent tasks since we last read: start from the database.
             self._initial_read = True
             self._heap = None
+        if touch:
+            try:
+                heartbeat_write("beat")
+            except Exception as exc:  # noqa: BLE001 - the cache (Redis) paused: sending goes on
+                logger.warning("beat.heartbeat_write_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        return min(max(self._send_due(), TICK_SPACING), self.max_interval)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    @property
+    def schedule(self) -> dict:
+        """django-celery-beat asks the database whether the schedules changed on every read of
+        this property; here at most every `CHANGE_CHECK_INTERVAL` seconds (an edit in the admin
+        reaches beat within a second or so)."""
+        now = timezone.now().timestamp()
+        if self._initial_read or now - getattr(self, "_checked_at", 0.0) >= CHANGE_CHECK_INTERVAL:
+            self._checked_at = now
+            return DatabaseScheduler.schedule.fget(self)
+        return self._schedule
+
+    def _refresh_heap(self) -> None:
+        schedule = self.schedule
+        if self._heap is None or schedule is not getattr(self, "_heap_source", None) or self._heap_invalidated:
+            self._heap_invalidated = False
+            self._heap_source = schedule
+            self.populate_heap()
+
+    def _send_due(self) -> float:
+        """Sends every entry due now (up to BATCH); returns the seconds until the next one."""
+        self._refresh_heap()
+        heap = self._heap
+        due: list[Any] = []
+        looked = 0
+        while heap and len(due) < BATCH and looked < 2 * BATCH:
+            when, priority, entry = heap[0]
+            if when > self._when(entry, 0):
+                break
+            looked += 1
+            try:
+                is_due, next_time_to_run = self.is_due(entry)
+            except Exception:  # noqa: BLE001 - one broken entry must not stop the others
+                is_due, next_time_to_run = self._is_due_failed(entry)
+            heapq.heappop(heap)
+            if is_due:
+                next_entry = self.reserve(entry)
+                due.append(entry)
+                heapq.heappush(heap, event_t(self._when(next_entry, next_time_to_run), priority, next_entry))
+            else:
+                delay = next_time_to_run if isinstance(next_time_to_run, int | float) else self.max_interval
+                heapq.heappush(heap, event_t(self._when(entry, max(delay, 0.01)), priority, entry))
+        if due:
+            self._send(due)
+        if len(due) >= BATCH or not heap:
+            return 0 if due else self.max_interval
+        return max(heap[0][0] - self._when(heap[0][2], 0), 0)
+
+    def _send(self, due: list[Any]) -> None:
+        """Records the entries' runs and their messages in one transaction, then publishes them."""
+        from jobs.models import OutboxMessage
+        from jobs.outbox import CLAIM_TTL, publish_claimed
+
+        now = timezone.now()
+        claim = uuid.uuid4().hex
+        rows = [self._ledger_row(entry, now=now, claim=claim, claimed_until=now + CLAIM_TTL) for entry in due]
+        names = {entry.name for entry in due}
         try:
-            heartbeat_write("beat")
-        except Exception as exc:  # noqa: BLE001 - the cache (Redis) paused: sending goes on
-            logger.warning("beat.heartbeat_write_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
-        return min(super().tick(*args, **kwargs), self.max_interval)
+            with transaction.atomic():
+                PeriodicTask.objects.bulk_update([entry.model for entry in due], ["last_run_at", "total_run_count"])
+                rows = OutboxMessage.objects.bulk_create(rows)
+        except Exception:
+            # Nothing was recorded and nothing sent: read the schedule again (the entries were
+            # advanced in memory only) and try on the next tick.
+            self._initial_read = True
+            self._heap = None
+            raise
+        finally:
+            self._dirty -= names  # written above, or re-read from the database
+        published, _failed, unpublishable = publish_claimed(rows)
+        logger.info(
+            "beat.sent",
+            extra={
+                "count": len(rows),
+                "published": published,
+                "left_to_the_ledger": len(rows) - published - unpublishable,
+                "tasks": sorted({entry.task for entry in due})[:10],
+            },
+        )
+
+    def _ledger_row(self, entry: Any, *, now: datetime, claim: str, claimed_until: datetime):
+        from celery.beat import _evaluate_entry_args, _evaluate_entry_kwargs
+
+        from jobs.models import OutboxMessage
+        from jobs.outcomes import LEDGER_HEADER
+
+        options = dict(entry.options)
+        headers = {**(options.pop("headers", None) or {}), "celery_beat_task": True, LEDGER_HEADER: 1}
+        expires = options.get("expires")
+        if isinstance(expires, int | float):  # seconds from the tick, not from a later relay
+            options["expires"] = (now + timedelta(seconds=expires)).isoformat()
+        elif isinstance(expires, datetime):
+            options["expires"] = maybe_make_aware(expires).isoformat()
+        if not options.get("queue"):
+            route = self.app.amqp.router.route({}, entry.task)
+            queue = route.get("queue")
+            options["queue"] = getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE
+        return OutboxMessage(
+            task_name=entry.task,
+            task_id=str(uuid.uuid4()),
+            args=list(_evaluate_entry_args(entry.args)),
+            kwargs=dict(_evaluate_entry_kwargs(entry.kwargs)),
+            options={**options, "headers": headers},
+            created_at=now,
+            claim=claim,
+            claimed_until=claimed_until,
+        )
 
     def close(self) -> None:
         try:

@@ -138,10 +138,11 @@ class JobRequest(Request):
         `task_revoked` signal carries no arguments of the task, so this is not a signal handler.)
         A periodic tick that expired (django-celery-beat's header says so) is not recorded."""
         super()._announce_revoked(reason, terminated, signum, expired)
-        if getattr(self.task, "on_give_up", None) is None:
+        # A periodic tick that came too late (beat's `expires`) is not recorded: the next one runs.
+        skipped_tick = expired and (self._request_dict or {}).get("periodic_task_name")
+        if getattr(self.task, "on_give_up", None) is None or skipped_tick:
+            self._ledger_forget()
             return
-        if expired and (self._request_dict or {}).get("periodic_task_name"):
-            return  # a periodic tick that came too late (beat's `expires`): the next one runs
         from jobs.models import DeadLetter
         from jobs.outcomes import job_gave_up
 
@@ -158,6 +159,17 @@ class JobRequest(Request):
             )
         except Exception:
             logger.exception("worker.revoke_not_recorded", extra={"task_id": self.id})
+
+    def _ledger_forget(self) -> None:
+        """The job ended without the failure path (which clears its ledger row itself)."""
+        from jobs.outcomes import LEDGER_HEADER
+
+        if not (self._request_dict or {}).get(LEDGER_HEADER):
+            return
+        from jobs.ledger import ledger_finish
+
+        _fresh_db()
+        ledger_finish(self.id)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         from billiard.exceptions import WorkerLostError

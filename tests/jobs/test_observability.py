@@ -163,7 +163,6 @@ def test_a_beat_tick_that_meets_a_broken_dependency_is_logged_not_fatal(redis_cl
     """Celery's beat loop catches only KeyboardInterrupt and SystemExit: a Redis pause (the
     heartbeat write after the lock renewal) or a database error used to end beat."""
     from celery import current_app
-    from django_celery_beat.schedulers import DatabaseScheduler
 
     scheduler = beat.LockedDatabaseScheduler(app=current_app, lazy=True)
 
@@ -171,13 +170,13 @@ def test_a_beat_tick_that_meets_a_broken_dependency_is_logged_not_fatal(redis_cl
         raise ConnectionError("Redis is paused")
 
     monkeypatch.setattr(beat, "heartbeat_write", paused)
-    monkeypatch.setattr(DatabaseScheduler, "tick", lambda self, *a, **k: 1.5)
+    monkeypatch.setattr(beat.LockedDatabaseScheduler, "_send_due", lambda self: 1.5)
     assert scheduler.tick() == 1.5  # the heartbeat is skipped, sending goes on
     assert "beat.heartbeat_write_failed" in caplog.text
 
     def database_restarting(self, *args, **kwargs):
         raise OperationalError("the database system is starting up")
 
-    monkeypatch.setattr(DatabaseScheduler, "tick", database_restarting)
+    monkeypatch.setattr(beat.LockedDatabaseScheduler, "_send_due", database_restarting)
     assert scheduler.tick() == beat.RETRY_AFTER_ERROR
     assert "beat.tick_failed" in caplog.text
