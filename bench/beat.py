@@ -46,7 +46,8 @@ CPU_TARGET = 0.5  # cores
 
 
 def store_schedules(count: int, interval: int, first_due) -> list[tuple[int, float]]:
-    """`count` schedules every `interval` seconds, due one after the other over the first 90 % of an interval from `first_due`."""
+    """`count` schedules every `interval` seconds, due one after the other over the first 90 % of
+    an interval from `first_due` (so that every first run comes before any second one)."""
     from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
     PeriodicTask.objects.all().delete()

@@ -13,9 +13,17 @@ What this can lose, and what it cannot:
   `max_tasks_per_child`, a warm shutdown) writes them first. The jobs themselves are never at
   stake: their truth is the broker's acknowledgement, the ledger (`jobs.ledger`), the app's rows
   and the dead letters, all written synchronously where they were.
+- A pool process killed after its task ended but before the worker's main process heard of it:
+  Celery looks for a stored SUCCESS before it gives such a job back to the broker, and the
+  SUCCESS noted in the dead process is not there, so the job runs once more. That is the
+  at-least-once delivery every late-acknowledged job has anyway (a process can die a moment
+  before its task's result is stored, too); the project's tasks are idempotent for it (an email
+  is claimed before it is sent).
 - A database that is down when a batch is due: the batch is kept and written later (up to
   `JOBS_RESULTS_BUFFER_LIMIT` rows, the oldest dropped beyond it, with a warning).
-- `AsyncResult.get()` sees a result up to one flush interval later.
+- `AsyncResult.get()` sees a result up to one flush interval later. Members of a group or chord
+  are written at once (a chord's last member reads the others' results to call its body).
+- A row the database will never take (a value too long, say) is dropped alone, logged.
 - A state never goes backwards: a STARTED or RETRY that reaches the table after the task's
   SUCCESS, FAILURE or REVOKED (written by another process: the worker's main process records hard
   time limits and lost pool processes) leaves the final state alone.
@@ -29,7 +37,6 @@ results are history, never the job's truth.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import threading
@@ -46,6 +53,8 @@ from django.db import InterfaceError, OperationalError, connection, connections,
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend as StockDatabaseBackend
 from django_celery_results.models import TaskResult
+
+from jobs.db import close_connection, drop_stale_connection
 
 logger = logging.getLogger("jobs.results")
 
@@ -114,6 +123,7 @@ def results_write(rows: Iterable[Row]) -> int:
             _store_stock(row, alias)
         return len(rows)
     adapt = db.ops.adapt_datetimefield_value
+    rows.sort(key=lambda row: row["task_id"])  # one lock order in every process: no deadlock
     params = [
         [adapt(value) if isinstance(value, datetime) else value for value in (row.get(c) for c in COLUMNS)]
         for row in rows
@@ -170,23 +180,46 @@ class ResultBuffer:
         and dates given)."""
         with self.lock:
             self.rows[row["task_id"]] = merge(self.rows.pop(row["task_id"], None), row)
+            self._bound()
             full = len(self.rows) >= CHUNK
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="jobs-results", daemon=True)
-                self.thread.start()
+            if self.thread is None or not self.thread.is_alive():
+                self._start_thread()
         if full:
             self.wake.set()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._run, name="jobs-results", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (interpreter exiting): written at exit, if at all
+            logger.warning("results.writer_not_started", exc_info=True)
+            return
+        self.thread = thread
+
+    def _bound(self) -> int:
+        """Drops the oldest rows beyond `limit` (called with the lock held); returns how many."""
+        overflow = len(self.rows) - self.limit
+        if overflow > 0:
+            for task_id in list(self.rows)[:overflow]:
+                del self.rows[task_id]
+            self.dropped += overflow
+        return max(overflow, 0)
 
     def _run(self) -> None:
         while not self.stopped.is_set():
             self.wake.wait(self.interval)
             self.wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # the thread must outlive anything a round meets
+                logger.exception("results.flush_crashed")
         self.flush()
 
     def flush(self) -> int:
-        """Writes what waits (on a connection of this thread, closed after an error); keeps it for
-        the next round when the database refuses. Returns how many rows were written."""
+        """Writes what waits (on a connection of this thread). The database down or the
+        connection lost: the batch is kept for the next round. Any other database error: each
+        row is tried on its own and only those refused are dropped (a row the database will never
+        take must not hold up the rest). Returns how many rows were written."""
         with self.lock:
             batch, self.rows = self.rows, {}
         if not batch:
@@ -196,38 +229,36 @@ class ResultBuffer:
             try:
                 rows[task_id] = entry_row(entry)
             except Exception as exc:  # noqa: BLE001 - one row that cannot be built never stops the rest
-                logger.warning(
-                    "results.not_stored",
-                    extra={"task_id": task_id, "state": entry["status"], "error": f"{type(exc).__name__}: {exc}"[:300]},
-                )
+                _not_stored(task_id, entry["status"], exc)
+        db = connections[router.db_for_write(TaskResult)]
+        if not db.in_atomic_block:
+            drop_stale_connection()  # CONN_MAX_AGE and health checks apply to this thread too
         try:
-            written = results_write(rows.values())
-        except DatabaseError as exc:
-            db = connections[router.db_for_write(TaskResult)]
+            return results_write(rows.values())
+        except (OperationalError, InterfaceError) as exc:
             if not db.in_atomic_block:  # the next round connects afresh
-                with contextlib.suppress(Exception):
-                    db.close()
+                close_connection()
             self._keep(rows, exc)
             return 0
-        return written
+        except DatabaseError:
+            written = 0
+            for task_id, row in rows.items():
+                try:
+                    written += results_write([row])
+                except DatabaseError as exc:
+                    _not_stored(task_id, row["status"], exc)
+            return written
 
     def _keep(self, batch: dict[str, Row], exc: BaseException) -> None:
         with self.lock:
             for task_id, row in self.rows.items():  # what arrived meanwhile is newer
                 batch[task_id] = merge(batch.pop(task_id, None), row)
-            overflow = len(batch) - self.limit
-            if overflow > 0:
-                for task_id in list(batch)[:overflow]:
-                    del batch[task_id]
-                self.dropped += overflow
             self.rows = batch
+            dropped = self._bound()
+            waiting = len(self.rows)
         logger.warning(
             "results.flush_failed",
-            extra={
-                "waiting": len(batch),
-                "dropped": max(overflow, 0),
-                "error": f"{type(exc).__name__}: {exc}"[:300],
-            },
+            extra={"waiting": waiting, "dropped": dropped, "error": f"{type(exc).__name__}: {exc}"[:300]},
         )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -236,8 +267,17 @@ class ResultBuffer:
         self.wake.set()
         if self.thread is not None and self.thread.is_alive():
             self.thread.join(timeout)
+            if self.thread.is_alive():
+                logger.warning("results.not_written_at_exit", extra={"waiting": len(self.rows)})
         else:
             self.flush()
+
+
+def _not_stored(task_id: str, state: str, exc: BaseException) -> None:
+    logger.warning(
+        "results.not_stored",
+        extra={"task_id": task_id, "state": state, "error": f"{type(exc).__name__}: {exc}"[:300]},
+    )
 
 
 _buffer: ResultBuffer | None = None
@@ -295,7 +335,9 @@ class DatabaseBackend(StockDatabaseBackend):
     def _store_result(self, task_id: str, result: Any, status: str, traceback: Any = None, request: Any = None,
                       using: Any = None) -> Any:  # fmt: skip
         buffer = results_buffered()
-        if buffer is None:
+        if buffer is None or getattr(request, "chord", None) or getattr(request, "group", None):
+            # Synchronous outside pool processes, and for the members of a group or chord: the
+            # chord's last member reads every member's result to decide whether to call its body.
             results_write([self.result_row(task_id, result, status, traceback=traceback, request=request)])
             return result
         # In a pool process: only note it. The row is encoded by the writing thread, and not at

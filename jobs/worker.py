@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from typing import Any
 
 from celery import bootsteps
@@ -250,7 +251,9 @@ class JobConsumer(Consumer):
         from django.conf import settings
 
         interval = settings.JOBS_TASK_EVENTS_FLUSH_INTERVAL
-        if self.hub is None or interval <= 0:
+        if self.hub is None or interval <= 0 or threading.current_thread() is not threading.main_thread():
+            # Celery's own way; also for an event sent from a pool's thread (the threads pool),
+            # where the event loop's timers are not to be touched.
             super().on_send_event_buffered()
         elif not self._events_flush_due:
             self._events_flush_due = True
@@ -265,6 +268,14 @@ class JobConsumer(Consumer):
             self._flush_events()
         except Exception as exc:  # noqa: BLE001 - never keep a consumer from stopping
             logger.warning("worker.events_not_flushed", extra={"at": what, "error": f"{type(exc).__name__}: {exc}"})
+
+    def on_close(self) -> None:
+        """The connection closed (a broker restart, a channel error): Celery clears the timers,
+        ours too, and starts a new event dispatcher that carries over only what failed to publish.
+        What is buffered goes out now (or, the broker being gone, into that carried-over buffer)."""
+        self._flush_events_before("close")
+        self._events_flush_due = False
+        super().on_close()
 
     def stop(self) -> None:
         self._flush_events_before("stop")

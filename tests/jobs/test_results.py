@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from celery import current_app, states
-from django.db import OperationalError, connection
+from django.db import DataError, OperationalError, connection
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 from kombu.exceptions import EncodeError
@@ -121,6 +121,34 @@ def test_a_refused_batch_is_kept_for_the_next_round(buffer, caplog):
     store("t-7", states.FAILURE, RuntimeError("later"))  # newer than what was kept
     assert buffer.flush() == 2
     assert dict(TaskResult.objects.values_list("task_id", "status")) == {"t-6": "SUCCESS", "t-7": "FAILURE"}
+
+
+def test_a_row_the_database_will_never_take_is_dropped_alone(buffer, caplog):
+    store("ok-1", states.SUCCESS, 1)
+    store("bad-1", states.SUCCESS, 2)
+    store("ok-2", states.SUCCESS, 3)
+
+    def too_long(execute, sql, params, many, context):
+        rows = params if many else [params or ()]
+        if any("bad-1" in row for row in rows):
+            raise DataError("value too long for type character varying(255)")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(too_long):
+        assert buffer.flush() == 2
+    assert set(TaskResult.objects.values_list("task_id", flat=True)) == {"ok-1", "ok-2"}
+    assert [r.task_id for r in caplog.records if r.getMessage() == "results.not_stored"] == ["bad-1"]
+    assert buffer.rows == {}  # not kept to fail again
+
+
+def test_members_of_a_chord_are_written_at_once(buffer):
+    """django-celery-results' chord counter calls the body only if every member's result is
+    stored when the last one finishes."""
+    request = Request("member-1")
+    request.chord = {"task": "tests.body"}
+    current_app.backend.store_result("member-1", 5, states.SUCCESS, request=request)
+    assert TaskResult.objects.get(task_id="member-1").status == states.SUCCESS
+    assert buffer.rows == {}
 
 
 def test_a_database_down_for_long_costs_the_oldest_history_not_the_memory(settings, caplog):
