@@ -325,6 +325,14 @@ def email_send(*, email: Email, attempt: str = "") -> Email:
     }  # fmt: skip
     rows = Email.objects.filter(pk=email.pk)
     claimed = rows.filter(status__in=[Email.Status.QUEUED, Email.Status.FAILED]).update(**claim) == 1
+    if not claimed and attempt:
+        # An earlier attempt of this same job (a retry keeps the task id) claimed the email and
+        # ended without recording a hand-off: the database went away after the claim, before the
+        # send or while the send was undone. A retry runs only after that attempt ended, so
+        # nothing else holds the claim; a hand-off it did make is in the cache marker read above.
+        claimed = rows.filter(status=Email.Status.SENDING, claimed_by=attempt[:64]).update(**claim) == 1
+        if claimed:
+            logger.warning("email.claim_taken_back", extra={"email_id": email.pk})
     if not claimed:
         stale = rows.filter(status=Email.Status.SENDING, handed_off_at__lt=now - lease)
         claimed = stale.update(**claim) == 1

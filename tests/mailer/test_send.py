@@ -87,6 +87,24 @@ def test_a_hand_off_in_progress_is_not_repeated(smtp_settings, queued):
     assert isinstance(HandOffInProgress("x", retry_after=1), TransientError)
 
 
+def test_a_retry_takes_back_the_claim_its_own_earlier_attempt_left(smtp_settings, queued):
+    """The database went away after an attempt's claim and before its send: the email stayed
+    `sending` for the whole lease (10 minutes), each retry of the same job refused as "in
+    progress" (found by the fault suite). Another job's claim is still respected."""
+    email = queued()
+    Email.objects.filter(pk=email.pk).update(
+        status=Email.Status.SENDING, handed_off_at=timezone.now(), attempts=1, claimed_by="task-1"
+    )
+    with pytest.raises(HandOffInProgress):
+        email_send(email=email, attempt="task-2")
+    assert smtp_settings.messages == []
+
+    sent = email_send(email=email, attempt="task-1")
+    assert sent.status == Email.Status.SENT
+    assert sent.attempts == 2
+    assert len(smtp_settings.messages) == 1
+
+
 def test_a_hand_off_abandoned_past_the_lease_is_sent_again_with_the_same_message_id(settings, smtp_settings, queued):
     settings.MAILER_SENDING_LEASE_SECONDS = 60
     email = queued()
