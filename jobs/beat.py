@@ -35,7 +35,7 @@ from celery.beat import event_t
 from celery.utils.time import maybe_make_aware
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
@@ -49,7 +49,7 @@ STANDBY_POLL = 5.0
 #: Seconds before the next tick after one failed (a paused broker, a restarting database).
 RETRY_AFTER_ERROR = 2.0
 TIME_ZONE_KEY = "jobs:beat:time_zone"
-#: Due entries one tick sends at most (one transaction; the next tick follows at once).
+#: Due entries one tick sends at most (one transaction; the next tick follows TICK_SPACING later).
 BATCH = 500
 #: Seconds between two ticks at least: what came due meanwhile goes out together (a tick costs a
 #: transaction), at most this late.
@@ -83,6 +83,9 @@ class BeatLock:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = False
         self.renewed_at = 0.0
+        #: Counts the times this beat took the lock afresh (not by renewal): a new term, in which
+        #: another beat may have led meanwhile.
+        self.term = 0
 
     def acquire_or_renew(self) -> bool:
         """True while this beat leads. Any Redis error counts as not leading: better no beat for
@@ -96,6 +99,8 @@ class BeatLock:
                 return True
             self.held = bool(self.client.set(LOCK_KEY, self.token, nx=True, px=self.ttl_ms))
             self.renewed_at = now
+            if self.held:
+                self.term += 1
         except (redis.RedisError, OSError) as exc:
             if self.held:
                 logger.error("beat.lock_lost", extra={"error": str(exc)[:200]})
@@ -166,8 +171,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):
                 logger.info("beat.standby", extra={"leader": self._holder()})
                 self._announced_standby = True
             return self.standby_poll
-        if not self._leading:
+        if not self._leading or self.lock.term != getattr(self, "_term", None):
             logger.info("beat.leading", extra={"token": self.lock.token})
+            self._term = self.lock.term
             self._leading = True
             self._announced_standby = False
             # The previous leader may have sent tasks since we last read: start from the database.
@@ -186,9 +192,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):
     def schedule(self) -> dict:
         """django-celery-beat asks the database whether the schedules changed on every read of
         this property; here at most every `CHANGE_CHECK_INTERVAL` seconds (an edit in the admin
-        reaches beat within a second or so)."""
-        now = timezone.now().timestamp()
-        if self._initial_read or now - getattr(self, "_checked_at", 0.0) >= CHANGE_CHECK_INTERVAL:
+        reaches beat at its next tick after that: within `max_interval` when nothing is due)."""
+        now = time.monotonic()
+        if self._initial_read or now - getattr(self, "_checked_at", -CHANGE_CHECK_INTERVAL) >= CHANGE_CHECK_INTERVAL:
             self._checked_at = now
             return DatabaseScheduler.schedule.fget(self)
         return self._schedule
@@ -229,27 +235,53 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             return 0 if due else self.max_interval
         return max(heap[0][0] - self._when(heap[0][2], 0), 0)
 
+    def reserve(self, entry: Any) -> Any:
+        """The entry's next run, in memory only: `_send` writes it together with its message.
+        (django-celery-beat notes it for `sync()`, which would save a run time whose message was
+        never written.)"""
+        return next(entry)
+
+    def sync(self) -> None:
+        """Nothing to save: every run time is written with its message, by `_send`."""
+
     def _send(self, due: list[Any]) -> None:
-        """Records the entries' runs and their messages in one transaction, then publishes them."""
-        from jobs.models import OutboxMessage
+        """Records the entries' runs and their messages in one transaction, then publishes them.
+        The database down: nothing is recorded or sent, the schedule is read again, the next tick
+        tries again. An entry the database (or the message) refuses is logged and left out,
+        never holding back the others."""
         from jobs.outbox import CLAIM_TTL, publish_claimed
 
         now = timezone.now()
         claim = uuid.uuid4().hex
-        rows = [self._ledger_row(entry, now=now, claim=claim, claimed_until=now + CLAIM_TTL) for entry in due]
-        names = {entry.name for entry in due}
+        batch: list[tuple[Any, Any]] = []
+        for entry in due:
+            try:
+                batch.append((entry, self._ledger_row(entry, now=now, claim=claim, claimed_until=now + CLAIM_TTL)))
+            except Exception as exc:  # noqa: BLE001 - arguments that cannot be evaluated, say
+                self._unsendable(entry, exc)
+        if not batch:
+            return
+        self._still_leading()
         try:
-            with transaction.atomic():
-                PeriodicTask.objects.bulk_update([entry.model for entry in due], ["last_run_at", "total_run_count"])
-                rows = OutboxMessage.objects.bulk_create(rows)
-        except Exception:
-            # Nothing was recorded and nothing sent: read the schedule again (the entries were
-            # advanced in memory only) and try on the next tick.
+            try:
+                rows = self._record(batch)
+            except (OperationalError, InterfaceError):
+                raise
+            except DatabaseError:
+                rows = []
+                for pair in batch:
+                    try:
+                        rows += self._record([pair])
+                    except (OperationalError, InterfaceError):
+                        raise
+                    except DatabaseError as exc:
+                        self._unsendable(pair[0], exc)
+        except DatabaseError:
+            # Nothing more was recorded and nothing sent: read the schedule again (the entries
+            # were advanced in memory only) and try on the next tick.
             self._initial_read = True
             self._heap = None
             raise
-        finally:
-            self._dirty -= names  # written above, or re-read from the database
         published, _failed, unpublishable = publish_claimed(rows)
         logger.info(
             "beat.sent",
@@ -257,9 +289,36 @@ class LockedDatabaseScheduler(DatabaseScheduler):
                 "count": len(rows),
                 "published": published,
                 "left_to_the_ledger": len(rows) - published - unpublishable,
-                "tasks": sorted({entry.task for entry in due})[:10],
+                "tasks": sorted({entry.task for entry, _row in batch})[:10],
             },
         )
+
+    @staticmethod
+    def _record(batch: list[tuple[Any, Any]]) -> list[Any]:
+        from jobs.models import OutboxMessage
+
+        with transaction.atomic():
+            PeriodicTask.objects.bulk_update([entry.model for entry, _row in batch], ["last_run_at", "total_run_count"])
+            return OutboxMessage.objects.bulk_create([row for _entry, row in batch])
+
+    @staticmethod
+    def _unsendable(entry: Any, exc: BaseException) -> None:
+        logger.error(
+            "beat.entry_unsendable",
+            extra={"schedule": entry.name, "task": entry.task, "error": f"{type(exc).__name__}: {exc}"[:500]},
+        )
+
+    def _still_leading(self) -> None:
+        """Just before a batch is recorded: a lock not renewed for half its TTL (a long pause of
+        this process) is renewed now, and a lock lost or taken afresh meanwhile stops the batch
+        (another beat may have sent it): the tick fails and the schedule is read again."""
+        lock = self.lock
+        if time.monotonic() - lock.renewed_at < lock.renew_every * 5:
+            return
+        term = lock.term
+        lock.renewed_at = 0.0
+        if not lock.acquire_or_renew() or lock.term != term:
+            raise RuntimeError("the beat lock was lost before the batch was recorded")
 
     def _ledger_row(self, entry: Any, *, now: datetime, claim: str, claimed_until: datetime):
         from celery.beat import _evaluate_entry_args, _evaluate_entry_kwargs

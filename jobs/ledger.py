@@ -43,7 +43,7 @@ from django.utils import timezone
 
 from jobs.db import with_fresh_connection
 from jobs.models import OutboxMessage
-from jobs.outbox import ledger_claim, outbox_relay, publish_claimed
+from jobs.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
 from jobs.outcomes import LEDGER_HEADER
 
 logger = logging.getLogger("jobs.ledger")
@@ -303,6 +303,7 @@ def _republish(ids: list[int], judged: dict[str, Any]) -> int:
 
     rows = OutboxMessage.objects.filter(pk__in=ids, published_at__isnull=False, **judged)
     _claim, claimed = ledger_claim(rows, limit=len(ids))
+    claimed = drop_expired_ticks(claimed)
     for row in claimed:
         logger.warning(
             "ledger.republishing",

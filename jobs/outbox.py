@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.exceptions import QueueNotFound
@@ -174,12 +174,46 @@ def outbox_relay(*, limit: int = 500) -> dict[str, int]:
     return {"published": published, "failed": failed, "waiting": outbox_backlog()}
 
 
+def drop_expired_ticks(rows: list[OutboxMessage]) -> list[OutboxMessage]:
+    """Forgets the periodic ticks among `rows` whose `expires` has passed (beat's next tick runs
+    instead: a worker would skip them, and a RabbitMQ queue drop them unseen, leaving the row for
+    the sweeper to take as lost); returns the others. Other expired jobs are published: their
+    worker records them as dead letters."""
+    now = timezone.now()
+    expired = [row for row in rows if _tick_expired(row, now)]
+    if not expired:
+        return rows
+    OutboxMessage.objects.filter(pk__in=[row.pk for row in expired]).delete()
+    logger.info("outbox.expired_ticks_dropped", extra={"count": len(expired)})
+    gone = {row.pk for row in expired}
+    return [row for row in rows if row.pk not in gone]
+
+
+def _tick_expired(message: OutboxMessage, now: datetime) -> bool:
+    options = message.options or {}
+    if not (options.get("headers") or {}).get("periodic_task_name") or options.get("expires") is None:
+        return False
+    expires = options["expires"]
+    if isinstance(expires, int | float):
+        deadline = message.created_at + timedelta(seconds=expires)
+    else:
+        try:
+            deadline = datetime.fromisoformat(str(expires))
+        except ValueError:
+            return False
+        if timezone.is_naive(deadline):
+            deadline = timezone.make_aware(deadline, UTC)
+    return deadline <= now
+
+
 def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
     """Publishes rows this run claimed, on one producer, outside any transaction, and marks them
     published. Stops at the first error of the broker (the rest wait for the next run); a row the
-    broker can never take is dead-lettered. Returns (published, failed, unpublishable)."""
+    broker can never take is dead-lettered; a periodic tick past its `expires` is forgotten.
+    Returns (published, failed, unpublishable)."""
     from celery import current_app
 
+    rows = drop_expired_ticks(rows)
     if not rows:
         return 0, 0, 0
     published: list[int] = []

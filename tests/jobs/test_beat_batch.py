@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 from celery import current_app
-from django.db import OperationalError, connection
+from django.db import DataError, OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from jobs import beat, outbox
 from jobs.models import OutboxMessage
@@ -113,3 +113,73 @@ def test_an_expired_tick_in_the_ledger_is_forgotten_not_republished(redis_client
     request.id = message.task_id
     request._ledger_forget()
     assert not OutboxMessage.objects.filter(task_id="tick-1").exists()
+
+
+def test_an_entry_that_cannot_be_sent_is_left_out_and_the_others_go(scheduler, redis_client, caplog):
+    tasks = schedules(4, due=True)
+    PeriodicTask.objects.filter(pk=tasks[0].pk).update(kwargs="[1]")  # valid JSON, not a mapping
+
+    scheduler.tick()
+    assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-1", "s-2", "s-3"]
+    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-0"]
+    # Its run was not recorded either (no message went with it): nothing saved it apart.
+    scheduler.close()
+    assert PeriodicTask.objects.get(name="s-0").total_run_count == 0
+
+
+def test_a_row_the_database_refuses_holds_back_no_other(scheduler, redis_client, caplog):
+    tasks = schedules(4, due=True)
+    PeriodicTask.objects.filter(pk=tasks[2].pk).update(args='["poison"]')
+
+    def refuse_poison(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("INSERT") and "poison" in repr(params):
+            raise DataError("unsupported Unicode escape sequence")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse_poison):
+        scheduler.tick()
+    assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-0", "s-1", "s-3"]
+    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-2"]
+    assert PeriodicTask.objects.get(name="s-2").total_run_count == 0
+    assert PeriodicTask.objects.filter(total_run_count=1).count() == 3
+
+
+def test_a_beat_that_lost_its_lock_during_a_pause_sends_nothing(scheduler, redis_client, caplog, monkeypatch):
+    schedules(3, due=True)
+    scheduler.tick()  # leads, sends the three
+    scheduler._checked_at = -3600.0
+    assert scheduler.schedule  # notes when the schedules last changed
+    PeriodicTask.objects.update(last_run_at=timezone.now() - timedelta(seconds=61))  # due again
+    PeriodicTasks.update_changed()
+    scheduler._checked_at = -3600.0  # it reads the schedule again
+    refresh = scheduler._refresh_heap
+
+    def paused_after_the_lock_check() -> None:
+        # A long pause (GC, a frozen VM) after the tick checked the lock: the lock expired and
+        # another beat took it, and this one has not asked Redis since.
+        redis_client.set(beat.LOCK_KEY, "another-beat", px=30_000)
+        scheduler.lock.renewed_at -= 3600
+        refresh()
+
+    monkeypatch.setattr(scheduler, "_refresh_heap", paused_after_the_lock_check)
+    assert scheduler.tick() == beat.RETRY_AFTER_ERROR
+    assert len(queued(redis_client)) == 3  # nothing more
+    failed = [r.error for r in caplog.records if r.getMessage() == "beat.tick_failed"]
+    assert failed == ["RuntimeError: the beat lock was lost before the batch was recorded"]
+    assert PeriodicTask.objects.filter(total_run_count=1).count() == 3  # nor recorded
+
+
+def test_the_relay_forgets_an_expired_tick_instead_of_publishing_it(redis_client):
+    past = (timezone.now() - timedelta(seconds=5)).isoformat()
+    OutboxMessage.objects.create(
+        task_name="jobs.ping",
+        task_id="late-tick",
+        attempts=1,
+        options={"queue": "low", "expires": past, "headers": {"periodic_task_name": "jobs: ping"}},
+    )
+    OutboxMessage.objects.create(
+        task_name="jobs.ping", task_id="late-job", attempts=1, options={"queue": "low", "expires": past}
+    )
+    outbox.outbox_relay()
+    assert list(OutboxMessage.objects.values_list("task_id", flat=True)) == ["late-job"]
+    assert [h["id"] for h in queued(redis_client)] == ["late-job"]  # its worker dead-letters it
