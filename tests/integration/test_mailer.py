@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from celery.result import AsyncResult
 
-from jobs.models import DeadLetter
+from jobs.models import DeadLetter, OutboxMessage
 from jobs.services import dead_letters_requeue
 from mailer.models import Email
 from mailer.services import Attachment, email_queue
@@ -196,8 +196,15 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
     mail_worker()
     email = Email.objects.create(to=["eve@example.com"], template="welcome", subject="Hi", body_text="Hi")
     expires = timezone.now() + timedelta(seconds=1)
-    # A periodic tick that comes too late is skipped, not kept: the next tick runs.
-    heartbeat.apply_async(countdown=2, expires=expires, headers={"periodic_task_name": "jobs: heartbeat"})
+    # A periodic tick that comes too late is skipped, not kept: the next tick runs. Beat sends it
+    # through the ledger, which forgets it then (else the sweeper would send it again).
+    tick = OutboxMessage.objects.create(task_name="jobs.heartbeat", task_id="late-tick", published_at=timezone.now())
+    heartbeat.apply_async(
+        countdown=2,
+        expires=expires,
+        task_id=tick.task_id,
+        headers={"periodic_task_name": "jobs: heartbeat", "jobs_ledger": 1},
+    )
     send_email.apply_async((email.pk,), countdown=2, expires=expires)
     row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first(), timeout=30)
     assert row.reason == DeadLetter.Reason.REVOKED
@@ -210,6 +217,7 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
 
     time.sleep(1)  # the tick was due at the same moment
     assert not DeadLetter.objects.filter(task_name="jobs.heartbeat").exists()
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id="late-tick").exists(), timeout=10)
 
 
 def test_a_pool_process_killed_mid_hand_off_releases_the_email_at_once(mail_worker, smtp_server):
