@@ -325,38 +325,39 @@ def email_send(*, email: Email, attempt: str = "") -> Email:
     }  # fmt: skip
     rows = Email.objects.filter(pk=email.pk)
     claimed = rows.filter(status__in=[Email.Status.QUEUED, Email.Status.FAILED]).update(**claim) == 1
-    if not claimed and attempt:
-        # An earlier attempt of this same job (a retry keeps the task id) claimed the email and
-        # ended without recording a hand-off: the database went away after the claim, before the
-        # send or while the send was undone. A retry runs only after that attempt ended, so
-        # nothing else holds the claim; a hand-off it did make is in the cache marker read above.
-        claimed = rows.filter(status=Email.Status.SENDING, claimed_by=attempt[:64]).update(**claim) == 1
-        if claimed:
-            logger.warning("email.claim_taken_back", extra={"email_id": email.pk})
     if not claimed:
         stale = rows.filter(status=Email.Status.SENDING, handed_off_at__lt=now - lease)
         claimed = stale.update(**claim) == 1
         if claimed:
             logger.warning("email.handoff_unconfirmed", extra={"email_id": email.pk})
+    if claimed:
+        try:
+            email.refresh_from_db()
+            message = _build_message(email)
+        except Exception as exc:
+            # Claimed, nothing handed off (the database cut right after the claim, a template
+            # gone): give the claim back now, else the job's retries wait out the whole lease.
+            _undo_claim(email.pk, attempt, f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        return _hand_off(email, message)
     email.refresh_from_db()
-    if not claimed:
-        if email.status == Email.Status.SENDING:
-            ends = (email.handed_off_at or now) + lease
-            raise HandOffInProgress(
-                f"email {email.pk} is being handed off by another attempt",
-                retry_after=(ends - timezone.now()).total_seconds() + 1,
-            )
-        logger.info("email.already_sent", extra={"email_id": email.pk, "status": email.status})
-        return email
+    if email.status == Email.Status.SENDING:
+        ends = (email.handed_off_at or now) + lease
+        raise HandOffInProgress(
+            f"email {email.pk} is being handed off by another attempt",
+            retry_after=(ends - timezone.now()).total_seconds() + 1,
+        )
+    logger.info("email.already_sent", extra={"email_id": email.pk, "status": email.status})
+    return email
 
-    message = _build_message(email)
+
+def _hand_off(email: Email, message: EmailMultiAlternatives) -> Email:
+    """Sends the email this attempt has claimed, and records it sent."""
     try:
         backend.deliver(message)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]
-        Email.objects.filter(pk=email.pk, status=Email.Status.SENDING).update(
-            status=Email.Status.QUEUED, last_error=error, updated_at=timezone.now()
-        )
+        _undo_claim(email.pk, email.claimed_by, error)
         logger.warning("email.send_failed", extra={"email_id": email.pk, "attempt": email.attempts, "error": error})
         raise
     provider_id = _provider_message_id(message)
@@ -371,6 +372,22 @@ def email_send(*, email: Email, attempt: str = "") -> Email:
         extra={"email_id": email.pk, "attempt": email.attempts, "provider_message_id": provider_id or None},
     )
     return email
+
+
+def _undo_claim(email_id: int, attempt: str, error: str) -> None:
+    """Back to `queued` the email this attempt claimed and did not hand off (on a new connection
+    if need be: the database may just have cut this one). Failing that, the lease ends the claim."""
+    from jobs.db import with_fresh_connection
+
+    def undo() -> None:
+        Email.objects.filter(pk=email_id, status=Email.Status.SENDING, claimed_by=attempt[:64]).update(
+            status=Email.Status.QUEUED, claimed_by="", last_error=error, updated_at=timezone.now()
+        )
+
+    try:
+        with_fresh_connection(undo, what="email_undo_claim")
+    except DatabaseError:
+        logger.warning("email.claim_not_undone", extra={"email_id": email_id}, exc_info=True)
 
 
 HANDED_OFF_KEY = "mailer:handed-off:{}"
