@@ -78,8 +78,12 @@ class Environment:
         parts = urlsplit(server)
         name = f"bench_{os.getpid()}_{time.monotonic_ns() % 10**9}"
         admin = urlunsplit(parts._replace(path="/postgres"))
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.Error as exc:  # no server, or a role that may not create databases
+            print(f"bench: no scratch database on {parts.hostname} ({type(exc).__name__}); using SQLite")
+            return f"sqlite:///{self.tmp / 'bench.sqlite3'}"
 
         def drop() -> None:
             with psycopg.connect(admin, autocommit=True) as connection:
