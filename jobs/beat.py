@@ -126,6 +126,11 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         self.lock = BeatLock(settings.REDIS_URL, ttl=ttl)
         self.standby_poll = min(STANDBY_POLL, ttl / 3)
         self._leading = False
+        self._announced_standby = False
+        self._term: int | None = None  # the lock term this beat last started leading in
+        self._touched_at = 0.0  # liveness file and heartbeat, monotonic
+        self._checked_at = -CHANGE_CHECK_INTERVAL  # the last look for schedule edits, monotonic
+        self._heap_source: dict | None = None  # the schedule the heap was built from
         super().__init__(*args, **kwargs)
         self.max_interval = min(self.max_interval, ttl / 3)
 
@@ -156,7 +161,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         leading = self.lock.acquire_or_renew()
         # The liveness file and the heartbeat once a second, however often beat ticks.
         now = time.monotonic()
-        touch = now - getattr(self, "_touched_at", 0.0) >= 1.0 or leading != self._leading
+        touch = now - self._touched_at >= 1.0 or leading != self._leading
         if touch:
             self._touched_at = now
             try:
@@ -167,11 +172,11 @@ class LockedDatabaseScheduler(DatabaseScheduler):
             if self._leading:
                 logger.warning("beat.standby", extra={"reason": "lost the beat lock"})
                 self._leading = False
-            elif not getattr(self, "_announced_standby", False):
+            elif not self._announced_standby:
                 logger.info("beat.standby", extra={"leader": self._holder()})
                 self._announced_standby = True
             return self.standby_poll
-        if not self._leading or self.lock.term != getattr(self, "_term", None):
+        if not self._leading or self.lock.term != self._term:
             logger.info("beat.leading", extra={"token": self.lock.token})
             self._term = self.lock.term
             self._leading = True
@@ -194,14 +199,14 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         this property; here at most every `CHANGE_CHECK_INTERVAL` seconds (an edit in the admin
         reaches beat at its next tick after that: within `max_interval` when nothing is due)."""
         now = time.monotonic()
-        if self._initial_read or now - getattr(self, "_checked_at", -CHANGE_CHECK_INTERVAL) >= CHANGE_CHECK_INTERVAL:
+        if self._initial_read or now - self._checked_at >= CHANGE_CHECK_INTERVAL:
             self._checked_at = now
             return DatabaseScheduler.schedule.fget(self)
         return self._schedule
 
     def _refresh_heap(self) -> None:
         schedule = self.schedule
-        if self._heap is None or schedule is not getattr(self, "_heap_source", None) or self._heap_invalidated:
+        if self._heap is None or schedule is not self._heap_source or self._heap_invalidated:
             self._heap_invalidated = False
             self._heap_source = schedule
             self.populate_heap()

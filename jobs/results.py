@@ -49,7 +49,7 @@ from celery import states
 from celery.exceptions import BackendStoreError
 from django.conf import settings
 from django.db import Error as DatabaseError
-from django.db import InterfaceError, OperationalError, connection, connections, router, transaction
+from django.db import InterfaceError, OperationalError, connections, router, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend as StockDatabaseBackend
 from django_celery_results.models import TaskResult
@@ -314,10 +314,7 @@ def results_stop_buffering() -> None:
 class DatabaseBackend(StockDatabaseBackend):
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         if isinstance(exc, InterfaceError | OperationalError):
-            try:
-                connection.close()  # the next try connects afresh
-            except DatabaseError:
-                logger.debug("results.close_failed", exc_info=True)
+            close_connection()  # the next try connects afresh
             return True
         return super().exception_safe_to_retry(exc)
 
@@ -344,14 +341,11 @@ class DatabaseBackend(StockDatabaseBackend):
         # all for a state the next one replaces before the write (a short task's STARTED). A
         # result is encoded here all the same: one that cannot be fails the task, as it always did.
         encoded = None if status == states.STARTED else self.encode_content(result)
-        now = timezone.now()
         buffer.add(
             {
                 "task_id": task_id,
                 "status": status,
-                "date_created": now,
-                "date_started": now if status == states.STARTED else None,
-                "date_done": now,
+                **_dates(status),
                 "build": partial(
                     self.result_row, task_id, result, status, traceback=traceback, request=request, encoded=encoded
                 ),
@@ -366,7 +360,6 @@ class DatabaseBackend(StockDatabaseBackend):
         content_type, content_encoding, text = encoded or self.encode_content(result)
         meta = {**self._get_meta_from_request(request), "children": self.current_task_children(request)}
         _, _, encoded_meta = self.encode_content(meta)
-        now = timezone.now()
         return {
             "task_id": task_id,
             "status": status,
@@ -376,7 +369,11 @@ class DatabaseBackend(StockDatabaseBackend):
             "content_type": content_type,
             **self._get_extended_properties(request, traceback),
             "traceback": traceback,
-            "date_created": now,
-            "date_started": now if status == states.STARTED else None,
-            "date_done": now,
+            **_dates(status),
         }
+
+
+def _dates(status: str) -> Row:
+    """A row's times for a state noted now: created and done now, started now if it starts."""
+    now = timezone.now()
+    return {"date_created": now, "date_started": now if status == states.STARTED else None, "date_done": now}
