@@ -35,7 +35,7 @@ from pathlib import Path
 # Run as a script, sys.path[0] is bench/, whose modules would shadow the standard library's.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.common import ROOT, Environment, emit, percentile, stop_process, table  # noqa: E402
+from bench.common import ROOT, Environment, emit, percentile, positive_int, stop_process, table  # noqa: E402
 
 SIDES = {
     "ours": [],
@@ -121,9 +121,13 @@ def run_side(side: str, count: int, interval: int, lead: float, log_dir: Path) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 schedules every 10 s, ours only")
-    parser.add_argument("--counts", help="comma-separated schedule counts (default 1000,3000,10000)")
+    parser.add_argument(
+        "--counts",
+        type=lambda text: [positive_int(part) for part in text.split(",")],
+        help="comma-separated schedule counts (default 1000,3000,10000)",
+    )
     options = parser.parse_args(argv)
-    counts = [int(c) for c in options.counts.split(",")] if options.counts else ([300] if options.quick else
+    counts = options.counts if options.counts else ([300] if options.quick else
                                                                                  [1000, 3000, 10000])  # fmt: skip
     interval, lead = (10, 5.0) if options.quick else (60, 15.0)
     sides = ["ours"] if options.quick else ["ours", "baseline"]
