@@ -138,9 +138,9 @@ def _recycle_connections(request) -> None:
     eagerly, inside its caller's transaction."""
     if getattr(request, "is_eager", False):
         return
-    from jobs.db import drop_stale_connection
+    from jobs.db import recycle_between_tasks
 
-    drop_stale_connection()
+    recycle_between_tasks()
 
 
 def _ledger_end(task, task_id: str, state: str | None) -> None:

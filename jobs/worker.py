@@ -251,13 +251,22 @@ class JobConsumer(Consumer):
         from django.conf import settings
 
         interval = settings.JOBS_TASK_EVENTS_FLUSH_INTERVAL
-        if self.hub is None or interval <= 0 or threading.current_thread() is not threading.main_thread():
-            # Celery's own way; also for an event sent from a pool's thread (the threads pool),
-            # where the event loop's timers are not to be touched.
-            super().on_send_event_buffered()
-        elif not self._events_flush_due:
+        if self.hub is None or interval <= 0:
+            super().on_send_event_buffered()  # Celery's own way
+        elif threading.current_thread() is not threading.main_thread():
+            # An event sent from a pool's thread (the threads pool): the event loop's timers are
+            # not to be touched from here. Ask the loop to arm the timer, as Celery asks it to
+            # flush (a set: asked many times, armed once).
+            self.hub._ready.add(self._arm_events_flush)
+        else:
+            self._arm_events_flush()
+
+    def _arm_events_flush(self) -> None:
+        from django.conf import settings
+
+        if not self._events_flush_due:
             self._events_flush_due = True
-            self.hub.call_later(interval, self._flush_events_due)
+            self.hub.call_later(settings.JOBS_TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)
 
     def _flush_events_due(self) -> None:
         self._events_flush_due = False

@@ -111,10 +111,10 @@ def send_email(self: EmailTask, email_id: int) -> str:
     """Sends the stored email `email_id`; returns its status."""
     if not _valid_id(email_id):
         raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
-    email = Email.objects.filter(pk=email_id).first()
-    if email is None:  # never existed, or deleted after it was queued: nothing a retry could fix
-        raise InvalidTaskArguments(f"email {email_id} does not exist")
-    return email_send(email=email, attempt=self.request.id or "").status
+    try:
+        return email_send(email=email_id, attempt=self.request.id or "").status
+    except Email.DoesNotExist:  # never existed, or deleted after it was queued: nothing a retry could fix
+        raise InvalidTaskArguments(f"email {email_id} does not exist") from None
 
 
 @worker_process_shutdown.connect

@@ -1,0 +1,61 @@
+"""Connections between tasks: Django's request-cycle rule, without a health-check query before
+every short task."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from jobs import db
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def health_checked():
+    connection.ensure_connection()
+    connection.health_check_enabled = True
+    db._recycled.__dict__.clear()
+    yield
+    connection.health_check_enabled = False
+
+
+def _health_checks(before) -> int:
+    """Runs `before()` and a query, and counts the health checks (`is_usable`) Django made."""
+    calls = []
+    original = connection.is_usable
+
+    def counting() -> bool:
+        calls.append(1)
+        return original()
+
+    connection.is_usable = counting
+    try:
+        before()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        del connection.is_usable
+    return len(calls)
+
+
+def test_a_healthy_connection_is_checked_at_most_once_a_second(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(db.time, "monotonic", lambda: now[0])
+    assert _health_checks(db.recycle_between_tasks) == 1  # the first task
+    now[0] += 0.2
+    assert _health_checks(db.recycle_between_tasks) == 0  # the next ones: none
+    now[0] += 0.2
+    assert _health_checks(db.recycle_between_tasks) == 0
+    now[0] += db.TASK_RECYCLE_INTERVAL
+    assert _health_checks(db.recycle_between_tasks) == 1  # a second later: again
+
+
+def test_a_connection_that_saw_an_error_is_recycled_at_once(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(db.time, "monotonic", lambda: now[0])
+    db.recycle_between_tasks()
+    connection.errors_occurred = True
+    now[0] += 0.1
+    assert _health_checks(db.recycle_between_tasks) == 1
+    assert connection.errors_occurred is False
