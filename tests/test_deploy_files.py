@@ -705,3 +705,30 @@ def test_compose_file_matches_the_compose_specification(tmp_path):
     refused = _check_compose_schema(broken)
     assert refused.returncode != 0
     assert "stop_grace_periode" in refused.stdout + refused.stderr
+
+
+def _default(value: str) -> str:
+    """The default of a compose `${NAME:-default}` value (or the value itself)."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    return match.group(1) if match else value
+
+
+def test_the_mail_worker_runs_the_benchmarked_pool_everywhere():
+    """`make run`, compose and the k8s example start the `high` worker with one pool, the one
+    bench/mail.py measures (read from the Procfile)."""
+    from bench.mail import shipped_pool
+
+    pool, concurrency = shipped_pool()
+    assert (pool, concurrency) == ("prefork", 8)
+    compose_env = services()["worker-high"]["environment"]
+    assert _default(compose_env["CELERY_WORKER_POOL"]) == pool
+    assert int(_default(compose_env["CELERY_WORKER_CONCURRENCY"])) == concurrency
+    assert env_example()["WORKER_HIGH_POOL"]["value"] == pool
+    assert int(env_example()["WORKER_HIGH_CONCURRENCY"]["value"]) == concurrency
+    [container] = k8s_of_kind("Deployment")["worker-high"]["spec"]["template"]["spec"]["containers"]
+    k8s_env = {item["name"]: item["value"] for item in container["env"]}
+    assert (k8s_env["CELERY_WORKER_POOL"], int(k8s_env["CELERY_WORKER_CONCURRENCY"])) == (pool, concurrency)
+    # 4 slots per CPU of the limit: the ratio the benchmark measured on a 2-core worker.
+    assert float(container["resources"]["limits"]["cpu"]) * 4 == concurrency
+    procfile = (REPO / "Procfile").read_text()
+    assert "worker: celery -A config worker -Q high,normal,low" in procfile  # the contract's worker stays

@@ -309,3 +309,10 @@ def test_task_events_can_be_turned_off(load_settings, monkeypatch):
     assert load_settings("local").CELERY_WORKER_SEND_TASK_EVENTS is True
     s = load_settings("local", CELERY_TASK_EVENTS="false")
     assert (s.CELERY_WORKER_SEND_TASK_EVENTS, s.CELERY_TASK_SEND_SENT_EVENT) == (False, False)
+
+
+def test_the_worker_pool_is_chosen_per_process(load_settings):
+    assert load_settings("local").CELERY_WORKER_POOL == "prefork"
+    assert load_settings("local", CELERY_WORKER_POOL="threads").CELERY_WORKER_POOL == "threads"
+    with pytest.raises(ImproperlyConfigured, match="CELERY_WORKER_POOL"):
+        load_settings("local", CELERY_WORKER_POOL="fork")

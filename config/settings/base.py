@@ -384,6 +384,14 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=540)
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
+# The pool of this worker process (`-P` overrides it): `prefork` by default; `threads` suits a
+# worker whose tasks wait on the network far longer than they compute (docs/performance.md, "I/O
+# queues"). Chosen per worker, so per queue group: compose and k8s run `high` (mail) apart.
+CELERY_WORKER_POOL = env.str("CELERY_WORKER_POOL", default="prefork")
+if CELERY_WORKER_POOL not in {"prefork", "threads", "solo", "gevent", "eventlet"}:
+    raise ImproperlyConfigured(
+        f"CELERY_WORKER_POOL must be prefork, threads, solo, gevent or eventlet, not {CELERY_WORKER_POOL!r}"
+    )
 # 0 turns a limit off (billiard refuses 0 itself: None is its "no limit").
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=10_000) or None
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=256_000) or None  # KiB

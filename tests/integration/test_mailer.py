@@ -238,3 +238,25 @@ def test_a_pool_process_killed_mid_hand_off_releases_the_email_at_once(mail_work
     assert email.attempts == 2
     assert [m["Message-ID"] for m in smtp_server.messages] == [email.message_id]
     assert not DeadLetter.objects.exists()
+
+
+@pytest.mark.parametrize("pool", ["shipped", "threads"])
+def test_the_mail_pool_sends_each_email_once_beside_another_worker(mail_worker, smtp_server, pool):
+    """The `high` worker as `make run`, compose and k8s start it (or the threads pool), with the
+    all-queues worker competing for the same queue: every email arrives once, whole, with its own
+    Message-ID, and is recorded sent at its first attempt. (Concurrent slots sharing one SMTP
+    session, or a claim read back from the wrong row, would break it.)"""
+    from django.db import transaction
+
+    from bench.mail import shipped_pool
+
+    name, concurrency = shipped_pool() if pool == "shipped" else ("threads", 8)
+    with transaction.atomic():
+        emails = [queue(f"User{i}") for i in range(60)]
+    mail_worker(queues="high", concurrency=concurrency, extra_args=["-P", name])
+    mail_worker(concurrency=2)
+    ids = [email.pk for email in emails]
+    wait_for(lambda: Email.objects.filter(pk__in=ids, status=Email.Status.SENT).count() == len(ids), timeout=60)
+    received = [message["Message-ID"] for message in smtp_server.messages]
+    assert sorted(received) == sorted(email.message_id for email in emails)
+    assert set(Email.objects.filter(pk__in=ids).values_list("attempts", flat=True)) == {1}

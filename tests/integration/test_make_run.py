@@ -1,4 +1,4 @@
-"""`make run`'s process set (honcho with the Procfile, behind jobs.localredis): all four come up,
+"""`make run`'s process set (honcho with the Procfile, behind jobs.localredis): all five come up,
 and Ctrl-C leaves nothing running."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def status(url: str) -> int | None:
         return None
 
 
-def test_the_procfile_brings_up_web_worker_beat_and_flower_and_ctrl_c_stops_them_all(tmp_path):
+def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stops_them_all(tmp_path):
     web_port, flower_port = free_port(), free_port()
     env = process_env(
         WEB_PORT=str(web_port),
@@ -50,10 +50,12 @@ def test_the_procfile_brings_up_web_worker_beat_and_flower_and_ctrl_c_stops_them
     try:
         wait_for(lambda: status(f"http://127.0.0.1:{web_port}/readyz") == 200, timeout=60, interval=0.5)
         wait_for(lambda: status(f"http://127.0.0.1:{flower_port}/") == 401, timeout=60, interval=0.5)  # auth on
-        wait_for(lambda: " ready." in output.read_text(errors="replace"), timeout=60, interval=0.5)
+        # Two workers: all queues, and `high` alone with the mail pool (`mail@...`).
+        wait_for(lambda: output.read_text(errors="replace").count(" ready.") >= 2, timeout=60, interval=0.5)
+        assert "mail@" in output.read_text(errors="replace")
         wait_for(lambda: "beat.leading" in output.read_text(errors="replace"), timeout=60, interval=0.5)
         processes = psutil.Process(run.pid).children(recursive=True)
-        assert len(processes) >= 5  # honcho, and under it the shells or the four programs
+        assert len(processes) >= 6  # honcho, and under it the shells or the five programs
 
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
         assert run.wait(timeout=60) is not None
