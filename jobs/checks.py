@@ -42,7 +42,8 @@ def _retry_delay_warnings(visibility: int) -> list:
                 id="jobs.W001",
             )
         )
-    from config.celery import app
+    from celery import current_app as app
+
     from jobs.base import JobTask
 
     for name, task in sorted(app.tasks.items()):

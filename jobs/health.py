@@ -37,7 +37,7 @@ def check_database(alias: str = "default") -> dict[str, Any]:
 
 def check_broker() -> dict[str, Any]:
     """Opens a fresh connection to the Celery broker (never a pooled one that may be stale)."""
-    from config.celery import app
+    from celery import current_app as app
 
     def run() -> dict[str, Any]:
         with app.connection_for_write() as conn:

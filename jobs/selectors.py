@@ -86,7 +86,7 @@ QUEUES = ("high", "normal", "low")
 def queue_lengths(queues: Iterable[str] = QUEUES) -> dict[str, int]:
     """Messages waiting in each queue, read from the broker (Redis counts every priority
     sub-list; RabbitMQ reports the ready count). Raises when the broker does not answer."""
-    from config.celery import app
+    from celery import current_app as app
 
     lengths = {}
     with app.connection_for_read() as conn:
