@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -225,3 +226,33 @@ def test_unknown_task_is_dead_lettered(start_worker):
     assert row.reason == DeadLetter.Reason.UNDECODABLE
     assert row.task_id == "unknown-1"
     assert "unknown task" in row.exception_message
+
+
+def _digests_received(worker) -> set[str]:
+    """Ids of the alert digests the worker received (a retry keeps its id; a new digest has one)."""
+    return set(re.findall(r"Task jobs\.dead_letter_digest\[([0-9a-f-]+)\] received", worker.log()))
+
+
+def test_a_digest_that_fails_for_good_is_dead_lettered_without_alerting_again(start_worker, redis_client):
+    """The alert digest itself failing for good on a real worker (its mail server is down) ends in
+    a dead letter, through the same failure path as any task, and schedules no digest: no alert
+    loop. Another task's dead letter on the same worker does schedule one."""
+    from jobs import alerts
+    from jobs.localredis import free_port
+    from jobs.tasks import dead_letter_digest
+    from tests.jobs.factories import DeadLetterFactory
+
+    mail_down = {"DEAD_LETTER_ALERT_EMAILS": "ops@example.com", "EMAIL_URL": f"smtp://127.0.0.1:{free_port()}"}
+    worker = start_worker(extra_env={**FAST_RETRIES, **mail_down})
+    DeadLetterFactory()  # something for the digest to report (written here: no alert from this process)
+    digest = dead_letter_digest.apply_async(queue="high")
+    row = wait_for(lambda: DeadLetter.objects.filter(task_name="jobs.dead_letter_digest").first(), timeout=60)
+    assert row.task_id == digest.id
+    assert row.retries == 2  # its own retry limit, spent on the refused connection
+    time.sleep(2)  # a digest scheduled by that dead letter would be received (and held) by now
+    assert _digests_received(worker) == {digest.id}
+    assert alerts.cache.get(alerts.LOCK_KEY) is None  # and no alert window was opened
+
+    tasks.permanent.delay(key())  # another task's dead letter alerts
+    wait_for(lambda: len(_digests_received(worker)) == 2, timeout=30)
+    assert alerts.cache.get(alerts.LOCK_KEY) is not None

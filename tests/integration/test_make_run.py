@@ -58,7 +58,8 @@ def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stop
         assert len(processes) >= 6  # honcho, and under it the shells or the five programs
 
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
-        assert run.wait(timeout=60) is not None
+        exit_code = run.wait(timeout=60)  # TimeoutExpired if honcho hung
+        assert exit_code == 130, f"honcho exited with {exit_code}"  # 128 + SIGINT: stopped by the Ctrl-C
         _, alive = psutil.wait_procs(processes, timeout=30)
         assert not alive, [p.info for p in alive]
     finally:

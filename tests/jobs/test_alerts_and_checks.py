@@ -46,25 +46,6 @@ def test_first_dead_letter_schedules_one_digest_per_interval(alerting, redis_cli
     assert messages[0]["headers"]["eta"]
 
 
-def test_a_dead_letter_of_the_alerting_task_never_alerts(alerting, redis_client, monkeypatch):
-    """The digest task itself failing for good, through Celery's real failure handling
-    (JobTask.on_failure), is kept as a dead letter without scheduling a digest: no alert loop."""
-
-    def broken():
-        raise ValueError("the mail template is broken")  # unexpected: no retry, straight to a dead letter
-
-    monkeypatch.setattr(alerts, "dead_letter_digest_send", broken)
-    result = dead_letter_digest.apply()
-    assert result.failed()
-    row = DeadLetter.objects.get(task_name="jobs.dead_letter_digest")
-    assert row.exception_type == "ValueError"
-    assert redis_client.llen("high") == 0  # no digest (nor follow-up) was published
-    assert alerts.cache.get(alerts.LOCK_KEY) is None  # and no alert window was opened
-    # Another task's dead letter does alert: the silence above is the digest task's own.
-    _record()
-    assert redis_client.llen("high") == 1
-
-
 def _scheduled(redis_client) -> list[dict]:
     """The digests waiting in the `high` queue, oldest first: their ETA and keyword arguments."""
     out = []

@@ -5,18 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import time
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import OperationalError
+from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from config.celery import app
 from jobs import beat
 from jobs.flower import FlowerConfigError, flower_environment
 from jobs.heartbeat import heartbeat_write, liveness_touch
-from jobs.models import OutboxMessage
+from jobs.models import DeadLetter, OutboxMessage
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -55,14 +57,17 @@ def test_stats_needs_staff(client, django_user_model):
 
 
 def test_stats_content(admin_client, redis_client):
-    DeadLetterFactory.create_batch(2)
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    DeadLetterFactory(failed_at=an_hour_ago)
+    DeadLetterFactory()
+    DeadLetterFactory(failed_at=an_hour_ago - timedelta(days=1), status=DeadLetter.Status.REQUEUED)  # not pending
     app.send_task("jobs.ping", queue="low")
     OutboxMessage.objects.create(task_name="jobs.ping", task_id="waiting-for-the-broker")
     body = admin_client.get("/api/jobs/stats/").json()
     assert body["queues"] == {"high": 0, "normal": 0, "low": 1}
     assert body["outbox_backlog"] == 1
     assert body["dead_letters"]["pending"] == 2
-    assert body["dead_letters"]["oldest_pending_age_seconds"] >= 0
+    assert 3600 <= body["dead_letters"]["oldest_pending_age_seconds"] < 3660  # the oldest pending one
     assert set(body["tasks_24h"]) == {"by_state", "by_task"}
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -11,6 +14,7 @@ import pytest
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 from django.utils import timezone
 
+from config.env import BASE_DIR
 from jobs import services
 from jobs.models import DeadLetter, DeadLetterPurge
 from jobs.services import dead_letter_record, dead_letters_discard, dead_letters_purge, dead_letters_requeue
@@ -244,5 +248,25 @@ def test_throttled_requeue_waits_between_committed_batches(redis_client, monkeyp
     assert all(0 < p <= 1 for p in pauses)
 
 
-def test_services_module_has_no_stray_publish_on_import():
-    assert services.RequeueResult().count == 0
+def test_importing_the_jobs_modules_publishes_nothing(redis_server):
+    """Setting Django up and importing every `jobs` module (what a web or worker process does at
+    start) sends no task: counted with Celery's own publish signal, connected before anything."""
+    code = (
+        "import pkgutil, importlib\n"
+        "from celery import signals\n"
+        "sent = []\n"
+        "signals.before_task_publish.connect(lambda **kw: sent.append(kw.get('sender')), weak=False)\n"
+        "import django\n"
+        "django.setup()\n"
+        "import jobs\n"
+        "for module in pkgutil.walk_packages(jobs.__path__, 'jobs.'):\n"
+        "    if '.migrations' not in module.name and module.name != 'jobs.localredis':\n"
+        "        importlib.import_module(module.name)\n"
+        "print('published', sent)\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "CELERY_BROKER_URL": redis_server.url}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "published []"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import pytest
+from django.core.files import File
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from mailer.exceptions import EmailRefused
@@ -177,10 +179,29 @@ def test_oversized_attachment_is_refused(settings, django_capture_on_commit_call
     assert "101 bytes" in str(error)
 
 
+class CountingFile(io.BytesIO):
+    """A stream that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
 def test_oversized_upload_is_refused_without_reading_it_all(settings, django_capture_on_commit_callbacks):
     settings.MAILER_MAX_ATTACHMENT_BYTES = 100
-    upload = SimpleUploadedFile("big.txt", b"x" * 1000, content_type="text/plain")
+    stream = CountingFile(b"x" * 100_000)
+    upload = File(stream, name="big.txt")  # its size is known: refused before any byte is read
     refused(django_capture_on_commit_callbacks, "attachment_too_large", attachments=[upload])
+    assert stream.read_bytes == 0
+
+    stream = CountingFile(b"x" * 100_000)
+    unsized = File(stream, name="big.txt")
+    unsized.size = None  # a stream of unknown length: read up to one byte past the limit, no more
+    refused(django_capture_on_commit_callbacks, "attachment_too_large", attachments=[unsized])
+    assert stream.read_bytes == 101
 
 
 def test_attachments_over_the_total_are_refused(settings, django_capture_on_commit_callbacks):
