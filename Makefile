@@ -83,7 +83,8 @@ clean:
 
 # --- Browser for the thumbnails page test ---------------------------------------------------
 # Debian's chromium, installed when missing and apt-get is usable (root or password-less sudo).
-# Never fails the build: without a browser the test skips and says why.
+# Never fails by itself: without a browser the browser tests skip and say why (and .ci/run, which
+# allows no such skip, then fails).
 .PHONY: browser
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 browser:

@@ -7,6 +7,7 @@ a developer or an operator runs; PostgreSQL is used when DATABASE_URL points at 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from django.conf import settings
@@ -68,3 +69,39 @@ def _media_root(tmp_path, settings):
     settings.TEMP_ROOT = tmp_path / "tmp"
     settings.MEDIA_ROOT.mkdir()
     settings.TEMP_ROOT.mkdir()
+
+
+# --- no silent skips in CI ----------------------------------------------------------------------
+
+ALLOWED_SKIPS_VARIABLE = "TEST_ALLOWED_SKIPS"
+
+
+def unexpected_skips(reports, allowed: str) -> list[str]:
+    """The skip reasons of `reports` that match none of the `allowed` patterns (regular
+    expressions, one per line)."""
+    patterns = [re.compile(line.strip()) for line in allowed.splitlines() if line.strip()]
+    reasons = []
+    for report in reports:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        if not any(pattern.search(reason) for pattern in patterns):
+            reasons.append(f"{report.nodeid}: {reason}")
+    return reasons
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With TEST_ALLOWED_SKIPS set (`.ci/run` sets it), a skip whose reason it does not allow
+    fails the run: a RabbitMQ, browser or TLS test that stops running is a failure in CI, not a
+    line in the summary."""
+    allowed = os.environ.get(ALLOWED_SKIPS_VARIABLE)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if allowed is None or reporter is None or exitstatus not in (0, 1):
+        return
+    unexpected = unexpected_skips(reporter.stats.get("skipped", []), allowed)
+    if unexpected:
+        reporter.write_line(
+            f"{len(unexpected)} unexpected skip(s) ({ALLOWED_SKIPS_VARIABLE} allows them not):", red=True
+        )
+        for line in unexpected:
+            reporter.write_line(f"  {line}", red=True)
+        session.exitstatus = 1
