@@ -21,6 +21,8 @@ from django.core.cache import cache
 from django.db.models import Count, Max
 from django.utils import timezone
 
+from jobs.conf import jobs_settings
+
 logger = logging.getLogger("jobs.alerts")
 
 LOCK_KEY = "jobs:dead-letter-alert:lock"  # value: when the open window started (ISO 8601)
@@ -34,11 +36,11 @@ FOLLOW_UP_MARGIN = 1
 def dead_letter_alert_schedule() -> bool:
     """Starts a digest (a minute from now) unless an alert window is open; in an open window,
     makes sure one follow-up digest runs when the window ends. True if it scheduled either."""
-    if not settings.DEAD_LETTER_ALERT_EMAILS:
+    if not jobs_settings.DEAD_LETTER_ALERT_EMAILS:
         return False
     from jobs.tasks import dead_letter_digest
 
-    interval = settings.JOBS_DEAD_LETTER_ALERT_INTERVAL
+    interval = jobs_settings.DEAD_LETTER_ALERT_INTERVAL
     try:
         now = timezone.now()
         for _attempt in range(2):  # a second time when the window ended between `add` and `get`
@@ -63,7 +65,7 @@ def dead_letter_alert_schedule() -> bool:
 
 def _seconds_left(window: str, now) -> float:
     """Seconds until the alert window that started at `window` ends (its lock times out)."""
-    interval = settings.JOBS_DEAD_LETTER_ALERT_INTERVAL
+    interval = jobs_settings.DEAD_LETTER_ALERT_INTERVAL
     try:
         end = datetime.fromisoformat(window) + timedelta(seconds=interval)
     except (TypeError, ValueError):
@@ -83,7 +85,7 @@ def dead_letter_follow_up(window: str) -> int:
     from jobs.tasks import dead_letter_digest
 
     now = timezone.now()
-    if not cache.add(LOCK_KEY, now.isoformat(), timeout=settings.JOBS_DEAD_LETTER_ALERT_INTERVAL):
+    if not cache.add(LOCK_KEY, now.isoformat(), timeout=jobs_settings.DEAD_LETTER_ALERT_INTERVAL):
         if cache.get(LOCK_KEY) == window:
             dead_letter_digest.apply_async(
                 kwargs={"window": window}, countdown=_seconds_left(window, now) + FOLLOW_UP_MARGIN
@@ -106,7 +108,7 @@ def dead_letter_digest_send() -> int:
 
     from jobs.models import DeadLetter
 
-    recipients = settings.DEAD_LETTER_ALERT_EMAILS
+    recipients = jobs_settings.DEAD_LETTER_ALERT_EMAILS
     if not recipients:
         return 0
     since = cache.get(LAST_SENT_KEY)

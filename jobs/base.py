@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from jobs import crashloop
+from jobs.conf import jobs_settings
 from jobs.exceptions import PermanentError, RetryLater, TransientError
 from jobs.housekeeping import retry_count_add
 from jobs.models import DeadLetter
@@ -143,12 +144,12 @@ class JobTask(MeteredTask):
         revoke), with a usable database connection; it must be idempotent."""
 
     def retries_allowed(self) -> int:
-        return settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
+        return jobs_settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
 
     def backoff_policy(self) -> tuple[float, float]:
         """(base, cap) of this task's retry delays: its own, else the project's settings."""
-        base = settings.TASK_RETRY_BACKOFF_BASE if self.backoff_base is None else self.backoff_base
-        cap = settings.TASK_RETRY_BACKOFF_MAX if self.backoff_max is None else self.backoff_max
+        base = jobs_settings.TASK_RETRY_BACKOFF_BASE if self.backoff_base is None else self.backoff_base
+        cap = jobs_settings.TASK_RETRY_BACKOFF_MAX if self.backoff_max is None else self.backoff_max
         return base, cap
 
     def retry_countdown(self, attempt: int) -> float:
@@ -160,7 +161,7 @@ class JobTask(MeteredTask):
         """The longest a retry may wait on Redis: a held retry must be run (and acknowledged)
         before the visibility timeout, else Redis hands it to a second worker. So the delay, the
         task's time limit and a margin for waiting on a free pool process must all fit in it."""
-        if not settings.BROKER_IS_REDIS:
+        if not jobs_settings.broker_is_redis:
             return None
         visibility = settings.CELERY_VISIBILITY_TIMEOUT
         time_limit = self.time_limit or settings.CELERY_TASK_TIME_LIMIT or 0
@@ -184,7 +185,7 @@ class JobTask(MeteredTask):
         try:
             if redelivered:
                 deaths = crashloop.note_redelivery(request.id)
-                if deaths >= settings.JOBS_WORKER_LOST_LIMIT:
+                if deaths >= jobs_settings.WORKER_LOST_LIMIT:
                     request.jobs_reason = DeadLetter.Reason.WORKER_LOST
                     raise Quarantined(f"the worker running this task was lost {deaths} times in a row; quarantined")
             return self.run(*args, **kwargs)

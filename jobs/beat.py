@@ -40,6 +40,7 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
 
+from jobs.conf import jobs_settings
 from jobs.heartbeat import heartbeat_write, liveness_touch
 
 logger = logging.getLogger("jobs.beat")
@@ -122,8 +123,8 @@ class LockedDatabaseScheduler(DatabaseScheduler):
     """`DatabaseScheduler` that sends only while it holds the beat lock."""
 
     def __init__(self, *args, **kwargs) -> None:
-        ttl = settings.JOBS_BEAT_LOCK_TTL
-        self.lock = BeatLock(settings.REDIS_URL, ttl=ttl)
+        ttl = jobs_settings.BEAT_LOCK_TTL
+        self.lock = BeatLock(jobs_settings.redis_url, ttl=ttl)
         self.standby_poll = min(STANDBY_POLL, ttl / 3)
         self._leading = False
         self._announced_standby = False

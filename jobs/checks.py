@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from jobs.conf import jobs_settings
 from jobs.policy import JITTER
 
 
@@ -22,7 +23,8 @@ def project_retry_ceiling(visibility: float) -> float:
 
 def _retry_delay_warnings(visibility: int) -> list:
     """jobs.W001 for the project-wide policy and for each task that overrides it."""
-    base, cap, retries = settings.TASK_RETRY_BACKOFF_BASE, settings.TASK_RETRY_BACKOFF_MAX, settings.TASK_MAX_RETRIES
+    base, cap = jobs_settings.TASK_RETRY_BACKOFF_BASE, jobs_settings.TASK_RETRY_BACKOFF_MAX
+    retries = jobs_settings.TASK_MAX_RETRIES
     hint = (
         "Redis redelivers a retry held longer than the visibility timeout, so it would run twice. A held "
         "retry must also run to its time limit, after waiting for a free pool process, before the timeout: "
@@ -66,7 +68,7 @@ def _retry_delay_warnings(visibility: int) -> list:
 @register("jobs")
 def check_task_settings(app_configs=None, **kwargs) -> list:
     problems = []
-    redis = settings.BROKER_IS_REDIS
+    redis = jobs_settings.broker_is_redis
     visibility = settings.CELERY_VISIBILITY_TIMEOUT
     if redis:
         problems.extend(_retry_delay_warnings(visibility))
@@ -97,7 +99,7 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
                 id="jobs.W003",
             )
         )
-    if settings.CELERY_TASK_ACKS_LATE and settings.JOBS_WORKER_LOST_LIMIT < 1:
+    if settings.CELERY_TASK_ACKS_LATE and jobs_settings.WORKER_LOST_LIMIT < 1:
         problems.append(
             Warning(
                 "Late acknowledgement is on but crash-loop quarantine is off (JOBS_WORKER_LOST_LIMIT < 1).",
@@ -128,15 +130,15 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
 
 @register("jobs")
 def check_cleanup_roots(app_configs=None, **kwargs) -> list:
-    """jobs.E002: the hourly temp-file cleanup deletes old files under TEMP_ROOT and
+    """jobs.E002: the hourly temp-file cleanup deletes old files under JOBS_TEMP_ROOT and
     FILE_UPLOAD_TEMP_DIR, so neither may be a filesystem root or hold the project or its data."""
     from pathlib import Path
 
     from jobs.housekeeping import cleanup_root_danger
 
     problems, seen = [], set()
-    for setting in ("TEMP_ROOT", "FILE_UPLOAD_TEMP_DIR"):
-        root = getattr(settings, setting, None)
+    for setting, root in (("JOBS_TEMP_ROOT", jobs_settings.TEMP_ROOT),
+                          ("FILE_UPLOAD_TEMP_DIR", settings.FILE_UPLOAD_TEMP_DIR)):  # fmt: skip
         if not root or Path(root).resolve() in seen:
             continue
         seen.add(Path(root).resolve())
@@ -145,7 +147,7 @@ def check_cleanup_roots(app_configs=None, **kwargs) -> list:
             problems.append(
                 Error(
                     f"{setting} ({root}) is not safe to clean: {problem}.",
-                    hint="The hourly clean-up deletes every file older than CLEANUP_MAX_AGE_HOURS below it "
+                    hint="The hourly clean-up deletes every file older than JOBS_CLEANUP_MAX_AGE_HOURS below it "
                     "(it refuses to run there). Give temporary files a directory of their own.",
                     id="jobs.E002",
                 )

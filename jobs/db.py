@@ -60,16 +60,28 @@ _recycled = threading.local()
 
 def recycle_between_tasks() -> None:
     """Django's request-cycle rule between tasks (`drop_stale_connection`), applied at most once a
-    second per thread unless a connection saw an error: a worker draining hundreds of short tasks
-    a second would otherwise pay a health-check query (`SELECT 1`) before each one. A connection
-    the database dropped within that second fails the next task's first query, a connection error
-    every task's retry policy already treats as transient; it is dropped right after."""
+    second per thread unless a connection saw an error or was left in a transaction: a worker
+    draining hundreds of short tasks a second would otherwise pay a health-check query
+    (`SELECT 1`) before each one. A connection the database dropped within that second fails the
+    next task's first query, a connection error every task's retry policy already treats as
+    transient; it is dropped right after."""
     now = time.monotonic()
-    errored = any(conn.errors_occurred for conn in connections.all(initialized_only=True))
-    if not errored and now - getattr(_recycled, "at", float("-inf")) < TASK_RECYCLE_INTERVAL:
+    if not _needs_recycling() and now - getattr(_recycled, "at", float("-inf")) < TASK_RECYCLE_INTERVAL:
         return
     _recycled.at = now
     drop_stale_connection()
+
+
+def _needs_recycling() -> bool:
+    """A connection that saw an error, or was left outside autocommit or inside an atomic block
+    (a time limit that fired mid-transaction): Django's rule must run now, not in a second, or the
+    next task's writes would go into a transaction nobody commits. No query is made."""
+    for conn in connections.all(initialized_only=True):
+        if conn.errors_occurred or conn.in_atomic_block:
+            return True
+        if conn.connection is not None and not conn.get_autocommit():
+            return True
+    return False
 
 
 def close_connection() -> None:

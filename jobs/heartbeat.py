@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import cache
+
+from jobs.conf import jobs_settings
 
 KEY = "jobs:heartbeat:{}"
 TTL = 24 * 3600
@@ -32,7 +33,7 @@ def heartbeat_read(name: str) -> dict[str, Any] | None:
 
 
 def liveness_file(name: str) -> Path:
-    return Path(settings.LIVENESS_DIR) / f"{name}.alive"
+    return Path(jobs_settings.LIVENESS_DIR) / f"{name}.alive"
 
 
 def liveness_touch(name: str, **details: Any) -> None:

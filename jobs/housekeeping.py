@@ -17,6 +17,8 @@ from django.core.cache import cache
 from django.db.models import Count, DurationField, ExpressionWrapper, F
 from django.utils import timezone
 
+from jobs.conf import jobs_settings
+
 logger = logging.getLogger("jobs.housekeeping")
 
 
@@ -40,8 +42,8 @@ class CleanupReport:
 
 
 def cleanup_roots() -> list[Path]:
-    """The directories temporary files are cleaned in: the upload temp dir and `TEMP_ROOT`."""
-    roots = [Path(settings.TEMP_ROOT)]
+    """The directories temporary files are cleaned in: `JOBS_TEMP_ROOT` and the upload temp dir."""
+    roots = [Path(jobs_settings.TEMP_ROOT)] if jobs_settings.TEMP_ROOT else []
     if settings.FILE_UPLOAD_TEMP_DIR:
         roots.append(Path(settings.FILE_UPLOAD_TEMP_DIR))
     unique: list[Path] = []
@@ -259,13 +261,13 @@ def daily_report_create(*, day: date | None = None, mail: bool = True):
     data = daily_report_build(end=now)
     text = daily_report_text(data)
     report, _ = DailyReport.objects.update_or_create(day=day, defaults={"data": data, "text": text})
-    if mail and settings.DEAD_LETTER_ALERT_EMAILS:
+    if mail and jobs_settings.DEAD_LETTER_ALERT_EMAILS:
         try:
             send_mail(
                 subject=f"[jobs] daily task report {day.isoformat()}",
                 message=text,
                 from_email=settings.DEFAULT_FROM_EMAIL,
-                recipient_list=settings.DEAD_LETTER_ALERT_EMAILS,
+                recipient_list=jobs_settings.DEAD_LETTER_ALERT_EMAILS,
             )
         except Exception:
             logger.exception("report.mail_failed")

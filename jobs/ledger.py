@@ -41,6 +41,7 @@ from django.db import connection
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 
+from jobs.conf import jobs_settings
 from jobs.db import with_fresh_connection
 from jobs.models import OutboxMessage
 from jobs.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
@@ -166,7 +167,7 @@ def broker_view(*, limit: int | None = None) -> BrokerView:
     queues = list(current_app.amqp.queues.values())
     with current_app.connection_for_write() as conn:
         channel = conn.default_channel
-        if not settings.BROKER_IS_REDIS:
+        if not jobs_settings.broker_is_redis:
             depths = {}
             for queue in queues:
                 try:
@@ -210,7 +211,7 @@ def _ids(raw_messages: Iterable[bytes]) -> set[str]:
 def _redis_client():
     import redis
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    return redis.Redis.from_url(jobs_settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
 
 
 def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: Any = None) -> None:
@@ -223,7 +224,7 @@ def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: A
 def workers_reserved_ids(*, client: Any = None) -> set[str]:
     """Task ids held by the live workers; entries of workers gone silent are dropped."""
     client = client or _redis_client()
-    stale_after = max(settings.JOBS_LIVENESS_INTERVAL * 4, 10)
+    stale_after = max(jobs_settings.LIVENESS_INTERVAL * 4, 10)
     ids: set[str] = set()
     for hostname, raw in client.hgetall(RESERVED_KEY).items():
         try:
@@ -247,8 +248,8 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
     from celery import current_app
 
     now = timezone.now()
-    lost_after = timedelta(seconds=settings.JOBS_LEDGER_LOST_AFTER)
-    grace = timedelta(seconds=settings.JOBS_LEDGER_MISSING_GRACE)
+    lost_after = timedelta(seconds=jobs_settings.LEDGER_LOST_AFTER)
+    grace = timedelta(seconds=jobs_settings.LEDGER_MISSING_GRACE)
     candidates = list(
         OutboxMessage.objects.filter(published_at__lt=now - lost_after)
         .order_by("published_at")

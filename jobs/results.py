@@ -47,13 +47,13 @@ from typing import Any
 
 from celery import states
 from celery.exceptions import BackendStoreError
-from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import InterfaceError, OperationalError, connections, router, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend as StockDatabaseBackend
 from django_celery_results.models import TaskResult
 
+from jobs.conf import jobs_settings
 from jobs.db import close_connection, drop_stale_connection
 
 logger = logging.getLogger("jobs.results")
@@ -299,7 +299,7 @@ def results_start_buffering() -> ResultBuffer:
     # a pool process leaves through `worker_process_shutdown` instead (it skips atexit).
     atexit.unregister(results_stop_buffering)
     atexit.register(results_stop_buffering)
-    _buffer = ResultBuffer(interval=settings.JOBS_RESULTS_FLUSH_INTERVAL, limit=settings.JOBS_RESULTS_BUFFER_LIMIT)
+    _buffer = ResultBuffer(interval=jobs_settings.RESULTS_FLUSH_INTERVAL, limit=jobs_settings.RESULTS_BUFFER_LIMIT)
     return _buffer
 
 

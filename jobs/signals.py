@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import signals
 from django.dispatch import Signal
 
+from jobs.conf import jobs_settings
 from jobs.context import get_request_id, request_id_var, sane_request_id, task_id_var, task_name_var
 
 #: Sent after a dead letter is written: `dead_letter` (the row) and `created` (False when a
@@ -65,13 +66,12 @@ def _pool_process_exiting(**kwargs) -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(**kwargs) -> None:
-    from django.conf import settings
 
     from jobs import metrics
 
     _bound_sigterm()
     _buffer_results_without_prefork(kwargs.get("sender"))
-    metrics.start_worker_metrics_server(settings.WORKER_METRICS_PORT)
+    metrics.start_worker_metrics_server(jobs_settings.WORKER_METRICS_PORT)
     _relay_outbox_at_start()
 
 

@@ -7,6 +7,7 @@ import socket
 from celery import shared_task
 
 from jobs.base import JobTask
+from jobs.conf import jobs_settings
 
 
 @shared_task(base=JobTask, name="jobs.ping", retry_limit=0)
@@ -43,11 +44,9 @@ def cleanup_temp_files() -> dict:
     """Removes temporary files older than CLEANUP_MAX_AGE_HOURS (hourly)."""
     from datetime import timedelta
 
-    from django.conf import settings
-
     from jobs.housekeeping import cleanup_roots, temp_files_cleanup
 
-    report = temp_files_cleanup(roots=cleanup_roots(), max_age=timedelta(hours=settings.CLEANUP_MAX_AGE_HOURS))
+    report = temp_files_cleanup(roots=cleanup_roots(), max_age=timedelta(hours=jobs_settings.CLEANUP_MAX_AGE_HOURS))
     return report.as_dict()
 
 
@@ -56,11 +55,9 @@ def dead_letter_retention() -> int:
     """Purges requeued and discarded dead letters older than JOBS_DEAD_LETTER_RETENTION_DAYS (daily)."""
     from datetime import timedelta
 
-    from django.conf import settings
-
     from jobs.services import dead_letters_purge
 
-    return dead_letters_purge(older_than=timedelta(days=settings.JOBS_DEAD_LETTER_RETENTION_DAYS), actor="retention")
+    return dead_letters_purge(older_than=timedelta(days=jobs_settings.DEAD_LETTER_RETENTION_DAYS), actor="retention")
 
 
 @shared_task(base=JobTask, name="jobs.daily_report")

@@ -11,8 +11,10 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from vine import promise
 
 from jobs import metrics
+from jobs.conf import jobs_settings
 from jobs.heartbeat import liveness_touch
 
 logger = logging.getLogger(__name__)
@@ -69,14 +71,13 @@ class JobRequest(Request):
         return False
 
     def _quarantined(self) -> bool:
-        from django.conf import settings
 
         from jobs import crashloop
 
         if getattr(self.task, "on_give_up", None) is None or not (self.delivery_info or {}).get("redelivered"):
             return False
         deaths = crashloop.losses(self.id)
-        if deaths < settings.JOBS_WORKER_LOST_LIMIT:
+        if deaths < jobs_settings.WORKER_LOST_LIMIT:
             return False
         from celery.worker.state import task_ready
 
@@ -246,27 +247,29 @@ class JobConsumer(Consumer):
     message; they are flushed before the consumer stops."""
 
     _events_flush_due = False
+    _arm_events_flush_promise: promise | None = None
 
     def on_send_event_buffered(self) -> None:
-        from django.conf import settings
 
-        interval = settings.JOBS_TASK_EVENTS_FLUSH_INTERVAL
+        interval = jobs_settings.TASK_EVENTS_FLUSH_INTERVAL
         if self.hub is None or interval <= 0:
             super().on_send_event_buffered()  # Celery's own way
         elif threading.current_thread() is not threading.main_thread():
             # An event sent from a pool's thread (the threads pool): the event loop's timers are
-            # not to be touched from here. Ask the loop to arm the timer, as Celery asks it to
-            # flush (a set: asked many times, armed once).
-            self.hub._ready.add(self._arm_events_flush)
+            # not to be touched from here. Ask the loop to arm the timer, the way Celery asks it
+            # to flush: one promise, so asked many times it is armed once, and `call_soon` takes
+            # the hub's lock and wakes the loop.
+            if self._arm_events_flush_promise is None:
+                self._arm_events_flush_promise = promise(self._arm_events_flush)
+            self.hub.call_soon(self._arm_events_flush_promise)
         else:
             self._arm_events_flush()
 
     def _arm_events_flush(self) -> None:
-        from django.conf import settings
 
         if not self._events_flush_due:
             self._events_flush_due = True
-            self.hub.call_later(settings.JOBS_TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)
+            self.hub.call_later(jobs_settings.TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)
 
     def _flush_events_due(self) -> None:
         self._events_flush_due = False
@@ -389,9 +392,8 @@ class LivenessStep(bootsteps.StartStopStep):
 
         self.client = _redis_client()
         self.touch(parent)
-        from django.conf import settings
 
-        interval = settings.JOBS_LIVENESS_INTERVAL
+        interval = jobs_settings.LIVENESS_INTERVAL
         self.tref = parent.timer.call_repeatedly(interval, self.touch, (parent,), priority=10)
 
     def stop(self, parent: Any) -> None:
@@ -438,11 +440,10 @@ class LedgerStep(bootsteps.StartStopStep):
         self.sweeper = None
 
     def start(self, parent: Any) -> None:
-        from django.conf import settings
 
         from jobs.ledger import Sweeper
 
-        interval = settings.JOBS_LEDGER_SWEEP_INTERVAL
+        interval = jobs_settings.LEDGER_SWEEP_INTERVAL
         if interval > 0:
             self.sweeper = Sweeper(interval).start()
 

@@ -27,7 +27,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import validate_email
 from django.db import Error as DatabaseError
 from django.db import connections, router, transaction
-from django.db.models import QuerySet
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from jobs.context import get_request_id
@@ -313,22 +313,19 @@ def email_send(*, email: Email | int, attempt: str = "") -> Email:
     same Message-ID, as an SMTP client must do when the server's final reply never came.
     `attempt` (the task id) names the claim's holder.
 
-    The common case, a queued email sent at its first attempt, costs two statements: the claim
-    (which returns the row) and the record (a mail queue drains hundreds of these a second).
+    The common case, a queued email sent at its first attempt, costs one cache read and two
+    statements: the claim (which returns the row) and the record (a mail queue drains hundreds
+    of these a second). The cache is read first, always: a hand-off it remembers is recorded, never
+    repeated, even when the database lost the claim that preceded it (a failover to a replica
+    that lagged behind).
     """
     email_id = email if isinstance(email, int) else email.pk
+    handed_off = _handed_off(email_id)
+    if handed_off is not None:  # an earlier attempt sent it; only the record was missing
+        return _record_late(Email.objects.get(pk=email_id), handed_off)
     now = timezone.now()
     claimed = _claim(email_id, attempt, now, stale_before=None)
-    if claimed is not None and claimed.attempts > 1:
-        # Only an earlier attempt can have handed it off without recording it.
-        handed_off = _handed_off(email_id)
-        if handed_off is not None:
-            return _record_late(claimed, handed_off)
     if claimed is None:
-        handed_off = _handed_off(email_id)
-        if handed_off is not None:  # an earlier attempt sent it; only the record was missing
-            current = Email.objects.get(pk=email_id)
-            return _record_late(current, handed_off)
         lease = _sending_lease()
         claimed = _claim(email_id, attempt, now, stale_before=now - lease)
         if claimed is not None:
@@ -370,7 +367,10 @@ def _claim(email_id: int, attempt: str, now: datetime, *, stale_before: datetime
     a `sending` claim older than that. Returns the claimed row, or None when it was not claimable.
     One UPDATE ... RETURNING: the claim and the read are one statement."""
     db = router.db_for_write(Email)
-    ops = connections[db].ops
+    connection = connections[db]
+    if connection.vendor not in RETURNING_VENDORS:
+        return _claim_then_read(db, email_id, attempt, now, stale_before=stale_before)
+    ops = connection.ops
     quote = ops.quote_name
     table = quote(Email._meta.db_table)
     attachments = EmailAttachment._meta
@@ -390,41 +390,57 @@ def _claim(email_id: int, attempt: str, now: datetime, *, stale_before: datetime
     )
     stamp = ops.adapt_datetimefield_value(now)
     params = [Email.Status.SENDING, stamp, stamp, attempt[:64], email_id, *where_params]
-    connection = connections[db]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
         return None
-    values = [convert(value, connection) for convert, value in zip(_converters(connection), row, strict=True)]
+    values = [convert(value) for convert, value in zip(_converters(connection), row, strict=True)]
     email = Email.from_db(db, _CLAIM_RETURNS, values[: len(_CLAIM_RETURNS)])
-    email.has_attachments = bool(values[-1])
+    email.has_attachments = values[-1]
     return email
 
 
-def _converters(connection: Any) -> list[Callable[[Any, Any], Any]]:
+#: Databases whose UPDATE returns rows (SQLite from 3.35); MySQL and MariaDB claim, then read.
+RETURNING_VENDORS = {"postgresql", "sqlite"}
+
+
+def _claim_then_read(
+    db: str, email_id: int, attempt: str, now: datetime, *, stale_before: datetime | None
+) -> Email | None:
+    """`_claim` in two statements, for databases without UPDATE ... RETURNING."""
+    if stale_before is None:
+        claimable = {"status__in": [Email.Status.QUEUED, Email.Status.FAILED]}
+    else:
+        claimable = {"status": Email.Status.SENDING, "handed_off_at__lt": stale_before}
+    claim = {"status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now,
+             "claimed_by": attempt[:64]}  # fmt: skip
+    if not Email.objects.using(db).filter(pk=email_id, **claimable).update(**claim):
+        return None
+    has_attachments = Exists(EmailAttachment.objects.filter(email=OuterRef("pk")))
+    return Email.objects.using(db).annotate(has_attachments=has_attachments).get(pk=email_id)
+
+
+def _converters(connection: Any) -> list[Callable[[Any], Any]]:
     """What the ORM applies to each column `_claim` returns (JSON text to lists, SQLite's
-    datetime text to aware datetimes), composed once per database alias."""
-    cached = _CONVERTERS.get(connection.alias)
+    datetime text to aware datetimes), composed once per connection object (per thread)."""
+    cached = getattr(connection, "_mailer_claim_converters", None)
     if cached is not None:
         return cached
-    converters = []
+    converters: list[Callable[[Any], Any]] = []
     for name in _CLAIM_RETURNS:
         column = Email._meta.get_field(name).get_col(Email._meta.db_table)
         steps = connection.ops.get_db_converters(column) + column.field.get_db_converters(connection)
 
-        def convert(value: Any, connection: Any, steps: list = steps, column: Any = column) -> Any:
+        def convert(value: Any, steps: list = steps, column: Any = column) -> Any:
             for step in steps:
                 value = step(value, column, connection)
             return value
 
         converters.append(convert)
-    converters.append(lambda value, connection: value)  # has_attachments
-    _CONVERTERS[connection.alias] = converters
+    converters.append(bool)  # has_attachments: 0/1 on SQLite
+    connection._mailer_claim_converters = converters
     return converters
-
-
-_CONVERTERS: dict[str, list[Callable[[Any, Any], Any]]] = {}
 
 
 def _record_late(email: Email, provider_id: str) -> Email:

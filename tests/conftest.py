@@ -66,7 +66,7 @@ def redis_client(redis_server):
 def _media_root(tmp_path, settings):
     """Uploads and thumbnails of one test land in its own temporary directory."""
     settings.MEDIA_ROOT = tmp_path / "media"
-    settings.TEMP_ROOT = tmp_path / "tmp"
+    settings.TEMP_ROOT = settings.JOBS_TEMP_ROOT = tmp_path / "tmp"
     settings.MEDIA_ROOT.mkdir()
     settings.TEMP_ROOT.mkdir()
 

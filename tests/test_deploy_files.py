@@ -730,5 +730,9 @@ def test_the_mail_worker_runs_the_benchmarked_pool_everywhere():
     assert (k8s_env["CELERY_WORKER_POOL"], int(k8s_env["CELERY_WORKER_CONCURRENCY"])) == (pool, concurrency)
     # 4 slots per CPU of the limit: the ratio the benchmark measured on a 2-core worker.
     assert float(container["resources"]["limits"]["cpu"]) * 4 == concurrency
+    # Every slot at its recycling threshold still fits the memory limit (Mi and KiB).
+    per_child = int(k8s_env["CELERY_WORKER_MAX_MEMORY_PER_CHILD"])
+    assert per_child == int(compose_env["CELERY_WORKER_MAX_MEMORY_PER_CHILD"])
+    assert concurrency * per_child < int(container["resources"]["limits"]["memory"].removesuffix("Mi")) * 1024
     procfile = (REPO / "Procfile").read_text()
     assert "worker: celery -A config worker -Q high,normal,low" in procfile  # the contract's worker stays

@@ -62,10 +62,10 @@ def test_local_defaults(load_settings):
     assert s.THUMBNAIL_SIZES == [128, 256, 512]
     assert s.MAX_UPLOAD_BYTES == 20971520
     assert s.MAX_IMAGE_PIXELS == 50_000_000
-    assert s.TASK_RETRY_BACKOFF_BASE == 60
-    assert s.TASK_RETRY_BACKOFF_MAX == 3600
-    assert s.TASK_MAX_RETRIES == 5
-    assert s.WORKER_METRICS_PORT == 9808
+    assert s.JOBS_TASK_RETRY_BACKOFF_BASE == 60
+    assert s.JOBS_TASK_RETRY_BACKOFF_MAX == 3600
+    assert s.JOBS_TASK_MAX_RETRIES == 5
+    assert s.JOBS_WORKER_METRICS_PORT == 9808
     assert s.DEFAULT_FROM_EMAIL == "noreply@localhost"
 
 
@@ -127,15 +127,15 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     assert s.CELERY_WORKER_CONCURRENCY == 3
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 120
     assert s.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT == 12.5
-    assert (s.TASK_RETRY_BACKOFF_BASE, s.TASK_RETRY_BACKOFF_MAX, s.TASK_MAX_RETRIES) == (0.5, 8, 2)
+    assert (s.JOBS_TASK_RETRY_BACKOFF_BASE, s.JOBS_TASK_RETRY_BACKOFF_MAX, s.JOBS_TASK_MAX_RETRIES) == (0.5, 8, 2)
     assert s.LOG_LEVEL == "DEBUG"
-    assert s.DEAD_LETTER_ALERT_EMAILS == ["a@example.com", "b@example.com"]
+    assert s.JOBS_DEAD_LETTER_ALERT_EMAILS == ["a@example.com", "b@example.com"]
     assert tmp_path / "m" == s.MEDIA_ROOT
     assert s.MEDIA_ROOT.is_dir()
     assert s.THUMBNAIL_SIZES == [32, 64]
-    assert (s.MAX_UPLOAD_BYTES, s.MAX_IMAGE_PIXELS, s.CLEANUP_MAX_AGE_HOURS) == (1000, 2000, 1.5)
+    assert (s.MAX_UPLOAD_BYTES, s.MAX_IMAGE_PIXELS, s.JOBS_CLEANUP_MAX_AGE_HOURS) == (1000, 2000, 1.5)
     assert s.FLOWER_BASIC_AUTH == "admin:pw"
-    assert s.WORKER_METRICS_PORT == 0
+    assert s.JOBS_WORKER_METRICS_PORT == 0
     assert s.CELERY_WORKER_MAX_TASKS_PER_CHILD is None  # 0: no limit
     assert s.CELERY_WORKER_MAX_MEMORY_PER_CHILD == 512000
 

@@ -263,7 +263,7 @@ else:
     EMAIL_USE_SSL = env.bool("EMAIL_USE_SSL", default=False)
 EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=15)
 
-DEAD_LETTER_ALERT_EMAILS = env.list("DEAD_LETTER_ALERT_EMAILS", default=[])
+JOBS_DEAD_LETTER_ALERT_EMAILS = env.list("DEAD_LETTER_ALERT_EMAILS", default=[])
 
 # --- Mailer ---------------------------------------------------------------------------------
 
@@ -295,23 +295,25 @@ MAX_UPLOAD_BYTES = env.int("MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env.int("MAX_IMAGE_PIXELS", default=50_000_000)
 # Django refuses bigger non-file bodies itself; file uploads are checked against MAX_UPLOAD_BYTES.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
-CLEANUP_MAX_AGE_HOURS = env.float("CLEANUP_MAX_AGE_HOURS", default=24)
+JOBS_CLEANUP_MAX_AGE_HOURS = env.float("CLEANUP_MAX_AGE_HOURS", default=24)
 
-# --- Task machinery (jobs) ------------------------------------------------------------------
+# --- Task machinery (jobs; every JOBS_ setting and its default: jobs/conf.py) ----------------
 
-TASK_RETRY_BACKOFF_BASE = env.float("TASK_RETRY_BACKOFF_BASE", default=60.0)
-TASK_RETRY_BACKOFF_MAX = env.float("TASK_RETRY_BACKOFF_MAX", default=3600.0)
-TASK_MAX_RETRIES = env.int("TASK_MAX_RETRIES", default=5)
+JOBS_TEMP_ROOT = TEMP_ROOT  # the hourly clean-up's own directory
+
+JOBS_TASK_RETRY_BACKOFF_BASE = env.float("TASK_RETRY_BACKOFF_BASE", default=60.0)
+JOBS_TASK_RETRY_BACKOFF_MAX = env.float("TASK_RETRY_BACKOFF_MAX", default=3600.0)
+JOBS_TASK_MAX_RETRIES = env.int("TASK_MAX_RETRIES", default=5)
 CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)
 CELERY_SHUTDOWN_TIMEOUT = env.float("CELERY_SHUTDOWN_TIMEOUT", default=30.0)
-WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
+JOBS_WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
 # A task whose worker died under it this many times in a row is dead-lettered (crash loop).
 JOBS_WORKER_LOST_LIMIT = env.int("JOBS_WORKER_LOST_LIMIT", default=3)
 JOBS_DEAD_LETTER_ALERT_INTERVAL = env.int("JOBS_DEAD_LETTER_ALERT_INTERVAL", default=900)
 JOBS_DEAD_LETTER_RETENTION_DAYS = env.int("JOBS_DEAD_LETTER_RETENTION_DAYS", default=30)
 # Where workers and beat write the files `manage.py probe` reads (local to the container).
-LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
+JOBS_LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
 JOBS_LIVENESS_INTERVAL = env.float("JOBS_LIVENESS_INTERVAL", default=5.0)
 # Seconds a dead beat blocks its standby at most (the leader renews the lock every tick).
 JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
@@ -331,6 +333,8 @@ JOBS_RESULTS_BUFFER_LIMIT = env.int("JOBS_RESULTS_BUFFER_LIMIT", default=10_000)
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme
 BROKER_IS_REDIS = BROKER_SCHEME in {"redis", "rediss", "sentinel"}
+if not BROKER_IS_REDIS:
+    JOBS_REDIS_URL = REDIS_URL  # beat's leader lock (with a Redis broker, jobs uses the broker's)
 
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
 if CELERY_RESULT_BACKEND == "django-db":

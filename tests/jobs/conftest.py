@@ -35,3 +35,13 @@ def publishes_in_transaction(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(outbox, "publish", watching)
     return seen
+
+
+@pytest.fixture
+def rabbitmq_broker(monkeypatch, settings, redis_server):
+    """`jobs` told its broker cannot be read like Redis's (RabbitMQ's case) while messages still
+    go to the suite's Redis, and `JOBS_REDIS_URL` naming that Redis, as a RabbitMQ site sets it."""
+    from jobs.conf import JobsSettings
+
+    monkeypatch.setattr(JobsSettings, "broker_is_redis", property(lambda self: False))
+    settings.JOBS_REDIS_URL = redis_server.url

@@ -27,12 +27,12 @@ def _record(task_id="1", **kw):
 
 @pytest.fixture
 def alerting(settings, redis_client):
-    settings.DEAD_LETTER_ALERT_EMAILS = ["ops@example.com"]
+    settings.JOBS_DEAD_LETTER_ALERT_EMAILS = ["ops@example.com"]
     return settings
 
 
 def test_no_recipients_no_digest(settings, redis_client):
-    settings.DEAD_LETTER_ALERT_EMAILS = []
+    settings.JOBS_DEAD_LETTER_ALERT_EMAILS = []
     _record()
     assert redis_client.llen("high") == 0
 
@@ -166,7 +166,7 @@ def test_digest_groups_new_dead_letters(alerting, redis_client):
 
 
 def test_digest_without_recipients_sends_nothing(settings):
-    settings.DEAD_LETTER_ALERT_EMAILS = []
+    settings.JOBS_DEAD_LETTER_ALERT_EMAILS = []
     DeadLetterFactory()
     assert alerts.dead_letter_digest_send() == 0
 
@@ -191,7 +191,7 @@ def test_defaults_pass_the_checks(settings):
 def test_risky_combinations_warn(settings):
     settings.DEBUG = False
     settings.FLOWER_BASIC_AUTH = ""
-    settings.TASK_MAX_RETRIES = 10
+    settings.JOBS_TASK_MAX_RETRIES = 10
     settings.CELERY_TASK_TIME_LIMIT = 7200
     settings.CELERY_TASK_SOFT_TIME_LIMIT = 7200
     settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = 0
@@ -216,19 +216,19 @@ def test_a_retry_delay_that_leaves_no_room_for_the_time_limit_is_reported(settin
     settings.DEBUG = True
     settings.CELERY_VISIBILITY_TIMEOUT = 3600
     settings.CELERY_TASK_TIME_LIMIT = 600
-    settings.TASK_RETRY_BACKOFF_BASE = 200
-    settings.TASK_RETRY_BACKOFF_MAX = 3000
-    settings.TASK_MAX_RETRIES = 5  # 200 * 2**4 = 3200, capped at 3000 (+10 % jitter)
+    settings.JOBS_TASK_RETRY_BACKOFF_BASE = 200
+    settings.JOBS_TASK_RETRY_BACKOFF_MAX = 3000
+    settings.JOBS_TASK_MAX_RETRIES = 5  # 200 * 2**4 = 3200, capped at 3000 (+10 % jitter)
     assert "jobs.W001" in ids(settings)
 
 
 def test_a_cap_the_retries_never_reach_is_not_a_risk(settings):
     settings.DEBUG = True
-    settings.TASK_RETRY_BACKOFF_MAX = 7200  # above the timeout, but 5 retries stop at 960 s
+    settings.JOBS_TASK_RETRY_BACKOFF_MAX = 7200  # above the timeout, but 5 retries stop at 960 s
     assert "jobs.W001" not in ids(settings)
 
 
-def test_retry_countdown_of_a_task_stays_below_the_visibility_timeout(settings, monkeypatch):
+def test_retry_countdown_of_a_task_stays_below_the_visibility_timeout(settings, monkeypatch, request):
     from jobs.tasks import dead_letter_digest
 
     settings.CELERY_VISIBILITY_TIMEOUT = 1000
@@ -240,5 +240,5 @@ def test_retry_countdown_of_a_task_stays_below_the_visibility_timeout(settings, 
     assert dead_letter_digest.retry_countdown(3) == pytest.approx(600)
     monkeypatch.setattr(dead_letter_digest, "time_limit", 500)  # a longer limit leaves less room
     assert dead_letter_digest.retry_countdown(3) == pytest.approx(400)
-    settings.BROKER_IS_REDIS = False  # RabbitMQ has no visibility timeout to stay under
-    assert dead_letter_digest.retry_countdown(3) >= 2000
+    request.getfixturevalue("rabbitmq_broker")
+    assert dead_letter_digest.retry_countdown(3) >= 2000  # RabbitMQ has no visibility timeout to stay under

@@ -59,3 +59,16 @@ def test_a_connection_that_saw_an_error_is_recycled_at_once(monkeypatch):
     now[0] += 0.1
     assert _health_checks(db.recycle_between_tasks) == 1
     assert connection.errors_occurred is False
+
+
+def test_a_connection_left_in_a_transaction_is_dropped_at_once(monkeypatch):
+    """A time limit that fired inside a transaction leaves autocommit off: the next task's writes
+    would go into a transaction nobody commits. It is dropped before that task, not a second later."""
+    now = [1000.0]
+    monkeypatch.setattr(db.time, "monotonic", lambda: now[0])
+    db.recycle_between_tasks()
+    connection.set_autocommit(False)
+    now[0] += 0.1
+    db.recycle_between_tasks()
+    assert connection.connection is None  # closed; the next query opens one in autocommit
+    assert connection.get_autocommit() is True

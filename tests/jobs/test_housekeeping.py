@@ -133,7 +133,11 @@ def test_cleanup_may_clean_a_temp_dir_inside_the_media(settings):
 
 @pytest.mark.parametrize(
     ("setting", "media"),
-    [("TEMP_ROOT", "TEMP_ROOT/media"), ("TEMP_ROOT", "TEMP_ROOT"), ("FILE_UPLOAD_TEMP_DIR", "FILE_UPLOAD_TEMP_DIR/m")],
+    [
+        ("JOBS_TEMP_ROOT", "JOBS_TEMP_ROOT/media"),
+        ("JOBS_TEMP_ROOT", "JOBS_TEMP_ROOT"),
+        ("FILE_UPLOAD_TEMP_DIR", "FILE_UPLOAD_TEMP_DIR/m"),
+    ],
 )
 def test_manage_py_check_reports_a_cleanup_root_holding_the_media(settings, tmp_path, setting, media):
     from django.core.management.base import SystemCheckError
@@ -156,16 +160,16 @@ def test_manage_py_check_reports_a_cleanup_root_at_the_filesystem_root_or_holdin
 
     settings.FILE_UPLOAD_TEMP_DIR = None
     assert check_cleanup_roots() == []
-    settings.TEMP_ROOT = Path("/")
+    settings.JOBS_TEMP_ROOT = Path("/")
     assert [p.id for p in check_cleanup_roots()] == ["jobs.E002"]
-    settings.TEMP_ROOT = Path(settings.BASE_DIR).parent
+    settings.JOBS_TEMP_ROOT = Path(settings.BASE_DIR).parent
     assert [p.id for p in check_cleanup_roots()] == ["jobs.E002"]
     assert "BASE_DIR" in check_cleanup_roots()[0].msg
 
 
 def test_cleanup_task_uses_the_configured_roots(settings):
     settings.FILE_UPLOAD_TEMP_DIR = str(settings.TEMP_ROOT)
-    settings.CLEANUP_MAX_AGE_HOURS = 1
+    settings.JOBS_CLEANUP_MAX_AGE_HOURS = 1
     assert cleanup_roots() == [settings.TEMP_ROOT]
     make(settings.TEMP_ROOT / "stale", age_hours=2)
     make(settings.TEMP_ROOT / "new")
@@ -174,7 +178,7 @@ def test_cleanup_task_uses_the_configured_roots(settings):
 
 @pytest.mark.django_db
 def test_daily_report_counts(redis_client, settings):
-    settings.DEAD_LETTER_ALERT_EMAILS = ["ops@example.com"]
+    settings.JOBS_DEAD_LETTER_ALERT_EMAILS = ["ops@example.com"]
     now = timezone.now()
     started = now - timedelta(minutes=10)
 

@@ -138,11 +138,12 @@ def test_young_jobs_are_not_judged(redis_client, settings):
     assert ledger_sweep() == {"candidates": 0, "missing": 0, "republished": 0}
 
 
-def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_count(redis_client, settings):
+def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_count(
+    redis_client, settings, rabbitmq_broker
+):
     """RabbitMQ's queues cannot be read without consuming: a job is republished only once it is
     older than anything the broker could legitimately still hold, no worker holds it, and its
     queue has no message waiting (else a long backlog would be republished again and again)."""
-    settings.BROKER_IS_REDIS = False
     settings.CELERY_VISIBILITY_TIMEOUT = 100
     _published("old-1", ago=200)
     _published("recent-1", ago=120)

@@ -87,7 +87,7 @@ def test_metrics_show_queue_lengths_and_dead_letters(client, redis_client):
 
 
 def test_probe_command(settings, tmp_path):
-    settings.LIVENESS_DIR = tmp_path
+    settings.JOBS_LIVENESS_DIR = tmp_path
     with pytest.raises(CommandError, match="no liveness file"):
         call_command("probe", "worker")
     liveness_touch("worker", hostname="w1")

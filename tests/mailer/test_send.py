@@ -361,3 +361,41 @@ def test_a_duplicate_that_gives_up_waiting_leaves_the_email_to_its_owner(queued)
     send_email.on_failure(HandOffInProgress("busy", retry_after=5), "task-4", (email.pk,), {}, None)
     email.refresh_from_db()
     assert email.status == Email.Status.SENDING
+
+
+def test_a_hand_off_the_cache_remembers_is_never_repeated_even_if_the_database_lost_the_claim(
+    smtp_settings, queued
+):
+    """Sent, the record refused, the fact kept in the cache; then a failover to a replica that
+    lagged behind lost the claim too: the email is `queued` at its first attempt again. It is
+    recorded as sent, not sent a second time."""
+    from django.core.cache import cache
+
+    from mailer.services import HANDED_OFF_KEY
+
+    email = queued()
+    cache.set(HANDED_OFF_KEY.format(email.pk), "provider-1")
+    sent = email_send(email=email.pk, attempt="task-2")
+    assert (sent.status, sent.provider_message_id) == (Email.Status.SENT, "provider-1")
+    assert Email.objects.get(pk=email.pk).status == Email.Status.SENT
+    assert smtp_settings.messages == []
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "claim-then-read"])
+def test_both_ways_of_claiming_send_once_with_the_attachments(smtp_settings, queued, monkeypatch, returning):
+    """PostgreSQL and SQLite claim and read in one UPDATE ... RETURNING; MySQL and MariaDB claim,
+    then read. Either way the claimed row carries what the message is built from."""
+    from mailer import services
+
+    if not returning:
+        monkeypatch.setattr(services, "RETURNING_VENDORS", set())
+    plain = queued()
+    attached = queued(attachments=[Attachment(filename="invoice.pdf", content=PDF, content_type="application/pdf")])
+    for email in (plain, attached):
+        sent = email_send(email=email.pk, attempt="task-1")
+        assert (sent.status, sent.attempts, sent.claimed_by) == (Email.Status.SENT, 1, "task-1")
+        assert email_send(email=email.pk, attempt="task-1").status == Email.Status.SENT  # not sent again
+    first, second = smtp_settings.messages
+    assert (first["Message-ID"], second["Message-ID"]) == (plain.message_id, attached.message_id)
+    assert [part.get_filename() for part in second.iter_attachments()] == ["invoice.pdf"]
+    assert list(first.iter_attachments()) == []

@@ -1,0 +1,87 @@
+"""Every setting `jobs` reads, with its default: a project sets only what it wants to change.
+
+    from jobs.conf import jobs_settings
+    jobs_settings.TASK_MAX_RETRIES  # settings.JOBS_TASK_MAX_RETRIES, or 5
+
+Names are the Django setting without its `JOBS_` prefix; each read goes to `django.conf.settings`
+at that moment, so `override_settings` and the `settings` fixture of pytest-django apply. Celery's
+own options stay Celery's (`CELERY_*` through `app.config_from_object`); what `jobs` needs to know
+of them (is the broker Redis?) it reads from the app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tempfile import gettempdir
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Retries: exponential backoff from BASE seconds, capped at MAX, at most MAX_RETRIES times.
+    "TASK_MAX_RETRIES": 5,
+    "TASK_RETRY_BACKOFF_BASE": 60.0,
+    "TASK_RETRY_BACKOFF_MAX": 3600.0,
+    # Crash-loop quarantine: a job whose pool process died this many times is dead-lettered.
+    "WORKER_LOST_LIMIT": 3,
+    # Dead letters: who is mailed a digest of new ones, how often at most, how long they are kept.
+    "DEAD_LETTER_ALERT_EMAILS": [],
+    "DEAD_LETTER_ALERT_INTERVAL": 900,
+    "DEAD_LETTER_RETENTION_DAYS": 30,
+    # Liveness files the probes read (`manage.py probe worker|beat`), and how often they are written.
+    "LIVENESS_DIR": Path(gettempdir()) / "jobs-liveness",
+    "LIVENESS_INTERVAL": 5.0,
+    # The Redis that holds beat's leader lock and the ledger's view of the broker; by default the
+    # broker's own URL when the broker is Redis.
+    "REDIS_URL": None,
+    "BEAT_LOCK_TTL": 30.0,
+    # The ledger: how often the sweeper looks for lost jobs, and when a job counts as lost.
+    "LEDGER_SWEEP_INTERVAL": 15.0,
+    "LEDGER_LOST_AFTER": 60.0,
+    "LEDGER_MISSING_GRACE": 30.0,
+    # Task history written in batches (jobs.results), and task events published in batches.
+    "RESULTS_FLUSH_INTERVAL": 0.5,
+    "RESULTS_BUFFER_LIMIT": 10_000,
+    "TASK_EVENTS_FLUSH_INTERVAL": 0.1,
+    # The worker's own Prometheus endpoint (0: off).
+    "WORKER_METRICS_PORT": 9808,
+    # The hourly clean-up: files older than this many hours under TEMP_ROOT (None: nothing of its
+    # own) and FILE_UPLOAD_TEMP_DIR.
+    "CLEANUP_MAX_AGE_HOURS": 24.0,
+    "TEMP_ROOT": None,
+}
+
+
+class JobsSettings:
+    """`jobs_settings.NAME` is `settings.JOBS_NAME` if the project sets it, else the default."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"jobs has no setting {name!r} (JOBS_{name})")
+        return getattr(settings, f"JOBS_{name}", DEFAULTS[name])
+
+    @property
+    def broker_url(self) -> str:
+        from celery import current_app
+
+        return str(current_app.conf.broker_url or "")
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the Celery broker is Redis (visibility timeouts, queue lengths, the ledger's
+        view of queued messages); RabbitMQ otherwise."""
+        return urlsplit(self.broker_url).scheme in {"redis", "rediss", "sentinel"}
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis `jobs` keeps its locks in: JOBS_REDIS_URL, else the broker when it is Redis."""
+        configured = self.REDIS_URL
+        if configured:
+            return str(configured)
+        if self.broker_is_redis:
+            return self.broker_url
+        raise RuntimeError("JOBS_REDIS_URL must name a Redis when the Celery broker is not Redis")
+
+
+jobs_settings = JobsSettings()
