@@ -363,9 +363,7 @@ def test_a_duplicate_that_gives_up_waiting_leaves_the_email_to_its_owner(queued)
     assert email.status == Email.Status.SENDING
 
 
-def test_a_hand_off_the_cache_remembers_is_never_repeated_even_if_the_database_lost_the_claim(
-    smtp_settings, queued
-):
+def test_a_hand_off_the_cache_remembers_is_never_repeated_even_if_the_database_lost_the_claim(smtp_settings, queued):
     """Sent, the record refused, the fact kept in the cache; then a failover to a replica that
     lagged behind lost the claim too: the email is `queued` at its first attempt again. It is
     recorded as sent, not sent a second time."""
