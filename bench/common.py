@@ -49,7 +49,7 @@ class Environment:
         self._drop: Callable[[], None] | None = None
 
     def __enter__(self) -> Environment:
-        from jobs.localredis import LocalRedis
+        from devtools.localredis import LocalRedis
 
         self.redis = LocalRedis().start()
         database_url = self._database()

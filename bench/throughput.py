@@ -124,7 +124,7 @@ def measure(side: Side, count: int, samples: int) -> None:
     warm = max(20, count // 50)
     env = dict(side.env)
     if side.app == "config":  # the project's worker serves its metrics, as it does in production
-        from jobs.localredis import free_port
+        from devtools.localredis import free_port
 
         env["WORKER_METRICS_PORT"] = str(free_port())
     worker = Worker(app=side.app, concurrency=2, extra_env=env, loglevel=side.loglevel, extra_args=side.args)

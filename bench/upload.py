@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.common import ROOT, Environment, emit, percentile, positive_int, stop_process, table  # noqa: E402
-from jobs.localredis import free_port  # noqa: E402
+from devtools.localredis import free_port  # noqa: E402
 
 SERVERS = (("bare", "bench.bare_wsgi"), ("ours", "config.wsgi"))
 

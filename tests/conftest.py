@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from jobs.localredis import LocalRedis
+from devtools.localredis import LocalRedis
 
 
 def results_table(response) -> str:

@@ -26,7 +26,7 @@ import psutil
 import redis
 from aiosmtpd.controller import Controller
 
-from jobs.localredis import LocalRedis
+from devtools.localredis import LocalRedis
 from jobs.models import DeadLetter, OutboxMessage
 from mailer.models import Email
 from mailer.services import email_queue

@@ -237,8 +237,8 @@ def test_a_digest_that_fails_for_good_is_dead_lettered_without_alerting_again(st
     """The alert digest itself failing for good on a real worker (its mail server is down) ends in
     a dead letter, through the same failure path as any task, and schedules no digest: no alert
     loop. Another task's dead letter on the same worker does schedule one."""
+    from devtools.localredis import free_port
     from jobs import alerts
-    from jobs.localredis import free_port
     from jobs.tasks import dead_letter_digest
     from tests.jobs.factories import DeadLetterFactory
 

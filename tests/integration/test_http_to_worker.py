@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jobs.localredis import LocalRedis
+from devtools.localredis import LocalRedis
 from jobs.models import OutboxMessage
 from jobs.outbox import outbox_relay
 from tests.conftest import reset_broker_pools
@@ -86,7 +86,7 @@ def test_one_request_id_in_the_json_lines_of_a_real_web_process_and_the_worker(s
     import requests
 
     from config.env import BASE_DIR
-    from jobs.localredis import free_port
+    from devtools.localredis import free_port
 
     port = free_port()
     media = {"MEDIA_ROOT": str(tmp_path / "media"), "LOG_FORMAT": "json"}

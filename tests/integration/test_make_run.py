@@ -1,4 +1,4 @@
-"""`make run`'s process set (honcho with the Procfile, behind jobs.localredis): all five come up,
+"""`make run`'s process set (honcho with the Procfile, behind devtools.localredis): all five come up,
 and Ctrl-C leaves nothing running."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from config.env import BASE_DIR
-from jobs.localredis import free_port
+from devtools.localredis import free_port
 from tests.integration.conftest import process_env, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -44,7 +44,18 @@ def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stop
     )
     log = (tmp_path / "honcho.log").open("wb")
     # What `make run` runs (the Makefile adds migrate and setup_schedules before it).
-    command = [sys.executable, "-m", "jobs.localredis", "--", sys.executable, "-m", "honcho", "start", "-f", "Procfile"]
+    command = [
+        sys.executable,
+        "-m",
+        "devtools.localredis",
+        "--",
+        sys.executable,
+        "-m",
+        "honcho",
+        "start",
+        "-f",
+        "Procfile",
+    ]
     run = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     output = tmp_path / "honcho.log"
     try:

@@ -15,7 +15,7 @@ import pytest
 from kombu import Connection
 
 from config.env import BASE_DIR
-from jobs.localredis import LocalRedis
+from devtools.localredis import LocalRedis
 from jobs.models import DeadLetter
 from tests.integration import tasks
 from tests.integration.conftest import wait_for

@@ -13,8 +13,8 @@ import pytest
 
 from config.celery import app
 from config.env import BASE_DIR
+from devtools.localredis import free_port
 from jobs.context import request_id_var
-from jobs.localredis import free_port
 from tests.integration import tasks
 from tests.integration.conftest import wait_for
 

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from jobs.localredis import free_port
+from devtools.localredis import free_port
 from tests.integration.certificates import issue_certificates
 from tests.integration.conftest import wait_for
 

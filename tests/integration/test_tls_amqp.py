@@ -24,7 +24,7 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config.env import BASE_DIR
-from jobs.localredis import free_port
+from devtools.localredis import free_port
 from tests.integration.certificates import Certificates, issue_certificates
 from tests.integration.conftest import WorkerProcess, process_env, wait_for
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from config.env import BASE_DIR
-from jobs.localredis import free_port
+from devtools.localredis import free_port
 from tests.integration.conftest import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]

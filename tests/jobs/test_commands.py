@@ -123,7 +123,7 @@ def test_redacted_rows_are_reported_as_skipped(redis_client):
 
 
 def test_publish_failure_exits_non_zero(redis_client, monkeypatch):
-    from jobs.localredis import free_port
+    from devtools.localredis import free_port
     from tests.conftest import reset_broker_pools
 
     DeadLetterFactory()

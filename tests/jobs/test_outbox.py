@@ -11,8 +11,8 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from devtools.localredis import free_port
 from jobs.context import request_id_var
-from jobs.localredis import free_port
 from jobs.models import OutboxMessage
 from jobs.outbox import enqueue, outbox_relay
 from jobs.tasks import ping

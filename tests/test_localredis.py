@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jobs import localredis
+from devtools import localredis
 
 
 def test_local_redis_starts_answers_and_stops():

@@ -105,7 +105,7 @@ class LocalRedis:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.localredis -- COMMAND...`: run COMMAND with REDIS_URL pointing at a Redis
+    """`python -m devtools.localredis -- COMMAND...`: run COMMAND with REDIS_URL pointing at a Redis
     that answers: the configured one if it does, else a local one started for the command's
     lifetime. Used by `make run`."""
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -1,0 +1,1 @@
+"""Development tooling: not part of the site or of the reusable `jobs` app."""
