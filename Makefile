@@ -13,7 +13,7 @@ help:
 	@echo "make install  create .venv and install pinned requirements (idempotent)"
 	@echo "make run      install, migrate, then web, worker, beat and Flower together (Ctrl-C stops all)"
 	@echo "make test     install, then the whole suite with coverage (a private Redis is started)"
-	@echo "make lint     ruff check, format check and the import contract (import-linter)"
+	@echo "make lint     ruff check, format check, the import contract (import-linter) and types (mypy)"
 	@echo "make fmt      ruff fix and format"
 	@echo "make bench    run the benchmarks and print one table"
 
@@ -64,6 +64,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 fmt: install
 	$(BIN)/ruff check --fix .

@@ -29,7 +29,8 @@ def heartbeat_write(name: str) -> dict[str, Any]:
 
 
 def heartbeat_read(name: str) -> dict[str, Any] | None:
-    return cache.get(KEY.format(name))
+    value: dict[str, Any] | None = cache.get(KEY.format(name))
+    return value
 
 
 def liveness_file(name: str) -> Path:

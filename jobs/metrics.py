@@ -9,9 +9,10 @@ adds, computed at scrape time, queue lengths, dead letters by status and heartbe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ def start_worker_metrics_server(port: int) -> bool:
 class JobsCollector:
     """Scrape-time gauges for the web's /metrics: cheap reads of the broker, database and cache."""
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # computed at scrape time: nothing to read at registration
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from jobs.selectors import dead_letter_counts, dead_letter_oldest_pending_age, queue_lengths
 
         queues = GaugeMetricFamily("celery_queue_length", "Messages waiting in each queue.", labels=["queue"])

@@ -46,7 +46,7 @@ class Job:
 
     task_name: str
     task_id: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     retries: int = 0
     queue: str = ""

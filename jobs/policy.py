@@ -35,8 +35,8 @@ def retry_delay(
         raise ValueError("attempt counts from 1")
     if base <= 0:
         raise ValueError("base must be positive")
-    delay = min(base * 2 ** (attempt - 1), max(cap, base))
-    delay += delay * JITTER * (rng or random).random()
+    delay = min(base * 2.0 ** (attempt - 1), max(cap, base))
+    delay += delay * JITTER * (rng.random() if rng is not None else random.random())  # noqa: S311 - jitter
     delay = max(delay, base)
     if ceiling is not None:
         delay = min(delay, ceiling)

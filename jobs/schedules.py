@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask, PeriodicTasks
@@ -48,7 +49,7 @@ DEFAULT_SCHEDULES = (
 )  # fmt: skip
 
 
-def _schedule_fields(default: DefaultSchedule) -> dict:
+def _schedule_fields(default: DefaultSchedule) -> dict[str, Any]:
     if default.every_seconds is not None:
         interval, _ = IntervalSchedule.objects.get_or_create(
             every=default.every_seconds, period=IntervalSchedule.SECONDS

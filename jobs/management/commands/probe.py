@@ -7,6 +7,7 @@ beat's scheduler tick); no broker round trip, unlike `celery inspect ping`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -23,7 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--max-age", type=float, help="Seconds after which the file counts as stale (60).")
         parser.add_argument("--file", type=Path, help="The liveness file (default: LIVENESS_DIR/<process>.alive).")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         name = options["process"]
         max_age = options["max_age"] or DEFAULT_MAX_AGE[name]
         path = options["file"] or liveness_file(name)
