@@ -63,7 +63,7 @@ def dead_letter_alert_schedule() -> bool:
     return True
 
 
-def _seconds_left(window: str, now) -> float:
+def _seconds_left(window: str, now: datetime) -> float:
     """Seconds until the alert window that started at `window` ends (its lock times out)."""
     interval = jobs_settings.DEAD_LETTER_ALERT_INTERVAL
     try:
@@ -121,7 +121,7 @@ def dead_letter_digest_send() -> int:
         .annotate(count=Count("id"), latest=Max("failed_at"))
         .order_by("-count")[:25]
     )
-    total = sum(g["count"] for g in groups)
+    total: int = sum(g["count"] for g in groups)
     if not total:
         return 0
     lines = [f"{total} task(s) failed for good and wait in the dead letters.", ""]

@@ -6,16 +6,17 @@ Each check is quick (short timeouts) and returns a small dict; none raises.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.db import connections
 
 from jobs.policy import redact_text
 
-BROKER_CHECK_TIMEOUT = 2.0
+BROKER_CHECK_TIMEOUT = 2
 
 
-def _timed(check) -> dict[str, Any]:
+def _timed(check: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         details = check() or {}

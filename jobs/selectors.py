@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
@@ -55,7 +56,7 @@ def dead_letters_select(
     return rows.order_by("failed_at", "pk")
 
 
-def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[dict]:
+def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[dict[str, Any]]:
     """Dead letters grouped by task and exception type, largest group first:
     `task_name`, `exception_type`, `count`, `first_failed_at`, `last_failed_at`."""
     return list(
@@ -94,7 +95,7 @@ def queue_lengths(queues: Iterable[str] = QUEUES) -> dict[str, int]:
         channel = conn.default_channel
         for name in queues:
             try:
-                lengths[name] = channel.queue_declare(queue=name, passive=True).message_count
+                lengths[name] = channel.queue_declare(queue=name, passive=True).message_count  # type: ignore[attr-defined]
             except conn.channel_errors:  # the queue does not exist yet (RabbitMQ): nothing waits
                 lengths[name] = 0
                 channel = conn.channel()

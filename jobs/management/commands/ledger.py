@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count, Min
 
 from jobs.ledger import ledger_counts, ledger_oldest_age, ledger_run
@@ -15,13 +17,13 @@ class Command(BaseCommand):
         "round of what every worker's sweeper does: publish what waits, bring back what the broker lost."
     )
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--sweep", action="store_true", help="Publish waiting jobs and republish lost ones now, then report."
         )
         parser.add_argument("--limit", type=int, default=10, help="How many tasks to list by count (default 10).")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         if options["limit"] < 1:
             raise CommandError("--limit must be a positive number.")
         if options["sweep"]:

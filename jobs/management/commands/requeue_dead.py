@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import getpass
+from datetime import datetime
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -13,7 +15,7 @@ from jobs.services import dead_letters_requeue
 PROGRESS_THRESHOLD = 1000
 
 
-def parse_since(value: str):
+def parse_since(value: str) -> datetime:
     """An ISO 8601 date or date-time; naive values are taken in the current time zone."""
     moment = parse_moment(value)
     if moment is None:
@@ -38,7 +40,7 @@ class Command(BaseCommand):
         parser.add_argument("--rate", type=float, help="Publish at most this many per second (throttle).")
         parser.add_argument("--dry-run", action="store_true", help="Show what would be requeued; change nothing.")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         ids: list[int] = options["ids"]
         selectors = {
             "task": options["task"],
