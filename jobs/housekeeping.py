@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.cache import cache
@@ -18,6 +18,9 @@ from django.db.models import Count, DurationField, ExpressionWrapper, F
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
+
+if TYPE_CHECKING:
+    from jobs.models import DailyReport
 
 logger = logging.getLogger("jobs.housekeeping")
 
@@ -56,7 +59,7 @@ def cleanup_roots() -> list[Path]:
 def _protected_paths() -> list[tuple[str, Path]]:
     """What no cleanup root may be or contain: the project, its data and the home directory."""
     paths: list[tuple[str, Any]] = [
-        ("the project (BASE_DIR)", settings.BASE_DIR),
+        ("the project (BASE_DIR)", getattr(settings, "BASE_DIR", None)),
         ("VAR_DIR", getattr(settings, "VAR_DIR", None)),
         ("MEDIA_ROOT", settings.MEDIA_ROOT),
         ("STATIC_ROOT", getattr(settings, "STATIC_ROOT", None)),
@@ -203,7 +206,7 @@ def daily_report_build(*, end: datetime | None = None) -> dict[str, Any]:
     # in the results' own order, latest done first.
     duration = ExpressionWrapper(F("date_done") - F("date_created"), output_field=DurationField())
     longest = (
-        results.exclude(date_created=None)
+        results.exclude(date_created__isnull=True)
         .annotate(duration=duration)
         .order_by("-duration", "-date_done", "-pk")
         .values("task_name", "task_id", "date_created", "date_done")[:10]
@@ -250,7 +253,7 @@ def daily_report_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def daily_report_create(*, day: date | None = None, mail: bool = True):
+def daily_report_create(*, day: date | None = None, mail: bool = True) -> DailyReport:
     """Builds, stores (one row per day, replaced when rebuilt) and mails the report."""
     from django.core.mail import send_mail
 

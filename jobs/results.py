@@ -311,12 +311,12 @@ def results_stop_buffering() -> None:
         buffer.close()
 
 
-class DatabaseBackend(StockDatabaseBackend):
+class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-celery-results has no types
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         if isinstance(exc, InterfaceError | OperationalError):
             close_connection()  # the next try connects afresh
             return True
-        return super().exception_safe_to_retry(exc)
+        return bool(super().exception_safe_to_retry(exc))
 
     def store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
                      **kwargs: Any) -> Any:  # fmt: skip

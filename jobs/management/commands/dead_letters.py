@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import timedelta
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -53,10 +54,10 @@ class Command(BaseCommand):
         purge.add_argument("--include-pending", action="store_true", help="Delete pending ones too.")
         purge.add_argument("--dry-run", action="store_true")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         getattr(self, f"_{options['action']}")(options)
 
-    def _list(self, options) -> None:
+    def _list(self, options: dict[str, Any]) -> None:
         rows = dead_letters_select(
             status=options["status"],
             task=options["task"],
@@ -75,7 +76,7 @@ class Command(BaseCommand):
         if not count:
             self.stdout.write("No dead letters match.")
 
-    def _show(self, options) -> None:
+    def _show(self, options: dict[str, Any]) -> None:
         row = DeadLetter.objects.filter(pk=options["id"]).first()
         if row is None:
             raise CommandError(f"Unknown dead letter id: {options['id']}.")
@@ -112,7 +113,7 @@ class Command(BaseCommand):
                 f"  {event.at:%Y-%m-%d %H:%M:%S} {event.action:<14} {event.actor or 'system'} {event.task_id}"
             )
 
-    def _groups(self, options) -> None:
+    def _groups(self, options: dict[str, Any]) -> None:
         groups = dead_letter_groups()
         if not groups:
             self.stdout.write("No pending dead letters.")
@@ -122,7 +123,7 @@ class Command(BaseCommand):
                 f"last {group['last_failed_at']:%Y-%m-%d %H:%M:%S}"
             )
 
-    def _discard(self, options) -> None:
+    def _discard(self, options: dict[str, Any]) -> None:
         ids = options["ids"]
         found = set(DeadLetter.objects.filter(pk__in=ids).values_list("pk", flat=True))
         unknown = sorted(set(ids) - found)
@@ -131,7 +132,7 @@ class Command(BaseCommand):
         count = dead_letters_discard(dead_letters=DeadLetter.objects.filter(pk__in=ids), actor=f"cli:{_user()}")
         self.stdout.write(self.style.SUCCESS(f"Discarded {count} dead letter(s)."))
 
-    def _purge(self, options) -> None:
+    def _purge(self, options: dict[str, Any]) -> None:
         older_than = parse_duration(options["older_than"])
         statuses = [DeadLetter.Status.REQUEUED, DeadLetter.Status.DISCARDED]
         if options["include_pending"]:
