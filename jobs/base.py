@@ -110,7 +110,7 @@ class JobTask(MeteredTask):
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Exception classes never retried (checked before the transient ones).
     permanent_errors: ClassVar[tuple[type[BaseException], ...]] = ()
-    #: Per task type; `None` takes `TASK_MAX_RETRIES`, `TASK_RETRY_BACKOFF_BASE`, `TASK_RETRY_BACKOFF_MAX`.
+    #: Per task type; `None` takes `JOBS_TASK_MAX_RETRIES`, `JOBS_TASK_RETRY_BACKOFF_BASE`, `..._MAX`.
     retry_limit: int | None = None
     backoff_base: float | None = None
     backoff_max: float | None = None

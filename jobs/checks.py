@@ -147,7 +147,8 @@ def check_cleanup_roots(app_configs=None, **kwargs) -> list:
             problems.append(
                 Error(
                     f"{setting} ({root}) is not safe to clean: {problem}.",
-                    hint="The hourly clean-up deletes every file older than JOBS_CLEANUP_MAX_AGE_HOURS below it "
+                    hint="The hourly clean-up deletes every file older than JOBS_CLEANUP_MAX_AGE_HOURS (the site: "
+                    "CLEANUP_MAX_AGE_HOURS) below it "
                     "(it refuses to run there). Give temporary files a directory of their own.",
                     id="jobs.E002",
                 )

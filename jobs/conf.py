@@ -75,13 +75,14 @@ class JobsSettings:
 
     @property
     def redis_url(self) -> str:
-        """The Redis `jobs` keeps its locks in: JOBS_REDIS_URL, else the broker when it is Redis."""
+        """The Redis `jobs` keeps its locks in: JOBS_REDIS_URL, else the broker when it is one
+        plain Redis URL (a Sentinel or RabbitMQ broker needs JOBS_REDIS_URL)."""
         configured = self.REDIS_URL
         if configured:
             return str(configured)
-        if self.broker_is_redis:
+        if urlsplit(self.broker_url).scheme in {"redis", "rediss"}:
             return self.broker_url
-        raise RuntimeError("JOBS_REDIS_URL must name a Redis when the Celery broker is not Redis")
+        raise RuntimeError("JOBS_REDIS_URL must name a Redis when the Celery broker is not a plain Redis URL")
 
 
 jobs_settings = JobsSettings()

@@ -2,7 +2,7 @@
 
 Worker metrics are counted in the worker's main process (from the request objects the prefork
 pool reports back to it), so they are correct whatever the pool size without prometheus_client's
-multiprocess mode, and served on `WORKER_METRICS_PORT` by that process. The web's `/metrics`
+multiprocess mode, and served on `JOBS_WORKER_METRICS_PORT` by that process. The web's `/metrics`
 adds, computed at scrape time, queue lengths, dead letters by status and heartbeat ages.
 """
 

@@ -40,7 +40,8 @@ def redis_server():
     os.environ["REDIS_URL"] = server.url
     os.environ["CELERY_BROKER_URL"] = server.url
     caches = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
-    override = override_settings(REDIS_URL=server.url, CELERY_BROKER_URL=server.url, CACHES=caches)
+    override = override_settings(REDIS_URL=server.url, JOBS_REDIS_URL=server.url, CELERY_BROKER_URL=server.url,
+                                 CACHES=caches)  # fmt: skip
     override.enable()
 
     from config.celery import app
@@ -99,6 +100,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     unexpected = unexpected_skips(reporter.stats.get("skipped", []), allowed)
     if unexpected:
+        reporter.ensure_newline()
         reporter.write_line(
             f"{len(unexpected)} unexpected skip(s) ({ALLOWED_SKIPS_VARIABLE} allows them not):", red=True
         )

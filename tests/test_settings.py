@@ -147,6 +147,14 @@ def test_rabbitmq_broker_gets_no_redis_only_options(load_settings):
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] is True
 
 
+@pytest.mark.parametrize(
+    "broker", ["amqp://guest:guest@127.0.0.1:5672//", "redis://broker:6379/1", "sentinel://s:26379"]
+)
+def test_the_site_keeps_the_beat_lock_and_the_ledger_in_redis_url_whatever_the_broker(load_settings, broker):
+    s = load_settings("local", CELERY_BROKER_URL=broker, REDIS_URL="redis://cache:6379/0")
+    assert s.JOBS_REDIS_URL == "redis://cache:6379/0"
+
+
 def test_debug_false_requires_a_secret_key(load_settings):
     with pytest.raises(ImproperlyConfigured, match="DJANGO_SECRET_KEY must be set"):
         load_settings("local", DJANGO_DEBUG="false")

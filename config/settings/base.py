@@ -333,8 +333,8 @@ JOBS_RESULTS_BUFFER_LIMIT = env.int("JOBS_RESULTS_BUFFER_LIMIT", default=10_000)
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme
 BROKER_IS_REDIS = BROKER_SCHEME in {"redis", "rediss", "sentinel"}
-if not BROKER_IS_REDIS:
-    JOBS_REDIS_URL = REDIS_URL  # beat's leader lock (with a Redis broker, jobs uses the broker's)
+# Beat's leader lock and the ledger's bookkeeping live in REDIS_URL, whatever the broker.
+JOBS_REDIS_URL = REDIS_URL
 
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
 if CELERY_RESULT_BACKEND == "django-db":

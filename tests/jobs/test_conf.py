@@ -6,7 +6,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.test import override_settings
 
-from jobs.conf import DEFAULTS, JobsSettings, jobs_settings
+from jobs.conf import DEFAULTS, jobs_settings
 
 
 def test_a_project_that_sets_nothing_gets_the_defaults():
@@ -31,13 +31,22 @@ def test_an_unknown_name_is_an_error_that_names_the_setting():
         jobs_settings.TASK_MAX_RETRYS  # noqa: B018
 
 
-def test_the_lock_redis_is_the_broker_unless_named(settings, redis_server, monkeypatch):
+def test_the_lock_redis_is_jobs_redis_url_else_a_plain_redis_broker(settings, monkeypatch):
+    # Celery reads CELERY_BROKER_URL from the environment before its configuration.
     settings.JOBS_REDIS_URL = None
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://broker:6379/2")
     assert jobs_settings.broker_is_redis
-    assert jobs_settings.redis_url == redis_server.url  # the suite's broker
+    assert jobs_settings.redis_url == "redis://broker:6379/2"
     settings.JOBS_REDIS_URL = "redis://elsewhere:6379/3"
     assert jobs_settings.redis_url == "redis://elsewhere:6379/3"
+
     settings.JOBS_REDIS_URL = None
-    monkeypatch.setattr(JobsSettings, "broker_is_redis", property(lambda self: False))
+    monkeypatch.setenv("CELERY_BROKER_URL", "sentinel://sentinel-1:26379")
+    assert jobs_settings.broker_is_redis  # Redis behind Sentinel: queues are read like Redis's
+    with pytest.raises(RuntimeError, match="JOBS_REDIS_URL"):
+        jobs_settings.redis_url  # noqa: B018 - but redis-py cannot open a lock on a sentinel:// URL
+
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest:guest@rabbit:5672//")
+    assert not jobs_settings.broker_is_redis
     with pytest.raises(RuntimeError, match="JOBS_REDIS_URL"):
         jobs_settings.redis_url  # noqa: B018
