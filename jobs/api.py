@@ -102,6 +102,8 @@ def _selection(values: dict[str, Any]) -> dict[str, Any]:
             continue
         if not isinstance(value, str) or len(value) > 200:
             raise BadRequest(f"{name} must be a string of at most 200 characters", name)
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL: no row could match, and the query would fail
+            raise BadRequest(f"{name} must not contain a NUL character", name)
         selection[name] = value
     if "since" in selection:
         moment = parse_moment(selection["since"])

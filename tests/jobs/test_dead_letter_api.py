@@ -73,6 +73,7 @@ def test_list_newest_first_with_filters_and_keyset_pages(client, ops):
         ({"limit": "0"}, "limit"),
         ({"limit": "x"}, "limit"),
         ({"since": "soon"}, "since"),
+        ({"task": "e\x00x"}, "task"),  # PostgreSQL refused the NUL with a 500 (found by the fuzz test)
     ],
 )
 def test_list_refuses_bad_queries_with_400_json(client, ops, query, field):
@@ -165,6 +166,7 @@ def test_requeue_many_by_ids(client, ops, redis_client):
         ({"all": True, "limit": 5000}, 400, "limit"),
         ({"task": 3}, 400, "task"),
         ({"since": "yesterday"}, 400, "since"),
+        ({"exception": "Value\x00Error"}, 400, "exception"),
         ({"task": "no.such.task"}, 404, None),
     ],
 )
