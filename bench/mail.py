@@ -41,12 +41,12 @@ elif ROOT not in sys.path:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import re  # noqa: E402
-import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.common import Environment, Worker, emit, positive_int, table  # noqa: E402
+from devtools.localredis import free_port  # noqa: E402
 
 ROOT_PATH = Path(ROOT)
 
@@ -91,12 +91,6 @@ class Counter:
         with self._lock:
             self.messages += 1
         return "250 2.0.0 OK: queued"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sent_count(ids: list[int]) -> int:

@@ -266,7 +266,6 @@ class JobConsumer(Consumer):
             self._arm_events_flush()
 
     def _arm_events_flush(self) -> None:
-
         if not self._events_flush_due:
             self._events_flush_due = True
             self.hub.call_later(jobs_settings.TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)
