@@ -13,7 +13,7 @@ plus a margin, with no worker (the messages wait in a private Redis). Measured p
 - beat's CPU over the interval, in cores (CPU seconds per second) and per send.
 
 Sides, in the same run against the same database and Redis:
-- ours:     `celery -A config beat` as shipped (`jobs.beat.LockedDatabaseScheduler`: a tick sends
+- ours:     `celery -A config beat` as shipped (`jobs.runtime.beat.LockedDatabaseScheduler`: a tick sends
             every due entry, recorded with its ledger rows in one transaction);
 - baseline: django-celery-beat's own `DatabaseScheduler` with `CELERY_BEAT_SYNC_EVERY=1` (a save
             after every send), which is what the project ran before.

@@ -149,7 +149,7 @@ def measure(side: Side, count: int, samples: int) -> None:
 
 def check_log(side: Side, worker: Worker, per_task: float) -> None:
     """The sides are what they claim: per-task log lines at INFO (none at WARNING), and no project
-    (no JSON line from `jobs.logging`) in the plain worker."""
+    (no JSON line from `config.logging`) in the plain worker."""
     info = (side.loglevel or side.env.get("LOG_LEVEL")) == "INFO"
     if (info and per_task < 50) or (not info and per_task > 50):
         raise RuntimeError(f"{side.label}: {per_task:.0f} log bytes per task, at {'INFO' if info else 'WARNING'}")

@@ -27,18 +27,6 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
-def _add_worker_steps() -> None:
-    from jobs.worker import LedgerStep, LivenessStep, ShutdownLogStep, ZeroIsNoLimitStep
-
-    app.steps["worker"].add(ZeroIsNoLimitStep)
-    app.steps["worker"].add(ShutdownLogStep)
-    app.steps["worker"].add(LedgerStep)
-    app.steps["consumer"].add(LivenessStep)
-
-
-_add_worker_steps()
-
-
 def _json_only_output() -> None:
     """`celery worker` and `celery beat` with LOG_FORMAT=json: Celery's banners and any print()
     become JSON log lines, so a log shipper never meets a line that is not JSON."""
@@ -49,7 +37,7 @@ def _json_only_output() -> None:
     if settings.LOG_FORMAT == "json":
         import django
 
-        from jobs.logging import capture_stdio
+        from config.logging import capture_stdio
 
         capture_stdio()
         django.setup()  # logging configured now, before Celery prints or fails at start
@@ -65,7 +53,7 @@ def _configure_flower() -> None:
     import django
     from django.conf import settings
 
-    from jobs.flower import flower_environment
+    from config.flower import flower_environment
 
     django.setup()
     flower_environment(os.environ, debug=settings.DEBUG, var_dir=settings.VAR_DIR)

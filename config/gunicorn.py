@@ -11,7 +11,7 @@ a scrape of /metrics reports whichever worker answered. With it:
   given in the environment wins (compose and Kubernetes put it on a tmpfs); else a private
   directory is created under the temporary directory and removed at exit.
 - `on_starting` empties the directory: counts of an earlier run must not come back.
-- `child_exit` folds an exited worker's files into the archive files (jobs.prometheus_multiprocess).
+- `child_exit` folds an exited worker's files into the archive files (config.prometheus_multiprocess).
 
 gunicorn reads every module-level name of this file as a setting: helpers are underscored.
 """
@@ -22,7 +22,7 @@ import sys as _sys
 import tempfile as _tempfile
 from pathlib import Path as _Path
 
-# gunicorn loads this file by path; the hooks import jobs.prometheus_multiprocess from the checkout.
+# gunicorn loads this file by path; the hooks import config.prometheus_multiprocess from the checkout.
 _BASE_DIR = str(_Path(__file__).resolve().parent.parent)
 if _BASE_DIR not in _sys.path:
     _sys.path.insert(0, _BASE_DIR)
@@ -34,7 +34,8 @@ if not (_os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _os.environ.get("promethe
 
 
 def on_starting(server):
-    from jobs.prometheus_multiprocess import empty_directory, multiprocess_dir
+    from config.prometheus_multiprocess import empty_directory
+    from jobs.prometheus_multiprocess import multiprocess_dir
 
     if getattr(server, "master_pid", 0):
         # A re-executed master (USR2 upgrade): the old master's workers still serve and write here.
@@ -43,7 +44,7 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    from jobs.prometheus_multiprocess import process_exited
+    from config.prometheus_multiprocess import process_exited
 
     try:
         process_exited(worker.pid)

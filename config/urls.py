@@ -15,10 +15,10 @@ urlpatterns = [
     path("", include("mailer.urls")),
 ]
 
-handler400 = "jobs.http_errors.bad_request"
-handler403 = "jobs.http_errors.permission_denied"
-handler404 = "jobs.http_errors.page_not_found"
-handler500 = "jobs.http_errors.server_error"
+handler400 = "config.http_errors.bad_request"
+handler403 = "config.http_errors.permission_denied"
+handler404 = "config.http_errors.page_not_found"
+handler500 = "config.http_errors.server_error"
 
 if settings.SERVE_MEDIA:
     # Uploads and thumbnails on local disk, served by Django (small sites, compose, `make run`).

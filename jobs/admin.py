@@ -284,7 +284,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):
 
     @admin.action(description="Publish selected again now", permissions=["view"])
     def publish_now(self, request: HttpRequest, queryset: QuerySet) -> None:
-        from jobs.outbox import ledger_publish_now
+        from jobs.runtime.outbox import ledger_publish_now
 
         task_ids = list(queryset.values_list("task_id", flat=True))
         OutboxMessage.objects.filter(task_id__in=task_ids).update(published_at=None, not_before=None)

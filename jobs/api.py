@@ -18,7 +18,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs.auth import staff_required
-from jobs.middleware import json_error, json_object
+from jobs.http import json_error, json_object
 from jobs.models import DeadLetter
 from jobs.selectors import dead_letter_groups, dead_letters_select, parse_moment
 from jobs.services import dead_letters_discard, dead_letters_requeue

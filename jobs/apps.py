@@ -7,4 +7,5 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from jobs import checks, signals  # noqa: F401 - registers system checks, connects Celery signals
+        from jobs import checks  # noqa: F401 - registers the system checks
+        from jobs.runtime import handlers  # noqa: F401 - connects the Celery signal handlers

@@ -10,7 +10,7 @@ refused, before any password is checked and with nothing done:
   `same-origin` nor `none` (`same-site` is another site of the same registrable domain), or when
   `Origin` is there and is not the request's own origin (scheme and host as Django sees them, or
   one of `CSRF_TRUSTED_ORIGINS`, as Django's CSRF middleware decides; `Origin: null` never is);
-- 415 when its Content-Type is not `application/json` (`jobs.middleware.not_json`), even when the
+- 415 when its Content-Type is not `application/json` (`jobs.http.not_json`), even when the
   body is empty: a cross-site form can send an empty `text/plain` body, so every write, one that
   takes no body too, must say `Content-Type: application/json`.
 
@@ -30,7 +30,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from jobs.middleware import json_error, not_json
+from jobs.http import json_error, not_json
 
 REALM = 'Basic realm="jobsite API", charset="UTF-8"'
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})

@@ -46,7 +46,7 @@ def _retry_delay_warnings(visibility: int) -> list:
         )
     from celery import current_app as app
 
-    from jobs.base import JobTask
+    from jobs.runtime.task import JobTask
 
     for name, task in sorted(app.tasks.items()):
         if not isinstance(task, JobTask) or (task.retry_limit, task.backoff_base, task.backoff_max) == (None,) * 3:

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "LEDGER_SWEEP_INTERVAL": 15.0,
     "LEDGER_LOST_AFTER": 60.0,
     "LEDGER_MISSING_GRACE": 30.0,
-    # Task history written in batches (jobs.results), and task events published in batches.
+    # Task history written in batches (jobs.runtime.results), and task events published in batches.
     "RESULTS_FLUSH_INTERVAL": 0.5,
     "RESULTS_BUFFER_LIMIT": 10_000,
     "TASK_EVENTS_FLUSH_INTERVAL": 0.1,

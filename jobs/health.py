@@ -109,7 +109,7 @@ def jobs_stats_report() -> dict[str, Any]:
     for row in rows.order_by():
         by_state[row["status"]] = by_state.get(row["status"], 0) + row["n"]
         by_task.setdefault(row["task_name"] or "<unknown>", {})[row["status"]] = row["n"]
-    from jobs.outbox import outbox_backlog
+    from jobs.runtime.outbox import outbox_backlog
 
     return {
         "queues": queues,

@@ -107,7 +107,7 @@ class JobsCollector:
             "jobs_ledger_oldest_unfinished_age_seconds", "Age of the oldest job accepted and not finished (0: none)."
         )
         try:
-            from jobs.ledger import ledger_counts, ledger_oldest_age
+            from jobs.runtime.ledger import ledger_counts, ledger_oldest_age
 
             for state, count in ledger_counts().items():
                 ledger.add_metric([state], count)

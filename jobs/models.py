@@ -135,7 +135,7 @@ class OutboxMessage(models.Model):
     The broker is the fast path; this row is the record. A row never published (the broker did
     not answer, or a retry's publish was refused) is published by the relay; a published row whose
     message the broker no longer holds (restarted empty, failed over, dropped it) is republished by
-    the sweeper, with the same task id. See `jobs.ledger`.
+    the sweeper, with the same task id. See `jobs.runtime.ledger`.
     """
 
     task_name = models.CharField(max_length=200)

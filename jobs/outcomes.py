@@ -75,7 +75,7 @@ def job_gave_up(
     """Records a job given up for good (see the module's docstring); returns its dead letter, or
     None when the database could not take it (then the ledger keeps the job: it runs again later
     rather than being lost, and the failure is logged with all a replay needs)."""
-    from jobs.ledger import ledger_finish
+    from jobs.runtime.ledger import ledger_finish
     from jobs.services import dead_letter_record
 
     row = dead_letter_record(

@@ -27,7 +27,7 @@ DEFAULT_SCHEDULES = (
     ),
     DefaultSchedule(
         name="jobs: outbox relay", task="jobs.outbox_relay", every_seconds=10, expire_seconds=10,
-        description="Publishes jobs waiting in the outbox; republishes jobs the broker lost (jobs.ledger).",
+        description="Publishes jobs waiting in the outbox; republishes jobs the broker lost (jobs.runtime.ledger).",
     ),
     DefaultSchedule(
         name="jobs: temporary file cleanup", task="jobs.cleanup_temp_files", crontab={"minute": "7"},

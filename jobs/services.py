@@ -218,7 +218,7 @@ def dead_letters_requeue(
 
 
 def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: dict, result: RequeueResult) -> bool:
-    from jobs.outbox import LEDGER_HEADER, ledger_publish_now
+    from jobs.runtime.outbox import LEDGER_HEADER, ledger_publish_now
 
     now = timezone.now()
     # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.

@@ -71,7 +71,7 @@ def daily_report() -> int:
 @shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False, **QUIET)
 def outbox_relay() -> dict:
     """The ledger's upkeep from beat (every 10 s), besides every worker's own sweeper thread:
-    publishes what waits in the outbox, republishes what the broker lost (`jobs.ledger`)."""
-    from jobs.ledger import ledger_run
+    publishes what waits in the outbox, republishes what the broker lost (`jobs.runtime.ledger`)."""
+    from jobs.runtime.ledger import ledger_run
 
     return ledger_run()

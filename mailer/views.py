@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs.auth import staff_required
-from jobs.middleware import json_error, json_object
+from jobs.http import json_error, json_object
 from mailer.exceptions import EmailRefused
 from mailer.models import Email
 from mailer.services import email_queue

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern
 
-from jobs.middleware import json_error
+from jobs.http import json_error
 from mailer.models import Email
 from mailer.services import email_delivery_record
 

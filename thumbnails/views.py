@@ -11,7 +11,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs.context import get_request_id
-from jobs.middleware import json_error
+from jobs.http import json_error
 from thumbnails import processing, selectors, services
 from thumbnails.exceptions import StorageUnavailable, UploadTooLarge
 from thumbnails.models import Image

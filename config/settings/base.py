@@ -54,8 +54,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "jobs.middleware.RequestIdMiddleware",
-    "jobs.middleware.JsonErrorMiddleware",
-    "jobs.middleware.ProbeMiddleware",  # probes address pods by IP: answered before host checks
+    "config.middleware.JsonErrorMiddleware",
+    "config.middleware.ProbeMiddleware",  # probes address pods by IP: answered before host checks
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -317,13 +317,13 @@ JOBS_LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
 JOBS_LIVENESS_INTERVAL = env.float("JOBS_LIVENESS_INTERVAL", default=5.0)
 # Seconds a dead beat blocks its standby at most (the leader renews the lock every tick).
 JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
-# The ledger (jobs.ledger): every worker's sweeper thread runs this often (0: off), one at a time;
+# The ledger (jobs.runtime.ledger): every worker's sweeper thread runs this often (0: off), one at a time;
 # a published job is looked for in the broker once it is this old, and republished when two
 # sweeps this far apart did not find it.
 JOBS_LEDGER_SWEEP_INTERVAL = env.float("JOBS_LEDGER_SWEEP_INTERVAL", default=15.0)
 JOBS_LEDGER_LOST_AFTER = env.float("JOBS_LEDGER_LOST_AFTER", default=60.0)
 JOBS_LEDGER_MISSING_GRACE = env.float("JOBS_LEDGER_MISSING_GRACE", default=30.0)
-# Task history (jobs/results.py): a pool process writes its tasks' results this often, in one
+# Task history (jobs/runtime/results.py): a pool process writes its tasks' results this often, in one
 # statement, and keeps at most this many rows while the database refuses them.
 JOBS_RESULTS_FLUSH_INTERVAL = env.float("JOBS_RESULTS_FLUSH_INTERVAL", default=0.5)
 JOBS_RESULTS_BUFFER_LIMIT = env.int("JOBS_RESULTS_BUFFER_LIMIT", default=10_000)
@@ -339,9 +339,9 @@ JOBS_REDIS_URL = REDIS_URL
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
 if CELERY_RESULT_BACKEND == "django-db":
     # django-celery-results' own backend, with writes that ride out database restarts
-    # (jobs/results.py); django-celery-results' entry point would win over a loader alias.
-    CELERY_RESULT_BACKEND = "jobs.results:DatabaseBackend"
-CELERY_RESULT_BACKEND_ALWAYS_RETRY = True  # a cut connection is replaced (jobs/results.py)
+    # (jobs/runtime/results.py); django-celery-results' entry point would win over a loader alias.
+    CELERY_RESULT_BACKEND = "jobs.runtime.results:DatabaseBackend"
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True  # a cut connection is replaced (jobs/runtime/results.py)
 CELERY_RESULT_BACKEND_MAX_RETRIES = 5
 CELERY_RESULT_EXTENDED = True  # keeps task name and queue on results, for reports and the admin
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=7 * 24 * 3600)
@@ -402,17 +402,18 @@ CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Celery's Django fix-up closes every database connection before and after every task: each task
 # that touches the database then opens a new one (milliseconds on PostgreSQL). This number of tasks
-# is never reached; jobs.signals applies Django's request-cycle rule instead (CONN_MAX_AGE, health
+# is never reached; jobs.runtime.handlers applies Django's request-cycle rule instead (CONN_MAX_AGE, health
 # checks, a connection that errored dropped).
 CELERY_DB_REUSE_MAX = 2**31
-CELERY_WORKER_CONSUMER = "jobs.worker:JobConsumer"  # dead-letters messages it cannot run
+# No CELERY_WORKER_CONSUMER: `jobs` puts its own consumer (jobs.runtime.worker.JobConsumer, which
+# dead-letters a message it cannot run) and its bootsteps into every worker that starts.
 # Task events feed Flower's live task list; they cost about a third of the throughput of tiny
 # tasks (docs/performance.md). CELERY_TASK_EVENTS=false turns them off (set Flower's
 # FLOWER_ENABLE_EVENTS=false too, or Flower switches them back on in running workers).
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
 # A worker publishes its task events in batches, at most this many seconds late (0: Celery's own
-# publish on every loop iteration; see jobs.worker.JobConsumer).
+# publish on every loop iteration; see jobs.runtime.worker.JobConsumer).
 JOBS_TASK_EVENTS_FLUSH_INTERVAL = env.float("JOBS_TASK_EVENTS_FLUSH_INTERVAL", default=0.1)
 
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -470,7 +471,7 @@ if BROKER_SCHEME == "amqps":
 
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's database scheduler behind a Redis lock: one beat sends, others stand by.
-CELERY_BEAT_SCHEDULER = "jobs.beat:LockedDatabaseScheduler"
+CELERY_BEAT_SCHEDULER = "jobs.runtime.beat:LockedDatabaseScheduler"
 CELERY_BEAT_SYNC_EVERY = 1  # save last_run_at after every send, so a successor never sends it again
 DJANGO_CELERY_BEAT_TZ_AWARE = True
 
@@ -486,12 +487,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"context": {"()": "jobs.logging.ContextFilter"}},
     "formatters": {
-        "json": {"()": "jobs.logging.JsonFormatter"},
-        "console": {"()": "jobs.logging.ConsoleFormatter"},
+        "json": {"()": "config.logging.JsonFormatter"},
+        "console": {"()": "config.logging.ConsoleFormatter"},
     },
     "handlers": {
         "default": {
-            "class": "jobs.logging.StreamHandler",
+            "class": "config.logging.StreamHandler",
             "formatter": LOG_FORMAT,
             "filters": ["context"],
         },

@@ -11,7 +11,7 @@ import pytest
 
 from devtools.localredis import LocalRedis
 from jobs.models import OutboxMessage
-from jobs.outbox import outbox_relay
+from jobs.runtime.outbox import outbox_relay
 from tests.conftest import reset_broker_pools
 from tests.integration.conftest import wait_for
 from tests.thumbnails import images
@@ -28,7 +28,8 @@ def upload(client, **headers):
 
 
 def test_request_id_from_the_api_reaches_the_worker_log(client, start_worker, settings, caplog):
-    from jobs.logging import ContextFilter, JsonFormatter
+    from config.logging import JsonFormatter
+    from jobs.logging import ContextFilter
 
     worker = start_worker(extra_env={"MEDIA_ROOT": str(settings.MEDIA_ROOT)})
     with caplog.at_level(logging.INFO):

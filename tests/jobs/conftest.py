@@ -24,7 +24,7 @@ def publishes_in_transaction(monkeypatch) -> list[bool]:
     """For each message the outbox publishes, whether a transaction was open at that moment."""
     from django.db import connection
 
-    from jobs import outbox
+    from jobs.runtime import outbox
 
     seen: list[bool] = []
     original = outbox.publish

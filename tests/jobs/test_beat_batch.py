@@ -1,5 +1,5 @@
 """Beat sends every due entry of a tick at once, recorded with its messages in one transaction
-(jobs/beat.py): fast with thousands of schedules, never a tick twice, never one lost."""
+(jobs/runtime/beat.py): fast with thousands of schedules, never a tick twice, never one lost."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
-from jobs import beat, outbox
 from jobs.models import OutboxMessage
+from jobs.runtime import beat, outbox
 
 pytestmark = pytest.mark.django_db(transaction=True)  # django-celery-beat commits and closes connections
 
@@ -105,7 +105,7 @@ def test_a_tick_the_broker_refuses_is_recorded_and_left_to_the_ledger(scheduler,
 def test_an_expired_tick_in_the_ledger_is_forgotten_not_republished(redis_client):
     """Skipped by the worker (too late), it must not stay in the ledger: the sweeper would take
     it for lost and publish it again, to expire again."""
-    from jobs.worker import JobRequest
+    from jobs.runtime.worker import JobRequest
 
     message = OutboxMessage.objects.create(task_name="jobs.ping", task_id="tick-1", published_at=timezone.now())
     request = JobRequest.__new__(JobRequest)

@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.test import Client, RequestFactory
 
-from jobs.middleware import json_object
+from jobs.http import json_object
 from jobs.models import DeadLetter, OutboxMessage
 from mailer.models import Email
 from tests.jobs.factories import DeadLetterFactory

@@ -9,7 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from prometheus_client import REGISTRY
 
-from tests.test_settings import load_settings  # noqa: F401 - a fixture, used by name below
+from tests.config.test_settings import load_settings  # noqa: F401 - a fixture, used by name below
 
 
 def db_executions(text: str) -> float:

@@ -14,7 +14,7 @@ from django.core.files.storage import default_storage
 from django.db import InterfaceError, OperationalError, connection
 
 from jobs.models import DeadLetter, OutboxMessage
-from jobs.worker import JobConsumer
+from jobs.runtime.worker import JobConsumer
 from mailer.models import Email
 from mailer.services import SentNotRecorded, email_queue, email_send
 from tests.thumbnails import images
@@ -204,7 +204,7 @@ def test_a_job_the_broker_can_never_take_ends_through_the_failure_path(redis_cli
 
     from django.utils import timezone
 
-    from jobs.outbox import outbox_relay
+    from jobs.runtime.outbox import outbox_relay
 
     image = thumbnail_services.image_create(upload=images.upload(images.jpeg()))
     OutboxMessage.objects.filter(args=[image.pk]).update(

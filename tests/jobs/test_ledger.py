@@ -10,7 +10,8 @@ import pytest
 from django.db import OperationalError, connection
 from django.utils import timezone
 
-from jobs.ledger import (
+from jobs.models import DeadLetter, OutboxMessage
+from jobs.runtime.ledger import (
     RESERVED_KEY,
     ledger_counts,
     ledger_defer_retry,
@@ -19,8 +20,7 @@ from jobs.ledger import (
     ledger_sweep,
     worker_reserved_publish,
 )
-from jobs.models import DeadLetter, OutboxMessage
-from jobs.outbox import enqueue, outbox_relay
+from jobs.runtime.outbox import enqueue, outbox_relay
 
 pytestmark = pytest.mark.django_db
 
@@ -102,7 +102,7 @@ def test_a_worker_that_stopped_refreshing_holds_nothing(redis_client, settings):
 
 def test_two_sweeps_that_judged_the_same_job_lost_publish_it_once(redis_client):
     """The second sweep's claim re-checks what it judged: the first one republished the job."""
-    from jobs.ledger import _republish
+    from jobs.runtime.ledger import _republish
 
     row = _published("raced-1", missing_since=timezone.now() - timedelta(hours=1))
     judged = {"missing_since__lte": timezone.now() - timedelta(seconds=30)}
@@ -113,7 +113,7 @@ def test_two_sweeps_that_judged_the_same_job_lost_publish_it_once(redis_client):
 
 def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch, settings):
     """Not even by the time rule: a long backlog would be republished again and again."""
-    from jobs import ledger
+    from jobs.runtime import ledger
 
     settings.CELERY_VISIBILITY_TIMEOUT = 100  # the job (600 s old) is past the time rule's cutoff
     monkeypatch.setattr(ledger, "SCAN_LIMIT", 1)
@@ -124,7 +124,7 @@ def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch, se
 
 
 def test_only_one_process_sweeps_at_a_time(redis_client):
-    from jobs.ledger import ledger_run
+    from jobs.runtime.ledger import ledger_run
 
     _published("locked-1", missing_since=timezone.now() - timedelta(hours=1))
     assert ledger_run(token="worker-a", ttl=60)["sweep"]["republished"] == 1
@@ -267,7 +267,7 @@ def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_clie
 def test_a_job_brought_back_resumes_with_the_retries_it_used(redis_client):
     """The row keeps the retry count (and the postponements that used no budget): a job the
     sweeper republishes does not start its retries over, nor re-wait its first countdown."""
-    from jobs.ledger import ledger_note_retry
+    from jobs.runtime.ledger import ledger_note_retry
 
     row = _published("counted-1", missing_since=timezone.now() - timedelta(hours=1))
     OutboxMessage.objects.filter(pk=row.pk).update(options={**row.options, "countdown": 30})

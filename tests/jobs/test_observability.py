@@ -15,10 +15,10 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from config.celery import app
-from jobs import beat
-from jobs.flower import FlowerConfigError, flower_environment
+from config.flower import FlowerConfigError, flower_environment
 from jobs.heartbeat import heartbeat_write, liveness_touch
 from jobs.models import DeadLetter, OutboxMessage
+from jobs.runtime import beat
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db

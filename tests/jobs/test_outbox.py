@@ -14,7 +14,7 @@ from django.utils import timezone
 from devtools.localredis import free_port
 from jobs.context import request_id_var
 from jobs.models import OutboxMessage
-from jobs.outbox import enqueue, outbox_relay
+from jobs.runtime.outbox import enqueue, outbox_relay
 from jobs.tasks import ping
 from tests.conftest import reset_broker_pools
 

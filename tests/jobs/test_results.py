@@ -1,4 +1,4 @@
-"""Task history written in batches (jobs/results.py): one row per task, its last state, never undone."""
+"""Task history written in batches (jobs/runtime/results.py): one row per task, its last state, never undone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 from kombu.exceptions import EncodeError
 
-from jobs import results
+from jobs.runtime import results
 
 pytestmark = pytest.mark.django_db
 

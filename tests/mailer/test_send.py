@@ -168,7 +168,8 @@ def test_a_failed_send_goes_back_to_queued_with_the_error(smtp_settings, queued)
 
 
 def test_a_refused_recipient_is_permanent_and_its_address_is_not_logged(smtp_settings, queued, caplog):
-    from jobs.logging import ContextFilter, JsonFormatter
+    from config.logging import JsonFormatter
+    from jobs.logging import ContextFilter
 
     smtp_settings.handler.rcpt_reply = "550 5.1.1 No such user"
     email = queued()

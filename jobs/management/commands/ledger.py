@@ -7,8 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count, Min
 
-from jobs.ledger import ledger_counts, ledger_oldest_age, ledger_run
 from jobs.models import OutboxMessage
+from jobs.runtime.ledger import ledger_counts, ledger_oldest_age, ledger_run
 
 
 class Command(BaseCommand):

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
+from config.logging import ConsoleFormatter, JsonFormatter
 from jobs.context import request_id_var, task_id_var, task_name_var
-from jobs.logging import ConsoleFormatter, ContextFilter, JsonFormatter
+from jobs.logging import ContextFilter
 
 
 def _record(msg="thumbnail.done", level=logging.INFO, **extra):
@@ -89,7 +90,7 @@ class _Collect(logging.Handler):
 
 
 def _stream(name="test.stdout"):
-    from jobs.logging import LogStream
+    from config.logging import LogStream
 
     logger = logging.getLogger(name)
     logger.propagate = False
@@ -136,10 +137,10 @@ def test_capture_stdio_points_stdout_and_stderr_at_logging_and_handlers_at_the_r
     import io
     import sys
 
-    from jobs import logging as jobs_logging
+    from config import logging as site_logging
 
     real_out, real_err = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(jobs_logging, "_REAL_STREAMS", {})
+    monkeypatch.setattr(site_logging, "_REAL_STREAMS", {})
     for name, stream in {
         "stdout": real_out,
         "stderr": real_err,
@@ -147,13 +148,13 @@ def test_capture_stdio_points_stdout_and_stderr_at_logging_and_handlers_at_the_r
         "__stderr__": real_err,
     }.items():
         monkeypatch.setattr(sys, name, stream)
-    jobs_logging.capture_stdio()
-    jobs_logging.capture_stdio()  # idempotent: the real streams are kept, not the proxies
-    assert isinstance(sys.stdout, jobs_logging.LogStream)
+    site_logging.capture_stdio()
+    site_logging.capture_stdio()  # idempotent: the real streams are kept, not the proxies
+    assert isinstance(sys.stdout, site_logging.LogStream)
     assert sys.__stderr__ is sys.stderr
-    assert {"stdout": real_out, "stderr": real_err} == jobs_logging._REAL_STREAMS
+    assert {"stdout": real_out, "stderr": real_err} == site_logging._REAL_STREAMS
 
-    handler = jobs_logging.StreamHandler()
+    handler = site_logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("stdout")
     monkeypatch.setattr(logger, "handlers", [handler])
@@ -187,12 +188,12 @@ def test_log_stream_writes_plainly_while_logging_is_not_configured(monkeypatch):
     """A worker that fails before Django configured logging must still show why."""
     import io
 
-    from jobs import logging as jobs_logging
+    from config import logging as site_logging
 
     real_err = io.StringIO()
-    monkeypatch.setattr(jobs_logging, "_REAL_STREAMS", {"stderr": real_err})
+    monkeypatch.setattr(site_logging, "_REAL_STREAMS", {"stderr": real_err})
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
-    stream = jobs_logging.LogStream(logging.getLogger("stderr"), logging.WARNING)
+    stream = site_logging.LogStream(logging.getLogger("stderr"), logging.WARNING)
     stream.write("ImproperlyConfigured: no broker\n")
     assert real_err.getvalue() == "ImproperlyConfigured: no broker\n"
 
@@ -202,7 +203,7 @@ def test_log_stream_writes_plainly_while_logging_is_not_configured(monkeypatch):
     [({"FORCE_COLOR": "1"}, True), ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, False), ({}, False)],
 )
 def test_console_colour_follows_force_color_and_no_color(monkeypatch, env, colour):
-    from jobs.logging import console_colour
+    from config.logging import console_colour
 
     for name in ("FORCE_COLOR", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)

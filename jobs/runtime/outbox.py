@@ -3,9 +3,9 @@ hangs on it.
 
 `enqueue()` writes the job to the ledger (`OutboxMessage`) inside the caller's transaction and,
 once the transaction commits, publishes it with a short timeout and marks the row published.
-The row stays until the job has finished (`jobs.ledger.ledger_finish`). When the broker does not
+The row stays until the job has finished (`jobs.runtime.ledger.ledger_finish`). When the broker does not
 answer, the row stays unpublished and `outbox_relay()` publishes it later, with the same task id;
-when the broker loses a published message, `jobs.ledger.ledger_sweep()` notices and republishes.
+when the broker loses a published message, `jobs.runtime.ledger.ledger_sweep()` notices and republishes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
 
-logger = logging.getLogger("jobs.outbox")
+logger = logging.getLogger("jobs.runtime.outbox")
 
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3}
 #: A row younger than this, never tried, belongs to the publisher of its own request.
@@ -80,7 +80,7 @@ def publish(message: OutboxMessage, *, producer: Any = None) -> None:
     """Sends the ledger row's message (same task id, its retries so far). Raises what the broker raised."""
     from celery import current_app
 
-    from jobs.base import POSTPONED_HEADER
+    from jobs.runtime.task import POSTPONED_HEADER
 
     options = dict(message.options)
     headers = dict(options.pop("headers", {}) or {})

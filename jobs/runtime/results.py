@@ -11,7 +11,7 @@ What this can lose, and what it cannot:
 - A pool process killed outright (SIGKILL, the OOM killer) loses the states it had not written
   yet, at most the last half second of its history. A process that exits normally (recycled after
   `max_tasks_per_child`, a warm shutdown) writes them first. The jobs themselves are never at
-  stake: their truth is the broker's acknowledgement, the ledger (`jobs.ledger`), the app's rows
+  stake: their truth is the broker's acknowledgement, the ledger (`jobs.runtime.ledger`), the app's rows
   and the dead letters, all written synchronously where they were.
 - A pool process killed after its task ended but before the worker's main process heard of it:
   Celery looks for a stored SUCCESS before it gives such a job back to the broker, and the
@@ -56,7 +56,7 @@ from django_celery_results.models import TaskResult
 from jobs.conf import jobs_settings
 from jobs.db import close_connection, drop_stale_connection
 
-logger = logging.getLogger("jobs.results")
+logger = logging.getLogger("jobs.runtime.results")
 
 #: The columns the upsert writes, in order.
 COLUMNS = (

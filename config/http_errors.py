@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
 
-from jobs.middleware import json_error
+from jobs.http import json_error
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

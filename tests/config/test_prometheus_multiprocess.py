@@ -17,8 +17,9 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from config.env import BASE_DIR
+from config.prometheus_multiprocess import empty_directory, process_exited
 from jobs import prometheus_multiprocess
-from jobs.prometheus_multiprocess import directory_lock, empty_directory, process_exited
+from jobs.prometheus_multiprocess import directory_lock
 
 REQUESTS = "django_http_requests_total_by_method"
 LATENCY = "django_http_requests_latency_seconds_by_view_method"
@@ -175,7 +176,7 @@ def test_gunicorn_config_keeps_a_given_directory_and_empties_it_at_start(monkeyp
     assert collected(tmp_path)[(f"{REQUESTS}_total", (("method", "GET"),))] == 2
 
     failing = server()
-    with mock.patch("jobs.prometheus_multiprocess.process_exited", side_effect=OSError("no space")):
+    with mock.patch("config.prometheus_multiprocess.process_exited", side_effect=OSError("no space")):
         config.child_exit(failing, SimpleNamespace(pid=103))  # logged; the master carries on
     failing.log.exception.assert_called_once()
 

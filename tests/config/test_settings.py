@@ -57,7 +57,7 @@ def test_local_defaults(load_settings):
     assert s.DATABASES["default"]["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert "journal_mode=WAL" in s.DATABASES["default"]["OPTIONS"]["init_command"]
     assert s.CELERY_BROKER_URL == "redis://127.0.0.1:6379/0"
-    assert s.CELERY_RESULT_BACKEND == "jobs.results:DatabaseBackend"  # `django-db`, riding out restarts
+    assert s.CELERY_RESULT_BACKEND == "jobs.runtime.results:DatabaseBackend"  # `django-db`, riding out restarts
     assert s.EMAIL_BACKEND == "django.core.mail.backends.console.EmailBackend"
     assert s.THUMBNAIL_SIZES == [128, 256, 512]
     assert s.MAX_UPLOAD_BYTES == 20971520
@@ -84,7 +84,7 @@ def test_celery_settings_are_safe_by_default(load_settings):
     assert s.CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP is True
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
-    assert s.CELERY_BEAT_SCHEDULER == "jobs.beat:LockedDatabaseScheduler"  # a DatabaseScheduler subclass
+    assert s.CELERY_BEAT_SCHEDULER == "jobs.runtime.beat:LockedDatabaseScheduler"  # a DatabaseScheduler subclass
 
 
 def test_environment_wins_over_module_defaults(load_settings, tmp_path):

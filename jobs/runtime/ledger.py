@@ -1,6 +1,6 @@
 """The database as the ledger of every accepted job; the broker as the fast path.
 
-A job published through `jobs.outbox.enqueue` keeps its `OutboxMessage` row until it has
+A job published through `jobs.runtime.outbox.enqueue` keeps its `OutboxMessage` row until it has
 finished: the worker deletes the row when the task succeeds, or once its dead letter is written
 (`ledger_finish`). So a row that stays long after it was published is a job whose message the
 broker may have lost: Redis restarted without persistence, a failover to a replica that had not
@@ -44,10 +44,10 @@ from django.utils import timezone
 from jobs.conf import jobs_settings
 from jobs.db import with_fresh_connection
 from jobs.models import OutboxMessage
-from jobs.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
 from jobs.outcomes import LEDGER_HEADER
+from jobs.runtime.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
 
-logger = logging.getLogger("jobs.ledger")
+logger = logging.getLogger("jobs.runtime.ledger")
 
 RESERVED_KEY = "jobs:reserved"
 SWEEP_LOCK_KEY = "jobs:ledger:sweep"
@@ -93,7 +93,7 @@ def ledger_defer_retry(
     headers = {k: v for k, v in (headers or {}).items() if isinstance(k, str)}
     headers[LEDGER_HEADER] = 1
 
-    from jobs.base import POSTPONED_HEADER
+    from jobs.runtime.task import POSTPONED_HEADER
 
     postponed = int(headers.pop(POSTPONED_HEADER, 0) or 0)
 

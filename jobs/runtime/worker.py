@@ -168,7 +168,7 @@ class JobRequest(Request):
 
         if not (self._request_dict or {}).get(LEDGER_HEADER):
             return
-        from jobs.ledger import ledger_finish
+        from jobs.runtime.ledger import ledger_finish
 
         _fresh_db()
         ledger_finish(self.id)
@@ -387,7 +387,7 @@ class LivenessStep(bootsteps.StartStopStep):
         self.client = None
 
     def start(self, parent: Any) -> None:
-        from jobs.ledger import _redis_client
+        from jobs.runtime.ledger import _redis_client
 
         self.client = _redis_client()
         self.touch(parent)
@@ -411,7 +411,7 @@ class LivenessStep(bootsteps.StartStopStep):
         except OSError:
             logger.warning("worker.liveness_write_failed", exc_info=True)
         try:
-            from jobs.ledger import worker_reserved_publish
+            from jobs.runtime.ledger import worker_reserved_publish
 
             worker_reserved_publish(parent.hostname, held_task_ids(), client=self.client)
         except Exception as exc:  # noqa: BLE001 - Redis paused or full: the sweeper then waits longer
@@ -429,7 +429,7 @@ def held_task_ids() -> set[str]:
 
 
 class LedgerStep(bootsteps.StartStopStep):
-    """Runs the ledger's upkeep (`jobs.ledger`: publish what waits, bring back what the broker
+    """Runs the ledger's upkeep (`jobs.runtime.ledger`: publish what waits, bring back what the broker
     lost) in a thread of the worker's main process, so it goes on whether beat runs or not."""
 
     label = "Ledger sweeper"
@@ -440,7 +440,7 @@ class LedgerStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
 
-        from jobs.ledger import Sweeper
+        from jobs.runtime.ledger import Sweeper
 
         interval = jobs_settings.LEDGER_SWEEP_INTERVAL
         if interval > 0:
@@ -450,3 +450,15 @@ class LedgerStep(bootsteps.StartStopStep):
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None
+
+
+def install_worker(worker: Any) -> None:
+    """Makes a starting worker (any Celery app's: Celery's `worker_init` signal) a `jobs` worker:
+    its bootsteps join the blueprint and `JobConsumer` replaces Celery's default consumer. A
+    project that names a consumer of its own (`CELERY_WORKER_CONSUMER`) keeps it."""
+    from celery.utils.imports import symbol_by_name
+
+    worker.app.steps["worker"].update({ZeroIsNoLimitStep, ShutdownLogStep, LedgerStep})
+    worker.app.steps["consumer"].add(LivenessStep)
+    if symbol_by_name(worker.consumer_cls) is Consumer:
+        worker.consumer_cls = JobConsumer

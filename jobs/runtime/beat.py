@@ -10,7 +10,7 @@
 - Every tick refreshes the beat's liveness file (for `manage.py probe beat`) and, while it
   leads, the beat heartbeat behind `/api/jobs/health/`.
 - A tick sends every entry that is due (up to `BATCH`), not one: their new `last_run_at` and
-  their messages (ledger rows, `jobs.outbox`) are written in one transaction, then published.
+  their messages (ledger rows, `jobs.runtime.outbox`) are written in one transaction, then published.
   So a standby that takes over never sends a tick its predecessor sent (the run time was
   committed with the message), and a tick whose publish failed is not lost (the ledger publishes
   it). Celery's scheduler instead sent one entry per tick, compared the whole schedule with itself
@@ -43,7 +43,7 @@ from django_celery_beat.schedulers import DatabaseScheduler
 from jobs.conf import jobs_settings
 from jobs.heartbeat import heartbeat_write, liveness_touch
 
-logger = logging.getLogger("jobs.beat")
+logger = logging.getLogger("jobs.runtime.beat")
 
 LOCK_KEY = "jobs:beat:leader"
 STANDBY_POLL = 5.0
@@ -255,7 +255,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         The database down: nothing is recorded or sent, the schedule is read again, the next tick
         tries again. An entry the database (or the message) refuses is logged and left out,
         never holding back the others."""
-        from jobs.outbox import CLAIM_TTL, publish_claimed
+        from jobs.runtime.outbox import CLAIM_TTL, publish_claimed
 
         now = timezone.now()
         claim = uuid.uuid4().hex

@@ -1,0 +1,157 @@
+"""The Celery signal handlers of `jobs` (connected when the app is ready).
+
+The request id travels in a message header: it is added when a task is published inside an HTTP
+request or inside another task, restored in the worker around the task, and cleared after.
+"""
+
+from __future__ import annotations
+
+from celery import signals
+
+from jobs.conf import jobs_settings
+from jobs.context import get_request_id, request_id_var, sane_request_id, task_id_var, task_name_var
+
+REQUEST_ID_HEADER = "request_id"
+
+
+@signals.setup_logging.connect
+def _use_django_logging(**kwargs) -> None:
+    """Django's LOGGING already configured every logger (Celery's included) at django.setup();
+    connecting here stops Celery from installing its own handlers beside them."""
+
+
+@signals.worker_init.connect
+def _install_worker(sender=None, **kwargs) -> None:
+    from jobs.runtime.worker import install_worker
+
+    install_worker(sender)
+
+
+@signals.before_task_publish.connect
+def _add_request_id(headers: dict | None = None, **kwargs) -> None:
+    if headers is not None and not headers.get(REQUEST_ID_HEADER):
+        request_id = get_request_id()
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+
+
+@signals.task_prerun.connect
+def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
+    request = getattr(task, "request", None)
+    request_id_var.set(sane_request_id(getattr(request, REQUEST_ID_HEADER, None)))
+    task_id_var.set(task_id)
+    task_name_var.set(getattr(task, "name", None))
+    _recycle_connections(request)
+
+
+@signals.task_received.connect
+def _count_received(request=None, **kwargs) -> None:
+    from jobs import metrics
+
+    metrics.task_event(getattr(request, "name", None) or "<unknown>", "received")
+
+
+@signals.worker_process_init.connect
+def _pool_process_started(**kwargs) -> None:
+    from jobs.runtime.results import results_start_buffering
+
+    results_start_buffering()
+
+
+@signals.worker_shutdown.connect
+@signals.worker_process_shutdown.connect
+def _pool_process_exiting(**kwargs) -> None:
+    from jobs.runtime.results import results_stop_buffering
+
+    results_stop_buffering()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**kwargs) -> None:
+
+    from jobs import metrics
+
+    _bound_sigterm()
+    _buffer_results_without_prefork(kwargs.get("sender"))
+    metrics.start_worker_metrics_server(jobs_settings.WORKER_METRICS_PORT)
+    _relay_outbox_at_start()
+
+
+def _buffer_results_without_prefork(consumer) -> None:
+    """A pool that runs tasks in this process (threads, gevent, solo) writes their results in
+    batches from here; a prefork worker's main process forks, and writes its few results (hard
+    time limits, lost processes) at once."""
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    from jobs.runtime.results import results_start_buffering
+
+    pool = getattr(consumer, "pool", None)
+    if pool is not None and not isinstance(pool, PreforkPool):
+        results_start_buffering()
+
+
+def _bound_sigterm() -> None:
+    """SIGTERM (a deploy, `docker stop`, Kubernetes) becomes Celery's cold shutdown with its soft
+    phase: running tasks get CELERY_SHUTDOWN_TIMEOUT seconds to finish, then whatever is still
+    running, reserved or held for an ETA is given back to the broker. Celery's own SIGTERM (warm
+    shutdown) would wait for running tasks without limit, until the orchestrator's SIGKILL."""
+    import os
+    import signal
+
+    def term_to_quit(signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    signal.signal(signal.SIGTERM, term_to_quit)
+
+
+def _relay_outbox_at_start() -> None:
+    """Whatever waited in the outbox while the broker was down goes out as soon as a worker is up."""
+    import logging
+
+    from django.db import connection
+
+    from jobs.db import with_fresh_connection
+    from jobs.runtime.outbox import outbox_relay
+
+    try:
+        with_fresh_connection(outbox_relay, what="outbox_relay_at_start")
+    except Exception:  # never keep a worker from starting
+        logging.getLogger("jobs.runtime.outbox").warning("outbox.relay_at_start_failed", exc_info=True)
+    finally:
+        connection.close()  # the main process keeps no connection to go stale (jobs.db)
+
+
+@signals.task_postrun.connect
+def _leave_task(task=None, task_id: str | None = None, state: str | None = None, **kwargs) -> None:
+    request_id_var.set(None)
+    task_id_var.set(None)
+    task_name_var.set(None)
+    request = getattr(task, "request", None)
+    if task_id and getattr(request, "jobs_ledger", None):
+        _ledger_end(task, task_id, state)
+    _recycle_connections(request)
+
+
+def _recycle_connections(request) -> None:
+    """Django's rule for a request, around every task: a connection that errored, or is older
+    than CONN_MAX_AGE, is dropped; one kept is health-checked before its next use. (Celery's
+    Django fix-up closed every connection twice per task instead, so each task that touched the
+    database paid for a new connection: CELERY_DB_REUSE_MAX turns that off.) Not for a task run
+    eagerly, inside its caller's transaction."""
+    if getattr(request, "is_eager", False):
+        return
+    from jobs.db import recycle_between_tasks
+
+    recycle_between_tasks()
+
+
+def _ledger_end(task, task_id: str, state: str | None) -> None:
+    """A job kept in the ledger has ended in this pool process: forget it. A JobTask's failure
+    is forgotten by the failure path, and only once its dead letter is safe."""
+    from celery import states
+
+    from jobs.runtime.ledger import ledger_finish
+
+    is_job_task = getattr(task, "on_give_up", None) is not None
+    if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
+        ledger_finish(task_id)
