@@ -18,10 +18,10 @@ def _longest_delay(base: float, cap: float, retries: int) -> float:
 def project_retry_ceiling(visibility: float) -> float:
     """The longest a retry may wait on Redis with the project's time limit (`JobTask.retry_ceiling`)."""
     margin = max(visibility * 0.1, 60.0)
-    return max(visibility - (settings.CELERY_TASK_TIME_LIMIT or 0) - margin, 1.0)
+    return max(visibility - jobs_settings.task_time_limit - margin, 1.0)
 
 
-def _retry_delay_warnings(visibility: int) -> list:
+def _retry_delay_warnings(visibility: float) -> list:
     """jobs.W001 for the project-wide policy and for each task that overrides it."""
     base, cap = jobs_settings.TASK_RETRY_BACKOFF_BASE, jobs_settings.TASK_RETRY_BACKOFF_MAX
     retries = jobs_settings.TASK_MAX_RETRIES
@@ -39,7 +39,7 @@ def _retry_delay_warnings(visibility: int) -> list:
             Warning(
                 f"The longest retry delay ({longest:g} s with TASK_RETRY_BACKOFF_BASE={base:g}, "
                 f"TASK_RETRY_BACKOFF_MAX={cap:g}, TASK_MAX_RETRIES={retries}) is not below the longest a "
-                f"retry may wait ({ceiling:g} s, from CELERY_VISIBILITY_TIMEOUT={visibility} s).",
+                f"retry may wait ({ceiling:g} s, from a visibility timeout of {visibility:g} s).",
                 hint=hint,
                 id="jobs.W001",
             )
@@ -69,19 +69,19 @@ def _retry_delay_warnings(visibility: int) -> list:
 def check_task_settings(app_configs=None, **kwargs) -> list:
     problems = []
     redis = jobs_settings.broker_is_redis
-    visibility = settings.CELERY_VISIBILITY_TIMEOUT
+    visibility = jobs_settings.visibility_timeout
     if redis:
         problems.extend(_retry_delay_warnings(visibility))
-    if redis and visibility <= settings.CELERY_TASK_TIME_LIMIT:
+    if redis and jobs_settings.task_time_limit and visibility <= jobs_settings.task_time_limit:
         problems.append(
             Warning(
-                f"CELERY_TASK_TIME_LIMIT ({settings.CELERY_TASK_TIME_LIMIT} s) is not below "
-                f"CELERY_VISIBILITY_TIMEOUT ({visibility} s).",
+                f"CELERY_TASK_TIME_LIMIT ({jobs_settings.task_time_limit:g} s) is not below "
+                f"the visibility timeout ({visibility:g} s, CELERY_BROKER_TRANSPORT_OPTIONS).",
                 hint="A task still running when the visibility timeout passes is delivered to a second worker.",
                 id="jobs.W002",
             )
         )
-    soft, hard = settings.CELERY_TASK_SOFT_TIME_LIMIT, settings.CELERY_TASK_TIME_LIMIT
+    soft, hard = jobs_settings.celery("TASK_SOFT_TIME_LIMIT"), jobs_settings.celery("TASK_TIME_LIMIT")
     if soft and hard and soft >= hard:
         problems.append(
             Warning(
@@ -91,32 +91,24 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
                 id="jobs.W006",
             )
         )
-    if float(getattr(settings, "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 0) or 0) <= 0:
+    soft_shutdown = jobs_settings.celery("WORKER_SOFT_SHUTDOWN_TIMEOUT")  # None: jobs gives JOBS_SHUTDOWN_TIMEOUT
+    if float(jobs_settings.SHUTDOWN_TIMEOUT if soft_shutdown is None else soft_shutdown or 0) <= 0:
         problems.append(
             Warning(
-                "Celery's soft shutdown is off (CELERY_SHUTDOWN_TIMEOUT is 0).",
+                "Celery's soft shutdown is off (CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT or JOBS_SHUTDOWN_TIMEOUT is 0).",
                 hint="On SIGTERM running tasks are then cut at once instead of being given time to finish.",
                 id="jobs.W003",
             )
         )
-    if settings.CELERY_TASK_ACKS_LATE and jobs_settings.WORKER_LOST_LIMIT < 1:
+    if jobs_settings.WORKER_LOST_LIMIT < 1:
         problems.append(
             Warning(
-                "Late acknowledgement is on but crash-loop quarantine is off (JOBS_WORKER_LOST_LIMIT < 1).",
+                "Jobs are acknowledged late but crash-loop quarantine is off (JOBS_WORKER_LOST_LIMIT < 1).",
                 hint="A task that kills its worker would be redelivered forever. Set JOBS_WORKER_LOST_LIMIT, e.g. 3.",
                 id="jobs.W004",
             )
         )
-    if not settings.DEBUG and not settings.FLOWER_BASIC_AUTH:
-        problems.append(
-            Warning(
-                "FLOWER_BASIC_AUTH is not set while DJANGO_DEBUG is false.",
-                hint="Flower shows task arguments and can revoke tasks; `celery -A config flower` refuses to start "
-                "without authentication outside debug.",
-                id="jobs.W005",
-            )
-        )
-    unsafe = set(settings.CELERY_ACCEPT_CONTENT) - {"json", "application/json"}
+    unsafe = set(jobs_settings.celery("ACCEPT_CONTENT", ["json"])) - {"json", "application/json"}
     if unsafe:
         problems.append(
             Error(

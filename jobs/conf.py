@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "RESULTS_FLUSH_INTERVAL": 0.5,
     "RESULTS_BUFFER_LIMIT": 10_000,
     "TASK_EVENTS_FLUSH_INTERVAL": 0.1,
+    # Seconds a worker gives running tasks after SIGTERM before giving them back to the broker
+    # (Celery's soft shutdown), unless the project sets CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT itself.
+    "SHUTDOWN_TIMEOUT": 30.0,
     # The worker's own Prometheus endpoint (0: off).
     "WORKER_METRICS_PORT": 9808,
     # The hourly clean-up: files older than this many hours under TEMP_ROOT (None: nothing of its
@@ -60,6 +63,30 @@ class JobsSettings:
         if name not in DEFAULTS:
             raise AttributeError(f"jobs has no setting {name!r} (JOBS_{name})")
         return getattr(settings, f"JOBS_{name}", DEFAULTS[name])
+
+    # Celery's own options, as the project gives them to Celery (`CELERY_*` Django settings, the
+    # namespace of Celery's standard Django setup), with Celery's defaults. Read from the settings
+    # each time, like the rest, so `override_settings` applies.
+    @staticmethod
+    def celery(name: str, default: Any = None) -> Any:
+        """The Django setting `CELERY_<name>` (Celery's `<name.lower()>`), or `default`."""
+        return getattr(settings, f"CELERY_{name}", default)
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Seconds after which Redis gives an unacknowledged message to another worker (Celery's
+        `broker_transport_options["visibility_timeout"]`, 3600 by default)."""
+        options = self.celery("BROKER_TRANSPORT_OPTIONS") or {}
+        return float(options.get("visibility_timeout", 3600))
+
+    @property
+    def task_time_limit(self) -> float:
+        """Celery's hard time limit for every task (`task_time_limit`; 0: none)."""
+        return float(self.celery("TASK_TIME_LIMIT") or 0)
+
+    @property
+    def default_queue(self) -> str:
+        return str(self.celery("TASK_DEFAULT_QUEUE") or "celery")
 
     @property
     def broker_url(self) -> str:

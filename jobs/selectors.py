@@ -81,14 +81,22 @@ def dead_letter_oldest_pending_age() -> float:
     return max((timezone.now() - oldest).total_seconds(), 0.0) if oldest else 0.0
 
 
-QUEUES = ("high", "normal", "low")
-
-
-def queue_lengths(queues: Iterable[str] = QUEUES) -> dict[str, int]:
-    """Messages waiting in each queue, read from the broker (Redis counts every priority
-    sub-list; RabbitMQ reports the ready count). Raises when the broker does not answer."""
+def queue_names() -> list[str]:
+    """The queues the project declares (Celery's `task_queues`, in their order), else its default queue."""
     from celery import current_app as app
 
+    declared = app.conf.task_queues or ()
+    names = [queue if isinstance(queue, str) else queue.name for queue in declared]
+    return names or [app.conf.task_default_queue]
+
+
+def queue_lengths(queues: Iterable[str] | None = None) -> dict[str, int]:
+    """Messages waiting in each queue (by default every queue the project declares), read from the
+    broker (Redis counts every priority sub-list; RabbitMQ reports the ready count). Raises when
+    the broker does not answer."""
+    from celery import current_app as app
+
+    queues = queue_names() if queues is None else queues
     lengths = {}
     with app.connection_for_read() as conn:
         conn.ensure_connection(max_retries=0, timeout=2)

@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "jobs",
     "thumbnails",
     "mailer",
+    "config.apps.SiteConfig",
 ]
 
 MIDDLEWARE = [

@@ -342,7 +342,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         if not options.get("queue"):
             route = self.app.amqp.router.route({}, entry.task)
             queue = route.get("queue")
-            options["queue"] = getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE
+            options["queue"] = getattr(queue, "name", queue) or jobs_settings.default_queue
         return OutboxMessage(
             task_name=entry.task,
             task_id=str(uuid.uuid4()),

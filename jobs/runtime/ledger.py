@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Min, Q
 from django.utils import timezone
@@ -265,12 +264,12 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
     if view.ids is None:
         # Queues that cannot be read: a job is gone only when it is older than anything the broker
         # may legitimately hold, no worker holds it, and its queue has no message waiting at all.
-        cutoff = now - timedelta(seconds=settings.CELERY_VISIBILITY_TIMEOUT + 60)
+        cutoff = now - timedelta(seconds=jobs_settings.visibility_timeout + 60)
         depths = view.depths or {}
 
         def queue_of(task_name: str, options: dict) -> str:
             queue = (options or {}).get("queue") or current_app.amqp.router.route({}, task_name).get("queue")
-            return str(getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE)
+            return str(getattr(queue, "name", queue) or jobs_settings.default_queue)
 
         gone = [
             pk

@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import requests
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
-from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from jobs import crashloop
@@ -105,6 +104,10 @@ class JobTask(MeteredTask):
     """Base task: retry policy, dead letters, quarantine, logging context."""
 
     abstract = True
+    # A job is acknowledged once it has ended, and given back when its pool process dies (the
+    # crash-loop quarantine stops one that keeps killing it), whatever the project's defaults.
+    acks_late = True
+    reject_on_worker_lost = True
 
     #: Exception classes retried with backoff, in addition to `is_transient_by_default`.
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -163,8 +166,8 @@ class JobTask(MeteredTask):
         task's time limit and a margin for waiting on a free pool process must all fit in it."""
         if not jobs_settings.broker_is_redis:
             return None
-        visibility = settings.CELERY_VISIBILITY_TIMEOUT
-        time_limit = self.time_limit or settings.CELERY_TASK_TIME_LIMIT or 0
+        visibility = jobs_settings.visibility_timeout
+        time_limit = self.time_limit or jobs_settings.task_time_limit
         margin = max(visibility * (1 - VISIBILITY_MARGIN), 60.0)
         return max(visibility - time_limit - margin, 1.0)
 
@@ -302,4 +305,4 @@ class JobTask(MeteredTask):
     def _default_queue(self) -> str:
         route = self.app.amqp.router.route({}, self.name)
         queue = route.get("queue")
-        return getattr(queue, "name", queue) or settings.CELERY_TASK_DEFAULT_QUEUE
+        return getattr(queue, "name", queue) or jobs_settings.default_queue

@@ -454,9 +454,14 @@ class LedgerStep(bootsteps.StartStopStep):
 
 def install_worker(worker: Any) -> None:
     """Makes a starting worker (any Celery app's: Celery's `worker_init` signal) a `jobs` worker:
-    its bootsteps join the blueprint and `JobConsumer` replaces Celery's default consumer. A
-    project that names a consumer of its own (`CELERY_WORKER_CONSUMER`) keeps it."""
+    its bootsteps join the blueprint, `JobConsumer` replaces Celery's default consumer, and SIGTERM
+    gives running tasks JOBS_SHUTDOWN_TIMEOUT seconds (Celery's soft shutdown, off by default in
+    Celery). A project that sets a consumer (`CELERY_WORKER_CONSUMER`) or a soft shutdown timeout
+    (`CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT`) of its own keeps it."""
     from celery.utils.imports import symbol_by_name
+
+    if jobs_settings.celery("WORKER_SOFT_SHUTDOWN_TIMEOUT") is None:
+        worker.app.conf.worker_soft_shutdown_timeout = float(jobs_settings.SHUTDOWN_TIMEOUT)
 
     worker.app.steps["worker"].update({ZeroIsNoLimitStep, ShutdownLogStep, LedgerStep})
     worker.app.steps["consumer"].add(LivenessStep)

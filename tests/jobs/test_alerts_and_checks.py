@@ -197,14 +197,24 @@ def test_risky_combinations_warn(settings):
     settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = 0
     settings.JOBS_WORKER_LOST_LIMIT = 0
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
-    assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W005", "jobs.W006", "jobs.E001"}
+    assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W006", "jobs.E001"}
+
+
+def test_flower_without_auth_outside_debug_is_reported_by_the_site(settings):
+    from config.checks import check_flower_auth
+
+    settings.DEBUG = False
+    settings.FLOWER_BASIC_AUTH = ""
+    assert [p.id for p in check_flower_auth()] == ["site.W001"]
+    settings.FLOWER_BASIC_AUTH = "ops:secret"
+    assert check_flower_auth() == []
 
 
 def test_a_task_whose_own_retry_policy_reaches_the_visibility_timeout_is_named(settings, monkeypatch):
     from jobs.tasks import dead_letter_digest
 
     settings.DEBUG = True
-    settings.CELERY_VISIBILITY_TIMEOUT = 3600
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 3600}
     monkeypatch.setattr(dead_letter_digest, "retry_limit", 8)  # 60 s doubling reaches 7680 s
     problems = [p for p in checks.check_task_settings() if p.id == "jobs.W001"]
     assert len(problems) == 1
@@ -214,7 +224,7 @@ def test_a_task_whose_own_retry_policy_reaches_the_visibility_timeout_is_named(s
 def test_a_retry_delay_that_leaves_no_room_for_the_time_limit_is_reported(settings):
     """90 % of the visibility timeout used to pass: 3000 s of delay plus a 600 s run is past 3600 s."""
     settings.DEBUG = True
-    settings.CELERY_VISIBILITY_TIMEOUT = 3600
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 3600}
     settings.CELERY_TASK_TIME_LIMIT = 600
     settings.JOBS_TASK_RETRY_BACKOFF_BASE = 200
     settings.JOBS_TASK_RETRY_BACKOFF_MAX = 3000
@@ -231,7 +241,7 @@ def test_a_cap_the_retries_never_reach_is_not_a_risk(settings):
 def test_retry_countdown_of_a_task_stays_below_the_visibility_timeout(settings, monkeypatch, request):
     from jobs.tasks import dead_letter_digest
 
-    settings.CELERY_VISIBILITY_TIMEOUT = 1000
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 1000}
     monkeypatch.setattr(dead_letter_digest, "time_limit", 300)
     monkeypatch.setattr(dead_letter_digest, "backoff_base", 500)
     assert dead_letter_digest.retry_countdown(1) >= 500

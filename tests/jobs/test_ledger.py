@@ -115,7 +115,10 @@ def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch, se
     """Not even by the time rule: a long backlog would be republished again and again."""
     from jobs.runtime import ledger
 
-    settings.CELERY_VISIBILITY_TIMEOUT = 100  # the job (600 s old) is past the time rule's cutoff
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {
+        **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+        "visibility_timeout": 100,
+    }  # the job (600 s old) is past the time rule's cutoff
     monkeypatch.setattr(ledger, "SCAN_LIMIT", 1)
     redis_client.lpush("low", json.dumps({"headers": {"id": "x"}}), json.dumps({"headers": {"id": "y"}}))
     _published("unjudged-1", missing_since=timezone.now() - timedelta(hours=1))
@@ -144,7 +147,7 @@ def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_
     """RabbitMQ's queues cannot be read without consuming: a job is republished only once it is
     older than anything the broker could legitimately still hold, no worker holds it, and its
     queue has no message waiting (else a long backlog would be republished again and again)."""
-    settings.CELERY_VISIBILITY_TIMEOUT = 100
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 100}
     _published("old-1", ago=200)
     _published("recent-1", ago=120)
     _published("held-2", ago=200)
