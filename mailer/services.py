@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from jobs.context import get_request_id
 from jobs.exceptions import RetryLater, TransientError
-from jobs.runtime.outbox import enqueue
+from jobs.publish import enqueue
 from mailer import backend, rendering
 from mailer.exceptions import EmailRefused
 from mailer.models import Email, EmailAttachment

@@ -19,7 +19,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.utils import timezone
 
-from jobs.runtime.outbox import enqueue
+from jobs.publish import enqueue
 from thumbnails import processing, tasks
 from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UploadTooLarge
 from thumbnails.models import Image, Thumbnail
