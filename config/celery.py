@@ -1,4 +1,11 @@
-"""The Celery application, configured from Django settings (the ``CELERY_`` namespace)."""
+"""The Celery application, configured from Django settings (the ``CELERY_`` namespace).
+
+Celery's standard Django setup, as any project adopting `jobs` has it; `jobs` installs its worker
+parts itself (`jobs.runtime.handlers`), and Flower reads its settings from `flowerconfig.py`.
+What is left here prepares the `celery worker` and `celery beat` processes before Celery prints
+its first line, which no Celery signal precedes: the web's metrics directory is not theirs, and
+with LOG_FORMAT=json everything they print becomes a JSON log line.
+"""
 
 import os
 import sys
@@ -44,19 +51,3 @@ def _json_only_output() -> None:
 
 
 _json_only_output()
-
-
-def _configure_flower() -> None:
-    """`celery -A config flower`: auth required outside debug, state kept on disk."""
-    if "flower" not in sys.argv[1:]:
-        return
-    import django
-    from django.conf import settings
-
-    from config.flower import flower_environment
-
-    django.setup()
-    flower_environment(os.environ, debug=settings.DEBUG, var_dir=settings.VAR_DIR)
-
-
-_configure_flower()

@@ -15,7 +15,7 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from config.celery import app
-from config.flower import FlowerConfigError, flower_environment
+from config.flower import FlowerConfigError, flower_options
 from jobs.heartbeat import heartbeat_write, liveness_touch
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.runtime import beat
@@ -115,17 +115,16 @@ def test_probe_command(settings, tmp_path):
 )
 def test_flower_refuses_unsafe_settings(environ, debug, message, tmp_path):
     with pytest.raises(FlowerConfigError, match=message):
-        flower_environment(dict(environ), debug=debug, var_dir=tmp_path)
+        flower_options(dict(environ), debug=debug, var_dir=tmp_path)
 
 
-def test_flower_gets_persistent_state(tmp_path):
-    environ = {"FLOWER_BASIC_AUTH": "ops:pw,admin:pw2"}
-    flower_environment(environ, debug=False, var_dir=tmp_path)
-    assert environ["FLOWER_PERSISTENT"] == "True"
-    assert environ["FLOWER_DB"] == str(tmp_path / "flower.db")
-    debug_env: dict = {}
-    flower_environment(debug_env, debug=True, var_dir=tmp_path)  # no auth needed in debug
-    assert debug_env["FLOWER_PERSISTENT"] == "True"
+def test_flower_gets_persistent_state_unless_the_environment_says_otherwise(tmp_path):
+    options = flower_options({"FLOWER_BASIC_AUTH": "ops:pw,admin:pw2"}, debug=False, var_dir=tmp_path)
+    assert options["persistent"] is True
+    assert options["db"] == str(tmp_path / "flower.db")
+    assert flower_options({}, debug=True, var_dir=tmp_path)["persistent"] is True  # no auth needed in debug
+    own = flower_options({"FLOWER_BASIC_AUTH": "a:b", "FLOWER_DB": "/data/f.db"}, debug=False, var_dir=tmp_path)
+    assert "db" not in own  # Flower has already taken FLOWER_DB from the environment
 
 
 def test_beat_lock_has_one_holder_and_expires(redis_server, redis_client):
