@@ -242,8 +242,13 @@ def daily_report_build(*, end: datetime | None = None) -> dict[str, Any]:
 def daily_report_text(data: dict[str, Any]) -> str:
     lines = [f"Task report {data['start'][:16]} .. {data['end'][:16]} UTC", ""]
     totals = ", ".join(f"{state.lower()} {n}" for state, n in sorted(data["totals"].items())) or "no tasks"
-    lines += [f"All tasks: {totals}", f"Retries: {sum(data['retries'].values())}",
-              f"Dead letters created: {data['dead_letters_created']}", "", "By task:"]  # fmt: skip
+    lines += [
+        f"All tasks: {totals}",
+        f"Retries: {sum(data['retries'].values())}",
+        f"Dead letters created: {data['dead_letters_created']}",
+        "",
+        "By task:",
+    ]
     for name, states in sorted(data["by_task"].items()):
         counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(states.items()))
         lines.append(f"  {name}: {counts}; retries {data['retries'].get(name, 0)}")

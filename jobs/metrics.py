@@ -17,13 +17,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 logger = logging.getLogger(__name__)
 
 TASKS = Counter(
-    "celery_tasks", "Tasks by name and state (received, started, succeeded, failed, retried, dead_lettered).",
+    "celery_tasks",
+    "Tasks by name and state (received, started, succeeded, failed, retried, dead_lettered).",
     ["task", "state"],
-)  # fmt: skip
+)
 RUNTIME = Histogram(
-    "celery_task_runtime_seconds", "Runtime of tasks that succeeded.", ["task"],
+    "celery_task_runtime_seconds",
+    "Runtime of tasks that succeeded.",
+    ["task"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-)  # fmt: skip
+)
 IN_PROGRESS = Gauge("celery_tasks_in_progress", "Tasks running now in this worker.", ["task"])
 
 LEDGER_REPUBLISHED = Counter(

@@ -13,8 +13,9 @@ from kombu.utils import json as kombu_json
 
 JITTER = 0.10
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"pass(word|wd|phrase)?|secret|token|authori[sz]ation|api[-_]?key|credential|cookie|session",
-                         re.IGNORECASE)  # fmt: skip
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|authori[sz]ation|api[-_]?key|credential|cookie|session", re.IGNORECASE
+)
 
 
 def retry_delay(

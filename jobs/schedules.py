@@ -22,31 +22,44 @@ class DefaultSchedule:
 
 DEFAULT_SCHEDULES = (
     DefaultSchedule(
-        name="jobs: heartbeat", task="jobs.heartbeat", every_seconds=30, expire_seconds=25,
+        name="jobs: heartbeat",
+        task="jobs.heartbeat",
+        every_seconds=30,
+        expire_seconds=25,
         description="Records that a worker consumes; read by /api/jobs/health/.",
     ),
     DefaultSchedule(
-        name="jobs: outbox relay", task="jobs.outbox_relay", every_seconds=10, expire_seconds=10,
+        name="jobs: outbox relay",
+        task="jobs.outbox_relay",
+        every_seconds=10,
+        expire_seconds=10,
         description="Publishes jobs waiting in the outbox; republishes jobs the broker lost (jobs.runtime.ledger).",
     ),
     DefaultSchedule(
-        name="jobs: temporary file cleanup", task="jobs.cleanup_temp_files", crontab={"minute": "7"},
+        name="jobs: temporary file cleanup",
+        task="jobs.cleanup_temp_files",
+        crontab={"minute": "7"},
         description="Removes temporary files older than CLEANUP_MAX_AGE_HOURS.",
     ),
     DefaultSchedule(
-        name="jobs: dead letter retention", task="jobs.dead_letter_retention",
+        name="jobs: dead letter retention",
+        task="jobs.dead_letter_retention",
         crontab={"minute": "17", "hour": "3"},
         description="Purges requeued and discarded dead letters older than JOBS_DEAD_LETTER_RETENTION_DAYS.",
     ),
     DefaultSchedule(
-        name="jobs: daily task report", task="jobs.daily_report", crontab={"minute": "5", "hour": "0"},
+        name="jobs: daily task report",
+        task="jobs.daily_report",
+        crontab={"minute": "5", "hour": "0"},
         description="Counts by task and state, retries, dead letters and slowest tasks of the last day.",
     ),
     DefaultSchedule(
-        name="celery: result cleanup", task="celery.backend_cleanup", crontab={"minute": "0", "hour": "4"},
+        name="celery: result cleanup",
+        task="celery.backend_cleanup",
+        crontab={"minute": "0", "hour": "4"},
         description="Deletes task results older than CELERY_RESULT_EXPIRES.",
     ),
-)  # fmt: skip
+)
 
 
 def _schedule_fields(default: DefaultSchedule) -> dict[str, Any]:

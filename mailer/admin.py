@@ -30,16 +30,29 @@ class EmailAttachmentInline(admin.TabularInline):
 
 
 _DELIVERY_FIELDS = (
-    "message_id", "provider_message_id", "delivery_status", "delivery_detail", "delivery_updated_at",
-    "request_id", "resent_from",
-)  # fmt: skip
+    "message_id",
+    "provider_message_id",
+    "delivery_status",
+    "delivery_detail",
+    "delivery_updated_at",
+    "request_id",
+    "resent_from",
+)
 
 
 @admin.register(Email)
 class EmailAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "subject", "recipients", "template", "status", "delivery_status", "attempts", "created_at", "sent_at",
-    )  # fmt: skip
+        "id",
+        "subject",
+        "recipients",
+        "template",
+        "status",
+        "delivery_status",
+        "attempts",
+        "created_at",
+        "sent_at",
+    )
     list_display_links = ("id", "subject")
     list_filter = ("status", "template", "delivery_status", "created_at")
     date_hierarchy = "created_at"
@@ -56,10 +69,28 @@ class EmailAdmin(admin.ModelAdmin):
         ("Times", {"fields": ("created_at", "handed_off_at", "sent_at", "updated_at")}),
     )
     readonly_fields = (
-        "status", "template", "from_email", "recipients", "subject", "attempts", "last_error", "rendered_text",
-        "rendered_html", "context", "message_id", "provider_message_id", "delivery_status", "delivery_detail",
-        "delivery_updated_at", "request_id", "resent_from", "created_at", "handed_off_at", "sent_at", "updated_at",
-    )  # fmt: skip
+        "status",
+        "template",
+        "from_email",
+        "recipients",
+        "subject",
+        "attempts",
+        "last_error",
+        "rendered_text",
+        "rendered_html",
+        "context",
+        "message_id",
+        "provider_message_id",
+        "delivery_status",
+        "delivery_detail",
+        "delivery_updated_at",
+        "request_id",
+        "resent_from",
+        "created_at",
+        "handed_off_at",
+        "sent_at",
+        "updated_at",
+    )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # emails are written by the mailer service only

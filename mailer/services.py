@@ -355,11 +355,24 @@ def email_send(*, email: Email | int, attempt: str = "") -> Email:
 _CLAIM_RETURNS = tuple(
     field.attname
     for field in Email._meta.concrete_fields
-    if field.attname in {
-        "id", "to", "from_email", "subject", "body_text", "body_html", "message_id", "attempts", "status",
-        "claimed_by", "handed_off_at", "created_at", "template", "request_id",
+    if field.attname
+    in {
+        "id",
+        "to",
+        "from_email",
+        "subject",
+        "body_text",
+        "body_html",
+        "message_id",
+        "attempts",
+        "status",
+        "claimed_by",
+        "handed_off_at",
+        "created_at",
+        "template",
+        "request_id",
     }
-)  # fmt: skip
+)
 
 
 def _claim(email_id: int, attempt: str, now: datetime, *, stale_before: datetime | None) -> Email | None:
@@ -413,8 +426,13 @@ def _claim_then_read(
         claimable = {"status__in": [Email.Status.QUEUED, Email.Status.FAILED]}
     else:
         claimable = {"status": Email.Status.SENDING, "handed_off_at__lt": stale_before}
-    claim = {"status": Email.Status.SENDING, "attempts": F("attempts") + 1, "handed_off_at": now, "updated_at": now,
-             "claimed_by": attempt[:64]}  # fmt: skip
+    claim = {
+        "status": Email.Status.SENDING,
+        "attempts": F("attempts") + 1,
+        "handed_off_at": now,
+        "updated_at": now,
+        "claimed_by": attempt[:64],
+    }
     if not Email.objects.using(db).filter(pk=email_id, **claimable).update(**claim):
         return None
     has_attachments = Exists(EmailAttachment.objects.filter(email=OuterRef("pk")))
@@ -520,9 +538,12 @@ def _record_sent(email: Email, provider_id: str, tries: int = 5) -> None:
 
     done = timezone.now()
     fields = {
-        "status": Email.Status.SENT, "sent_at": done, "provider_message_id": provider_id, "last_error": "",
+        "status": Email.Status.SENT,
+        "sent_at": done,
+        "provider_message_id": provider_id,
+        "last_error": "",
         "updated_at": done,
-    }  # fmt: skip
+    }
 
     db = router.db_for_write(Email)
     ops = connections[db].ops
@@ -676,9 +697,13 @@ def emails_resend(*, emails: QuerySet[Email], actor: str) -> ResendResult:
                 result.skipped.append(email.pk)
     logger.info(
         "email.resent",
-        extra={"requeued": len(result.requeued), "copied": len(result.copied), "skipped": len(result.skipped),
-               "actor": actor},
-    )  # fmt: skip
+        extra={
+            "requeued": len(result.requeued),
+            "copied": len(result.copied),
+            "skipped": len(result.skipped),
+            "actor": actor,
+        },
+    )
     return result
 
 

@@ -40,8 +40,9 @@ def redis_server():
     os.environ["REDIS_URL"] = server.url
     os.environ["CELERY_BROKER_URL"] = server.url
     caches = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
-    override = override_settings(REDIS_URL=server.url, JOBS_REDIS_URL=server.url, CELERY_BROKER_URL=server.url,
-                                 CACHES=caches)  # fmt: skip
+    override = override_settings(
+        REDIS_URL=server.url, JOBS_REDIS_URL=server.url, CELERY_BROKER_URL=server.url, CACHES=caches
+    )
     override.enable()
 
     from config.celery import app

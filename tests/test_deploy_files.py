@@ -328,8 +328,11 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     result = subprocess.run(
         ["docker", "compose", "-f", str(tmp_path / "docker" / "compose.yaml"), "--profile", "monitoring", "config"],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
     assert set(rendered["services"]) == CORE_SERVICES | MONITORING_SERVICES
@@ -337,8 +340,11 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     (tmp_path / "docker" / ".env").write_text("", encoding="utf-8")
     missing = subprocess.run(
         ["docker", "compose", "-f", str(tmp_path / "docker" / "compose.yaml"), "config"],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert missing.returncode != 0
 
 
@@ -683,8 +689,10 @@ def _hadolint() -> str | None:
 def test_hadolint_accepts_the_dockerfile():
     result = subprocess.run(
         [_hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -692,8 +700,11 @@ def _check_compose_schema(path: Path) -> subprocess.CompletedProcess:
     """check-jsonschema with its vendored copy of the Compose Specification schema (no network)."""
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def test_compose_file_matches_the_compose_specification(tmp_path):

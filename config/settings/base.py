@@ -276,10 +276,16 @@ MAILER_MAX_TOTAL_ATTACHMENT_BYTES = env.int("MAILER_MAX_TOTAL_ATTACHMENT_BYTES",
 MAILER_ATTACHMENT_CONTENT_TYPES = env.list(
     "MAILER_ATTACHMENT_CONTENT_TYPES",
     default=[
-        "application/pdf", "text/plain", "text/csv", "text/calendar",
-        "image/png", "image/jpeg", "image/gif", "image/webp",
+        "application/pdf",
+        "text/plain",
+        "text/csv",
+        "text/calendar",
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
     ],
-)  # fmt: skip
+)
 # One backend connection per worker process, reused across emails; closed after this many idle
 # seconds or messages (servers drop idle sessions and cap messages per session).
 MAILER_REUSE_CONNECTION = env.bool("MAILER_REUSE_CONNECTION", default=True)

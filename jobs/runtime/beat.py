@@ -27,8 +27,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from celery.beat import event_t
@@ -42,6 +43,9 @@ from django_celery_beat.schedulers import DatabaseScheduler
 
 from jobs.conf import jobs_settings
 from jobs.heartbeat import heartbeat_write, liveness_touch
+
+if TYPE_CHECKING:
+    from jobs.models import OutboxMessage
 
 logger = logging.getLogger("jobs.runtime.beat")
 
@@ -115,23 +119,31 @@ class BeatLock:
             self.held = False
 
     def holder(self) -> str | None:
-        value = self.client.get(LOCK_KEY)
+        value = cast("bytes | None", self.client.get(LOCK_KEY))  # no decode_responses: bytes (typed bytes | str)
         return value.decode() if value else None
 
 
-class LockedDatabaseScheduler(DatabaseScheduler):
+class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # django-celery-beat has no types
     """`DatabaseScheduler` that sends only while it holds the beat lock."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    # What this class uses of Celery's Scheduler and django-celery-beat's DatabaseScheduler (untyped).
+    max_interval: float
+    _schedule: dict[str, Any]
+    _heap: list[event_t] | None
+    _initial_read: bool
+    _heap_invalidated: bool
+    _when: Callable[[Any, float], float]  # a method: the UTC timestamp of an entry's next run
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         ttl = jobs_settings.BEAT_LOCK_TTL
         self.lock = BeatLock(jobs_settings.redis_url, ttl=ttl)
-        self.standby_poll = min(STANDBY_POLL, ttl / 3)
+        self.standby_poll: float = min(STANDBY_POLL, ttl / 3)
         self._leading = False
         self._announced_standby = False
         self._term: int | None = None  # the lock term this beat last started leading in
         self._touched_at = 0.0  # liveness file and heartbeat, monotonic
         self._checked_at = -CHANGE_CHECK_INTERVAL  # the last look for schedule edits, monotonic
-        self._heap_source: dict | None = None  # the schedule the heap was built from
+        self._heap_source: dict[str, Any] | None = None  # the schedule the heap was built from
         super().__init__(*args, **kwargs)
         self.max_interval = min(self.max_interval, ttl / 3)
 
@@ -140,7 +152,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         # update_or_create rows on every start and would undo what staff edited in the admin.
         reset_schedules_if_time_zone_changed()
 
-    def tick(self, *args, **kwargs) -> float:
+    def tick(self, *args: Any, **kwargs: Any) -> float:
         """One scheduler tick that never raises: Celery's beat loop (`Service.start`) catches only
         KeyboardInterrupt and SystemExit, so any error here (Redis paused or full, the database
         restarting) would end beat. It is logged and the tick tried again shortly."""
@@ -158,7 +170,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):
 
         close_connection()
 
-    def _tick(self, *args, **kwargs) -> float:
+    def _tick(self, *args: Any, **kwargs: Any) -> float:
         leading = self.lock.acquire_or_renew()
         # The liveness file and the heartbeat once a second, however often beat ticks.
         now = time.monotonic()
@@ -195,14 +207,14 @@ class LockedDatabaseScheduler(DatabaseScheduler):
     # --- sending ----------------------------------------------------------------------------
 
     @property
-    def schedule(self) -> dict:
+    def schedule(self) -> dict[str, Any]:
         """django-celery-beat asks the database whether the schedules changed on every read of
         this property; here at most every `CHANGE_CHECK_INTERVAL` seconds (an edit in the admin
         reaches beat at its next tick after that: within `max_interval` when nothing is due)."""
         now = time.monotonic()
         if self._initial_read or now - self._checked_at >= CHANGE_CHECK_INTERVAL:
             self._checked_at = now
-            return DatabaseScheduler.schedule.fget(self)
+            return cast("dict[str, Any]", DatabaseScheduler.schedule.fget(self))  # django-celery-beat has no types
         return self._schedule
 
     def _refresh_heap(self) -> None:
@@ -326,8 +338,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):
         if not lock.acquire_or_renew() or lock.term != term:
             raise RuntimeError("the beat lock was lost before the batch was recorded")
 
-    def _ledger_row(self, entry: Any, *, now: datetime, claim: str, claimed_until: datetime):
-        from celery.beat import _evaluate_entry_args, _evaluate_entry_kwargs
+    def _ledger_row(self, entry: Any, *, now: datetime, claim: str, claimed_until: datetime) -> OutboxMessage:
+        # Celery's private helpers, not in celery-types.
+        from celery.beat import _evaluate_entry_args, _evaluate_entry_kwargs  # type: ignore[attr-defined]
 
         from jobs.models import OutboxMessage
         from jobs.outcomes import LEDGER_HEADER

@@ -6,29 +6,38 @@ request or inside another task, restored in the worker around the task, and clea
 
 from __future__ import annotations
 
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
 from celery import signals
 
 from jobs.conf import jobs_settings
 from jobs.context import get_request_id, request_id_var, sane_request_id, task_id_var, task_name_var
 
+if TYPE_CHECKING:
+    from celery import Task
+    from celery.app.task import Context
+    from celery.worker.consumer import Consumer
+    from celery.worker.request import Request
+
 REQUEST_ID_HEADER = "request_id"
 
 
 @signals.setup_logging.connect
-def _use_django_logging(**kwargs) -> None:
+def _use_django_logging(**kwargs: Any) -> None:
     """Django's LOGGING already configured every logger (Celery's included) at django.setup();
     connecting here stops Celery from installing its own handlers beside them."""
 
 
 @signals.worker_init.connect
-def _install_worker(sender=None, **kwargs) -> None:
+def _install_worker(sender: Any = None, **kwargs: Any) -> None:
     from jobs.runtime.worker import install_worker
 
     install_worker(sender)
 
 
 @signals.before_task_publish.connect
-def _add_request_id(headers: dict | None = None, **kwargs) -> None:
+def _add_request_id(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
     if headers is not None and not headers.get(REQUEST_ID_HEADER):
         request_id = get_request_id()
         if request_id:
@@ -36,7 +45,7 @@ def _add_request_id(headers: dict | None = None, **kwargs) -> None:
 
 
 @signals.task_prerun.connect
-def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
+def _enter_task(task_id: str | None = None, task: Task[..., Any] | None = None, **kwargs: Any) -> None:
     request = getattr(task, "request", None)
     request_id_var.set(sane_request_id(getattr(request, REQUEST_ID_HEADER, None)))
     task_id_var.set(task_id)
@@ -45,14 +54,14 @@ def _enter_task(task_id: str | None = None, task=None, **kwargs) -> None:
 
 
 @signals.task_received.connect
-def _count_received(request=None, **kwargs) -> None:
+def _count_received(request: Request | None = None, **kwargs: Any) -> None:
     from jobs import metrics
 
     metrics.task_event(getattr(request, "name", None) or "<unknown>", "received")
 
 
 @signals.worker_process_init.connect
-def _pool_process_started(**kwargs) -> None:
+def _pool_process_started(**kwargs: Any) -> None:
     from jobs.runtime.results import results_start_buffering
 
     results_start_buffering()
@@ -60,14 +69,14 @@ def _pool_process_started(**kwargs) -> None:
 
 @signals.worker_shutdown.connect
 @signals.worker_process_shutdown.connect
-def _pool_process_exiting(**kwargs) -> None:
+def _pool_process_exiting(**kwargs: Any) -> None:
     from jobs.runtime.results import results_stop_buffering
 
     results_stop_buffering()
 
 
 @signals.worker_ready.connect
-def _on_worker_ready(**kwargs) -> None:
+def _on_worker_ready(**kwargs: Any) -> None:
 
     from jobs import metrics
 
@@ -77,7 +86,7 @@ def _on_worker_ready(**kwargs) -> None:
     _relay_outbox_at_start()
 
 
-def _buffer_results_without_prefork(consumer) -> None:
+def _buffer_results_without_prefork(consumer: Consumer | None) -> None:
     """A pool that runs tasks in this process (threads, gevent, solo) writes their results in
     batches from here; a prefork worker's main process forks, and writes its few results (hard
     time limits, lost processes) at once."""
@@ -98,7 +107,7 @@ def _bound_sigterm() -> None:
     import os
     import signal
 
-    def term_to_quit(signum, frame) -> None:
+    def term_to_quit(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signal.SIGQUIT)
 
     signal.signal(signal.SIGTERM, term_to_quit)
@@ -122,7 +131,9 @@ def _relay_outbox_at_start() -> None:
 
 
 @signals.task_postrun.connect
-def _leave_task(task=None, task_id: str | None = None, state: str | None = None, **kwargs) -> None:
+def _leave_task(
+    task: Task[..., Any] | None = None, task_id: str | None = None, state: str | None = None, **kwargs: Any
+) -> None:
     request_id_var.set(None)
     task_id_var.set(None)
     task_name_var.set(None)
@@ -132,7 +143,7 @@ def _leave_task(task=None, task_id: str | None = None, state: str | None = None,
     _recycle_connections(request)
 
 
-def _recycle_connections(request) -> None:
+def _recycle_connections(request: Context | None) -> None:
     """Django's rule for a request, around every task: a connection that errored, or is older
     than CONN_MAX_AGE, is dropped; one kept is health-checked before its next use. (Celery's
     Django fix-up closed every connection twice per task instead, so each task that touched the
@@ -145,7 +156,7 @@ def _recycle_connections(request) -> None:
     recycle_between_tasks()
 
 
-def _ledger_end(task, task_id: str, state: str | None) -> None:
+def _ledger_end(task: Task[..., Any] | None, task_id: str, state: str | None) -> None:
     """A job kept in the ledger has ended in this pool process: forget it. A JobTask's failure
     is forgotten by the failure path, and only once its dead letter is safe."""
     from celery import states

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.db import connection
 from django.db.models import Count, Min, Q
@@ -45,6 +45,10 @@ from jobs.db import with_fresh_connection
 from jobs.models import OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
 from jobs.runtime.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
+
+if TYPE_CHECKING:
+    import redis
+    from kombu.transport.redis import Channel as RedisChannel
 
 logger = logging.getLogger("jobs.runtime.ledger")
 
@@ -82,7 +86,15 @@ def ledger_finish(task_id: str) -> bool:
 
 
 def ledger_defer_retry(
-    *, task_name: str, task_id: str, args: Any, kwargs: Any, headers: dict, queue: str, retries: int, delay: float
+    *,
+    task_name: str,
+    task_id: str,
+    args: Any,
+    kwargs: Any,
+    headers: dict[str, Any],
+    queue: str,
+    retries: int,
+    delay: float,
 ) -> bool:
     """The broker refused a retry's message: the ledger keeps the job and the relay publishes the
     retry when it is due. Creates the row when the job was not in the ledger yet (a task sent by
@@ -170,13 +182,16 @@ def broker_view(*, limit: int | None = None) -> BrokerView:
             depths = {}
             for queue in queues:
                 try:
-                    depths[queue.name] = int(channel.queue_declare(queue.name, passive=True)[1])
+                    # Every kombu channel has queue_declare; the stubs (celery-types) leave it out of StdChannel.
+                    depths[queue.name] = int(channel.queue_declare(queue.name, passive=True)[1])  # type: ignore[attr-defined]
                 except conn.channel_errors:  # no such queue: nothing waits in it
                     depths[queue.name] = 0
                     channel = conn.channel()  # AMQP closes a channel on an error
             return BrokerView(depths=depths)
+        channel = cast("RedisChannel", channel)  # broker_is_redis: kombu's Redis transport
         client = channel.client
-        keys = [channel._q_for_pri(queue.name, priority) for queue in queues for priority in channel.priority_steps]
+        # _q_for_pri (the key of a queue's priority level) is private: not in kombu's stubs.
+        keys = [channel._q_for_pri(queue.name, priority) for queue in queues for priority in channel.priority_steps]  # type: ignore[attr-defined]
         lengths = {key: client.llen(key) for key in keys}
         if sum(lengths.values()) > limit:
             logger.warning(
@@ -207,20 +222,20 @@ def _ids(raw_messages: Iterable[bytes]) -> set[str]:
     return ids
 
 
-def _redis_client():
+def _redis_client() -> redis.Redis:
     import redis
 
     return redis.Redis.from_url(jobs_settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
 
 
-def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: Any = None) -> None:
+def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: redis.Redis | None = None) -> None:
     """Records which tasks this worker holds (running, prefetched, waiting for their ETA), for
     the sweeper: one field of one hash, read as stale when the worker stops refreshing it."""
     value = json.dumps({"at": time.time(), "ids": sorted(task_ids)})
     (client or _redis_client()).hset(RESERVED_KEY, hostname, value)
 
 
-def workers_reserved_ids(*, client: Any = None) -> set[str]:
+def workers_reserved_ids(*, client: redis.Redis | None = None) -> set[str]:
     """Task ids held by the live workers; entries of workers gone silent are dropped."""
     client = client or _redis_client()
     stale_after = max(jobs_settings.LIVENESS_INTERVAL * 4, 10)
@@ -267,14 +282,17 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
         cutoff = now - timedelta(seconds=jobs_settings.visibility_timeout + 60)
         depths = view.depths or {}
 
-        def queue_of(task_name: str, options: dict) -> str:
+        def queue_of(task_name: str, options: dict[str, Any]) -> str:
             queue = (options or {}).get("queue") or current_app.amqp.router.route({}, task_name).get("queue")
             return str(getattr(queue, "name", queue) or jobs_settings.default_queue)
 
         gone = [
             pk
             for pk, task_id, name, options, _missing, published in candidates
-            if published < cutoff and task_id not in in_workers and depths.get(queue_of(name, options), 1) == 0
+            if published is not None
+            and published < cutoff
+            and task_id not in in_workers
+            and depths.get(queue_of(name, options), 1) == 0
         ]
         judged = {"published_at__lt": cutoff}
     else:
@@ -330,7 +348,8 @@ def sweep_lock(token: str, *, ttl: float) -> bool:
         ttl_ms = max(int(ttl * 1000), 2000)
         if client.set(SWEEP_LOCK_KEY, token, nx=True, px=ttl_ms):
             return True
-        if (client.get(SWEEP_LOCK_KEY) or b"").decode() == token:
+        # Without decode_responses Redis answers bytes (redis-py types it bytes | str).
+        if (cast("bytes | None", client.get(SWEEP_LOCK_KEY)) or b"").decode() == token:
             client.pexpire(SWEEP_LOCK_KEY, ttl_ms)
             return True
         return False

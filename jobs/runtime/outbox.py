@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.exceptions import QueueNotFound
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
@@ -39,7 +39,12 @@ UNPUBLISHABLE_ERRORS = (QueueNotFound, EncodeError)
 
 
 def enqueue(
-    task: Any, *, args: list | tuple = (), kwargs: dict | None = None, request_id: str | None = None, **options: Any
+    task: Any,
+    *,
+    args: list[Any] | tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    request_id: str | None = None,
+    **options: Any,
 ) -> str:
     """Publishes `task` (a task object or its registered name) after the current transaction
     commits, durably. `request_id` defaults to the current one. Returns the task id at once."""
@@ -58,9 +63,9 @@ def enqueue(
 def ledger_add(
     task_name: str,
     *,
-    args: list | tuple = (),
-    kwargs: dict | None = None,
-    headers: dict | None = None,
+    args: list[Any] | tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
     task_id: str | None = None,
     **options: Any,
 ) -> str:
@@ -137,7 +142,7 @@ def _publish_after_commit(message: OutboxMessage) -> None:
         )
 
 
-def ledger_claim(rows, *, limit: int) -> tuple[str, list[OutboxMessage]]:
+def ledger_claim(rows: QuerySet[OutboxMessage], *, limit: int) -> tuple[str, list[OutboxMessage]]:
     """Claims up to `limit` rows of the queryset `rows` for this run, without a transaction held
     open: one conditional UPDATE takes only rows no other run holds. Returns (claim, rows)."""
     now = timezone.now()

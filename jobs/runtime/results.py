@@ -318,8 +318,9 @@ class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-cele
             return True
         return bool(super().exception_safe_to_retry(exc))
 
-    def store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
-                     **kwargs: Any) -> Any:  # fmt: skip
+    def store_result(
+        self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
+    ) -> Any:
         try:
             return super().store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
         except (BackendStoreError, DatabaseError) as exc:
@@ -329,8 +330,9 @@ class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-cele
             )
             return result
 
-    def _store_result(self, task_id: str, result: Any, status: str, traceback: Any = None, request: Any = None,
-                      using: Any = None) -> Any:  # fmt: skip
+    def _store_result(
+        self, task_id: str, result: Any, status: str, traceback: Any = None, request: Any = None, using: Any = None
+    ) -> Any:
         buffer = results_buffered()
         if buffer is None or getattr(request, "chord", None) or getattr(request, "group", None):
             # Synchronous outside pool processes, and for the members of a group or chord: the
@@ -353,8 +355,16 @@ class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-cele
         )
         return result
 
-    def result_row(self, task_id: str, result: Any, status: str, *, traceback: Any = None, request: Any = None,
-                   encoded: tuple[str, str, Any] | None = None) -> Row:  # fmt: skip
+    def result_row(
+        self,
+        task_id: str,
+        result: Any,
+        status: str,
+        *,
+        traceback: Any = None,
+        request: Any = None,
+        encoded: tuple[str, str, Any] | None = None,
+    ) -> Row:
         """The table row of `task_id` in state `status`, as django-celery-results would store it
         (`encoded`: the result's content type, encoding and text, when already encoded)."""
         content_type, content_encoding, text = encoded or self.encode_content(result)

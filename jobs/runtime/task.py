@@ -92,7 +92,7 @@ class Quarantined(PermanentError):
     """The task's worker was lost too many times in a row while running it."""
 
 
-class MeteredTask(Task):
+class MeteredTask(Task[..., Any]):
     """The app's default task class (see config/celery.py): every task, even one not built on
     `JobTask` (Celery's own `celery.backend_cleanup`), is counted in the worker's metrics."""
 
@@ -183,7 +183,7 @@ class JobTask(MeteredTask):
             return self.run(*args, **kwargs)
         return self._run_attempt(request, args, kwargs)
 
-    def _run_attempt(self, request: Any, args: tuple, kwargs: dict) -> Any:
+    def _run_attempt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         try:
             if redelivered:
@@ -255,7 +255,8 @@ class JobTask(MeteredTask):
     def _retry_refused(self, request: Any, attempt: int, delay: float, refused: Reject) -> None:
         from jobs.runtime.ledger import ledger_defer_retry
 
-        logger.error("task.retry_refused", extra={"attempt": attempt, "error": f"{refused.reason}"[:500]})
+        # celery-types leaves out Reject's attributes (reason, requeue), which Celery sets.
+        logger.error("task.retry_refused", extra={"attempt": attempt, "error": f"{refused.reason}"[:500]})  # type: ignore[attr-defined]
         delivery = request.delivery_info or {}
         deferred = ledger_defer_retry(
             task_name=self.name,
@@ -269,11 +270,13 @@ class JobTask(MeteredTask):
         )
         # Recorded: acknowledge this delivery. Not recorded (the database is down too): give the
         # message back to the broker, which keeps it (at worst until its visibility timeout).
-        raise Reject(refused.reason, requeue=not deferred)
+        raise Reject(refused.reason, requeue=not deferred)  # type: ignore[attr-defined]  # as above
 
     # --- the end ------------------------------------------------------------------------------
 
-    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> None:
         """The task failed for good: the one failure path (`jobs.outcomes.job_gave_up`)."""
         request = self.request
         reason = getattr(request, "jobs_reason", None)

@@ -6,7 +6,8 @@ import base64
 import json
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
@@ -16,6 +17,16 @@ from vine import promise
 from jobs import metrics
 from jobs.conf import jobs_settings
 from jobs.heartbeat import liveness_touch
+
+if TYPE_CHECKING:
+    import redis
+    from celery.app.task import Context
+    from kombu.asynchronous import Hub
+    from kombu.asynchronous.timer import Entry
+    from kombu.message import Message
+
+    from jobs.outcomes import Job
+    from jobs.runtime.ledger import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -28,25 +39,29 @@ class JobRequest(Request):
     the main process) still dead-letters with queue, headers and request id."""
 
     _running = False
+    # Set by Celery's Request (its private attributes are not in celery-types).
+    _request_dict: dict[str, Any]
+    _context: Context
 
-    def on_accepted(self, pid: int, time_accepted: float) -> None:
+    # The pool reports the pid of its process, an int (celery-types has str).
+    def on_accepted(self, pid: int, time_accepted: float) -> None:  # type: ignore[override]
         self._running = True
         metrics.task_event(self.name, "started")
         metrics.IN_PROGRESS.labels(task=self.name).inc()
-        super().on_accepted(pid, time_accepted)
+        super().on_accepted(pid, time_accepted)  # type: ignore[arg-type]
 
     def _finished(self) -> None:
         if self._running:
             self._running = False
             metrics.IN_PROGRESS.labels(task=self.name).dec()
 
-    def send_event(self, type_: str, **fields: Any) -> None:
-        if type_ == "task-succeeded":
+    def send_event(self, type: str, **fields: Any) -> None:  # `type`: Celery's name, callers may pass it by keyword
+        if type == "task-succeeded":
             self._finished()
             metrics.task_event(self.name, "succeeded")
             if fields.get("runtime") is not None:
                 metrics.RUNTIME.labels(task=self.name).observe(fields["runtime"])
-        elif type_ == "task-failed":
+        elif type == "task-failed":
             self._finished()
             metrics.task_event(self.name, "failed")
             # A JobTask's failure is a dead letter, unless it was a Reject: a retry the broker
@@ -54,10 +69,10 @@ class JobRequest(Request):
             rejected = str(fields.get("exception") or "").startswith("Reject(")
             if getattr(self.task, "alert_on_dead_letter", None) is not None and not rejected:
                 metrics.task_event(self.name, "dead_lettered")
-        elif type_ == "task-retried":
+        elif type == "task-retried":
             self._finished()
             metrics.task_event(self.name, "retried")
-        super().send_event(type_, **fields)
+        super().send_event(type, **fields)
 
     def revoked(self) -> bool:
         """Celery asks this before it hands the task to the pool: a JobTask whose pool process
@@ -99,7 +114,7 @@ class JobRequest(Request):
         self.acknowledge()
         return True
 
-    def _job(self):
+    def _job(self) -> Job:
         """What the give-up hook is told about this job."""
         from jobs.outcomes import Job
 
@@ -119,7 +134,7 @@ class JobRequest(Request):
         """Celery stopped the running task itself (the broker connection dropped, with
         `worker_cancel_long_running_tasks_on_connection_loss`): the message comes back and the job
         runs again, so the app releases what the stopped attempt held."""
-        super()._announce_cancelled(emit_retry=emit_retry)
+        super()._announce_cancelled(emit_retry=emit_retry)  # type: ignore[misc]  # private: not in celery-types
         self._tell_lost()
 
     def _tell_lost(self) -> None:
@@ -139,7 +154,7 @@ class JobRequest(Request):
         letter (no alert: someone chose this), its app told, its ledger row forgotten. (Celery's
         `task_revoked` signal carries no arguments of the task, so this is not a signal handler.)
         A periodic tick that expired (django-celery-beat's header says so) is not recorded."""
-        super()._announce_revoked(reason, terminated, signum, expired)
+        super()._announce_revoked(reason, terminated, signum, expired)  # type: ignore[misc]  # private: not in celery-types
         # A periodic tick that came too late (beat's `expires`) is not recorded: the next one runs.
         skipped_tick = expired and (self._request_dict or {}).get("periodic_task_name")
         if getattr(self.task, "on_give_up", None) is None or skipped_tick:
@@ -200,7 +215,7 @@ class JobRequest(Request):
             self.task.request_stack.pop()
 
 
-def _message_summary(message: Any) -> tuple[dict, str, tuple, dict]:
+def _message_summary(message: Message) -> tuple[dict[str, Any], str, tuple[Any, ...], dict[str, Any]]:
     """Headers, the start of the body (secrets redacted), and the arguments when the body is
     a protocol 2 JSON message (`[args, kwargs, embed]`)."""
     from jobs.policy import redact, redact_text
@@ -209,8 +224,8 @@ def _message_summary(message: Any) -> tuple[dict, str, tuple, dict]:
     body = getattr(message, "body", b"") or b""
     if isinstance(body, str):
         body = body.encode(errors="replace")
-    args: tuple = ()
-    kwargs: dict = {}
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -248,8 +263,12 @@ class JobConsumer(Consumer):
 
     _events_flush_due = False
     _arm_events_flush_promise: promise | None = None
+    # Set by Celery's Consumer, not in celery-types.
+    hub: Hub | None
+    _flush_events: Callable[[], None]
 
-    def on_send_event_buffered(self) -> None:
+    # Celery's returns None too (celery-types has a callable).
+    def on_send_event_buffered(self) -> None:  # type: ignore[override]
 
         interval = jobs_settings.TASK_EVENTS_FLUSH_INTERVAL
         if self.hub is None or interval <= 0:
@@ -268,7 +287,8 @@ class JobConsumer(Consumer):
     def _arm_events_flush(self) -> None:
         if not self._events_flush_due:
             self._events_flush_due = True
-            self.hub.call_later(jobs_settings.TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)
+            # Only armed when the consumer has a hub (see on_send_event_buffered).
+            self.hub.call_later(jobs_settings.TASK_EVENTS_FLUSH_INTERVAL, self._flush_events_due)  # type: ignore[union-attr]
 
     def _flush_events_due(self) -> None:
         self._events_flush_due = False
@@ -296,7 +316,7 @@ class JobConsumer(Consumer):
         self._flush_events_before("shutdown")
         super().shutdown()
 
-    def _dead_letter(self, message: Any, exc: BaseException | None, what: str) -> None:
+    def _dead_letter(self, message: Message, exc: BaseException | None, what: str) -> None:
         from jobs.models import DeadLetter
         from jobs.outcomes import Job, job_gave_up
 
@@ -369,7 +389,7 @@ class ShutdownLogStep(bootsteps.StartStopStep):
 
     label = "Shutdown log"
 
-    def close(self, worker) -> None:
+    def close(self, worker: Any) -> None:
         logger.info("worker.stopping", extra={"hostname": worker.hostname})
 
 
@@ -383,8 +403,8 @@ class LivenessStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.tref = None
-        self.client = None
+        self.tref: Entry | None = None
+        self.client: redis.Redis | None = None
 
     def start(self, parent: Any) -> None:
         from jobs.runtime.ledger import _redis_client
@@ -422,8 +442,9 @@ def held_task_ids() -> set[str]:
     """Ids of the tasks this worker holds: running, prefetched, or waiting for their ETA."""
     from celery.worker import state
 
-    held = set()
-    for requests in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+    held: set[str] = set()
+    # scheduled_requests (Celery 5.5+) is not in celery-types.
+    for requests in (state.active_requests, state.reserved_requests, state.scheduled_requests):  # type: ignore[attr-defined]
         held.update(request.id for request in list(requests))
     return held
 
@@ -436,7 +457,7 @@ class LedgerStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.sweeper = None
+        self.sweeper: Sweeper | None = None
 
     def start(self, parent: Any) -> None:
 

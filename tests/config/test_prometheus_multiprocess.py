@@ -35,11 +35,16 @@ def write(path: Path, typ: str, pid: int | str, values: dict[tuple[str, str, tup
 
 def process_files(path: Path, pid: int, requests: float, fast: float, slow: float) -> None:
     write(path, "counter", pid, {(REQUESTS, f"{REQUESTS}_total", ("method",), ("GET",)): requests})
-    write(path, "histogram", pid, {
-        (LATENCY, f"{LATENCY}_bucket", ("view", "le"), ("home", "0.1")): fast,
-        (LATENCY, f"{LATENCY}_bucket", ("view", "le"), ("home", "+Inf")): slow,
-        (LATENCY, f"{LATENCY}_sum", ("view",), ("home",)): fast * 0.05 + slow * 2,
-    })  # fmt: skip
+    write(
+        path,
+        "histogram",
+        pid,
+        {
+            (LATENCY, f"{LATENCY}_bucket", ("view", "le"), ("home", "0.1")): fast,
+            (LATENCY, f"{LATENCY}_bucket", ("view", "le"), ("home", "+Inf")): slow,
+            (LATENCY, f"{LATENCY}_sum", ("view",), ("home",)): fast * 0.05 + slow * 2,
+        },
+    )
     write(path, "gauge_livesum", pid, {("in_flight", "in_flight", (), ()): 1})
     write(path, "gauge_all", pid, {("started", "started", (), ()): 100 + pid})
 

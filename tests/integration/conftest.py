@@ -65,10 +65,22 @@ class WorkerProcess:
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:
         args = [
-            sys.executable, "-m", "celery", "-A", "config", "worker",
-            "-Q", self.queues, "-c", str(self.concurrency), "-n", self.name,
-            "--without-gossip", "--without-mingle", *self.extra_args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-Q",
+            self.queues,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            self.name,
+            "--without-gossip",
+            "--without-mingle",
+            *self.extra_args,
+        ]
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(args, cwd=BASE_DIR, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -101,8 +101,11 @@ def test_requeued_job_that_dies_again_reuses_its_row_and_recovers(start_worker, 
     assert row.status == DeadLetter.Status.REQUEUED
     assert row.failure_count == 2
     assert list(row.events.values_list("action", flat=True).order_by("id")) == [
-        "failed", "requeued", "failed", "requeued",
-    ]  # fmt: skip
+        "failed",
+        "requeued",
+        "failed",
+        "requeued",
+    ]
 
 
 def test_task_that_kills_its_worker_ends_in_quarantine(start_worker, redis_client):
@@ -117,8 +120,13 @@ def test_task_that_kills_its_worker_ends_in_quarantine(start_worker, redis_clien
 
 def test_pickled_message_is_refused_and_dead_lettered(start_worker, redis_client):
     worker = start_worker()
-    publish_raw(b"\x80\x04\x95 not really a pickle", "application/x-python-serialize", "binary",
-                task_id="bad-1", task="tests.permanent")  # fmt: skip
+    publish_raw(
+        b"\x80\x04\x95 not really a pickle",
+        "application/x-python-serialize",
+        "binary",
+        task_id="bad-1",
+        task="tests.permanent",
+    )
     row = wait_for(lambda: DeadLetter.objects.filter(reason=DeadLetter.Reason.UNDECODABLE).first())
     assert row.task_id == "bad-1"
     assert "x-python-serialize" in row.raw_message
@@ -134,9 +142,14 @@ def publish_raw(body: bytes, content_type: str, encoding: str, *, task_id: str, 
 
     with app.producer_or_acquire() as producer:
         producer.publish(
-            body, routing_key="normal", exchange="normal", serializer=None, content_type=content_type,
-            content_encoding=encoding, headers={"id": task_id, "task": task},
-        )  # fmt: skip
+            body,
+            routing_key="normal",
+            exchange="normal",
+            serializer=None,
+            content_type=content_type,
+            content_encoding=encoding,
+            headers={"id": task_id, "task": task},
+        )
 
 
 def logged_dead_letter(worker, task_id: str) -> dict:
@@ -159,9 +172,13 @@ def test_malformed_json_message_is_refused_logged_and_dead_lettered(start_worker
 
 def manage(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env=process_env(), capture_output=True, text=True,
+        [sys.executable, "manage.py", *args],
+        cwd=BASE_DIR,
+        env=process_env(),
+        capture_output=True,
+        text=True,
         timeout=60,
-    )  # fmt: skip
+    )
 
 
 def test_requeue_dead_command_as_a_process(start_worker, redis_client):

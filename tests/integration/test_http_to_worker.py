@@ -93,12 +93,22 @@ def test_one_request_id_in_the_json_lines_of_a_real_web_process_and_the_worker(s
     media = {"MEDIA_ROOT": str(tmp_path / "media"), "LOG_FORMAT": "json"}
     web = start_service(
         [
-            "gunicorn", "config.wsgi", "--config", str(BASE_DIR / "config" / "gunicorn.py"),
-            "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket",
-            "--log-config-json", str(BASE_DIR / "docker" / "gunicorn-logging.json"), "--access-logfile", "-",
+            "gunicorn",
+            "config.wsgi",
+            "--config",
+            str(BASE_DIR / "config" / "gunicorn.py"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--no-control-socket",
+            "--log-config-json",
+            str(BASE_DIR / "docker" / "gunicorn-logging.json"),
+            "--access-logfile",
+            "-",
         ],
         extra_env={**media, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")},
-    )  # fmt: skip
+    )
     worker = start_worker(extra_env=media)
     base = f"http://127.0.0.1:{port}"
 

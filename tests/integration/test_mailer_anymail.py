@@ -56,9 +56,12 @@ class PostmarkStub:
         self._count += 1
         to = self.requests[-1]["json"].get("To", "")
         return 200, {
-            "To": to, "SubmittedAt": "2026-11-24T10:00:00Z", "MessageID": f"pm-msg-{self._count}",
-            "ErrorCode": 0, "Message": "OK",
-        }  # fmt: skip
+            "To": to,
+            "SubmittedAt": "2026-11-24T10:00:00Z",
+            "MessageID": f"pm-msg-{self._count}",
+            "ErrorCode": 0,
+            "Message": "OK",
+        }
 
     def __enter__(self) -> PostmarkStub:
         self.thread.start()
@@ -159,10 +162,16 @@ def test_invalid_request_is_permanent_and_dead_lettered(postmark, postmark_worke
 
 def test_inactive_recipient_is_permanent(postmark, postmark_worker):
     postmark.script = [
-        (422, {"ErrorCode": 406, "Message": "You tried to send to a recipient that has been marked as inactive.\n"
-               "Found inactive addresses: ada@example.com.\nInactive recipients are ones that have generated a hard "
-               "bounce or a spam complaint."}),
-    ]  # fmt: skip
+        (
+            422,
+            {
+                "ErrorCode": 406,
+                "Message": "You tried to send to a recipient that has been marked as inactive.\n"
+                "Found inactive addresses: ada@example.com.\nInactive recipients are ones that have generated a hard "
+                "bounce or a spam complaint.",
+            },
+        ),
+    ]
     email = queue()
     row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first())
     assert row.exception_type == "AnymailRecipientsRefused"

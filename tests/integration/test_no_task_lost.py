@@ -106,8 +106,13 @@ def test_worker_survives_a_redis_restart_and_consumes_again(start_worker, tmp_pa
 
     broker = LocalRedis().start()
     try:
-        worker = start_worker(extra_env={"CELERY_BROKER_URL": broker.url, "LIVENESS_DIR": str(tmp_path / "live"),
-                                         "JOBS_LIVENESS_INTERVAL": "0.5"})  # fmt: skip
+        worker = start_worker(
+            extra_env={
+                "CELERY_BROKER_URL": broker.url,
+                "LIVENESS_DIR": str(tmp_path / "live"),
+                "JOBS_LIVENESS_INTERVAL": "0.5",
+            }
+        )
         before = tasks.flaky.apply_async(("k-before", 0), connection=Connection(broker.url))
         wait_for(lambda: TaskResult.objects.filter(task_id=before.id, status="SUCCESS").exists())
 
@@ -131,10 +136,17 @@ def test_worker_survives_a_redis_restart_and_consumes_again(start_worker, tmp_pa
             stale.unlink()
 
         def probe_passes():
-            return subprocess.run(
-                [sys.executable, "manage.py", "probe", "worker", "--max-age", "3"],
-                cwd=BASE_DIR, env=worker.env, capture_output=True, text=True, timeout=60,
-            ).returncode == 0  # fmt: skip
+            return (
+                subprocess.run(
+                    [sys.executable, "manage.py", "probe", "worker", "--max-age", "3"],
+                    cwd=BASE_DIR,
+                    env=worker.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).returncode
+                == 0
+            )
 
         wait_for(probe_passes, timeout=20, interval=0.5)
     finally:
@@ -156,8 +168,12 @@ def rabbitmq_vhost():
     created = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True, timeout=60)
     if created.returncode != 0:
         pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
-    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   capture_output=True, timeout=60, check=True)  # fmt: skip
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     yield RABBIT + vhost
     subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
 

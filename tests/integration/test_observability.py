@@ -83,8 +83,12 @@ def test_worker_metrics_count_outcomes_across_prefork_processes(start_worker, re
 def probe(env: dict, max_age: str = "2") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "manage.py", "probe", "worker", "--max-age", max_age],
-        cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_liveness_probe_fails_when_the_consumer_stops_consuming(start_worker, tmp_path):
@@ -137,8 +141,12 @@ def test_flower_will_not_start_without_auth_outside_debug(redis_server):
     env.pop("FLOWER_BASIC_AUTH", None)
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "config", "flower", f"--port={free_port()}"],
-        cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "FLOWER_BASIC_AUTH (user:password) must be set" in result.stderr
 

@@ -37,11 +37,34 @@ def tls_redis(tmp_path):
     reasons = []
     for binary in binaries:
         process = subprocess.Popen(
-            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file",
-             str(ca_file), "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                binary,
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-cert-file",
+                str(cert_file),
+                "--tls-key-file",
+                str(key_file),
+                "--tls-ca-cert-file",
+                str(ca_file),
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                PASSWORD,
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         if _answers(process, url):
             break
         reasons.append(f"{binary}: {process.stderr.read().decode(errors='replace').strip()[:120]}")

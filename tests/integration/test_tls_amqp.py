@@ -142,8 +142,10 @@ class PrivateRabbitMQ:
         # the node started itself would daemonize and outlive the test).
         self.epmd = subprocess.Popen(
             [self.epmd_binary, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 5
         while not _listening(self.epmd_port):
             if self.epmd.poll() is not None or time.monotonic() > deadline:
@@ -241,9 +243,13 @@ def _broker_check(url: str) -> dict:
         "import json, django; django.setup(); from jobs.health import check_broker; print(json.dumps(check_broker()))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=BASE_DIR, env=process_env(CELERY_BROKER_URL=url),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        cwd=BASE_DIR,
+        env=process_env(CELERY_BROKER_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -44,13 +44,23 @@ def test_metrics_add_up_every_gunicorn_worker_including_recycled_ones(start_serv
     (metrics_dir / "keep.txt").write_text("not a metrics file")
     web = start_service(
         [
-            "gunicorn", "config.wsgi", "--config", str(BASE_DIR / "config" / "gunicorn.py"),
-            "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "2",
+            "gunicorn",
+            "config.wsgi",
+            "--config",
+            str(BASE_DIR / "config" / "gunicorn.py"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "2",
             # Workers are replaced every 6 requests: 20 requests are served by at least 4 processes.
-            "--max-requests", "6", "--no-control-socket",
+            "--max-requests",
+            "6",
+            "--no-control-socket",
         ],
         extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-    )  # fmt: skip
+    )
     base = f"http://127.0.0.1:{port}"
 
     def healthy():

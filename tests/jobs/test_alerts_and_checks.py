@@ -20,9 +20,18 @@ pytestmark = pytest.mark.django_db
 
 def _record(task_id="1", **kw):
     return dead_letter_record(
-        task_name="t.x", task_id=task_id, queue="normal", args=[], kwargs={}, exc_type="E", exc_message="m",
-        traceback="", retries=0, reason="permanent_error", **kw,
-    )  # fmt: skip
+        task_name="t.x",
+        task_id=task_id,
+        queue="normal",
+        args=[],
+        kwargs={},
+        exc_type="E",
+        exc_message="m",
+        traceback="",
+        retries=0,
+        reason="permanent_error",
+        **kw,
+    )
 
 
 @pytest.fixture

@@ -75,9 +75,19 @@ def test_selectors_combine(redis_client):
     DeadLetterFactory(task_name="b.task", queue="low")
     since = (timezone.now() - timedelta(days=1)).isoformat()
     out, _ = run(
-        "requeue_dead", "--task", "a.task", "--queue", "high", "--since", since,
-        "--exception", "TimeoutError", "--request-id", "r-9", verbosity=2,
-    )  # fmt: skip
+        "requeue_dead",
+        "--task",
+        "a.task",
+        "--queue",
+        "high",
+        "--since",
+        since,
+        "--exception",
+        "TimeoutError",
+        "--request-id",
+        "r-9",
+        verbosity=2,
+    )
     assert "Requeued 1 dead letter(s)." in out
     assert f"requeued #{target.pk} as task" in out
     assert redis_client.llen("high") == 1

@@ -102,8 +102,9 @@ def test_cleanup_refuses_a_root_that_holds_the_project_or_its_data(settings, pro
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_cleanup_refuses_a_root_that_holds_the_sqlite_database(settings):
     database = make(settings.TEMP_ROOT / "db" / "db.sqlite3", age_hours=100)
-    settings.DATABASES = {"default": {**settings.DATABASES["default"], "ENGINE": "django.db.backends.sqlite3",
-                                      "NAME": str(database)}}  # fmt: skip
+    settings.DATABASES = {
+        "default": {**settings.DATABASES["default"], "ENGINE": "django.db.backends.sqlite3", "NAME": str(database)}
+    }
     report = temp_files_cleanup(roots=[settings.TEMP_ROOT], max_age=DAY)
     assert report.refused_roots == [str(settings.TEMP_ROOT)]
     assert database.exists()
@@ -183,8 +184,9 @@ def test_daily_report_counts(redis_client, settings):
     started = now - timedelta(minutes=10)
 
     def result(name, status, seconds=1.0, done=None):
-        row = TaskResult.objects.create(task_id=f"{name}-{status}-{TaskResult.objects.count()}", task_name=name,
-                                        status=status)  # fmt: skip
+        row = TaskResult.objects.create(
+            task_id=f"{name}-{status}-{TaskResult.objects.count()}", task_name=name, status=status
+        )
         done = done or started + timedelta(seconds=seconds)
         TaskResult.objects.filter(pk=row.pk).update(date_created=started, date_done=done)
 

@@ -121,13 +121,15 @@ def test_session_post_needs_the_csrf_token(staff_user, django_capture_on_commit_
     [
         ({**PAYLOAD, "template": "nope"}, "unknown email template 'nope'", "unknown_template"),
         ({**PAYLOAD, "to": ["not-an-address"]}, "invalid email address 'not-an-address'", "invalid_address"),
-        ({**PAYLOAD, "to": ["a@example.com\nBcc: b@example.com"]}, "a recipient contains a line break",
-         "header_injection"),
-        ({**PAYLOAD, "context": {"name": "x\nBcc: b@example.com"}}, "the subject must be one line",
-         "header_injection"),
+        (
+            {**PAYLOAD, "to": ["a@example.com\nBcc: b@example.com"]},
+            "a recipient contains a line break",
+            "header_injection",
+        ),
+        ({**PAYLOAD, "context": {"name": "x\nBcc: b@example.com"}}, "the subject must be one line", "header_injection"),
         ({**PAYLOAD, "to": []}, "to must be a non-empty list of addresses", "invalid_address"),
     ],
-)  # fmt: skip
+)
 def test_refusals_are_400_with_the_reason(client, staff_user, django_capture_on_commit_callbacks, body, message, code):
     with django_capture_on_commit_callbacks() as callbacks:
         response = post(client, body, **basic("staff", "s3cret-pass"))
@@ -170,8 +172,12 @@ def test_detail_shows_status_attempts_and_error(client, staff_user, django_captu
     response = client.get(f"{URL}{email_id}/", **basic("staff", "s3cret-pass"))
     assert response.status_code == 200
     assert response.json() == {
-        "id": email_id, "status": "queued", "attempts": 0, "error": None, "delivery_status": None,
-    }  # fmt: skip
+        "id": email_id,
+        "status": "queued",
+        "attempts": 0,
+        "error": None,
+        "delivery_status": None,
+    }
 
     Email.objects.filter(pk=email_id).update(status="failed", attempts=3, last_error="SMTPDataError: 451")
     client.force_login(staff_user)  # the session works as well

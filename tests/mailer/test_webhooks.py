@@ -27,9 +27,14 @@ def webhook_secret(settings):
 @pytest.fixture
 def email():
     return Email.objects.create(
-        to=["ada@example.com"], from_email="noreply@localhost", template="welcome", subject="Hi",
-        body_text="Hi", status=Email.Status.SENT, provider_message_id="pm-0001",
-    )  # fmt: skip
+        to=["ada@example.com"],
+        from_email="noreply@localhost",
+        template="welcome",
+        subject="Hi",
+        body_text="Hi",
+        status=Email.Status.SENT,
+        provider_message_id="pm-0001",
+    )
 
 
 def post(client, event: dict, **extra):
@@ -38,24 +43,41 @@ def post(client, event: dict, **extra):
 
 def delivered(message_id: str = "pm-0001") -> dict:
     return {
-        "RecordType": "Delivery", "MessageID": message_id, "Recipient": "ada@example.com",
-        "DeliveredAt": "2026-11-24T10:00:00Z", "Details": "smtp;250 2.0.0 OK", "Metadata": {},
-    }  # fmt: skip
+        "RecordType": "Delivery",
+        "MessageID": message_id,
+        "Recipient": "ada@example.com",
+        "DeliveredAt": "2026-11-24T10:00:00Z",
+        "Details": "smtp;250 2.0.0 OK",
+        "Metadata": {},
+    }
 
 
 def bounced(message_id: str = "pm-0001") -> dict:
     return {
-        "RecordType": "Bounce", "Type": "HardBounce", "TypeCode": 1, "ID": 42, "MessageID": message_id,
-        "Email": "ada@example.com", "BouncedAt": "2026-11-24T10:05:00Z", "Description": "The server was unable to "
-        "deliver your message", "Details": "smtp;550 5.1.1 user unknown", "Metadata": {},
-    }  # fmt: skip
+        "RecordType": "Bounce",
+        "Type": "HardBounce",
+        "TypeCode": 1,
+        "ID": 42,
+        "MessageID": message_id,
+        "Email": "ada@example.com",
+        "BouncedAt": "2026-11-24T10:05:00Z",
+        "Description": "The server was unable to deliver your message",
+        "Details": "smtp;550 5.1.1 user unknown",
+        "Metadata": {},
+    }
 
 
 def complained(message_id: str = "pm-0001") -> dict:
     return {
-        "RecordType": "SpamComplaint", "Type": "SpamComplaint", "TypeCode": 512, "ID": 43,
-        "MessageID": message_id, "Email": "ada@example.com", "BouncedAt": "2026-11-24T11:00:00Z", "Metadata": {},
-    }  # fmt: skip
+        "RecordType": "SpamComplaint",
+        "Type": "SpamComplaint",
+        "TypeCode": 512,
+        "ID": 43,
+        "MessageID": message_id,
+        "Email": "ada@example.com",
+        "BouncedAt": "2026-11-24T11:00:00Z",
+        "Metadata": {},
+    }
 
 
 def test_delivered_then_complained(client, webhook_secret, email):

@@ -33,10 +33,12 @@ def staff_auth(django_user_model):
 
 
 email_bodies = json_values | st.fixed_dictionaries(
-    {"template": st.sampled_from(["welcome", "nope", "../x", ""]) | st.text(max_size=20),
-     "to": st.lists(st.text(max_size=30) | st.emails(), max_size=3) | json_values,
-     "context": st.dictionaries(st.text(max_size=10), json_values, max_size=3) | json_values},
-)  # fmt: skip
+    {
+        "template": st.sampled_from(["welcome", "nope", "../x", ""]) | st.text(max_size=20),
+        "to": st.lists(st.text(max_size=30) | st.emails(), max_size=3) | json_values,
+        "context": st.dictionaries(st.text(max_size=10), json_values, max_size=3) | json_values,
+    },
+)
 
 
 @FUZZ
@@ -64,9 +66,14 @@ def superuser_auth(django_user_model):
 
 requeue_bodies = json_values | st.fixed_dictionaries(
     {},
-    optional={"ids": json_values | st.lists(st.integers(), max_size=3), "task": json_values, "since": json_values,
-              "all": json_values, "limit": json_values},
-)  # fmt: skip
+    optional={
+        "ids": json_values | st.lists(st.integers(), max_size=3),
+        "task": json_values,
+        "since": json_values,
+        "all": json_values,
+        "limit": json_values,
+    },
+)
 
 
 @FUZZ

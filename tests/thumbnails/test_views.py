@@ -137,8 +137,10 @@ def test_detail_of_a_done_image(client):
     assert body["status"] == "done"
     base = f"http://testserver/media/thumbnails/{image.pk}"
     assert [(t["size"], t["width"], t["height"]) for t in body["thumbnails"]] == [
-        (128, 128, 85), (256, 256, 171), (512, 512, 341),
-    ]  # fmt: skip
+        (128, 128, 85),
+        (256, 256, 171),
+        (512, 512, 341),
+    ]
     for thumb in body["thumbnails"]:
         assert re.fullmatch(rf"{base}/{thumb['size']}-[0-9a-f]{{16}}\.png", thumb["url"])
     assert body["error"] is None

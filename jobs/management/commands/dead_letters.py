@@ -100,7 +100,7 @@ class Command(BaseCommand):
             ("exception", f"{row.exception_type}: {row.exception_message}"),
             ("args", json.dumps(row.args, indent=2)),
             ("kwargs", json.dumps(row.kwargs, indent=2)),
-        ]  # fmt: skip
+        ]
         for name, value in fields:
             self.stdout.write(f"{name + ':':<11} {value}")
         if row.raw_message:

@@ -186,9 +186,15 @@ def test_finishing_survives_a_connection_the_database_cut():
 def test_a_refused_retry_waits_in_the_ledger_and_is_published_when_due(redis_client):
     _published("retry-1")
     assert ledger_defer_retry(
-        task_name="jobs.ping", task_id="retry-1", args=[], kwargs={}, headers={"request_id": "r"},
-        queue="low", retries=3, delay=3600,
-    )  # fmt: skip
+        task_name="jobs.ping",
+        task_id="retry-1",
+        args=[],
+        kwargs={},
+        headers={"request_id": "r"},
+        queue="low",
+        retries=3,
+        delay=3600,
+    )
     row = OutboxMessage.objects.get(task_id="retry-1")
     assert row.published_at is None
     assert row.retries == 3
@@ -202,9 +208,15 @@ def test_a_refused_retry_waits_in_the_ledger_and_is_published_when_due(redis_cli
 def test_a_refused_retry_of_a_job_not_in_the_ledger_gets_a_row(redis_client):
     """A task sent by beat or `.delay()` has no row yet: its refused retry must not be lost either."""
     assert ledger_defer_retry(
-        task_name="jobs.ping", task_id="beat-1", args=[1], kwargs={"a": 2}, headers={}, queue="low",
-        retries=1, delay=0,
-    )  # fmt: skip
+        task_name="jobs.ping",
+        task_id="beat-1",
+        args=[1],
+        kwargs={"a": 2},
+        headers={},
+        queue="low",
+        retries=1,
+        delay=0,
+    )
     row = OutboxMessage.objects.get(task_id="beat-1")
     assert (row.args, row.kwargs, row.options["queue"]) == ([1], {"a": 2}, "low")
     assert outbox_relay()["published"] == 1
