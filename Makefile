@@ -1,13 +1,22 @@
 # Entry points a newcomer types: install, run, test, lint, fmt, bench.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The site runs Django 6.0, which needs Python >= 3.12: the newest Python this machine has (PATH or
+# pyenv), unless PYTHON names one. On Python 3.11 it installs Django 5.2 LTS instead (jobs supports both).
+PYTHON ?= $(shell devtools/pick-python)
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 REQS := $(wildcard requirements/*.txt)
-STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)-$(notdir $(PYTHON))
+# The reusable app's second leg: Django 5.2 LTS on Python 3.11 (`make test-lts`, run by .ci/run).
+LTS_PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
+LTS_VENV ?= .venv-lts
+LTS_STAMP := $(LTS_VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+# What `jobs` is tested with on both legs: its unit tests and its real-worker tests.
+APP_TESTS := tests/jobs tests/integration/test_reusable_app.py tests/integration/test_dead_letters.py \
+	tests/integration/test_worker.py tests/integration/test_beat.py
 
-.PHONY: install run test test-fast lint fmt bench bench-quick check clean help
+.PHONY: install run test test-fast test-lts lint fmt bench bench-quick check clean help
 
 help:
 	@echo "make install  create .venv and install pinned requirements (idempotent)"
@@ -20,7 +29,11 @@ help:
 install: $(STAMP)
 
 $(STAMP): $(REQS)
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else f"make install: {sys.executable} is Python {sys.version.split()[0]}; 3.11 or newer is needed (PYTHON=...)")'
+	@if [ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" != "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then \
+		echo "make install: $(VENV) was made with another Python; making it again"; \
+		rm -rf $(VENV); \
+	fi
 	@if [ ! -x $(BIN)/python ]; then \
 		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 			echo "python3 -m venv failed: installing Debian's python3-venv"; \
@@ -29,7 +42,15 @@ $(STAMP): $(REQS)
 		}; \
 	fi
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	@version=$$($(BIN)/python -c 'import sys; print(sys.version.split()[0])'); \
+	if $(BIN)/python -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then \
+		echo "make install: Python $$version ($(PYTHON)); Django 6.0 needs 3.12+, so Django 5.2 LTS here"; \
+		devtools/lts-requirements var/requirements-lts && reqs=var/requirements-lts/dev.txt; \
+	else \
+		echo "make install: Python $$version ($(PYTHON)), Django 6.0"; reqs=requirements/dev.txt; \
+	fi; \
+	echo "$(BIN)/python -m pip install -r $$reqs"; \
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r $$reqs
 	@mkdir -p var/media var/tmp
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -57,6 +78,20 @@ test: install
 	if [ $$benched -ne 0 ]; then echo "the benchmarks' quick mode failed (exit $$benched)"; fi; \
 	[ $$tests -eq 0 ] && [ $$faulted -eq 0 ] && [ $$benched -eq 0 ]
 
+# Django 5.2 LTS on Python 3.11: the same pinned requirements but those two pins, in a venv of its own.
+test-lts: $(LTS_STAMP)
+	TEST_DATABASE_SUFFIX=_lts $(LTS_VENV)/bin/python -m pytest -p no:cacheprovider $(APP_TESTS) $(PYTEST_ARGS)
+
+$(LTS_STAMP): $(REQS)
+	@echo "make test-lts: Django 5.2 LTS on Python $$($(LTS_PYTHON) -c 'import sys; print(sys.version.split()[0])') ($(LTS_PYTHON))"
+	@rm -rf $(LTS_VENV)
+	$(LTS_PYTHON) -m venv $(LTS_VENV)
+	@mkdir -p var/media var/tmp
+	devtools/lts-requirements var/requirements-lts
+	$(LTS_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(LTS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r var/requirements-lts/dev.txt
+	@touch $@
+
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
@@ -80,7 +115,7 @@ bench-quick: install
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov
+	rm -rf $(VENV) $(LTS_VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov
 
 # --- Browser for the thumbnails page test ---------------------------------------------------
 # Debian's chromium, installed when missing and apt-get is usable (root or password-less sudo).

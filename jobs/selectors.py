@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -56,9 +56,11 @@ def dead_letters_select(
     return rows.order_by("failed_at", "pk")
 
 
-def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[dict[str, Any]]:
+def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[Mapping[str, Any]]:
     """Dead letters grouped by task and exception type, largest group first:
-    `task_name`, `exception_type`, `count`, `first_failed_at`, `last_failed_at`."""
+    `task_name`, `exception_type`, `count`, `first_failed_at`, `last_failed_at`.
+
+    Mapping, not dict: django-stubs 6 types `.values()` rows as a TypedDict, which is no dict[str, Any]."""
     return list(
         DeadLetter.objects.filter(status=status)
         .values("task_name", "exception_type")

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email import encoders
+from email.message import MIMEPart
 from email.mime.base import MIMEBase
 from typing import Any
 
+import django
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
@@ -569,10 +571,17 @@ class _Message(EmailMultiAlternatives):
     """Django's message, with each multipart boundary a fresh UUID: the standard library's
     generator otherwise makes a random one and compiles a regular expression for every message to
     check that no line of the text contains it (a fifth of a worker's time per email). A 128-bit
-    random boundary cannot collide with text that was written before it existed."""
+    random boundary cannot collide with text that was written before it existed.
+
+    With an inline image (`related`), the outer multipart/mixed becomes multipart/related: what the
+    undocumented `mixed_subtype = "related"` did, which Django 6.0 refuses (AttributeError)."""
+
+    related = False
 
     def message(self, *args: Any, **kwargs: Any) -> Any:
         built = super().message(*args, **kwargs)
+        if self.related and built.get_content_type() == "multipart/mixed":
+            built.set_type("multipart/related")
         for part in built.walk():
             if part.is_multipart() and part.get_boundary() is None:
                 part.set_boundary(f"=_{uuid.uuid4().hex}")
@@ -595,19 +604,28 @@ def _build_message(email: Email) -> EmailMultiAlternatives:
         with attachment.file.open("rb") as fh:
             content = fh.read()
         if attachment.content_id:
-            maintype, _, subtype = attachment.content_type.partition("/")
-            part = MIMEBase(maintype, subtype)
-            part.set_payload(content)
-            encoders.encode_base64(part)
-            part.add_header("Content-ID", f"<{attachment.content_id}>")
-            part.add_header("Content-Disposition", "inline", filename=attachment.filename)
-            message.attach(part)
+            message.attach(_inline_part(content, attachment.content_type, attachment.content_id, attachment.filename))
             inline = True
         else:
             message.attach(attachment.filename, content, attachment.content_type)
-    if inline:
-        message.mixed_subtype = "related"
+    message.related = inline
     return message
+
+
+def _inline_part(content: bytes, content_type: str, content_id: str, filename: str) -> MIMEBase | MIMEPart:
+    """An inline attachment: a MIMEPart from Django 6.0 on (which deprecates MIMEBase attachments;
+    Django 5.2 accepts only MIMEBase)."""
+    maintype, _, subtype = content_type.partition("/")
+    if django.VERSION >= (6, 0):
+        part = MIMEPart()
+        part.set_content(content, maintype, subtype, disposition="inline", filename=filename, cid=f"<{content_id}>")
+        return part
+    legacy = MIMEBase(maintype, subtype)
+    legacy.set_payload(content)
+    encoders.encode_base64(legacy)
+    legacy.add_header("Content-ID", f"<{content_id}>")
+    legacy.add_header("Content-Disposition", "inline", filename=filename)
+    return legacy
 
 
 def _provider_message_id(message: EmailMultiAlternatives) -> str:

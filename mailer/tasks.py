@@ -6,11 +6,11 @@ import smtplib
 import ssl
 from typing import Any
 
+import django
 import requests
 from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
 from celery import shared_task
 from celery.signals import worker_process_shutdown
-from django.core.mail import BadHeaderError
 
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
@@ -18,6 +18,12 @@ from jobs.outcomes import Job
 from mailer import backend
 from mailer.models import Email
 from mailer.services import HandOffInProgress, email_mark_failed, email_release, email_send
+
+if django.VERSION >= (6, 0):
+    # Django 6.0 deprecates BadHeaderError: a header with CR or LF is the email package's ValueError.
+    BadHeaderError: type[ValueError] = ValueError
+else:
+    from django.core.mail import BadHeaderError
 
 
 def classify_send_error(exc: BaseException) -> str | None:

@@ -604,7 +604,7 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root():
         assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), f"{image} is not pinned by tag"
         assert not image.endswith(":latest")
     resolved = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image) for image in froms]
-    assert resolved[-1] == "python:3.11-slim-bookworm", "the runtime stage"
+    assert resolved[-1] == "python:3.13-slim-bookworm", "the runtime stage"
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     users = [rest for keyword, rest in instructions[last_from:] if keyword == "USER"]
     assert users, "the runtime stage must switch to a non-root USER"
