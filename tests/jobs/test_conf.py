@@ -50,3 +50,34 @@ def test_the_lock_redis_is_jobs_redis_url_else_a_plain_redis_broker(settings, mo
     assert not jobs_settings.broker_is_redis
     with pytest.raises(RuntimeError, match="JOBS_REDIS_URL"):
         jobs_settings.redis_url  # noqa: B018
+
+
+def test_celerys_own_options_are_read_with_celerys_defaults(settings):
+    del settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    del settings.CELERY_TASK_TIME_LIMIT
+    del settings.CELERY_TASK_DEFAULT_QUEUE
+    assert jobs_settings.visibility_timeout == 3600.0  # kombu's Redis default
+    assert jobs_settings.task_time_limit == 0.0
+    assert jobs_settings.default_queue == "celery"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 120}
+    settings.CELERY_TASK_TIME_LIMIT = 60
+    settings.CELERY_TASK_DEFAULT_QUEUE = "normal"
+    assert (jobs_settings.visibility_timeout, jobs_settings.task_time_limit, jobs_settings.default_queue) == (
+        120.0,
+        60.0,
+        "normal",
+    )
+
+
+def test_the_queues_are_the_ones_the_project_declares(monkeypatch):
+    from celery import current_app
+    from kombu import Queue
+
+    from jobs.selectors import queue_names
+
+    assert queue_names() == ["high", "normal", "low"]  # this site's CELERY_TASK_QUEUES, in order
+    monkeypatch.setitem(current_app.conf, "task_queues", [Queue("emails"), Queue("reports")])
+    assert queue_names() == ["emails", "reports"]
+    monkeypatch.setitem(current_app.conf, "task_queues", None)
+    monkeypatch.setitem(current_app.conf, "task_default_queue", "celery")
+    assert queue_names() == ["celery"]  # a project that declares none has Celery's default queue
