@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.utils import flatten_fieldsets
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.selectors import dead_letter_groups
-from jobs.services import dead_letters_discard, dead_letters_requeue
+from jobs.services import RequeueResult, dead_letters_discard, dead_letters_requeue
+
+if TYPE_CHECKING:
+    # django-stubs makes the admin classes generic in their model, Django's own are not subscriptable
+    # (django_stubs_ext.monkeypatch() would make them so, but it is a dev requirement only).
+    _DeadLetterEventInline = admin.TabularInline[DeadLetterEvent, DeadLetter]
+    _DeadLetterAdmin = admin.ModelAdmin[DeadLetter]
+    _DeadLetterPurgeAdmin = admin.ModelAdmin[DeadLetterPurge]
+    _DailyReportAdmin = admin.ModelAdmin[DailyReport]
+    _OutboxMessageAdmin = admin.ModelAdmin[OutboxMessage]
+else:
+    _DeadLetterEventInline = admin.TabularInline
+    _DeadLetterAdmin = _DeadLetterPurgeAdmin = _DailyReportAdmin = _OutboxMessageAdmin = admin.ModelAdmin
 
 
 def _plural(count: int, singular: str = "dead letter", plural: str = "dead letters") -> str:
@@ -26,7 +40,7 @@ def _actor(request: HttpRequest) -> str:
     return f"admin:{request.user.get_username()}"
 
 
-class DeadLetterEventInline(admin.TabularInline):
+class DeadLetterEventInline(_DeadLetterEventInline):
     model = DeadLetterEvent
     extra = 0
     can_delete = False
@@ -34,21 +48,22 @@ class DeadLetterEventInline(admin.TabularInline):
     readonly_fields = fields
     ordering = ("-at", "-id")
 
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: DeadLetter | None = None) -> bool:
         return False
 
 
-_HISTORY_FIELDS = (
-    "failure_count", "first_failed_at", "failed_at", "requeue_count", "requeued_at",
-    "requeued_by", "requeued_task_id", "discarded_at", "discarded_by",
-)  # fmt: skip
-
-
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(_DeadLetterAdmin):
     list_display = (
-        "id", "status", "task_name", "exception_type", "queue", "reason", "failure_count", "failed_at",
-    )  # fmt: skip
+        "id",
+        "status",
+        "task_name",
+        "exception_type",
+        "queue",
+        "reason",
+        "failure_count",
+        "failed_at",
+    )
     list_display_links = ("id", "task_name")
     list_filter = ("status", "reason", "queue", "task_name", "exception_type")
     date_hierarchy = "failed_at"
@@ -80,8 +95,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
         ),
     )
 
-    def get_readonly_fields(self, request: HttpRequest, obj=None) -> list[str]:
-        return [f for fs in self.fieldsets for f in fs[1]["fields"]]
+    def get_readonly_fields(self, request: HttpRequest, obj: DeadLetter | None = None) -> list[str]:
+        return flatten_fieldsets(self.fieldsets)  # every field shown, in order
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # only the system writes dead letters
@@ -100,7 +115,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     # --- actions ------------------------------------------------------------------------------
 
-    def _confirm(self, request: HttpRequest, queryset: QuerySet, action: str, verb: str) -> HttpResponse | None:
+    def _confirm(
+        self, request: HttpRequest, queryset: QuerySet[DeadLetter], action: str, verb: str
+    ) -> HttpResponse | None:
         """Renders a confirmation page unless the form was confirmed; None once confirmed."""
         if request.POST.get("confirm") == "yes":
             return None
@@ -120,7 +137,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/jobs/deadletter/confirm_action.html", context)
 
     @admin.action(description="Requeue selected dead letters", permissions=["change"])
-    def requeue_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+    def requeue_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> HttpResponse | None:
         page = self._confirm(request, queryset, "requeue_selected", "Requeue")
         if page is not None:
             return page
@@ -129,7 +146,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         return None
 
     @admin.action(description="Discard selected dead letters", permissions=["change"])
-    def discard_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+    def discard_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> HttpResponse | None:
         page = self._confirm(request, queryset, "discard_selected", "Discard")
         if page is not None:
             return page
@@ -137,7 +154,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         self.message_user(request, f"Discarded {_plural(count)}.", messages.SUCCESS)
         return None
 
-    def _report(self, request: HttpRequest, result) -> None:
+    def _report(self, request: HttpRequest, result: RequeueResult) -> None:
         if result.count:
             self.message_user(request, f"Requeued {_plural(result.count)}.", messages.SUCCESS)
         if result.skipped:
@@ -158,7 +175,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     # --- grouped view -------------------------------------------------------------------------
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         info = self.model._meta.app_label, self.model._meta.model_name
         return [
             path("groups/", self.admin_site.admin_view(self.groups_view), name="{}_{}_groups".format(*info)),
@@ -191,7 +208,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
 
 @admin.register(DeadLetterPurge)
-class DeadLetterPurgeAdmin(admin.ModelAdmin):
+class DeadLetterPurgeAdmin(_DeadLetterPurgeAdmin):
     """The record of purges: read-only, and kept (delete is refused too)."""
 
     list_display = ("at", "actor", "count", "statuses", "older_than")
@@ -201,15 +218,15 @@ class DeadLetterPurgeAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: DeadLetterPurge | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: DeadLetterPurge | None = None) -> bool:
         return False
 
 
 @admin.register(DailyReport)
-class DailyReportAdmin(admin.ModelAdmin):
+class DailyReportAdmin(_DailyReportAdmin):
     list_display = ("day", "created_at", "dead_letters_created", "tasks")
     date_hierarchy = "day"
     readonly_fields = ("day", "created_at", "report")
@@ -218,12 +235,13 @@ class DailyReportAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: DailyReport | None = None) -> bool:
         return False
 
     @admin.display(description="Dead letters created")
     def dead_letters_created(self, obj: DailyReport) -> int:
-        return obj.data.get("dead_letters_created", 0)
+        count: int = obj.data.get("dead_letters_created", 0)  # a JSONField: typed Any
+        return count
 
     @admin.display(description="Tasks")
     def tasks(self, obj: DailyReport) -> int:
@@ -238,14 +256,14 @@ class LedgerStateFilter(admin.SimpleListFilter):
     title = "state"
     parameter_name = "state"
 
-    def lookups(self, request: HttpRequest, model_admin) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin[OutboxMessage]) -> list[tuple[str, str]]:
         return [
             ("unpublished", "Waiting to be published"),
             ("published", "Published, not finished"),
             ("missing", "Missing from the broker"),
         ]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+    def queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> QuerySet[OutboxMessage]:
         if self.value() == "unpublished":
             return queryset.filter(published_at__isnull=True)
         if self.value() == "published":
@@ -256,26 +274,49 @@ class LedgerStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):
+class OutboxMessageAdmin(_OutboxMessageAdmin):
     """The ledger: every accepted job not finished yet. Rows come and go by themselves; a row that
     stays long is a job to look at (its state, publish errors, how often it was brought back)."""
 
-    list_display = ("task_name", "task_id", "state", "created_at", "published_at", "retries", "republished",
-                    "attempts", "short_error")  # fmt: skip
+    list_display = (
+        "task_name",
+        "task_id",
+        "state",
+        "created_at",
+        "published_at",
+        "retries",
+        "republished",
+        "attempts",
+        "short_error",
+    )
     list_filter = (LedgerStateFilter, "task_name")
     search_fields = ("task_id", "task_name")
     date_hierarchy = "created_at"
     ordering = ("created_at", "id")
-    readonly_fields = ("task_name", "task_id", "state", "args", "kwargs", "options", "created_at", "published_at",
-                       "not_before", "retries", "missing_since", "republished", "attempts", "last_error",
-                       "claimed_until")  # fmt: skip
+    readonly_fields = (
+        "task_name",
+        "task_id",
+        "state",
+        "args",
+        "kwargs",
+        "options",
+        "created_at",
+        "published_at",
+        "not_before",
+        "retries",
+        "missing_since",
+        "republished",
+        "attempts",
+        "last_error",
+        "claimed_until",
+    )
     fields = readonly_fields
     actions = ("publish_now",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
         return False
 
     @admin.display(description="last publish error")
@@ -283,7 +324,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):
         return obj.last_error[:80]
 
     @admin.action(description="Publish selected again now", permissions=["view"])
-    def publish_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         from jobs.runtime.outbox import ledger_publish_now
 
         task_ids = list(queryset.values_list("task_id", flat=True))

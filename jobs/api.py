@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, overload
 
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
@@ -28,6 +29,8 @@ MAX_LIMIT = 500
 MAX_BULK = 1000  # per call; larger or throttled runs: `manage.py requeue_dead --rate`
 SELECTORS = ("task", "queue", "exception", "request_id", "since")
 
+_ViewFunction = Callable[..., HttpResponse]
+
 
 class BadRequest(ValueError):
     """A query or body the API refuses: answered 400 with `field`."""
@@ -37,10 +40,10 @@ class BadRequest(ValueError):
         self.field = field
 
 
-def _permission(codename: str) -> Callable:
-    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+def _permission(codename: str) -> Callable[[_ViewFunction], _ViewFunction]:
+    def decorate(view: _ViewFunction) -> _ViewFunction:
         @wraps(view)
-        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if not request.user.has_perm(f"jobs.{codename}"):
                 return json_error(f"permission jobs.{codename} required", 403)
             try:
@@ -113,9 +116,13 @@ def _selection(values: dict[str, Any]) -> dict[str, Any]:
     return selection
 
 
+@overload
+def _int(values: dict[str, Any], name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def _int(values: dict[str, Any], name: str, default: None, low: int, high: int) -> int | None: ...
 def _int(values: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
     value = values.get(name)
-    if value in (None, ""):
+    if value is None or value == "":
         return default
     try:
         number = int(value)
@@ -181,7 +188,7 @@ def dead_letter_detail(request: HttpRequest, dead_letter_id: int) -> HttpRespons
     return JsonResponse(_detail(row))
 
 
-def _requeue(request: HttpRequest, rows) -> HttpResponse:
+def _requeue(request: HttpRequest, rows: QuerySet[DeadLetter]) -> HttpResponse:
     result = dead_letters_requeue(dead_letters=rows, actor=_actor(request))
     body = {
         "requeued": [{"id": pk, "task_id": task_id} for pk, task_id in result.requeued],

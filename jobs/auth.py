@@ -24,6 +24,7 @@ import base64
 import binascii
 from collections.abc import Callable
 from functools import wraps
+from typing import Any
 
 from django.contrib.auth import authenticate
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -72,8 +73,9 @@ def _cross_site_header(request: HttpRequest) -> str | None:
     origin = request.headers.get("Origin")
     if origin is None:
         return None
-    # Django's own origin check: scheme and host as Django sees them, or CSRF_TRUSTED_ORIGINS.
-    if origin.strip().lower() == "null" or not CsrfViewMiddleware(_no_view)._origin_verified(request):
+    # Django's own origin check: scheme and host as Django sees them, or CSRF_TRUSTED_ORIGINS
+    # (`_origin_verified` is private, so django-stubs leaves it out).
+    if origin.strip().lower() == "null" or not CsrfViewMiddleware(_no_view)._origin_verified(request):  # type: ignore[attr-defined]
         return "Origin"
     return None
 
@@ -103,7 +105,7 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
 
     @csrf_exempt  # checked below for session users; cross-site basic auth writes are refused first
     @wraps(view)
-    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         refused = _cross_site_refusal(request)
         if refused is not None:
             return refused
@@ -112,18 +114,18 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
         except ValueError:
             return _unauthorized("malformed basic auth header")
         if credentials is not None:
-            user = authenticate(request, username=credentials[0], password=credentials[1])
-            if user is None:
+            authenticated = authenticate(request, username=credentials[0], password=credentials[1])
+            if authenticated is None:
                 return _unauthorized("invalid credentials")
-            request.user = user
+            request.user = authenticated
         else:
-            user = request.user
-            if not user.is_authenticated:
+            if not request.user.is_authenticated:
                 return _unauthorized("authentication required")
             if request.method not in SAFE_METHODS:
                 failure = _csrf_failure(request)
                 if failure is not None:
                     return json_error("CSRF verification failed", 403)
+        user = request.user  # the basic auth user just set, or the session's
         if not (user.is_active and user.is_staff):
             return json_error("staff only", 403)
         return view(request, *args, **kwargs)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from jobs.conf import jobs_settings
 from jobs.policy import JITTER
@@ -21,7 +25,7 @@ def project_retry_ceiling(visibility: float) -> float:
     return max(visibility - jobs_settings.task_time_limit - margin, 1.0)
 
 
-def _retry_delay_warnings(visibility: float) -> list:
+def _retry_delay_warnings(visibility: float) -> list[CheckMessage]:
     """jobs.W001 for the project-wide policy and for each task that overrides it."""
     base, cap = jobs_settings.TASK_RETRY_BACKOFF_BASE, jobs_settings.TASK_RETRY_BACKOFF_MAX
     retries = jobs_settings.TASK_MAX_RETRIES
@@ -31,7 +35,7 @@ def _retry_delay_warnings(visibility: float) -> list:
         "retry delays are clipped to CELERY_VISIBILITY_TIMEOUT minus CELERY_TASK_TIME_LIMIT minus a margin "
         "(10 %, at least 60 s). Lower the cap or raise the timeout."
     )
-    problems = []
+    problems: list[CheckMessage] = []
     longest = _longest_delay(base, cap, retries)
     ceiling = project_retry_ceiling(visibility)
     if longest >= ceiling:
@@ -66,8 +70,8 @@ def _retry_delay_warnings(visibility: float) -> list:
 
 
 @register("jobs")
-def check_task_settings(app_configs=None, **kwargs) -> list:
-    problems = []
+def check_task_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    problems: list[CheckMessage] = []
     redis = jobs_settings.broker_is_redis
     visibility = jobs_settings.visibility_timeout
     if redis:
@@ -121,16 +125,19 @@ def check_task_settings(app_configs=None, **kwargs) -> list:
 
 
 @register("jobs")
-def check_cleanup_roots(app_configs=None, **kwargs) -> list:
+def check_cleanup_roots(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """jobs.E002: the hourly temp-file cleanup deletes old files under JOBS_TEMP_ROOT and
     FILE_UPLOAD_TEMP_DIR, so neither may be a filesystem root or hold the project or its data."""
     from pathlib import Path
 
     from jobs.housekeeping import cleanup_root_danger
 
-    problems, seen = [], set()
-    for setting, root in (("JOBS_TEMP_ROOT", jobs_settings.TEMP_ROOT),
-                          ("FILE_UPLOAD_TEMP_DIR", settings.FILE_UPLOAD_TEMP_DIR)):  # fmt: skip
+    problems: list[CheckMessage] = []
+    seen: set[Path] = set()
+    for setting, root in (
+        ("JOBS_TEMP_ROOT", jobs_settings.TEMP_ROOT),
+        ("FILE_UPLOAD_TEMP_DIR", settings.FILE_UPLOAD_TEMP_DIR),
+    ):
         if not root or Path(root).resolve() in seen:
             continue
         seen.add(Path(root).resolve())

@@ -51,7 +51,7 @@ def metrics_page() -> tuple[bytes, str]:
     # Only what the processes wrote to the directory: the default registry's collectors would
     # report this one process (and its process_* metrics are per process anyway).
     processes = CollectorRegistry()
-    MultiProcessCollector(processes, path=path)
+    MultiProcessCollector(processes, path=path)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
     with directory_lock(path, exclusive=False):
         body = generate_latest(processes)
     # Computed at scrape time, outside the lock: a slow broker must not hold up the master's folds.

@@ -12,8 +12,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypedDict
 
 from django.db import Error as DatabaseErrors
 from django.db import IntegrityError, connection, transaction
@@ -116,18 +116,19 @@ def dead_letter_record(
 
 
 def _store_failure(
-    fields: dict[str, Any], *, now, task_id: str, dead_letter_id: int | str | None
+    fields: dict[str, Any], *, now: datetime, task_id: str, dead_letter_id: int | str | None
 ) -> tuple[DeadLetter, bool, bool]:
     """Writes one failure; returns the row, whether it was created, and whether this was a
     repeated report of a failure the row already holds (same attempt, still pending)."""
     with transaction.atomic():
         rows = DeadLetter.objects.select_for_update()
-        row = rows.filter(pk=_as_int(dead_letter_id)).first() if dead_letter_id else None
+        pk = _as_int(dead_letter_id) if dead_letter_id else None
+        row = rows.filter(pk=pk).first() if pk is not None else None  # no int: no row has that pk
         if row is None:
             row = rows.filter(task_id=task_id[:64], status=DeadLetter.Status.PENDING).first() if task_id else None
         repeated = row is not None and row.task_id == task_id[:64] and row.status == DeadLetter.Status.PENDING
         created = row is None
-        if created:
+        if row is None:
             row = DeadLetter.objects.create(first_failed_at=now, **fields)
         else:
             for name, value in fields.items():
@@ -138,9 +139,13 @@ def _store_failure(
             row.refresh_from_db(fields=["failure_count"])
         note = f"{fields['reason']}: {fields['exception_type']}: {fields['exception_message']}"
         DeadLetterEvent.objects.create(
-            dead_letter=row, action=DeadLetterEvent.Action.FAILED, actor=fields["worker"][:150], at=now,
-            task_id=task_id[:64], note=note[:2000],
-        )  # fmt: skip
+            dead_letter=row,
+            action=DeadLetterEvent.Action.FAILED,
+            actor=fields["worker"][:150],
+            at=now,
+            task_id=task_id[:64],
+            note=note[:2000],
+        )
     return row, created, repeated
 
 
@@ -194,7 +199,7 @@ def dead_letters_requeue(
         return result
     if rate:
         batch_size = max(1, min(batch_size, math.ceil(rate)))
-    lock_kwargs = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
+    lock_kwargs: _LockOptions = {"skip_locked": True} if connection.features.has_select_for_update_skip_locked else {}
     for start in range(0, len(ids), batch_size):
         began, published = time.monotonic(), result.count
         chunk = ids[start : start + batch_size]
@@ -217,8 +222,15 @@ def dead_letters_requeue(
     return result
 
 
-def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: dict, result: RequeueResult) -> bool:
-    from jobs.runtime.outbox import LEDGER_HEADER, ledger_publish_now
+class _LockOptions(TypedDict, total=False):
+    """`select_for_update()` options the database supports."""
+
+    skip_locked: bool
+
+
+def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: _LockOptions, result: RequeueResult) -> bool:
+    from jobs.outcomes import LEDGER_HEADER
+    from jobs.runtime.outbox import ledger_publish_now
 
     now = timezone.now()
     # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.
@@ -235,17 +247,21 @@ def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: dict, result: Requ
             if row.redacted:
                 result.skipped.append((row.pk, "arguments were redacted when stored"))
                 continue
-            headers = {"dead_letter_id": row.pk, LEDGER_HEADER: 1}
+            headers: dict[str, int | str] = {"dead_letter_id": row.pk, LEDGER_HEADER: 1}
             request_id = row.request_id or get_request_id() or ""
             if request_id:
                 headers["request_id"] = request_id
             options = {"headers": headers, **({"queue": row.queue} if row.queue else {})}
             jobs.append(
                 OutboxMessage(
-                    task_name=row.task_name, task_id=f"{run}-{row.pk}", args=row.args, kwargs=row.kwargs,
-                    options=options, created_at=now,
+                    task_name=row.task_name,
+                    task_id=f"{run}-{row.pk}",
+                    args=row.args,
+                    kwargs=row.kwargs,
+                    options=options,
+                    created_at=now,
                 )
-            )  # fmt: skip
+            )
             done.append(row.pk)
         OutboxMessage.objects.bulk_create(jobs)
         DeadLetter.objects.filter(pk__in=done).update(
@@ -274,9 +290,10 @@ def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: dict, result: Requ
     _published, error = ledger_publish_now([f"{run}-{pk}" for pk in done])
     if error:
         waiting = set(
-            OutboxMessage.objects.filter(task_id__in=[f"{run}-{pk}" for pk in done], published_at__isnull=True)
-            .values_list("task_id", flat=True)
-        )  # fmt: skip
+            OutboxMessage.objects.filter(
+                task_id__in=[f"{run}-{pk}" for pk in done], published_at__isnull=True
+            ).values_list("task_id", flat=True)
+        )
         result.waiting.extend((pk, task_id) for pk, task_id in result.requeued if task_id in waiting)
         result.error = error
         logger.error("dead_letter.requeue_waiting", extra={"waiting": len(waiting), "error": error})

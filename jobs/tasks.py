@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any, TypedDict
 
 from celery import shared_task
 
@@ -25,14 +26,21 @@ def dead_letter_digest(window: str = "") -> int:
     return dead_letter_follow_up(window) if window else dead_letter_digest_send()
 
 
+class _Quiet(TypedDict):
+    """A TypedDict, not a dict[str, bool]: `shared_task(**QUIET)` then type-checks key by key."""
+
+    ignore_result: bool
+    send_events: bool
+
+
 #: Housekeeping that runs every few seconds stays out of the task history and Flower's task list
 #: (about 11 500 rows a day otherwise); the worker's metrics still count it, and a failure still
 #: ends in a dead letter.
-QUIET = {"ignore_result": True, "send_events": False}
+QUIET: _Quiet = {"ignore_result": True, "send_events": False}
 
 
 @shared_task(base=JobTask, name="jobs.heartbeat", retry_limit=0, alert_on_dead_letter=False, **QUIET)
-def heartbeat() -> dict:
+def heartbeat() -> dict[str, Any]:
     """Sent by beat every 30 s: records that a worker consumes (for `/api/jobs/health/`)."""
     from jobs.heartbeat import heartbeat_write
 
@@ -40,7 +48,7 @@ def heartbeat() -> dict:
 
 
 @shared_task(base=JobTask, name="jobs.cleanup_temp_files")
-def cleanup_temp_files() -> dict:
+def cleanup_temp_files() -> dict[str, Any]:
     """Removes temporary files older than CLEANUP_MAX_AGE_HOURS (hourly)."""
     from datetime import timedelta
 
@@ -69,7 +77,7 @@ def daily_report() -> int:
 
 
 @shared_task(base=JobTask, name="jobs.outbox_relay", retry_limit=0, alert_on_dead_letter=False, **QUIET)
-def outbox_relay() -> dict:
+def outbox_relay() -> dict[str, Any]:
     """The ledger's upkeep from beat (every 10 s), besides every worker's own sweeper thread:
     publishes what waits in the outbox, republishes what the broker lost (`jobs.runtime.ledger`)."""
     from jobs.runtime.ledger import ledger_run

@@ -114,9 +114,15 @@ def ledger_defer_retry(
             # The retry's own headers (request id, dead letter id) win over what was first stored.
             merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
             OutboxMessage.objects.filter(pk=row.pk).update(
-                published_at=None, not_before=not_before, retries=retries, postponed=postponed, options=merged,
-                missing_since=None, claim="", claimed_until=None,
-            )  # fmt: skip
+                published_at=None,
+                not_before=not_before,
+                retries=retries,
+                postponed=postponed,
+                options=merged,
+                missing_since=None,
+                claim="",
+                claimed_until=None,
+            )
         else:
             OutboxMessage.objects.create(
                 task_name=task_name,
