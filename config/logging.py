@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
 from jobs.logging import CONTEXT_FIELDS
-from jobs.policy import redact_text
+from jobs.redaction import redact_text
 
 
 def _scrub(line: str, record: logging.LogRecord) -> str:

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from jobs.conf import jobs_settings
-from jobs.policy import JITTER
+from jobs.retries import JITTER
 
 
 def _longest_delay(base: float, cap: float, retries: int) -> float:
@@ -130,7 +130,7 @@ def check_cleanup_roots(app_configs: Sequence[AppConfig] | None = None, **kwargs
     FILE_UPLOAD_TEMP_DIR, so neither may be a filesystem root or hold the project or its data."""
     from pathlib import Path
 
-    from jobs.housekeeping import cleanup_root_danger
+    from jobs.cleanup import cleanup_root_danger
 
     problems: list[CheckMessage] = []
     seen: set[Path] = set()

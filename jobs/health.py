@@ -11,7 +11,7 @@ from typing import Any
 
 from django.db import connections
 
-from jobs.policy import redact_text
+from jobs.redaction import redact_text
 
 BROKER_CHECK_TIMEOUT = 2
 

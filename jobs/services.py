@@ -24,7 +24,7 @@ from django.utils import timezone
 from jobs.context import get_request_id
 from jobs.db import with_fresh_connection
 from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
-from jobs.policy import redact
+from jobs.redaction import redact
 from jobs.signals import dead_letter_created
 
 logger = logging.getLogger("jobs.dead_letters")

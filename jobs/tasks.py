@@ -52,7 +52,7 @@ def cleanup_temp_files() -> dict[str, Any]:
     """Removes temporary files older than CLEANUP_MAX_AGE_HOURS (hourly)."""
     from datetime import timedelta
 
-    from jobs.housekeeping import cleanup_roots, temp_files_cleanup
+    from jobs.cleanup import cleanup_roots, temp_files_cleanup
 
     report = temp_files_cleanup(roots=cleanup_roots(), max_age=timedelta(hours=jobs_settings.CLEANUP_MAX_AGE_HOURS))
     return report.as_dict()
@@ -71,7 +71,7 @@ def dead_letter_retention() -> int:
 @shared_task(base=JobTask, name="jobs.daily_report")
 def daily_report() -> int:
     """Stores (and mails, when DEAD_LETTER_ALERT_EMAILS is set) the daily task report."""
-    from jobs.housekeeping import daily_report_create
+    from jobs.reports import daily_report_create
 
     return daily_report_create().pk
 

@@ -303,6 +303,6 @@ def outbox_backlog() -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    from jobs.policy import redact_text
+    from jobs.redaction import redact_text
 
     return redact_text(f"{type(exc).__name__}: {exc}")[:500]

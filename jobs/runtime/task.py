@@ -33,10 +33,10 @@ from django.db import InterfaceError, OperationalError
 from jobs import crashloop
 from jobs.conf import jobs_settings
 from jobs.exceptions import PermanentError, RetryLater, TransientError
-from jobs.housekeeping import retry_count_add
 from jobs.models import DeadLetter
 from jobs.outcomes import LEDGER_HEADER, ErrorKind, Job, job_gave_up
-from jobs.policy import retry_delay
+from jobs.reports import retry_count_add
+from jobs.retries import retry_delay
 
 logger = logging.getLogger("jobs.task")
 

@@ -218,7 +218,7 @@ class JobRequest(Request):
 def _message_summary(message: Message) -> tuple[dict[str, Any], str, tuple[Any, ...], dict[str, Any]]:
     """Headers, the start of the body (secrets redacted), and the arguments when the body is
     a protocol 2 JSON message (`[args, kwargs, embed]`)."""
-    from jobs.policy import redact, redact_text
+    from jobs.redaction import redact, redact_text
 
     headers = dict(getattr(message, "headers", None) or {})
     body = getattr(message, "body", b"") or b""

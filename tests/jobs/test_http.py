@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jobs import health
-from jobs.policy import redact_text
+from jobs.redaction import redact_text
 
 pytestmark = pytest.mark.django_db
 

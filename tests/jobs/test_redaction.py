@@ -1,83 +1,17 @@
-"""The retry policy, error classification and redaction."""
+"""Redaction: what a dead letter, a log line or a report may store."""
 
 from __future__ import annotations
 
-import errno
 import json
-import random
-import smtplib
 import uuid
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 
 import pytest
-import requests
-from hypothesis import given
-from hypothesis import strategies as st
 from kombu.utils import json as kombu_json
 
-from jobs.exceptions import PermanentError
-from jobs.policy import REDACTED, redact, redact_text, retry_delay
-
-
-def _http_error(status: int) -> requests.HTTPError:
-    response = requests.Response()
-    response.status_code = status
-    return requests.HTTPError(f"{status}", response=response)
-
-
-class _Fixed(random.Random):
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
-
-
-def test_default_sequence_without_jitter():
-    delays = [retry_delay(n, base=60, cap=3600, rng=_Fixed(0.0)) for n in range(1, 6)]
-    assert delays == [60, 120, 240, 480, 960]
-
-
-def test_jitter_adds_at_most_ten_percent():
-    assert retry_delay(3, base=60, cap=3600, rng=_Fixed(0.999999)) == pytest.approx(240 * 1.1, rel=1e-5)
-
-
-def test_cap_applies_before_jitter():
-    assert retry_delay(10, base=60, cap=3600, rng=_Fixed(0.0)) == 3600
-    assert retry_delay(10, base=60, cap=3600, rng=_Fixed(0.5)) == 3600 * 1.05
-
-
-def test_never_below_base_even_when_cap_is_smaller():
-    assert retry_delay(1, base=60, cap=10, rng=_Fixed(0.0)) == 60
-    assert retry_delay(4, base=60, cap=10, rng=_Fixed(0.0)) == 60
-
-
-def test_ceiling_is_a_hard_bound():
-    assert retry_delay(10, base=60, cap=3600, ceiling=3240, rng=_Fixed(0.9)) == 3240
-
-
-def test_float_base_is_allowed():
-    assert retry_delay(2, base=0.25, cap=10, rng=_Fixed(0.0)) == 0.5
-
-
-@pytest.mark.parametrize(("attempt", "base"), [(0, 60), (1, 0), (1, -1)])
-def test_invalid_arguments(attempt, base):
-    with pytest.raises(ValueError, match=r"attempt|base"):
-        retry_delay(attempt, base=base, cap=3600)
-
-
-@given(
-    attempt=st.integers(min_value=1, max_value=60),
-    base=st.floats(min_value=0.001, max_value=10_000),
-    cap=st.floats(min_value=0, max_value=100_000),
-)
-def test_delay_bounds_hold_for_any_input(attempt, base, cap):
-    delay = retry_delay(attempt, base=base, cap=cap)
-    nominal = min(base * 2 ** (attempt - 1), max(cap, base))
-    assert base <= delay <= nominal * 1.1 + 1e-9
+from jobs.redaction import REDACTED, redact, redact_text
 
 
 def test_redact_replaces_secret_keys_at_any_depth():
@@ -138,29 +72,6 @@ def test_redact_marks_a_value_it_cannot_store_as_redacted(value):
     assert changed is True  # stored as repr(): the row cannot be replayed as it is
     assert out["n"] == 1
     assert out["value"] == repr(value)[:500]
-
-
-@pytest.mark.parametrize(
-    ("exc", "kind"),
-    [
-        (OSError(errno.ENETUNREACH, "Network is unreachable"), "transient"),
-        (OSError(errno.EHOSTUNREACH, "No route to host"), "transient"),
-        (OSError(errno.ENOSPC, "No space left on device"), "unexpected"),
-        (requests.ConnectionError("refused"), "transient"),
-        (requests.ReadTimeout("slow"), "transient"),
-        (_http_error(503), "transient"),
-        (_http_error(429), "transient"),
-        (_http_error(404), "unexpected"),
-        (smtplib.SMTPResponseException(451, b"try later"), "transient"),
-        (smtplib.SMTPResponseException(550, b"no such user"), "unexpected"),
-        (PermanentError("bad input"), "permanent"),
-        (ValueError("bug"), "unexpected"),
-    ],
-)
-def test_network_errors_are_transient_for_every_task(exc, kind):
-    from jobs.tasks import ping
-
-    assert ping.classify(exc) == kind
 
 
 @pytest.mark.parametrize(
