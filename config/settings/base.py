@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import django
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
@@ -51,6 +52,8 @@ INSTALLED_APPS = [
     "mailer",
     "config.apps.SiteConfig",
 ]
+if django.VERSION < (6, 0):  # Django 5.2 LTS: the Tasks API is the django-tasks backport
+    INSTALLED_APPS.insert(INSTALLED_APPS.index("jobs"), "django_tasks")
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
@@ -481,6 +484,11 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULER = "jobs.runtime.beat:LockedDatabaseScheduler"
 CELERY_BEAT_SYNC_EVERY = 1  # save last_run_at after every send, so a successor never sends it again
 DJANGO_CELERY_BEAT_TZ_AWARE = True
+
+# --- Django's Tasks API ----------------------------------------------------------------------
+# `@task` functions (django.tasks; the django-tasks backport on 5.2) run on the Celery workers
+# through jobs: retries, dead letters, the ledger, results (docs/django-tasks.md).
+TASKS = {"default": {"BACKEND": "jobs.backends.CeleryBackend"}}
 
 # --- Logging --------------------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ def _enter_task(task_id: str | None = None, task: Task[..., Any] | None = None, 
     task_id_var.set(task_id)
     task_name_var.set(getattr(task, "name", None))
     _recycle_connections(request)
+    starting = getattr(task, "attempt_starting", None)
+    if starting is not None:
+        starting()
 
 
 @signals.task_received.connect
@@ -162,7 +165,12 @@ def _ledger_end(task: Task[..., Any] | None, task_id: str, state: str | None) ->
     from celery import states
 
     from jobs.runtime.ledger import ledger_finish
+    from jobs.runtime.results import results_buffered
 
     is_job_task = getattr(task, "on_give_up", None) is not None
     if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
+        buffer = results_buffered()
+        if getattr(task, "ledger_after_result", False) and buffer is not None:
+            buffer.finish_ledger(task_id)  # once its result is written: never in neither
+            return
         ledger_finish(task_id)

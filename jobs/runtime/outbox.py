@@ -67,17 +67,22 @@ def ledger_add(
     kwargs: dict[str, Any] | None = None,
     headers: dict[str, Any] | None = None,
     task_id: str | None = None,
+    not_before: datetime | None = None,
     **options: Any,
 ) -> str:
-    """Writes one job to the ledger in the current transaction and publishes it once that commits."""
+    """Writes one job to the ledger in the current transaction and publishes it once that commits
+    (`not_before`: only from then on, by the relay: a job due far in the future waits here rather
+    than in the broker)."""
     message = OutboxMessage.objects.create(
         task_name=task_name,
         task_id=task_id or str(uuid.uuid4()),
         args=list(args),
         kwargs=dict(kwargs or {}),
         options={**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
+        not_before=not_before,
     )
-    transaction.on_commit(lambda: _publish_after_commit(message), robust=True)
+    if not_before is None:
+        transaction.on_commit(lambda: _publish_after_commit(message), robust=True)
     return message.task_id
 
 

@@ -110,11 +110,13 @@ def _upsert_sql(db: Any) -> str:
     )
 
 
-def results_write(rows: Iterable[Row]) -> int:
-    """Writes `rows` (one per task id) in one transaction; returns how many rows were sent.
-    Raises the database's error."""
+def results_write(rows: Iterable[Row], *, ledger_done: Iterable[str] = ()) -> int:
+    """Writes `rows` (one per task id) in one transaction, and deletes the ledger rows of the
+    finished jobs `ledger_done` in it; returns how many rows were sent. Raises the database's
+    error."""
     rows = list(rows)
-    if not rows:
+    done = sorted(ledger_done)
+    if not rows and not done:
         return 0
     alias = router.db_for_write(TaskResult)
     db = connections[alias]
@@ -129,7 +131,16 @@ def results_write(rows: Iterable[Row]) -> int:
         for row in rows
     ]
     with transaction.atomic(using=alias), db.cursor() as cursor:
-        cursor.executemany(_upsert_sql(db), params)
+        if params:
+            cursor.executemany(_upsert_sql(db), params)
+        if done:
+            from jobs.models import OutboxMessage
+
+            table = db.ops.quote_name(OutboxMessage._meta.db_table)
+            for start in range(0, len(done), CHUNK):
+                chunk = done[start : start + CHUNK]
+                marks = ", ".join(["%s"] * len(chunk))
+                cursor.execute(f"DELETE FROM {table} WHERE task_id IN ({marks})", chunk)  # noqa: S608 - our table
     return len(rows)
 
 
@@ -174,6 +185,8 @@ class ResultBuffer:
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
         self.dropped = 0
+        #: Ledger rows to delete once the rows noted before them are written (`finish_ledger`).
+        self.ledger: set[str] = set()
 
     def add(self, row: Row) -> None:
         """Notes a row, or an entry whose `build()` makes the row later (its `status`, `task_id`
@@ -186,6 +199,14 @@ class ResultBuffer:
                 self._start_thread()
         if full:
             self.wake.set()
+
+    def finish_ledger(self, task_id: str) -> None:
+        """Forgets the job's ledger row after its result is written, not before: a job must never
+        be found in neither (its `get_result` would say it does not exist)."""
+        with self.lock:
+            self.ledger.add(task_id)
+            if self.thread is None or not self.thread.is_alive():
+                self._start_thread()
 
     def _start_thread(self) -> None:
         thread = threading.Thread(target=self._run, name="jobs-results", daemon=True)
@@ -222,7 +243,8 @@ class ResultBuffer:
         take must not hold up the rest). Returns how many rows were written."""
         with self.lock:
             batch, self.rows = self.rows, {}
-        if not batch:
+            finished, self.ledger = self.ledger, set()
+        if not batch and not finished:
             return 0
         rows: dict[str, Row] = {}
         for task_id, entry in batch.items():
@@ -234,11 +256,11 @@ class ResultBuffer:
         if not db.in_atomic_block:
             drop_stale_connection()  # CONN_MAX_AGE and health checks apply to this thread too
         try:
-            return results_write(rows.values())
+            return results_write(rows.values(), ledger_done=finished)
         except (OperationalError, InterfaceError) as exc:
             if not db.in_atomic_block:  # the next round connects afresh
                 close_connection()
-            self._keep(rows, exc)
+            self._keep(rows, exc, finished)
             return 0
         except DatabaseError:
             written = 0
@@ -247,10 +269,15 @@ class ResultBuffer:
                     written += results_write([row])
                 except DatabaseError as exc:
                     _not_stored(task_id, row["status"], exc)
+            from jobs.runtime.ledger import ledger_finish
+
+            for task_id in finished:
+                ledger_finish(task_id)
             return written
 
-    def _keep(self, batch: dict[str, Row], exc: BaseException) -> None:
+    def _keep(self, batch: dict[str, Row], exc: BaseException, finished: set[str]) -> None:
         with self.lock:
+            self.ledger |= finished
             for task_id, row in self.rows.items():  # what arrived meanwhile is newer
                 batch[task_id] = merge(batch.pop(task_id, None), row)
             self.rows = batch

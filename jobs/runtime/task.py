@@ -146,6 +146,15 @@ class JobTask(MeteredTask):
         saw the job end (a pool process, or the worker's main process after a hard time limit or a
         revoke), with a usable database connection; it must be idempotent."""
 
+    def attempt_starting(self) -> None:
+        """Hook: an attempt is about to run (`task_prerun`, before its STARTED state is stored);
+        `self.request` is the attempt's."""
+
+    def retry_headers(self, request: Any, exc: BaseException) -> dict[str, Any]:
+        """Hook: headers the retry's message carries on to the next attempt (this one failed
+        with `exc`)."""
+        return {}
+
     def retries_allowed(self) -> int:
         return jobs_settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
 
@@ -228,6 +237,7 @@ class JobTask(MeteredTask):
             attempt = request.retries + 1
             delay = self.retry_countdown(attempt - postponed)
         headers[POSTPONED_HEADER] = postponed
+        headers.update(self.retry_headers(request, exc))
         logger.warning(
             "task.retry",
             extra={
