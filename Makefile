@@ -14,7 +14,7 @@ LTS_VENV ?= .venv-lts
 LTS_STAMP := $(LTS_VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
 # What `jobs` is tested with on both legs: its unit tests and its real-worker tests.
 APP_TESTS := tests/jobs tests/integration/test_reusable_app.py tests/integration/test_dead_letters.py \
-	tests/integration/test_worker.py tests/integration/test_beat.py
+	tests/integration/test_worker.py tests/integration/test_beat.py tests/integration/test_django_tasks.py
 
 .PHONY: install run test test-fast test-lts lint fmt bench bench-quick check clean help
 

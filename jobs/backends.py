@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from inspect import isclass
 from typing import Any, TypeVar, cast
@@ -133,9 +134,26 @@ def validate_options(options: Mapping[str, Any], *, where: str) -> dict[str, Any
     return clean
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CeleryTask(Task):  # type: ignore[type-arg,misc] # generic and "not frozen" in the stubs only
+    """The backend's `Task`: Django's, with the options `task_options` takes as fields, so that
+    `@task(max_retries=2)` works where Django passes `@task` keywords on (6.1, the backport).
+    Unset (None), an option is the code's other setting or the project's default."""
+
+    max_retries: int | None = None
+    backoff_base: float | None = None
+    backoff_max: float | None = None
+    transient_errors: tuple[type[BaseException], ...] | None = None
+    permanent_errors: tuple[type[BaseException], ...] | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    alert_on_dead_letter: bool | None = None
+
+
 class CeleryBackend(BaseTaskBackend):
     """Runs `@task` functions on the Celery workers, with everything `JobTask` gives a job."""
 
+    task_class = CeleryTask
     supports_defer = True
     supports_async_task = True
     supports_get_result = True
@@ -297,7 +315,9 @@ class CeleryBackend(BaseTaskBackend):
             # Given up where no result was stored (a message the worker could not run, say).
             status = TaskResultStatus.FAILED
             finished_at = dead.failed_at
-            errors.append(TaskError(exception_class_path=dead.exception_type or "Exception", traceback=dead.traceback))
+            errors.append(self._dead_letter_error(dead))
+            if not attempts and dead.worker:
+                attempts = [{"worker": dead.worker}]
         started = [runner.parse_time(entry.get("started_at")) for entry in attempts]
         enqueued_at = runner.parse_time(record.get("enqueued_at") or headers.get(runner.ENQUEUED_HEADER))
         if enqueued_at is None:
@@ -345,6 +365,20 @@ class CeleryBackend(BaseTaskBackend):
         if run_after is not None:
             changes["run_after"] = run_after
         return found.using(**changes) if changes else found
+
+    @staticmethod
+    def _dead_letter_error(dead: Any) -> TaskError:
+        """A dead letter's error (it keeps the exception's class name; its traceback ends with
+        the dotted path, as Python prints it)."""
+        path = dead.exception_type or "Exception"
+        lines = [line for line in (dead.traceback or "").splitlines() if line.strip()]
+        if lines:
+            printed = lines[-1].split(":", 1)[0].strip()
+            if printed.rsplit(".", 1)[-1] == path and printed.replace(".", "").replace("_", "").isalnum():
+                path = printed
+        if "." not in path:
+            path = f"builtins.{path}"
+        return TaskError(exception_class_path=path, traceback=dead.traceback or "")
 
     @staticmethod
     def _row_error(row: Any) -> TaskError:

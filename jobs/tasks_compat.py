@@ -25,7 +25,7 @@ if django.VERSION >= (6, 0):
         TaskResult,
         TaskResultStatus,
     )
-    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist, TaskResultMismatch
     from django.tasks.signals import task_enqueued, task_finished, task_started
 
     SOURCE = "django.tasks"
@@ -44,7 +44,10 @@ else:  # pragma: no cover - the Django 5.2 leg (make test-lts) runs this
             TaskResultStatus,
         )
         from django_tasks.exceptions import InvalidTaskError as InvalidTask  # type: ignore[no-redef,assignment,unused-ignore]
-        from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[no-redef,assignment,unused-ignore]
+        from django_tasks.exceptions import (  # type: ignore[no-redef,assignment,unused-ignore]
+            TaskResultDoesNotExist,
+            TaskResultMismatch,
+        )
         from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[no-redef]
     except ImportError as exc:
         from django.core.exceptions import ImproperlyConfigured
@@ -79,6 +82,7 @@ __all__ = [
     "TaskError",
     "TaskResult",
     "TaskResultDoesNotExist",
+    "TaskResultMismatch",
     "TaskResultStatus",
     "task",
     "task_backends",

@@ -12,6 +12,7 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 from kombu.exceptions import EncodeError
 
+from jobs.models import OutboxMessage
 from jobs.runtime import results
 
 pytestmark = pytest.mark.django_db
@@ -121,6 +122,30 @@ def test_a_refused_batch_is_kept_for_the_next_round(buffer, caplog):
     store("t-7", states.FAILURE, RuntimeError("later"))  # newer than what was kept
     assert buffer.flush() == 2
     assert dict(TaskResult.objects.values_list("task_id", "status")) == {"t-6": "SUCCESS", "t-7": "FAILURE"}
+
+
+def test_a_ledger_row_goes_with_the_batch_that_writes_its_result_never_before(buffer):
+    """A Django task's job is found in the ledger until its result is written (get_result reads
+    one or the other); a batch the database refused keeps both."""
+    OutboxMessage.objects.create(task_name="tests.history", task_id="j-1")
+    OutboxMessage.objects.create(task_name="tests.history", task_id="j-2")
+    store("j-1", states.SUCCESS, 1)
+    buffer.finish_ledger("j-1")
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    with connection.execute_wrapper(refuse):
+        assert buffer.flush() == 0
+    assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-1", "j-2"}
+
+    assert buffer.flush() == 1
+    assert TaskResult.objects.get(task_id="j-1").status == states.SUCCESS
+    assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-2"}
+
+    buffer.finish_ledger("j-2")  # its result went in an earlier batch: the ledger row goes alone
+    assert buffer.flush() == 0
+    assert not OutboxMessage.objects.exists()
 
 
 def test_a_row_the_database_will_never_take_is_dropped_alone(buffer, caplog):

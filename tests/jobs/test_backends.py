@@ -1,0 +1,331 @@
+"""`jobs.backends.CeleryBackend` without a worker: validation, enqueue (ledger, queues, run_after,
+signals), get_result of a job not run yet, options and checks. With a worker:
+tests/integration/test_django_tasks.py."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.test import override_settings
+from django.utils import timezone
+
+from jobs import backends
+from jobs.backends import CeleryBackend, CeleryTask, task_options
+from jobs.conf import jobs_settings
+from jobs.models import DeadLetter, OutboxMessage
+from jobs.runtime import django_tasks as runner
+from jobs.runtime.outbox import outbox_relay
+from jobs.runtime.results import results_write
+from jobs.tasks_compat import (
+    InvalidTask,
+    TaskResultDoesNotExist,
+    TaskResultMismatch,
+    TaskResultStatus,
+    task,
+    task_backends,
+    task_enqueued,
+)
+from tests.integration import django_tasks as samples
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def queued(redis_client, queue: str) -> list[dict]:
+    """The messages waiting in `queue` of the suite's Redis, oldest first (headers and body)."""
+    return [json.loads(raw) for raw in reversed(redis_client.lrange(queue, 0, -1))]
+
+
+def message_of(redis_client, task_id: str) -> tuple[str, dict]:
+    for queue in ("high", "normal", "low", "celery"):
+        for message in queued(redis_client, queue):
+            if message["headers"]["id"] == task_id:
+                return queue, message
+    raise AssertionError(f"no message of {task_id} in any queue")
+
+
+def test_the_backend_says_what_it_supports():
+    backend = task_backends["default"]
+    assert isinstance(backend, CeleryBackend)
+    assert (backend.supports_defer, backend.supports_async_task, backend.supports_get_result) == (True, True, True)
+    assert backend.supports_priority is True
+    assert backend.queues == {"default", "high", "normal", "low"}
+
+
+def test_enqueue_returns_a_ready_result_that_get_result_reads_back_equal(redis_client):
+    result = samples.add.enqueue(2, b=3)
+    assert result.status == TaskResultStatus.READY
+    assert uuid.UUID(result.id).version == 4
+    assert result.enqueued_at is not None
+    assert (result.started_at, result.finished_at, result.last_attempted_at) == (None, None, None)
+    assert (result.args, result.kwargs, result.backend, result.errors, result.worker_ids) == (
+        [2],
+        {"b": 3},
+        "default",
+        [],
+        [],
+    )
+    with pytest.raises(ValueError, match="not finished"):
+        _ = result.return_value
+    assert samples.add.get_result(result.id) == result  # read from the ledger: every field equal
+    row = OutboxMessage.objects.get(task_id=result.id)
+    assert row.task_name == "tests.integration.django_tasks.add"
+    queue, message = message_of(redis_client, result.id)
+    assert queue == "normal"  # priority 0
+    assert message["headers"]["task"] == "tests.integration.django_tasks.add"
+
+
+def test_a_task_used_with_other_settings_comes_back_as_that_task():
+    later = timezone.now() + timedelta(seconds=30)
+    variant = samples.add.using(priority=-20, run_after=later)
+    result = variant.enqueue(1, 1)
+    got = variant.get_result(result.id)
+    assert got == result
+    assert (got.task.priority, got.task.run_after) == (-20, later)
+
+
+def test_unknown_ids_and_results_of_another_task_are_refused():
+    with pytest.raises(TaskResultDoesNotExist):
+        task_backends["default"].get_result(str(uuid.uuid4()))
+    with pytest.raises(TaskResultDoesNotExist):
+        task_backends["default"].get_result("not-an-id")
+    result = samples.add.enqueue(1, 2)
+    with pytest.raises(TaskResultMismatch):
+        samples.flaky.get_result(result.id)
+
+
+def test_arguments_that_are_not_json_are_refused_at_enqueue_and_nothing_is_kept():
+    with pytest.raises(TypeError, match="Unsupported type"):
+        samples.add.enqueue(timezone.now(), 1)
+    with pytest.raises(TypeError):
+        samples.add.enqueue({1, 2}, 1)
+    assert not OutboxMessage.objects.exists()
+
+
+def test_tuples_become_lists_as_json_has_them():
+    result = samples.add.enqueue((1, 2), b=(3,))
+    assert (result.args, result.kwargs) == ([[1, 2]], {"b": [3]})
+
+
+@pytest.mark.parametrize(
+    ("priority", "queue_name", "queue"),
+    [
+        (10, "default", "high"),
+        (1, "default", "high"),
+        (0, "default", "normal"),
+        (-1, "default", "low"),
+        (50, "low", "low"),
+    ],
+)
+def test_priority_picks_the_queue_unless_one_is_named(redis_client, priority, queue_name, queue):
+    result = samples.add.using(priority=priority, queue_name=queue_name).enqueue(1, 1)
+    assert message_of(redis_client, result.id)[0] == queue
+
+
+def test_a_queue_celery_does_not_declare_is_refused():
+    with pytest.raises(InvalidTask, match="nowhere"):
+        samples.add.using(queue_name="nowhere")
+
+
+def test_queue_by_priority_is_an_option_and_an_undeclared_queue_falls_back(redis_client):
+    options = {"QUEUE_BY_PRIORITY": [(5, "high"), (-100, "missing")]}
+    with override_settings(TASKS={"default": {"BACKEND": "jobs.backends.CeleryBackend", "OPTIONS": options}}):
+        backend = task_backends["default"]
+        # Celery's default queue (this site's: normal)
+        assert backend.queue_for(samples.add.using(priority=4)) == jobs_settings.default_queue
+        assert backend.queue_for(samples.add.using(priority=5)) == "high"
+        warnings = [m.id for m in backend.check()]
+        assert "jobs.W012" in warnings
+
+
+def test_enqueue_in_a_transaction_publishes_and_signals_only_once_it_commits(redis_client):
+    sent = []
+
+    def receiver(sender, task_result, **kwargs):
+        sent.append((sender, task_result.id))
+
+    task_enqueued.connect(receiver)
+    try:
+        dropped = []
+
+        def failing_view() -> None:
+            with transaction.atomic():
+                dropped.append(samples.add.enqueue(1, 1))
+                raise RuntimeError("the view failed")
+
+        with pytest.raises(RuntimeError):
+            failing_view()
+        assert sent == []
+        assert not OutboxMessage.objects.filter(task_id=dropped[0].id).exists()
+        with pytest.raises(TaskResultDoesNotExist):
+            samples.add.get_result(dropped[0].id)
+
+        with transaction.atomic():
+            kept = samples.add.enqueue(1, 1)
+            assert sent == []
+            assert redis_client.llen("normal") == 0  # not before the commit
+        assert sent == [(CeleryBackend, kept.id)]
+        assert message_of(redis_client, kept.id)[0] == "normal"
+    finally:
+        task_enqueued.disconnect(receiver)
+
+
+def test_a_near_run_after_is_an_eta_in_the_broker(redis_client):
+    when = timezone.now() + timedelta(seconds=90)
+    result = samples.add.using(run_after=when).enqueue(1, 1)
+    _queue, message = message_of(redis_client, result.id)
+    assert message["headers"]["eta"] == when.isoformat()
+    assert OutboxMessage.objects.get(task_id=result.id).not_before is None
+
+
+def test_a_far_run_after_waits_in_the_ledger_and_is_published_a_minute_early(redis_client):
+    when = timezone.now() + timedelta(hours=5)
+    result = samples.add.using(run_after=when).enqueue(1, 1)
+    row = OutboxMessage.objects.get(task_id=result.id)
+    assert row.not_before == when - backends.LEDGER_LEAD
+    assert row.published_at is None
+    assert redis_client.llen("normal") == 0
+    assert outbox_relay()["published"] == 0  # not due yet
+    OutboxMessage.objects.filter(pk=row.pk).update(not_before=timezone.now() - timedelta(seconds=1))
+    assert outbox_relay()["published"] == 1
+    _queue, message = message_of(redis_client, result.id)
+    assert message["headers"]["eta"] == when.isoformat()  # still runs at run_after, not earlier
+
+
+def test_the_eta_limit_stays_below_the_redis_visibility_timeout(settings):
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
+    settings.CELERY_TASK_TIME_LIMIT = 60
+    backend = task_backends["default"]
+    # 300 s visibility - 60 s time limit - 60 s margin
+    assert backend.eta_ceiling(samples.add) == 180
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 7200}
+    assert backend.eta_ceiling(samples.add) == backends.DEFAULT_ETA_LIMIT
+
+
+def test_options_from_the_decorator_the_task_and_the_settings():
+    from celery import current_app
+
+    from jobs.exceptions import TransientError
+
+    path = "tests.integration.django_tasks.add"
+    assert runner.registered()["tests.integration.django_tasks.flaky"] == {"backoff_base": 0.2, "backoff_max": 0.3}
+    try:
+        # Django 6.1 and the backport pass @task keywords on to the backend's task class.
+        made = CeleryTask(
+            func=samples.add.func, priority=0, backend="default", queue_name="default", run_after=None, max_retries=1
+        )
+        assert runner.registered()[path] == {"max_retries": 1}
+        assert current_app.tasks[path].retries_allowed() == 1
+        options = {"TASKS": {path: {"max_retries": 4, "permanent_errors": ["jobs.exceptions.TransientError"]}}}
+        with override_settings(TASKS={"default": {"BACKEND": "jobs.backends.CeleryBackend", "OPTIONS": options}}):
+            made.using(priority=1)  # validated again: the settings' options win over the code's
+            assert runner.registered()[path] == {"max_retries": 4, "permanent_errors": (TransientError,)}
+            assert current_app.tasks[path].retries_allowed() == 4
+            assert current_app.tasks[path].classify(TransientError("x")) == "permanent"
+    finally:
+        samples.add.using(priority=1)  # registered again with the code's own options: none
+    assert runner.registered()[path] == {}
+    assert current_app.tasks[path].retries_allowed() == jobs_settings.TASK_MAX_RETRIES
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": 3}, "unknown option 'retries'"),
+        ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
+        ({"max_retries": True}, "max_retries must be a whole number"),
+        ({"backoff_base": 0}, "backoff_base must be a number of seconds > 0"),
+        ({"permanent_errors": (ValueError, "x")}, "permanent_errors"),
+        ({"transient_errors": ["no.such.Error"]}, "transient_errors: "),
+    ],
+)
+def test_bad_options_are_refused_with_the_option_named(options, message):
+    with pytest.raises(InvalidTask, match=message):
+        task_options(**options)
+
+
+def test_task_options_above_task_update_the_registered_task():
+    from celery import current_app
+
+    decorated = task_options(max_retries=2)(samples.refuse)
+    assert decorated is samples.refuse
+    assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 2
+    task_options(max_retries=5)(samples.refuse)
+    assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 5
+
+
+@task
+def stray() -> None:
+    """A @task in a module no worker imports (not an app's tasks module, not in CELERY_IMPORTS)."""
+
+
+def test_a_task_outside_the_modules_a_worker_imports_is_an_error_of_check():
+    from celery import current_app
+
+    paths = {m.obj for m in task_backends["default"].check() if m.id == "jobs.E012"}
+    assert "tests.jobs.test_backends.stray" in paths
+    current_app.conf.imports = ("tests.jobs.test_backends",)
+    try:
+        paths = {m.obj for m in task_backends["default"].check() if m.id == "jobs.E012"}
+    finally:
+        current_app.conf.imports = ()
+    assert "tests.jobs.test_backends.stray" not in paths
+
+
+def test_check_names_a_missing_results_app_and_undeclared_queues(settings):
+    config = {"BACKEND": "jobs.backends.CeleryBackend", "QUEUES": ["default", "high", "elsewhere"]}
+    with override_settings(TASKS={"default": config}):
+        ids = {m.id: m.msg for m in task_backends["default"].check()}
+    assert "elsewhere" in ids["jobs.E011"]
+    apps = [app for app in settings.INSTALLED_APPS if app != "django_celery_results"]
+    with override_settings(INSTALLED_APPS=apps):
+        ids = {m.id for m in task_backends["default"].check()}
+    assert "jobs.E010" in ids
+
+
+def test_a_job_given_up_before_its_result_is_written_reads_as_failed_from_its_dead_letter():
+    dead = DeadLetter.objects.create(
+        task_name="tests.integration.django_tasks.refuse",
+        task_id="gone-1",
+        args=["k"],
+        exception_type="PermanentError",
+        exception_message="no",
+        traceback='Traceback (most recent call last):\n  File "x.py", line 1\njobs.exceptions.PermanentError: no\n',
+        reason=DeadLetter.Reason.PERMANENT_ERROR,
+        worker="w1@host",
+    )
+    result = samples.refuse.get_result(dead.task_id)
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in result.errors] == ["jobs.exceptions.PermanentError"]
+    assert (result.args, result.worker_ids, result.finished_at) == (["k"], ["w1@host"], dead.failed_at)
+
+
+def test_a_failure_stored_without_the_attempts_record_still_names_its_error():
+    """A hard time limit or a lost worker: the worker's main process stores the FAILURE."""
+    now = timezone.now()
+    stored = {"exc_type": "TimeLimitExceeded", "exc_module": "billiard.exceptions", "exc_message": [60]}
+    results_write(
+        [
+            {
+                "task_id": "limit-1",
+                "status": "FAILURE",
+                "result": json.dumps(stored),
+                "traceback": "Traceback ...\nbilliard.exceptions.TimeLimitExceeded: 60\n",
+                "meta": json.dumps({"children": []}),
+                "content_type": "application/json",
+                "content_encoding": "utf-8",
+                "task_name": "tests.integration.django_tasks.add",
+                "worker": "w2@host",
+                "date_created": now,
+                "date_started": now,
+                "date_done": now,
+            }
+        ]
+    )
+    result = samples.add.get_result("limit-1")
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in result.errors] == ["billiard.exceptions.TimeLimitExceeded"]
+    assert (result.worker_ids, result.started_at, result.finished_at) == (["w2@host"], now, now)
