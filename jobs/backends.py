@@ -29,7 +29,6 @@ from typing import Any, TypeVar, cast
 from django.core import checks
 from django.db import transaction
 from django.utils import timezone
-from django.utils.json import normalize_json
 from django.utils.module_loading import import_string
 
 from jobs.conf import jobs_settings
@@ -44,6 +43,7 @@ from jobs.tasks_compat import (
     TaskResult,
     TaskResultDoesNotExist,
     TaskResultStatus,
+    normalize_json,
     task_enqueued,
     task_module_path,
 )

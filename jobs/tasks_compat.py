@@ -27,6 +27,7 @@ if django.VERSION >= (6, 0):
     )
     from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist, TaskResultMismatch
     from django.tasks.signals import task_enqueued, task_finished, task_started
+    from django.utils.json import normalize_json
 
     SOURCE = "django.tasks"
 else:  # pragma: no cover - the Django 5.2 leg (make test-lts) runs this
@@ -49,6 +50,7 @@ else:  # pragma: no cover - the Django 5.2 leg (make test-lts) runs this
             TaskResultMismatch,
         )
         from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[no-redef]
+        from django_tasks.utils import normalize_json  # type: ignore[no-redef,unused-ignore]
     except ImportError as exc:
         from django.core.exceptions import ImproperlyConfigured
 
@@ -84,6 +86,7 @@ __all__ = [
     "TaskResultDoesNotExist",
     "TaskResultMismatch",
     "TaskResultStatus",
+    "normalize_json",
     "task",
     "task_backends",
     "task_enqueued",

@@ -25,7 +25,6 @@ from typing import Any
 
 from celery import Celery, shared_task
 from django.utils import timezone
-from django.utils.json import normalize_json
 from django.utils.module_loading import import_string
 
 from jobs.exceptions import PermanentError
@@ -37,6 +36,7 @@ from jobs.tasks_compat import (
     TaskError,
     TaskResult,
     TaskResultStatus,
+    normalize_json,
     task_finished,
     task_started,
 )

@@ -1,6 +1,7 @@
 """`jobs` as another project adopts it: the package built from this checkout, installed into a new
 virtualenv beside a project made by `django-admin startproject`, set up exactly as CONTRACT.md's
-"Using `jobs` in another Django project" says, and run with a real worker.
+"Using `jobs` in another Django project" says (with Django's Tasks API on Celery), and run with a
+real worker.
 
 Nothing of this site is importable there (`config`, `mailer`, `thumbnails`, `devtools`), so an
 import of the site from `jobs`, a setting without a default, a template or migration left out of
@@ -19,6 +20,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import django
 import pytest
 
 from config.env import BASE_DIR
@@ -54,6 +56,43 @@ def refund(order_id):
 @shared_task(base=JobTask)
 def add(x, y):
     return x + y
+
+
+try:  # Django's Tasks API: built in from Django 6.0, the django-tasks backport on 5.2
+    from django.tasks import task
+except ImportError:
+    from django_tasks import task
+
+
+@task
+def total(x, y):
+    return x + y
+
+
+@task
+def cancel(order_id):
+    raise PermanentError(f"order {order_id} cannot be cancelled")
+"""
+
+# Run with `manage.py shell -c` and TASK, ARGS in the environment: enqueue a @task, print its id.
+ENQUEUE_TASK = """
+import json, os
+from shop import tasks
+print(getattr(tasks, os.environ["TASK"]).enqueue(*json.loads(os.environ["ARGS"])).id)
+"""
+
+# With TASK, RESULT_ID: the result as get_result gives it, as JSON.
+TASK_RESULT = """
+import json, os
+from shop import tasks
+r = getattr(tasks, os.environ["TASK"]).get_result(os.environ["RESULT_ID"])
+print(json.dumps({
+    "status": str(r.status),
+    "value": r.return_value if r.status == "SUCCESSFUL" else None,
+    "errors": [e.exception_class_path for e in r.errors],
+    "attempts": r.attempts,
+    "times_in_order": bool(r.is_finished and r.enqueued_at <= r.started_at <= r.finished_at),
+}))
 """
 
 # Run with `manage.py shell -c`: the admin pages a staff member opens, and jobs' own URLs.
@@ -94,6 +133,15 @@ def dead_letters(python: Path, project: Path, env: dict[str, str]) -> list[dict]
         "print(json.dumps(list(DeadLetter.objects.values('task_name', 'status', 'failure_count', 'requeue_count'))))"
     )
     out = run([str(python), "manage.py", "shell", "-c", code], cwd=project, env=env)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def task_result(python: Path, project: Path, env: dict[str, str], name: str, result_id: str) -> dict:
+    out = run(
+        [str(python), "manage.py", "shell", "-c", TASK_RESULT],
+        cwd=project,
+        env={**env, "TASK": name, "RESULT_ID": result_id},
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -153,7 +201,14 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
     for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):
         if name in os.environ:
             env[name] = os.environ[name]
-    run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)], cwd=tmp_path, env=env)
+    # On Django 5.2 the project needs the Tasks API backport: the package's extra brings it.
+    requirement = str(wheel) if django.VERSION >= (6, 0) else f"{wheel}[backport]"
+    pin = f"Django=={django.get_version()}"  # the Django of this leg of the suite
+    run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement, pin],
+        cwd=tmp_path,
+        env=env,
+    )
     for package in SITE_PACKAGES:
         missing = subprocess.run(
             [str(python), "-c", f"import {package}"], cwd=tmp_path, env=env, capture_output=True, check=False
@@ -172,8 +227,11 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
 
                 INSTALLED_APPS += ["django_celery_beat", "django_celery_results", "jobs", "shop"]
                 CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
+                TASKS = {"default": {"BACKEND": "jobs.backends.CeleryBackend"}}
             """)
         )
+        if django.VERSION < (6, 0):
+            settings.write('INSTALLED_APPS += ["django_tasks"]\n')
     (package / "celery.py").write_text(CELERY_PY, encoding="utf-8")
     (package / "__init__.py").write_text("from .celery import app as celery_app\n\n__all__ = ('celery_app',)\n")
     urls = (package / "urls.py").read_text(encoding="utf-8")
@@ -225,6 +283,55 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
             "the unknown task's dead letter",
         )
         run([str(python), "manage.py", "probe", "worker"], cwd=project, env=env)
+
+        # Django's Tasks API through jobs: a @task runs on the worker and get_result reports it; a
+        # failing one ends FAILED with a dead letter that requeue_dead replays.
+        def enqueue_task(name: str, *args) -> str:
+            out = run(
+                [str(python), "manage.py", "shell", "-c", ENQUEUE_TASK],
+                cwd=project,
+                env={**env, "TASK": name, "ARGS": json.dumps(args)},
+            )
+            return out.strip().splitlines()[-1]
+
+        def finished(name: str, result_id: str) -> dict:
+            return wait_until(
+                lambda: (
+                    (r := task_result(python, project, env, name, result_id))["status"] in {"SUCCESSFUL", "FAILED"}
+                    and r
+                ),
+                60,
+                f"{name} to finish",
+            )
+
+        total_id = enqueue_task("total", 2, 3)
+        assert finished("total", total_id) == {
+            "status": "SUCCESSFUL",
+            "value": 5,
+            "errors": [],
+            "attempts": 1,
+            "times_in_order": True,
+        }
+        cancel_id = enqueue_task("cancel", 8)
+        assert finished("cancel", cancel_id) == {
+            "status": "FAILED",
+            "value": None,
+            "errors": ["jobs.exceptions.PermanentError"],
+            "attempts": 1,
+            "times_in_order": True,
+        }
+        (row,) = [r for r in dead_letters(python, project, env) if r["task_name"] == "shop.tasks.cancel"]
+        assert row["status"] == "pending"
+        run([str(python), "manage.py", "requeue_dead", "--task", "shop.tasks.cancel"], cwd=project, env=env)
+        wait_until(
+            lambda: [
+                r
+                for r in dead_letters(python, project, env)
+                if r["task_name"] == "shop.tasks.cancel" and r["failure_count"] == 2
+            ],
+            60,
+            "the @task's replay",
+        )
 
         pages = run([str(python), "manage.py", "shell", "-c", ADMIN_PAGES], cwd=project, env=env)
         assert json.loads(pages.strip().splitlines()[-1]) == {
