@@ -756,3 +756,19 @@ def email_delivery_record(
         extra={"provider_message_id": provider_message_id, "delivery_status": status.value, "changed": changed},
     )
     return changed
+
+
+def emails_purge(*, older_than_days: int) -> int:
+    """Deletes the emails sent more than `older_than_days` days ago, and their attachment files;
+    returns how many emails went. Idempotent (a second run finds nothing to delete)."""
+    if older_than_days < 1:
+        raise ValueError("older_than_days must be at least 1")
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    old = Email.objects.filter(status=Email.Status.SENT, sent_at__lt=cutoff).order_by("pk")
+    purged = 0
+    while ids := list(old.values_list("pk", flat=True)[:500]):
+        for attachment in EmailAttachment.objects.filter(email_id__in=ids):
+            attachment.file.delete(save=False)  # the stored file; its row goes with its email
+        purged += Email.objects.filter(pk__in=ids).delete()[1].get(Email._meta.label, 0)
+    logger.info("email.purged", extra={"purged": purged, "older_than_days": older_than_days})
+    return purged

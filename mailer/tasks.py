@@ -1,4 +1,5 @@
-"""The mailer's task: send one stored email, by id."""
+"""The mailer's tasks: send one stored email, by id (a Celery task on `JobTask`), and purge old
+sent emails (a `@task` of Django's Tasks API, run on the same workers by `jobs.backends`)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsR
 from celery import shared_task
 from celery.signals import worker_process_shutdown
 
+from jobs.backends import task_options
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
 from jobs.outcomes import Job
 from mailer import backend
 from mailer.models import Email
-from mailer.services import HandOffInProgress, email_mark_failed, email_release, email_send
+from mailer.services import HandOffInProgress, email_mark_failed, email_release, email_send, emails_purge
 
 if django.VERSION >= (6, 0):
+    from django.tasks import task
+
     # Django 6.0 deprecates BadHeaderError: a header with CR or LF is the email package's ValueError.
     BadHeaderError: type[ValueError] = ValueError
-else:
+else:  # Django 5.2 LTS: Django's Tasks API is the django-tasks backport
     from django.core.mail import BadHeaderError
+    from django_tasks import task
 
 
 def classify_send_error(exc: BaseException) -> str | None:
@@ -126,3 +131,11 @@ def send_email(self: EmailTask, email_id: int) -> str:
 @worker_process_shutdown.connect
 def _close_connection(**kwargs: Any) -> None:
     backend.close_connection()
+
+
+@task(priority=-10)  # no queue named: a negative priority runs it on `low`
+@task_options(max_retries=3)
+def purge_sent_emails(older_than_days: int) -> int:
+    """Deletes emails sent more than `older_than_days` days ago, with their attachment files, and
+    returns how many (`POST /api/emails/purge/` enqueues it; `get_result` reports it)."""
+    return emails_purge(older_than_days=older_than_days)

@@ -260,3 +260,38 @@ def test_the_mail_pool_sends_each_email_once_beside_another_worker(mail_worker, 
     received = [message["Message-ID"] for message in smtp_server.messages]
     assert sorted(received) == sorted(email.message_id for email in emails)
     assert set(Email.objects.filter(pk__in=ids).values_list("attempts", flat=True)) == {1}
+
+
+def test_a_purge_enqueued_through_the_api_runs_on_the_low_queue_and_reports_its_count(
+    mail_worker, smtp_server, client, django_user_model
+):
+    """Django's Tasks API in the site: the view enqueues `purge_sent_emails`, a worker that
+    consumes only `low` runs it, and the detail view reads the outcome through get_result."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.mailer.test_api import basic
+
+    mail_worker(queues="low")
+    fields = {"from_email": "site@example.com", "template": "welcome", "subject": "Hi", "to": ["a@example.com"]}
+    Email.objects.create(**fields, status=Email.Status.SENT, sent_at=timezone.now() - timedelta(days=200))
+    Email.objects.create(**fields, status=Email.Status.SENT, sent_at=timezone.now())
+    django_user_model.objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+    auth = basic("staff", "s3cret-pass")
+
+    created = client.post("/api/emails/purge/", data='{"older_than_days": 90}', content_type="application/json", **auth)
+    assert created.status_code == 202, created.content
+    url = created.json()["url"]
+
+    def done():
+        body = client.get(url, **auth).json()
+        return body if body["status"] in {"SUCCESSFUL", "FAILED"} else None
+
+    body = wait_for(done, timeout=30)
+    assert body["status"] == "SUCCESSFUL"
+    assert body["purged"] == 1
+    assert body["attempts"] == 1
+    assert body["errors"] == []
+    assert body["enqueued_at"] <= body["started_at"] <= body["finished_at"]
+    assert Email.objects.count() == 1
