@@ -8,11 +8,11 @@ The two agree on everything `jobs` uses but two exception names (`InvalidTask` i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import django
 
-if django.VERSION >= (6, 0):
+if TYPE_CHECKING or django.VERSION >= (6, 0):  # the type checker reads Django's own
     from django.tasks import DEFAULT_TASK_QUEUE_NAME, task, task_backends
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import (
@@ -32,9 +32,9 @@ if django.VERSION >= (6, 0):
     SOURCE = "django.tasks"
 else:  # pragma: no cover - the Django 5.2 leg (make test-lts) runs this
     try:
-        from django_tasks import DEFAULT_TASK_QUEUE_NAME, task, task_backends  # type: ignore[no-redef,unused-ignore]
-        from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef,assignment,unused-ignore]
-        from django_tasks.base import (  # type: ignore[no-redef,assignment,unused-ignore]
+        from django_tasks import DEFAULT_TASK_QUEUE_NAME, task, task_backends
+        from django_tasks.backends.base import BaseTaskBackend
+        from django_tasks.base import (
             DEFAULT_TASK_PRIORITY,
             TASK_MAX_PRIORITY,
             TASK_MIN_PRIORITY,
@@ -44,13 +44,13 @@ else:  # pragma: no cover - the Django 5.2 leg (make test-lts) runs this
             TaskResult,
             TaskResultStatus,
         )
-        from django_tasks.exceptions import InvalidTaskError as InvalidTask  # type: ignore[no-redef,assignment,unused-ignore]
-        from django_tasks.exceptions import (  # type: ignore[no-redef,assignment,unused-ignore]
+        from django_tasks.exceptions import InvalidTaskError as InvalidTask
+        from django_tasks.exceptions import (
             TaskResultDoesNotExist,
             TaskResultMismatch,
         )
-        from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[no-redef]
-        from django_tasks.utils import normalize_json  # type: ignore[no-redef,unused-ignore]
+        from django_tasks.signals import task_enqueued, task_finished, task_started
+        from django_tasks.utils import normalize_json
     except ImportError as exc:
         from django.core.exceptions import ImproperlyConfigured
 
