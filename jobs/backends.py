@@ -19,12 +19,15 @@ Options (the backend's `OPTIONS`):
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections import abc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from inspect import isclass
-from typing import Any, TypeVar, cast
+from types import UnionType
+from typing import Any, Literal, Optional, TypeVar, Union, cast, get_args, get_origin, get_type_hints, is_typeddict
 
 from django.core import checks
 from django.db import transaction
@@ -88,6 +91,26 @@ def _is_number(value: Any) -> bool:
 
 def _are_exceptions(value: Any) -> bool:
     return isinstance(value, tuple | list) and all(isclass(c) and issubclass(c, BaseException) for c in value)
+
+
+#: Types a task argument may be annotated with (and containers of them).
+JSON_TYPES: frozenset[Any] = frozenset({int, float, str, bool, type(None), list, dict, tuple, Any, object})
+JSON_CONTAINERS: frozenset[Any] = frozenset(
+    {list, dict, tuple, Union, UnionType, Literal, abc.Sequence, abc.Mapping, abc.Iterable, Optional}
+)
+
+
+def json_type(annotation: Any) -> bool:
+    """Whether values of `annotation` are what JSON carries (a str, number, bool, None, list,
+    dict, or a TypedDict, a Literal, a union or container of those)."""
+    if annotation in JSON_TYPES or is_typeddict(annotation):
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return True
+    if origin in JSON_CONTAINERS:
+        return all(json_type(arg) for arg in get_args(annotation) if arg is not Ellipsis)
+    return False
 
 
 def task_options(**options: Any) -> Callable[[F], F]:
@@ -422,6 +445,29 @@ class CeleryBackend(BaseTaskBackend):
                     id="jobs.W012",
                 )
         yield from self._check_task_modules()
+        yield from self._check_task_arguments()
+
+    def _check_task_arguments(self) -> Iterable[checks.CheckMessage]:
+        """A parameter annotated with a type JSON cannot carry (a datetime, a model instance)
+        would fail at enqueue: said now."""
+        for path in runner.registered():
+            try:
+                found = import_string(path)
+                hints = get_type_hints(found.func)
+            except Exception:  # noqa: BLE001,S112 - unresolvable annotations: nothing to say
+                continue
+            names = list(inspect.signature(found.func).parameters)
+            if getattr(found, "takes_context", False):
+                names = names[1:]
+            for name in names:
+                if name in hints and not json_type(hints[name]):
+                    yield checks.Warning(
+                        f"@task function {path}: argument {name!r} is annotated {hints[name]!r}, which JSON "
+                        "cannot carry (a task's arguments travel as JSON)",
+                        hint="Pass what JSON has (a str, number, list, dict): an ISO 8601 string, a primary key.",
+                        obj=path,
+                        id="jobs.W013",
+                    )
 
     def _check_task_modules(self) -> Iterable[checks.CheckMessage]:
         """Each `@task` function this process knows must live where the worker imports it."""

@@ -13,6 +13,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from jobs.context import request_id_var
 from jobs.models import DeadLetter
 from jobs.tasks_compat import TaskResultDoesNotExist, TaskResultStatus
 from tests.integration import django_tasks as samples
@@ -46,7 +47,11 @@ def log_lines(worker) -> list[dict]:
 
 def test_tasks_run_and_get_result_reports_what_happened(start_worker, redis_client):
     worker = start_worker(extra_args=WORKER_ARGS)
-    added = samples.add.enqueue(2, b=3)
+    token = request_id_var.set("rid-django-task")  # as RequestIdMiddleware sets it for a request
+    try:
+        added = samples.add.enqueue(2, b=3)
+    finally:
+        request_id_var.reset(token)
     paired = samples.pair.enqueue("x")  # priority 10: the high queue
     async_added = samples.async_add.enqueue(4, 5)
     broken = samples.not_json.enqueue()
@@ -83,6 +88,10 @@ def test_tasks_run_and_get_result_reports_what_happened(start_worker, redis_clie
     events = signalled() or wait_for(signalled, timeout=10)
     assert any(f"Task id={added.id}" in line["event"] and "state=RUNNING" in line["event"] for line in events)
     assert any(f"Task id={added.id}" in line["event"] and "state=SUCCESSFUL" in line["event"] for line in events)
+    # The request id of the request that enqueued it is in the task's log lines.
+    ran = [line for line in events if line.get("task_id") == added.id]
+    assert ran
+    assert {line.get("request_id") for line in ran} == {"rid-django-task"}
     failure = [line for line in events if "state=FAILED" in line["event"]]
     assert failure[0]["level"] == "ERROR"
     assert "Unsupported type" in json.dumps(failure[0])

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
 
 import pytest
 from django.db import transaction
@@ -273,6 +275,25 @@ def test_a_task_outside_the_modules_a_worker_imports_is_an_error_of_check():
     finally:
         current_app.conf.imports = ()
     assert "tests.jobs.test_backends.stray" not in paths
+
+
+@task
+def takes_a_datetime(when: datetime, amount: Decimal, note: str | None = None) -> None:
+    """Arguments JSON cannot carry: `manage.py check` says so."""
+
+
+@task(takes_context=True)
+def takes_json(context, ids: list[int], options: dict[str, Any] | None, mode: Literal["a", "b"]) -> None:
+    """Arguments JSON carries: nothing to say (the context is not an argument a caller passes)."""
+
+
+def test_arguments_annotated_with_types_json_cannot_carry_are_named_by_check():
+    warnings = [m for m in task_backends["default"].check() if m.id == "jobs.W013"]
+    named = sorted((m.obj, m.msg.split("argument ")[1].split(" ")[0]) for m in warnings)
+    assert named == [
+        ("tests.jobs.test_backends.takes_a_datetime", "'amount'"),
+        ("tests.jobs.test_backends.takes_a_datetime", "'when'"),
+    ]
 
 
 def test_check_names_a_missing_results_app_and_undeclared_queues(settings):
