@@ -245,7 +245,8 @@ class CeleryBackend(BaseTaskBackend):
         self.validate_task(task)
         args = cast(list[Any], normalize_json(list(args)))
         kwargs = cast(dict[str, Any], normalize_json(dict(kwargs)))
-        json.dumps([args, kwargs])  # what the broker and the ledger take: a TypeError here, not later
+        # What the broker and the ledger take: an error here, not later (NaN: PostgreSQL refuses it).
+        json.dumps([args, kwargs], allow_nan=False)
         now = timezone.now()
         headers: dict[str, Any] = {
             runner.ENQUEUED_HEADER: now.isoformat(),
@@ -289,31 +290,43 @@ class CeleryBackend(BaseTaskBackend):
     # --- results ----------------------------------------------------------------------------
 
     def get_result(self, result_id: str) -> TaskResult[Any, Any]:
+        from django.db.models import Q
         from django_celery_results.models import TaskResult as HistoryRow
 
-        from jobs.models import DeadLetter, OutboxMessage
+        from jobs.models import DeadLetter, DeadLetterEvent, OutboxMessage
 
         result_id = str(result_id)
         row = HistoryRow.objects.filter(task_id=result_id).first()
+        record = self._record(row)
         ledger = None
         dead = None
         status = STATUS_BY_STATE.get(row.status, TaskResultStatus.READY) if row is not None else None
-        if status not in FINISHED:
+        if status not in FINISHED or not record:
             ledger = OutboxMessage.objects.filter(task_id=result_id).first()
-            dead = DeadLetter.objects.filter(task_id=result_id).order_by("-pk").first()
+        if ledger is None and (status not in FINISHED or not record):
+            # A dead letter keeps the id of the latest run that failed; its trail, every one's.
+            failed_here = DeadLetterEvent.objects.filter(task_id=result_id, action=DeadLetterEvent.Action.FAILED)
+            dead = (
+                DeadLetter.objects.filter(Q(task_id=result_id) | Q(pk__in=failed_here.values("dead_letter_id")))
+                .order_by("-pk")
+                .first()
+            )
         if row is None and ledger is None and dead is None:
             raise TaskResultDoesNotExist(result_id)
-        return self._result(result_id, row, ledger, dead)
+        return self._result(result_id, row, record, ledger, dead)
 
-    def _result(self, result_id: str, row: Any, ledger: Any, dead: Any) -> TaskResult[Any, Any]:
-        from jobs.models import DeadLetter
+    @staticmethod
+    def _record(row: Any) -> dict[str, Any]:
+        """The job's own record in a task history row (empty when another writer stored it: the
+        worker's main process after a hard time limit or a revoke)."""
+        if row is None or not row.meta:
+            return {}
+        try:
+            return dict((runner.history_decode(row, row.meta) or {}).get(runner.META_KEY) or {})
+        except Exception:  # noqa: BLE001 - unreadable: read the row without it
+            return {}
 
-        record: dict[str, Any] = {}
-        if row is not None and row.meta:
-            try:
-                record = (runner.history_decode(row, row.meta) or {}).get(runner.META_KEY) or {}
-            except Exception:  # noqa: BLE001 - a row another writer stored: read without it
-                record = {}
+    def _result(self, result_id: str, row: Any, record: dict[str, Any], ledger: Any, dead: Any) -> TaskResult[Any, Any]:
         headers = ((ledger.options or {}).get("headers") or {}) if ledger is not None else {}
         path = record.get("task") or (ledger.task_name if ledger else None) or (dead.task_name if dead else None)
         path = path or (row.task_name if row is not None else None)
@@ -330,15 +343,18 @@ class CeleryBackend(BaseTaskBackend):
                 finished_at = row.date_done
             if status == TaskResultStatus.SUCCESSFUL:
                 value = runner.history_decode(row, row.result)
-            elif row.status in {"FAILURE", "RETRY"} and not (attempts and attempts[-1].get("error")):
-                errors.append(self._row_error(row))
+            elif row.status in {"FAILURE", "RETRY", "REVOKED"} and not (attempts and attempts[-1].get("error")):
+                errors.append(self._dead_letter_error(dead) if dead is not None else self._row_error(row))
             if not attempts and row.date_started is not None:
                 attempts = [{"worker": row.worker or "", "started_at": row.date_started.isoformat()}]
-        if dead is not None and dead.status == DeadLetter.Status.PENDING and status not in FINISHED:
-            # Given up where no result was stored (a message the worker could not run, say).
+        if dead is not None and status not in FINISHED:
+            # Given up where no final state was stored (a message the worker could not run, a
+            # result lost with its process): the dead letter says how it ended, whatever became
+            # of the dead letter since (a replay runs under an id of its own).
             status = TaskResultStatus.FAILED
             finished_at = dead.failed_at
-            errors.append(self._dead_letter_error(dead))
+            if not (attempts and attempts[-1].get("error")):
+                errors.append(self._dead_letter_error(dead))
             if not attempts and dead.worker:
                 attempts = [{"worker": dead.worker}]
         started = [runner.parse_time(entry.get("started_at")) for entry in attempts]
@@ -347,7 +363,7 @@ class CeleryBackend(BaseTaskBackend):
             enqueued_at = ledger.created_at if ledger is not None else (row.date_created if row is not None else None)
         args = record.get("args") if record else None
         kwargs = record.get("kwargs") if record else None
-        if args is None:
+        if args is None:  # the ledger's, else the dead letter's (secrets redacted there)
             source = ledger if ledger is not None else dead
             args = list(source.args) if source is not None else []
             kwargs = dict(source.kwargs) if source is not None else {}
@@ -387,7 +403,12 @@ class CeleryBackend(BaseTaskBackend):
             changes["queue_name"] = queue_name
         if run_after is not None:
             changes["run_after"] = run_after
-        return found.using(**changes) if changes else found
+        if not changes:
+            return found
+        try:
+            return found.using(**changes)
+        except InvalidTask:  # enqueued with a queue the settings no longer have: the task as it is now
+            return found
 
     @staticmethod
     def _dead_letter_error(dead: Any) -> TaskError:

@@ -86,7 +86,7 @@ class DeadLetterEvent(models.Model):
     action = models.CharField(max_length=16, choices=Action.choices)
     actor = models.CharField(max_length=150, blank=True, help_text="User or process that acted.")
     at = models.DateTimeField(default=timezone.now)
-    task_id = models.CharField(max_length=64, blank=True)
+    task_id = models.CharField(max_length=64, blank=True, db_index=True)
     note = models.TextField(blank=True)
 
     class Meta:

@@ -50,10 +50,13 @@ QUEUE_NAME_HEADER = "jobs_task_queue_name"
 RUN_AFTER_HEADER = "jobs_task_run_after"
 #: The key of a task history row's `meta` that holds a Django task's record.
 META_KEY = "django_task"
-#: An earlier attempt's traceback is kept to this many characters (its end: where it was raised).
+#: An attempt's traceback is kept to this many characters (its end: where it was raised); an
+#: earlier one's, carried in the next attempt's message headers, to `EARLIER_TRACEBACK_KEPT`.
 TRACEBACK_KEPT = 4000
-#: At most this many earlier attempts are carried (the first and the latest ones).
-ATTEMPTS_KEPT = 50
+EARLIER_TRACEBACK_KEPT = 1000
+#: At most this many earlier attempts are carried (the first and the latest ones): with the
+#: limits above, about 25 KB of headers at most (RabbitMQ's frame is 128 KB).
+ATTEMPTS_KEPT = 20
 
 #: The options a task may set, and the runner's attribute each one becomes.
 OPTION_ATTRIBUTES = {
@@ -152,6 +155,10 @@ class DjangoTaskRunner(JobTask):
     def retry_headers(self, request: Any, exc: BaseException) -> dict[str, Any]:
         record = (getattr(request, "meta", None) or {}).get(META_KEY) or {}
         attempts = [dict(entry) for entry in record.get("attempts") or []]
+        for entry in attempts:
+            error = entry.get("error")
+            if error and len(error.get("traceback", "")) > EARLIER_TRACEBACK_KEPT:
+                entry["error"] = {**error, "traceback": error["traceback"][-EARLIER_TRACEBACK_KEPT:]}
         if len(attempts) > ATTEMPTS_KEPT:
             attempts = attempts[:1] + attempts[-(ATTEMPTS_KEPT - 1) :]
         return {ATTEMPTS_HEADER: attempts}
@@ -256,11 +263,15 @@ def _option(option: str, attribute: str) -> property:
     def read(self: DjangoTaskRunner) -> Any:
         return _options.get(self.name, {}).get(option, default)
 
+    def write(self: DjangoTaskRunner, value: Any) -> None:  # `celery control time_limit` sets them
+        _options.setdefault(self.name, {})[option] = value
+
     read.__name__ = attribute
-    return property(read, doc=f"The task's `{option}` option (else the project's default).")
+    return property(read, write, doc=f"The task's `{option}` option (else the project's default).")
 
 
 # Read when needed, so an option set after the task was registered (the backend's settings
-# changed, a decorator applied last) still counts.
+# changed, a decorator applied last) still counts; except the time limits, which a worker reads
+# when its consumer starts (after it imported the tasks modules, decorators and settings included).
 for _option_name, _attribute in OPTION_ATTRIBUTES.items():
     setattr(DjangoTaskRunner, _attribute, _option(_option_name, _attribute))

@@ -6,6 +6,7 @@ request or inside another task, restored in the worker around the task, and clea
 
 from __future__ import annotations
 
+import logging
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from celery.worker.request import Request
 
 REQUEST_ID_HEADER = "request_id"
+logger = logging.getLogger("jobs.runtime.handlers")
 
 
 @signals.setup_logging.connect
@@ -165,12 +167,35 @@ def _ledger_end(task: Task[..., Any] | None, task_id: str, state: str | None) ->
     from celery import states
 
     from jobs.runtime.ledger import ledger_finish
-    from jobs.runtime.results import results_buffered
 
     is_job_task = getattr(task, "on_give_up", None) is not None
     if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
-        buffer = results_buffered()
-        if getattr(task, "ledger_after_result", False) and buffer is not None:
-            buffer.finish_ledger(task_id)  # once its result is written: never in neither
+        if getattr(task, "ledger_after_result", False):
+            _result_with_ledger(task_id)
             return
         ledger_finish(task_id)
+
+
+def _result_with_ledger(task_id: str) -> None:
+    """A Django task's end: its final state, waiting in this process's buffer, is written in the
+    transaction that deletes its ledger row (`get_result` reads one or the other, never neither).
+    When the database will not take it, the row stays in the buffer and the ledger row stays:
+    the sweeper may run the job once more, as for any job whose end could not be recorded."""
+    from jobs.db import with_fresh_connection
+    from jobs.runtime.results import entry_row, results_buffered, results_write
+
+    buffer = results_buffered()
+    entry = buffer.take(task_id) if buffer is not None else None
+    try:
+        rows = [entry_row(entry)] if entry is not None else []
+    except Exception:
+        logger.warning("results.not_stored", extra={"task_id": task_id}, exc_info=True)
+        entry, rows = None, []
+    try:
+        with_fresh_connection(lambda: results_write(rows, ledger_done=[task_id]), what="result_and_ledger")
+    except Exception as exc:  # noqa: BLE001 - never fail a task's end on its bookkeeping
+        if entry is not None and buffer is not None:
+            buffer.add(entry)
+        logger.warning(
+            "ledger.finish_failed", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        )

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django.db import connection
 from django.db.models import Count, Min, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
@@ -147,11 +148,20 @@ def ledger_defer_retry(
     return True
 
 
-def ledger_note_retry(task_id: str, *, retries: int, postponed: int) -> None:
-    """A ledger job scheduled a retry: the row keeps the count, so a job the sweeper brings back
-    resumes with the retries it has used. One UPDATE per retry (not per task); best effort."""
+def ledger_note_retry(task_id: str, *, retries: int, postponed: int, headers: dict[str, Any] | None = None) -> None:
+    """A ledger job scheduled a retry: the row keeps the count (and the `headers` the task carries
+    on to its next attempt), so a job the sweeper brings back resumes with the retries it has used.
+    One UPDATE per retry (not per task), and a read when there are headers; best effort."""
     try:
-        OutboxMessage.objects.filter(task_id=task_id).update(retries=retries, postponed=postponed)
+        rows = OutboxMessage.objects.filter(task_id=task_id)
+        if headers:
+            row = rows.only("options").first()
+            if row is not None:
+                options = dict(row.options or {})
+                options["headers"] = {**(options.get("headers") or {}), **headers}
+                rows.update(retries=retries, postponed=postponed, options=options)
+                return
+        rows.update(retries=retries, postponed=postponed)
     except Exception as exc:  # noqa: BLE001 - a lost count means at most a few more retries
         logger.warning(
             "ledger.retry_not_noted", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -372,8 +382,12 @@ def ledger_run(*, token: str | None = None, ttl: float = 60.0) -> dict[str, Any]
 
 
 def ledger_oldest_age() -> float:
-    """Seconds since the oldest unfinished job in the ledger was accepted (0: none)."""
-    oldest = OutboxMessage.objects.aggregate(oldest=Min("created_at"))["oldest"]
+    """Seconds since the oldest unfinished job in the ledger was due: accepted, or, for one that
+    waits for its time (a retry, a job of Django's Tasks API with a far `run_after`), that time
+    (0: none). A job not due yet does not count."""
+    now = timezone.now()
+    due = OutboxMessage.objects.filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+    oldest = due.aggregate(oldest=Min(Coalesce("not_before", "created_at")))["oldest"]
     return max((timezone.now() - oldest).total_seconds(), 0.0) if oldest else 0.0
 
 

@@ -303,8 +303,10 @@ def _unpublishable(message: OutboxMessage, exc: BaseException) -> None:
 
 
 def outbox_backlog() -> int:
-    """Jobs waiting to be published (not the ones published and not finished yet)."""
-    return OutboxMessage.objects.filter(published_at__isnull=True).count()
+    """Jobs due and waiting to be published (not the ones published and not finished yet, nor the
+    ones waiting for their time)."""
+    due = Q(not_before__isnull=True) | Q(not_before__lte=timezone.now())
+    return OutboxMessage.objects.filter(due, published_at__isnull=True).count()
 
 
 def _describe(exc: BaseException) -> str:

@@ -29,9 +29,12 @@ What this can lose, and what it cannot:
   time limits and lost pool processes) leaves the final state alone.
 
 Writes made elsewhere (the worker's main process, web processes, beat, eager runs) stay
-synchronous, through the same upsert. A connection the database cut (a restart, a failover) is
-replaced and the write retried; a result that still cannot be written is logged and dropped:
-results are history, never the job's truth.
+synchronous, through the same upsert. So does the end of a job of Django's Tasks API (see
+`jobs.runtime.django_tasks`): its final state is written in the transaction that deletes its
+ledger row, which every ledger job pays anyway, so `get_result` always finds one or the other.
+A connection the database cut (a restart, a failover) is replaced and the write retried; a
+result that still cannot be written is logged and dropped: results are history, never the job's
+truth.
 """
 
 from __future__ import annotations
@@ -185,8 +188,6 @@ class ResultBuffer:
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
         self.dropped = 0
-        #: Ledger rows to delete once the rows noted before them are written (`finish_ledger`).
-        self.ledger: set[str] = set()
 
     def add(self, row: Row) -> None:
         """Notes a row, or an entry whose `build()` makes the row later (its `status`, `task_id`
@@ -200,13 +201,10 @@ class ResultBuffer:
         if full:
             self.wake.set()
 
-    def finish_ledger(self, task_id: str) -> None:
-        """Forgets the job's ledger row after its result is written, not before: a job must never
-        be found in neither (its `get_result` would say it does not exist)."""
+    def take(self, task_id: str) -> Row | None:
+        """Removes and returns what waits for `task_id` (its caller writes it now), if anything."""
         with self.lock:
-            self.ledger.add(task_id)
-            if self.thread is None or not self.thread.is_alive():
-                self._start_thread()
+            return self.rows.pop(task_id, None)
 
     def _start_thread(self) -> None:
         thread = threading.Thread(target=self._run, name="jobs-results", daemon=True)
@@ -243,8 +241,7 @@ class ResultBuffer:
         take must not hold up the rest). Returns how many rows were written."""
         with self.lock:
             batch, self.rows = self.rows, {}
-            finished, self.ledger = self.ledger, set()
-        if not batch and not finished:
+        if not batch:
             return 0
         rows: dict[str, Row] = {}
         for task_id, entry in batch.items():
@@ -256,11 +253,11 @@ class ResultBuffer:
         if not db.in_atomic_block:
             drop_stale_connection()  # CONN_MAX_AGE and health checks apply to this thread too
         try:
-            return results_write(rows.values(), ledger_done=finished)
+            return results_write(rows.values())
         except (OperationalError, InterfaceError) as exc:
             if not db.in_atomic_block:  # the next round connects afresh
                 close_connection()
-            self._keep(rows, exc, finished)
+            self._keep(rows, exc)
             return 0
         except DatabaseError:
             written = 0
@@ -269,15 +266,10 @@ class ResultBuffer:
                     written += results_write([row])
                 except DatabaseError as exc:
                     _not_stored(task_id, row["status"], exc)
-            from jobs.runtime.ledger import ledger_finish
-
-            for task_id in finished:
-                ledger_finish(task_id)
             return written
 
-    def _keep(self, batch: dict[str, Row], exc: BaseException, finished: set[str]) -> None:
+    def _keep(self, batch: dict[str, Row], exc: BaseException) -> None:
         with self.lock:
-            self.ledger |= finished
             for task_id, row in self.rows.items():  # what arrived meanwhile is newer
                 batch[task_id] = merge(batch.pop(task_id, None), row)
             self.rows = batch

@@ -237,7 +237,8 @@ class JobTask(MeteredTask):
             attempt = request.retries + 1
             delay = self.retry_countdown(attempt - postponed)
         headers[POSTPONED_HEADER] = postponed
-        headers.update(self.retry_headers(request, exc))
+        carried = self.retry_headers(request, exc)
+        headers.update(carried)
         logger.warning(
             "task.retry",
             extra={
@@ -252,7 +253,7 @@ class JobTask(MeteredTask):
         if getattr(request, LEDGER_HEADER, None):
             from jobs.runtime.ledger import ledger_note_retry
 
-            ledger_note_retry(request.id, retries=attempt, postponed=postponed)
+            ledger_note_retry(request.id, retries=attempt, postponed=postponed, headers=carried)
         try:
             self.retry(exc=exc, countdown=delay, max_retries=limit + postponed, headers=headers)
         except Reject as refused:

@@ -18,7 +18,7 @@ from django.utils import timezone
 from jobs import backends
 from jobs.backends import CeleryBackend, CeleryTask, task_options
 from jobs.conf import jobs_settings
-from jobs.models import DeadLetter, OutboxMessage
+from jobs.models import DeadLetter, DeadLetterEvent, OutboxMessage
 from jobs.runtime import django_tasks as runner
 from jobs.runtime.outbox import outbox_relay
 from jobs.runtime.results import results_write
@@ -255,8 +255,13 @@ def test_task_options_above_task_update_the_registered_task():
     decorated = task_options(max_retries=2)(samples.refuse)
     assert decorated is samples.refuse
     assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 2
-    task_options(max_retries=5)(samples.refuse)
-    assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 5
+    try:
+        task_options(max_retries=5)(samples.refuse)
+        assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 5
+    finally:
+        del samples.refuse.func.__jobs_task_options__
+        samples.refuse.using(priority=0)  # registered again with no options
+    assert current_app.tasks["tests.integration.django_tasks.refuse"].retries_allowed() == 5  # the default
 
 
 @task
@@ -324,29 +329,126 @@ def test_a_job_given_up_before_its_result_is_written_reads_as_failed_from_its_de
     assert (result.args, result.worker_ids, result.finished_at) == (["k"], ["w1@host"], dead.failed_at)
 
 
-def test_a_failure_stored_without_the_attempts_record_still_names_its_error():
-    """A hard time limit or a lost worker: the worker's main process stores the FAILURE."""
+def history_row(task_id: str, status: str, *, meta: dict | None = None, **fields) -> None:
+    """A task history row as the worker's main process stores a hard time limit: no job record,
+    and no task name (the fresh project's default, CELERY_RESULT_EXTENDED off)."""
     now = timezone.now()
     stored = {"exc_type": "TimeLimitExceeded", "exc_module": "billiard.exceptions", "exc_message": [60]}
-    results_write(
-        [
-            {
-                "task_id": "limit-1",
-                "status": "FAILURE",
-                "result": json.dumps(stored),
-                "traceback": "Traceback ...\nbilliard.exceptions.TimeLimitExceeded: 60\n",
-                "meta": json.dumps({"children": []}),
-                "content_type": "application/json",
-                "content_encoding": "utf-8",
-                "task_name": "tests.integration.django_tasks.add",
-                "worker": "w2@host",
-                "date_created": now,
-                "date_started": now,
-                "date_done": now,
-            }
-        ]
+    row = {
+        "task_id": task_id,
+        "status": status,
+        "result": json.dumps(stored),
+        "traceback": "Traceback ...\nbilliard.exceptions.TimeLimitExceeded: 60\n",
+        "meta": json.dumps(meta or {"children": []}),
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "worker": "w2@host",
+        "date_created": now,
+        "date_started": now,
+        "date_done": now,
+        **fields,
+    }
+    results_write([row])
+
+
+def test_a_hard_time_limit_stored_by_the_main_process_reads_from_its_dead_letter():
+    history_row("limit-1", "FAILURE")
+    DeadLetter.objects.create(
+        task_name="tests.integration.django_tasks.add",
+        task_id="limit-1",
+        args=[1, 2],
+        exception_type="TimeLimitExceeded",
+        traceback="Traceback ...\nbilliard.exceptions.TimeLimitExceeded: TimeLimitExceeded(60,)\n",
+        reason=DeadLetter.Reason.TIME_LIMIT,
+        worker="w2@host",
     )
     result = samples.add.get_result("limit-1")
     assert result.status == TaskResultStatus.FAILED
     assert [e.exception_class_path for e in result.errors] == ["billiard.exceptions.TimeLimitExceeded"]
-    assert (result.worker_ids, result.started_at, result.finished_at) == (["w2@host"], now, now)
+    assert (result.args, result.worker_ids) == ([1, 2], ["w2@host"])
+
+
+def test_a_failure_stored_without_a_record_or_a_dead_letter_still_names_its_error():
+    history_row("limit-2", "FAILURE", task_name="tests.integration.django_tasks.add")
+    result = samples.add.get_result("limit-2")
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in result.errors] == ["billiard.exceptions.TimeLimitExceeded"]
+
+
+def test_a_run_given_up_reads_failed_after_its_dead_letter_was_requeued_and_failed_again():
+    """The dead letter's task_id moves on to the replay's id; the first id is found in its trail."""
+    dead = DeadLetter.objects.create(
+        task_name="tests.integration.django_tasks.refuse",
+        task_id="replay-2",
+        args=["k"],
+        exception_type="PermanentError",
+        traceback="jobs.exceptions.PermanentError: no\n",
+        reason=DeadLetter.Reason.PERMANENT_ERROR,
+        status=DeadLetter.Status.REQUEUED,
+    )
+    DeadLetterEvent.objects.create(dead_letter=dead, action=DeadLetterEvent.Action.FAILED, task_id="first-1")
+    result = samples.refuse.get_result("first-1")
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in result.errors] == ["jobs.exceptions.PermanentError"]
+
+
+def test_an_error_already_in_the_attempts_record_is_not_counted_twice():
+    """A STARTED row whose record holds the attempt's error, and the dead letter of that attempt
+    (written before the final state): one error."""
+    error = {"exception_class_path": "jobs.exceptions.PermanentError", "traceback": "x"}
+    record = {
+        "task": "tests.integration.django_tasks.refuse",
+        "args": ["k"],
+        "kwargs": {},
+        "attempts": [{"worker": "w1", "started_at": timezone.now().isoformat(), "error": error}],
+    }
+    history_row("twice-1", "STARTED", meta={"django_task": record, "children": []})
+    DeadLetter.objects.create(
+        task_name="tests.integration.django_tasks.refuse",
+        task_id="twice-1",
+        exception_type="PermanentError",
+        traceback="jobs.exceptions.PermanentError: no\n",
+        reason=DeadLetter.Reason.PERMANENT_ERROR,
+    )
+    result = samples.refuse.get_result("twice-1")
+    assert result.status == TaskResultStatus.FAILED
+    assert len(result.errors) == 1
+    assert result.worker_ids == ["w1"]
+
+
+def test_nan_is_refused_at_enqueue():
+    with pytest.raises(ValueError, match="JSON compliant"):
+        samples.add.enqueue(float("nan"), 1)
+    assert not OutboxMessage.objects.exists()
+
+
+def test_the_attempts_a_retry_carries_are_bounded():
+    from celery import current_app
+
+    runner_task = current_app.tasks["tests.integration.django_tasks.flaky"]
+    long_error = {"exception_class_path": "x.Y", "traceback": "t" * 10_000}
+    attempts = [{"worker": f"w{i}", "error": long_error} for i in range(30)]
+
+    class Request:
+        meta = {"django_task": {"attempts": attempts}}
+
+    carried = runner_task.retry_headers(Request(), RuntimeError("x"))["jobs_attempts"]
+    assert len(carried) == runner.ATTEMPTS_KEPT
+    assert carried[0]["worker"] == "w0"  # the first, then the latest
+    assert carried[-1]["worker"] == "w29"
+    assert all(len(entry["error"]["traceback"]) == runner.EARLIER_TRACEBACK_KEPT for entry in carried)
+    assert len(json.dumps(carried)) < 30_000
+
+
+def test_celery_may_set_a_tasks_time_limit_at_run_time():
+    from celery import current_app
+
+    path = "tests.integration.django_tasks.pair"
+    celery_task = current_app.tasks[path]
+    try:
+        celery_task.time_limit = 7  # what `celery control time_limit` does
+        assert celery_task.time_limit == 7
+        assert runner.registered()[path]["time_limit"] == 7
+    finally:
+        samples.pair.using(priority=10)  # registered again: the code's options
+    assert celery_task.time_limit is None

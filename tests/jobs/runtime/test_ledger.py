@@ -16,6 +16,7 @@ from jobs.runtime.ledger import (
     ledger_counts,
     ledger_defer_retry,
     ledger_finish,
+    ledger_note_retry,
     ledger_oldest_age,
     ledger_sweep,
     worker_reserved_publish,
@@ -244,6 +245,33 @@ def test_counts_and_oldest_age_for_operators():
     )
     assert ledger_counts() == {"unpublished": 1, "published": 1, "missing": 1}
     assert 85 < ledger_oldest_age() < 200
+
+
+def test_jobs_waiting_for_their_time_are_neither_old_nor_backlog():
+    """A far `run_after` (Django's Tasks API) or a deferred retry is not a job the broker lost
+    or one the relay owes: the age alert and the backlog count them from when they are due."""
+    from jobs.runtime.outbox import outbox_backlog
+
+    now = timezone.now()
+    OutboxMessage.objects.create(
+        task_name="jobs.ping", task_id="later", created_at=now - timedelta(days=3), not_before=now + timedelta(hours=1)
+    )
+    assert ledger_oldest_age() == 0.0
+    assert outbox_backlog() == 0
+    OutboxMessage.objects.create(
+        task_name="jobs.ping", task_id="due", created_at=now - timedelta(days=3), not_before=now - timedelta(seconds=40)
+    )
+    assert 35 < ledger_oldest_age() < 120  # overdue since its time came, not since it was accepted
+    assert outbox_backlog() == 1
+
+
+def test_a_retry_noted_in_the_ledger_keeps_the_headers_the_task_carries_on():
+    _published("h-1")
+    ledger_note_retry("h-1", retries=2, postponed=0, headers={"jobs_attempts": [{"worker": "w1"}]})
+    row = OutboxMessage.objects.get(task_id="h-1")
+    assert row.retries == 2
+    assert row.options["headers"]["jobs_attempts"] == [{"worker": "w1"}]
+    assert row.options["headers"]["jobs_ledger"] == 1  # what it had stays
 
 
 def test_the_ledger_command_reports_and_sweeps(redis_client):

@@ -124,27 +124,30 @@ def test_a_refused_batch_is_kept_for_the_next_round(buffer, caplog):
     assert dict(TaskResult.objects.values_list("task_id", "status")) == {"t-6": "SUCCESS", "t-7": "FAILURE"}
 
 
-def test_a_ledger_row_goes_with_the_batch_that_writes_its_result_never_before(buffer):
-    """A Django task's job is found in the ledger until its result is written (get_result reads
-    one or the other); a batch the database refused keeps both."""
+def test_a_django_tasks_end_is_written_with_its_ledger_row_deleted_in_one_go(buffer):
+    """get_result reads the ledger row until the result row is there: the end of a Django task is
+    written at once, in the transaction that deletes its ledger row; the database refusing keeps
+    both (the row waits in the buffer, the ledger row stays)."""
+    from jobs.runtime.handlers import _result_with_ledger
+
     OutboxMessage.objects.create(task_name="tests.history", task_id="j-1")
     OutboxMessage.objects.create(task_name="tests.history", task_id="j-2")
     store("j-1", states.SUCCESS, 1)
-    buffer.finish_ledger("j-1")
 
     def refuse(execute, sql, params, many, context):
         raise OperationalError("server closed the connection unexpectedly")
 
     with connection.execute_wrapper(refuse):
-        assert buffer.flush() == 0
+        _result_with_ledger("j-1")
     assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-1", "j-2"}
+    assert "j-1" in buffer.rows  # back in the buffer, for the next batch
 
-    assert buffer.flush() == 1
+    _result_with_ledger("j-1")
     assert TaskResult.objects.get(task_id="j-1").status == states.SUCCESS
     assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-2"}
+    assert buffer.rows == {}
 
-    buffer.finish_ledger("j-2")  # its result went in an earlier batch: the ledger row goes alone
-    assert buffer.flush() == 0
+    _result_with_ledger("j-2")  # nothing buffered (written earlier): the ledger row goes alone
     assert not OutboxMessage.objects.exists()
 
 
