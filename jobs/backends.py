@@ -190,8 +190,13 @@ class CeleryBackend(BaseTaskBackend):
 
             self.queues = {DEFAULT_TASK_QUEUE_NAME, *queue_names()}
         self.queue_by_priority = tuple(
-            (int(minimum), str(queue))
-            for minimum, queue in self.options.get("QUEUE_BY_PRIORITY", DEFAULT_QUEUE_BY_PRIORITY)
+            sorted(
+                (
+                    (int(minimum), str(queue))
+                    for minimum, queue in self.options.get("QUEUE_BY_PRIORITY", DEFAULT_QUEUE_BY_PRIORITY)
+                ),
+                reverse=True,  # the highest minimum first, in whatever order they were written
+            )
         )
         self.eta_limit = float(self.options.get("ETA_LIMIT", DEFAULT_ETA_LIMIT))
 

@@ -133,7 +133,7 @@ def test_a_queue_celery_does_not_declare_is_refused():
 
 
 def test_queue_by_priority_is_an_option_and_an_undeclared_queue_falls_back(redis_client):
-    options = {"QUEUE_BY_PRIORITY": [(5, "high"), (-100, "missing")]}
+    options = {"QUEUE_BY_PRIORITY": [(-100, "missing"), (5, "high")]}  # any order: the highest minimum first
     with override_settings(TASKS={"default": {"BACKEND": "jobs.backends.CeleryBackend", "OPTIONS": options}}):
         backend = task_backends["default"]
         # Celery's default queue (this site's: normal)
