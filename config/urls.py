@@ -4,9 +4,11 @@ from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 
+from config import views
 from jobs import views as jobs_views
 
 urlpatterns = [
+    path("", views.home, name="home"),
     path("healthz", jobs_views.healthz, name="healthz"),
     path("readyz", jobs_views.readyz, name="readyz"),
     path("admin/", admin.site.urls),

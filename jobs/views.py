@@ -41,8 +41,11 @@ def metrics(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_GET
 def jobs_health(request: HttpRequest) -> JsonResponse:
-    """Worker and beat liveness from their heartbeats (cheap: two cache reads)."""
-    return JsonResponse(jobs_health_report())
+    """Worker and beat liveness from their heartbeats (cheap: two cache reads): 200 when both are
+    fresh, else 503 with the same body, so an uptime check that reads only the status sees it."""
+    report = jobs_health_report()
+    healthy = all(part["ok"] for part in report.values())
+    return JsonResponse(report, status=200 if healthy else 503)
 
 
 @never_cache

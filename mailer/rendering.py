@@ -7,10 +7,13 @@ part escapes as usual. Every template extends `mailer/base.txt` or `mailer/base.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from django.template import Context, Engine, TemplateDoesNotExist, engines
+from django.template.base import FilterExpression, Node, NodeList, Variable, VariableNode
+from django.template.defaulttags import ForNode, IfNode, WithNode
 
 TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}")
 
@@ -60,3 +63,65 @@ def render(name: str, context: dict[str, Any]) -> Rendered:
         text=part("body.txt", autoescape=False).strip() + "\n",
         html=part("body.html", autoescape=True, optional=True).strip(),
     )
+
+
+#: Filters that give a missing variable a value: what they wrap is optional.
+DEFAULTING_FILTERS = frozenset({"default", "default_if_none"})
+
+
+def required_context(name: str) -> set[str]:
+    """The context names template `name` prints unconditionally: each `{{ variable }}` outside an
+    `{% if %}` that tests it, a `{% for %}` or `{% with %}` that defines it, and without a
+    `default` filter. A context without one of them would render an empty hole ("Welcome, !")."""
+    engine = _engine()
+    names: set[str] = set()
+    for filename in ("subject.txt", "body.txt", "body.html"):
+        try:
+            template = engine.get_template(f"mailer/{name}/{filename}")
+        except TemplateDoesNotExist:
+            continue
+        names.update(_printed(template.nodelist, frozenset()))
+    return names
+
+
+def _printed(nodes: NodeList, defined: frozenset[str]) -> Iterator[str]:
+    for node in nodes:
+        if isinstance(node, VariableNode):
+            head = _required_head(node.filter_expression)
+            if head is not None and head not in defined:
+                yield head
+        elif isinstance(node, IfNode):
+            for condition, inner in node.conditions_nodelists:
+                yield from _printed(inner, defined | _tested(condition))
+        elif isinstance(node, ForNode):
+            yield from _printed(node.nodelist_loop, defined | set(node.loopvars) | {"forloop"})
+            yield from _printed(node.nodelist_empty, defined)
+        elif isinstance(node, WithNode):
+            yield from _printed(node.nodelist, defined | set(node.extra_context))
+        else:
+            for attribute in getattr(node, "child_nodelists", ()):
+                inner = getattr(node, attribute, None)
+                if isinstance(inner, NodeList):
+                    yield from _printed(inner, defined)
+
+
+def _required_head(expression: FilterExpression) -> str | None:
+    variable = expression.var
+    if not isinstance(variable, Variable) or variable.lookups is None:
+        return None  # a literal
+    if any(getattr(func, "__name__", "") in DEFAULTING_FILTERS for func, _args in expression.filters):
+        return None
+    return str(variable.lookups[0])
+
+
+def _tested(condition: Node | None) -> set[str]:
+    """The variable names an `{% if %}` condition reads (they are optional inside it)."""
+    if condition is None:
+        return set()
+    names: set[str] = set()
+    value = getattr(condition, "value", None)
+    if isinstance(value, FilterExpression) and isinstance(value.var, Variable) and value.var.lookups:
+        names.add(str(value.var.lookups[0]))
+    for side in ("first", "second"):
+        names |= _tested(getattr(condition, side, None))
+    return names

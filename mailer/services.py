@@ -105,6 +105,11 @@ def email_queue(
         message = f"context cannot be stored as JSON: {exc}"
         raise EmailRefused(message, code="invalid_context", field="context") from None
     files = _clean_attachments(attachments)
+    missing = sorted(rendering.required_context(template) - set(context))
+    if missing:
+        needed = ", ".join(missing)
+        message = f"the template {template!r} needs {needed} in its context"
+        raise EmailRefused(message, code="missing_context", field=f"context.{missing[0]}")
     rendered = rendering.render(template, context)
     if _NEWLINE.search(rendered.subject):
         raise EmailRefused("the subject must be one line", code="header_injection", field="context")

@@ -190,3 +190,41 @@ def test_dead_letters_purge():
     assert "Deleted 2" in out
     with pytest.raises(CommandError, match="not a duration"):
         run("dead_letters", "purge", "--older-than", "forever")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_output_into_a_pipe_that_closes_early_ends_quietly():
+    """`dead_letters show 1 | head`: head stops reading; the command stops without a traceback."""
+    import subprocess
+    import sys
+
+    from config.env import BASE_DIR
+    from tests.integration.conftest import process_env
+
+    dead = DeadLetterFactory(traceback="  File 'x.py', line 1, in f\n" * 10_000)  # ~300 KB: more than a pipe holds
+    shown = subprocess.run(  # noqa: S602 - a pipe is the point; the command line is ours
+        f"{sys.executable} manage.py dead_letters show {dead.pk} | head -c 200",
+        shell=True,
+        cwd=BASE_DIR,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.stdout.startswith("task:")
+    assert "Traceback" not in shown.stderr
+    assert "BrokenPipeError" not in shown.stderr
+
+
+def test_every_option_of_list_and_show_says_what_it_takes():
+    import argparse
+
+    from jobs.management.commands.dead_letters import Command
+
+    parser = Command().create_parser("manage.py", "dead_letters")
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name in ("list", "show"):
+        actions = [a for a in subparsers.choices[name]._actions if not isinstance(a, argparse._HelpAction)]
+        assert actions
+        assert all(action.help for action in actions), [a.dest for a in actions if not a.help]

@@ -155,3 +155,17 @@ def test_view_only_staff_can_read_but_not_resend(client, make_email):
     assert response.status_code == 200
     assert "resend_selected" not in response.content.decode()
     assert client.get(f"{CHANGELIST}{email.pk}/change/").status_code == 200
+
+
+def test_the_context_a_template_needs_is_what_it_prints_unconditionally():
+    from django.template import Engine
+
+    from mailer.rendering import _printed, required_context
+
+    source = (
+        "{{ a }} {{ b|default:'x' }} {% if c %}{{ c }}{% endif %} "
+        "{% for i in items %}{{ i }}{{ forloop.counter }}{% empty %}{{ none_left }}{% endfor %} "
+        "{% with d=1 %}{{ d }}{% endwith %} {{ 'literal' }} {% if x and y %}{{ y.z }}{% else %}{{ w }}{% endif %}"
+    )
+    assert sorted(set(_printed(Engine().from_string(source).nodelist, frozenset()))) == ["a", "none_left", "w"]
+    assert required_context("welcome") == {"name"}

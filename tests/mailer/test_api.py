@@ -160,10 +160,12 @@ def test_malformed_bodies_are_400(client, staff_user, django_capture_on_commit_c
     assert callbacks == []
 
 
-def test_context_is_optional(client, staff_user, django_capture_on_commit_callbacks):
-    with django_capture_on_commit_callbacks():
+def test_a_context_left_out_is_empty_and_welcome_needs_a_name(client, staff_user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
         response = post(client, {"template": "welcome", "to": ["a@example.com"]}, **basic("staff", "s3cret-pass"))
-    assert response.status_code == 202
+    assert response.status_code == 400
+    assert response.json()["field"] == "context.name"
+    assert callbacks == []
 
 
 def test_detail_shows_status_attempts_and_error(client, staff_user, django_capture_on_commit_callbacks):
@@ -207,3 +209,14 @@ def test_an_oversized_body_is_413_json_and_queues_nothing(client, staff_user, dj
     assert response.json()["error"] == "request body too large"
     assert not Email.objects.exists()
     assert callbacks == []
+
+
+def test_a_context_without_what_the_template_needs_is_a_400_naming_it(client, staff_user):
+    """`welcome` without `name` would send "Welcome to jobsite, !": refused, nothing queued."""
+    response = post(client, {**PAYLOAD, "context": {"nickname": "Ada"}}, **basic("staff", "s3cret-pass"))
+    assert response.status_code == 400
+    body = response.json()
+    assert body["field"] == "context.name"
+    assert body["code"] == "missing_context"
+    assert "name" in body["error"]
+    assert not Email.objects.exists()

@@ -7,8 +7,9 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from jobs.management.base import JobsCommand
 from jobs.management.commands.requeue_dead import _user, parse_since
 from jobs.models import DeadLetter
 from jobs.selectors import dead_letter_groups, dead_letters_select
@@ -26,23 +27,25 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-class Command(BaseCommand):
+class Command(JobsCommand):
     help = "Inspect and tidy dead letters: list, show one, group, discard, purge old ones."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="{list,show,groups,discard,purge}")
 
         listing = sub.add_parser("list", help="List dead letters, newest failure first.")
-        listing.add_argument("--status", choices=DeadLetter.Status.values, default=DeadLetter.Status.PENDING)
-        listing.add_argument("--task")
-        listing.add_argument("--queue")
-        listing.add_argument("--exception")
-        listing.add_argument("--request-id")
-        listing.add_argument("--since")
-        listing.add_argument("--limit", type=int, default=50)
+        listing.add_argument(
+            "--status", choices=DeadLetter.Status.values, default=DeadLetter.Status.PENDING, help="Default: pending."
+        )
+        listing.add_argument("--task", help="Registered task name, exactly (e.g. mailer.send_email).")
+        listing.add_argument("--queue", help="Queue it was taken from (high, normal, low).")
+        listing.add_argument("--exception", help="Exception class name, exactly (e.g. SMTPRecipientsRefused).")
+        listing.add_argument("--request-id", help="The request id it carried (X-Request-ID).")
+        listing.add_argument("--since", help="Failed at or after this ISO 8601 time (e.g. 2026-12-01T08:00).")
+        listing.add_argument("--limit", type=int, default=50, help="At most this many, newest first (50).")
 
         show = sub.add_parser("show", help="Show one dead letter with its arguments, traceback and history.")
-        show.add_argument("id", type=int)
+        show.add_argument("id", type=int, help="The dead letter's id (the # column of list).")
 
         sub.add_parser("groups", help="Pending dead letters grouped by task and exception type.")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db.models import Count, Min
 
+from jobs.management.base import JobsCommand
 from jobs.models import OutboxMessage
 from jobs.runtime.ledger import ledger_counts, ledger_oldest_age, ledger_run
 
 
-class Command(BaseCommand):
+class Command(JobsCommand):
     help = (
         "Shows the ledger of unfinished jobs (by state, oldest, by task). With --sweep, also runs one "
         "round of what every worker's sweeper does: publish what waits, bring back what the broker lost."

@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from jobs.heartbeat import liveness_age, liveness_file
+from jobs.management.base import JobsCommand
 
 DEFAULT_MAX_AGE = {"worker": 60.0, "beat": 60.0}
 
 
-class Command(BaseCommand):
+class Command(JobsCommand):
     help = "Exit 0 when the worker (or beat) on this host refreshed its liveness file recently, else 1."
 
     def add_arguments(self, parser: CommandParser) -> None:

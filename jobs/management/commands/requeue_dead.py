@@ -6,8 +6,9 @@ import getpass
 from datetime import datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from jobs.management.base import JobsCommand
 from jobs.models import DeadLetter
 from jobs.selectors import dead_letters_select, parse_moment
 from jobs.services import dead_letters_requeue
@@ -23,7 +24,7 @@ def parse_since(value: str) -> datetime:
     return moment
 
 
-class Command(BaseCommand):
+class Command(JobsCommand):
     help = "Requeue pending dead letters: by id, or every one matching the given selectors."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
+from jobs.management.base import JobsCommand
 from jobs.schedules import schedules_setup
 
 
-class Command(BaseCommand):
+class Command(JobsCommand):
     help = (
         "Create the default periodic schedules that are missing. Schedules staff edited in the admin are "
         "kept as they are; --reset puts the defaults back."
