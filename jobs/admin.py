@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
@@ -12,9 +12,10 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path, reverse
-from django.utils.html import format_html
+from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
 
+from jobs.links import dead_letters_of, job_object
 from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.selectors import dead_letter_groups
 from jobs.services import RequeueResult, dead_letters_discard, dead_letters_requeue
@@ -38,6 +39,31 @@ def _plural(count: int, singular: str = "dead letter", plural: str = "dead lette
 
 def _actor(request: HttpRequest) -> str:
     return f"admin:{request.user.get_username()}"
+
+
+def dead_letter_links(obj: Any, *, limit: int = 20) -> str:
+    """HTML for an app's admin page: the dead letters of the jobs about `obj` (see
+    `jobs.links`), each linked to its page, newest first; "-" when there are none."""
+    rows = list(dead_letters_of(obj)[:limit])
+    if not rows:
+        return "-"
+    return format_html(
+        "<ul style='margin:0;padding-left:1.2em'>{}</ul>",
+        format_html_join(
+            "",
+            '<li><a href="{}">Dead letter #{}</a>: {}, {} ({})</li>',
+            (
+                (
+                    reverse("admin:jobs_deadletter_change", args=[row.pk]),
+                    row.pk,
+                    row.get_status_display().lower(),
+                    row.exception_type or row.reason,
+                    f"{row.failed_at:%Y-%m-%d %H:%M}",
+                )
+                for row in rows
+            ),
+        ),
+    )
 
 
 class DeadLetterEventInline(_DeadLetterEventInline):
@@ -76,7 +102,7 @@ class DeadLetterAdmin(_DeadLetterAdmin):
     fieldsets = (
         (None, {"fields": ("status", "task_name", "task_id", "queue", "reason", "request_id", "worker")}),
         ("Failure", {"fields": ("exception_type", "exception_message", "traceback_pretty", "retries")}),
-        ("Arguments", {"fields": ("args_pretty", "kwargs_pretty", "redacted", "raw_message")}),
+        ("Arguments", {"fields": ("job_object", "args_pretty", "kwargs_pretty", "redaction", "raw_message")}),
         (
             "History",
             {
@@ -95,8 +121,59 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         ),
     )
 
+    change_form_template = "admin/jobs/deadletter/change_form.html"
+
     def get_readonly_fields(self, request: HttpRequest, obj: DeadLetter | None = None) -> list[str]:
         return flatten_fieldsets(self.fieldsets)  # every field shown, in order
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: DeadLetter | None = None,
+    ) -> HttpResponse:
+        # A record the system wrote: nothing to save or delete here. What an operator does with
+        # it (requeue, discard) are the buttons of change_form.html, through the list's actions.
+        context.update(
+            {
+                "show_save": False,
+                "show_save_and_continue": False,
+                "show_save_and_add_another": False,
+                "show_delete": False,
+                "can_act": obj is not None
+                and obj.status == DeadLetter.Status.PENDING
+                and self.has_change_permission(request, obj),
+                "permanent": obj is not None and obj.reason == DeadLetter.Reason.PERMANENT_ERROR,
+                "action_checkbox_name": ACTION_CHECKBOX_NAME,
+                "changelist_url": reverse("admin:jobs_deadletter_changelist"),
+            }
+        )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    @admin.display(description="The job's object")
+    def job_object(self, obj: DeadLetter) -> str:
+        found = job_object(obj)
+        if found is None:
+            return "-"
+        model, pk = found
+        meta = model._meta
+        label = f"{str(meta.verbose_name).capitalize()} #{pk}"
+        try:
+            url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[pk])
+        except NoReverseMatch:
+            return label
+        if not model._default_manager.filter(pk=pk).exists():
+            return f"{label} (deleted)"
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    @admin.display(description="Redaction")
+    def redaction(self, obj: DeadLetter) -> str:
+        if obj.redacted:
+            return "Some arguments were secrets and are stored redacted: this job cannot be requeued as it was."
+        return "None: the arguments are stored as the job had them."
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # only the system writes dead letters
@@ -122,7 +199,11 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         if request.POST.get("confirm") == "yes":
             return None
         pending = queryset.filter(status=DeadLetter.Status.PENDING)
+        permanent = (
+            pending.filter(reason=DeadLetter.Reason.PERMANENT_ERROR).count() if action.startswith("requeue") else 0
+        )
         context = {
+            "permanent_count": permanent,
             **self.admin_site.each_context(request),
             "title": f"{verb} dead letters?",
             "opts": self.model._meta,

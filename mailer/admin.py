@@ -7,6 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
+from jobs.admin import dead_letter_links
 from mailer.models import Email, EmailAttachment
 from mailer.services import emails_resend
 
@@ -67,6 +68,7 @@ class EmailAdmin(admin.ModelAdmin):
         ("Context", {"fields": ("context",)}),
         ("Delivery", {"fields": _DELIVERY_FIELDS}),
         ("Times", {"fields": ("created_at", "handed_off_at", "sent_at", "updated_at")}),
+        ("Dead letters", {"fields": ("dead_letters",)}),
     )
     readonly_fields = (
         "status",
@@ -90,10 +92,15 @@ class EmailAdmin(admin.ModelAdmin):
         "handed_off_at",
         "sent_at",
         "updated_at",
+        "dead_letters",
     )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # emails are written by the mailer service only
+
+    @admin.display(description="Dead letters of its sending")
+    def dead_letters(self, obj: Email) -> str:
+        return dead_letter_links(obj)
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False  # what was sent is a record; the page is read-only

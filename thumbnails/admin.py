@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import ngettext
 
+from jobs.admin import dead_letter_links
 from thumbnails import services
 from thumbnails.models import Image, Thumbnail
 
@@ -32,7 +33,18 @@ class ImageAdmin(admin.ModelAdmin):
     list_filter = ("status", "format", "created")
     search_fields = ("original", "request_id", "error")
     date_hierarchy = "created"
-    readonly_fields = ("original", "format", "width", "height", "status", "error", "request_id", "created", "updated")
+    readonly_fields = (
+        "original",
+        "format",
+        "width",
+        "height",
+        "status",
+        "error",
+        "request_id",
+        "created",
+        "updated",
+        "dead_letters",
+    )
     inlines = (ThumbnailInline,)
     actions = ("regenerate",)
     list_per_page = 50
@@ -42,6 +54,10 @@ class ImageAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # images arrive through uploads only
+
+    @admin.display(description="Dead letters of its thumbnails")
+    def dead_letters(self, obj: Image) -> str:
+        return dead_letter_links(obj)
 
     @admin.display(description="Thumbnails")
     def preview(self, obj: Image):

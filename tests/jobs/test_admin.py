@@ -112,3 +112,84 @@ def test_grouped_view_needs_staff(client, django_user_model):
     client.force_login(user)
     assert client.get(url).status_code == 403
     assert client.post(url, {"task_name": "x", "exception_type": "y"}).status_code == 403
+
+
+def _form_fields(html: str, form_id: str) -> dict[str, str]:
+    """The hidden inputs and the buttons of the form inside the element `form_id`."""
+    import re
+
+    start = html.index(f'id="{form_id}"')
+    form = html[start : html.index("</form>", start)]
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+    fields["buttons"] = ",".join(re.findall(r'<button type="submit" name="action" value="([^"]+)"', form))
+    return fields
+
+
+def test_a_dead_letters_page_is_read_only_with_requeue_and_discard_that_ask_first(staff, redis_client):
+    row = DeadLetterFactory(reason=DeadLetter.Reason.UNEXPECTED_ERROR)
+    html = staff.get(reverse("admin:jobs_deadletter_change", args=[row.pk])).content.decode()
+    for save in ('name="_save"', 'name="_continue"', 'name="_addanother"', "deletelink"):
+        assert save not in html
+    fields = _form_fields(html, "dead-letter-actions")
+    assert fields["buttons"] == "requeue_selected,discard_selected"
+    assert fields[ACTION_CHECKBOX_NAME] == str(row.pk)
+    assert "permanent error" not in html  # no warning for an unexpected error
+
+    # The button posts the list's action: the same confirmation page, then the same audit.
+    post = {ACTION_CHECKBOX_NAME: row.pk, "index": "0", "select_across": "0", "action": "requeue_selected"}
+    page = staff.post(CHANGELIST, post)
+    assert "Requeue <strong>1</strong> pending dead letter?" in page.content.decode()
+    staff.post(CHANGELIST, {ACTION_CHECKBOX_NAME: row.pk, "action": "requeue_selected", "confirm": "yes"})
+    row.refresh_from_db()
+    assert row.status == DeadLetter.Status.REQUEUED
+    assert row.events.filter(action="requeued", actor="admin:admin").exists()
+    html = staff.get(reverse("admin:jobs_deadletter_change", args=[row.pk])).content.decode()
+    assert 'id="dead-letter-actions"' not in html  # nothing left to act on
+
+
+def test_requeueing_a_permanent_failure_is_warned_about_on_the_page_and_when_confirming(staff):
+    row = DeadLetterFactory(reason=DeadLetter.Reason.PERMANENT_ERROR)
+    html = staff.get(reverse("admin:jobs_deadletter_change", args=[row.pk])).content.decode()
+    assert "failed with a permanent error" in html
+    page = staff.post(CHANGELIST, {"action": "requeue_selected", ACTION_CHECKBOX_NAME: [row.pk]}).content.decode()
+    assert "1 of it failed with a permanent error" in page
+    discard = staff.post(CHANGELIST, {"action": "discard_selected", ACTION_CHECKBOX_NAME: [row.pk]}).content.decode()
+    assert "permanent error" not in discard  # discarding it is what it calls for
+
+
+def test_redaction_reads_as_a_sentence(staff):
+    kept = DeadLetterFactory(redacted=False)
+    hidden = DeadLetterFactory(redacted=True)
+    assert (
+        "stored as the job had them"
+        in staff.get(reverse("admin:jobs_deadletter_change", args=[kept.pk])).content.decode()
+    )
+    text = staff.get(reverse("admin:jobs_deadletter_change", args=[hidden.pk])).content.decode()
+    assert "cannot be requeued as it was" in text
+
+
+def test_a_dead_letter_links_the_row_its_job_was_about_and_that_row_links_back(staff):
+    from mailer.models import Email
+
+    email = Email.objects.create(from_email="a@example.com", template="welcome", subject="Hi", to=["b@example.com"])
+    row = DeadLetterFactory(task_name="mailer.send_email", args=[email.pk], kwargs={})
+    by_keyword = DeadLetterFactory(task_name="mailer.send_email", args=[], kwargs={"email_id": email.pk})
+    DeadLetterFactory(task_name="mailer.send_email", args=[email.pk + 1])  # another email's
+    html = staff.get(reverse("admin:jobs_deadletter_change", args=[row.pk])).content.decode()
+    assert f'<a href="/admin/mailer/email/{email.pk}/change/">Email #{email.pk}</a>' in html
+
+    back = staff.get(f"/admin/mailer/email/{email.pk}/change/").content.decode()
+    assert f'href="/admin/jobs/deadletter/{row.pk}/change/"' in back
+    assert f'href="/admin/jobs/deadletter/{by_keyword.pk}/change/"' in back
+    import re
+
+    assert len(re.findall(r'href="/admin/jobs/deadletter/\d+/change/"', back)) == 2  # not the other email's
+
+    gone = DeadLetterFactory(task_name="mailer.send_email", args=[999_999])
+    assert (
+        "Email #999999 (deleted)" in staff.get(reverse("admin:jobs_deadletter_change", args=[gone.pk])).content.decode()
+    )
+    other = DeadLetterFactory(task_name="tests.unregistered", args=[1])
+    assert (
+        "The job&#x27;s object" in staff.get(reverse("admin:jobs_deadletter_change", args=[other.pk])).content.decode()
+    )

@@ -80,3 +80,15 @@ def test_deleting_in_the_admin_removes_files(staff_client, done_image, settings,
     assert response.status_code == 302
     assert not Image.objects.exists()
     assert not list(settings.MEDIA_ROOT.rglob("*.jpg"))
+
+
+def test_an_images_page_lists_the_dead_letters_of_its_thumbnails(staff_client, done_image):
+    from jobs.models import DeadLetter
+
+    dead = DeadLetter.objects.create(
+        task_name="thumbnails.generate", task_id="t-1", args=[done_image.pk], reason=DeadLetter.Reason.PERMANENT_ERROR
+    )
+    page = staff_client.get(f"{CHANGELIST}{done_image.pk}/change/").content.decode()
+    assert f'href="/admin/jobs/deadletter/{dead.pk}/change/"' in page
+    back = staff_client.get(f"/admin/jobs/deadletter/{dead.pk}/change/").content.decode()
+    assert f'href="/admin/thumbnails/image/{done_image.pk}/change/"' in back
