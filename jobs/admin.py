@@ -16,9 +16,15 @@ from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
 from jobs.links import dead_letters_of, job_object
-from jobs.models import DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
+from jobs.models import ApiToken, DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.selectors import dead_letter_groups
-from jobs.services import RequeueResult, dead_letters_discard, dead_letters_requeue
+from jobs.services import (
+    RequeueResult,
+    api_token_create,
+    api_tokens_revoke,
+    dead_letters_discard,
+    dead_letters_requeue,
+)
 
 if TYPE_CHECKING:
     # django-stubs makes the admin classes generic in their model, Django's own are not subscriptable
@@ -28,9 +34,11 @@ if TYPE_CHECKING:
     _DeadLetterPurgeAdmin = admin.ModelAdmin[DeadLetterPurge]
     _DailyReportAdmin = admin.ModelAdmin[DailyReport]
     _OutboxMessageAdmin = admin.ModelAdmin[OutboxMessage]
+    _ApiTokenAdmin = admin.ModelAdmin[ApiToken]
 else:
     _DeadLetterEventInline = admin.TabularInline
     _DeadLetterAdmin = _DeadLetterPurgeAdmin = _DailyReportAdmin = _OutboxMessageAdmin = admin.ModelAdmin
+    _ApiTokenAdmin = admin.ModelAdmin
 
 
 def _plural(count: int, singular: str = "dead letter", plural: str = "dead letters") -> str:
@@ -415,3 +423,49 @@ class OutboxMessageAdmin(_OutboxMessageAdmin):
         self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)
         if error:
             self.message_user(request, f"Stopped: {error}. The rest go out with the relay.", messages.ERROR)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(_ApiTokenAdmin):
+    """Tokens for the staff API: an admin creates one for a staff user (it is shown once) and
+    revokes it when it is no longer needed."""
+
+    list_display = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "user__username", "=prefix")
+    fields = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at")
+    actions = ["revoke_selected"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> list[str]:
+        if obj is not None:  # a token is made, used and revoked; never edited
+            return list(self.fields)
+        return list(self.readonly_fields)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "user":
+            from django.contrib.auth import get_user_model
+
+            kwargs["queryset"] = get_user_model()._default_manager.filter(is_staff=True, is_active=True)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        if change:
+            return
+        token, raw = api_token_create(user=obj.user, name=obj.name)
+        obj.pk, obj.key_hash, obj.prefix, obj.created_at = token.pk, token.key_hash, token.prefix, token.created_at
+        self.message_user(
+            request,
+            format_html(
+                "The token for {}: <code id='new-api-token'>{}</code>. Copy it now: it is not shown again. "
+                "Send it as <code>Authorization: Bearer &lt;token&gt;</code>.",
+                obj.name,
+                raw,
+            ),
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        count = api_tokens_revoke(tokens=queryset)
+        self.message_user(request, f"Revoked {count} token{'s' if count != 1 else ''}.", messages.SUCCESS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -179,3 +180,25 @@ class OutboxMessage(models.Model):
         if self.published_at is None:
             return "waiting for its time" if self.not_before else "waiting to be published"
         return "missing from the broker" if self.missing_since else "published"
+
+
+class ApiToken(models.Model):
+    """A token for the staff API (`Authorization: Bearer <token>`), cheap to check: only its
+    SHA-256 is stored and looked up (a token is 256 random bits, so no slow hash is needed, unlike
+    a password). It acts as its user, who must stay an active staff member. Shown once, when an
+    admin creates it."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What it is for: a script, a dashboard, a monitor.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=8, editable=False, help_text="The token's first characters, to tell it apart.")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

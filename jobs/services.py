@@ -6,8 +6,10 @@ callers of these functions.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -23,7 +25,7 @@ from django.utils import timezone
 
 from jobs.context import get_request_id
 from jobs.db import with_fresh_connection
-from jobs.models import DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
+from jobs.models import ApiToken, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.redaction import redact
 from jobs.signals import dead_letter_created
 
@@ -358,3 +360,43 @@ def dead_letters_purge(
         extra={"count": count, "actor": actor, "older_than_seconds": older_than.total_seconds(), "dry_run": dry_run},
     )
     return count
+
+
+# --- API tokens ------------------------------------------------------------------------------
+
+#: A token's prefix, so a token found in a log or a script is recognisable as one of ours.
+API_TOKEN_PREFIX = "jobs_"  # noqa: S105 - a marker, not a secret
+#: How often a token's `last_used_at` is written at most (one UPDATE a minute, not one a request).
+API_TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+def api_token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def api_token_create(*, user: Any, name: str) -> tuple[ApiToken, str]:
+    """A new token for `user`; returns the row and the token itself (shown once: only its hash is
+    kept)."""
+    raw = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(user=user, name=name[:100], key_hash=api_token_hash(raw), prefix=raw[:8])
+    return token, raw
+
+
+def api_token_user(raw: str) -> Any | None:
+    """The active user behind a token that is not revoked, or None. One indexed read; its
+    `last_used_at` is written at most once a minute."""
+    if not raw or len(raw) > 200:
+        return None
+    token = (
+        ApiToken.objects.select_related("user").filter(key_hash=api_token_hash(raw), revoked_at__isnull=True).first()
+    )
+    if token is None or not token.user.is_active:
+        return None
+    now = timezone.now()
+    if token.last_used_at is None or token.last_used_at < now - API_TOKEN_TOUCH_INTERVAL:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token.user
+
+
+def api_tokens_revoke(*, tokens: QuerySet[ApiToken]) -> int:
+    return tokens.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
