@@ -228,6 +228,14 @@ def dead_letter_discard_one(request: HttpRequest, dead_letter_id: int) -> HttpRe
     return JsonResponse({"id": dead_letter_id, "status": DeadLetter.Status.DISCARDED})
 
 
+#: The largest id a database's bigint holds: a larger number is no id (and SQLite cannot bind it).
+MAX_ID = 2**63 - 1
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
 @require_POST
 @staff_required
 @_permission("change_deadletter")
@@ -241,7 +249,7 @@ def dead_letter_requeue_many(request: HttpRequest) -> HttpResponse:
     selection = _selection(body)
     everything = body.get("all") is True
     if ids is not None:
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
             raise BadRequest("ids must be a non-empty list of dead letter ids", "ids")
         if selection or everything:
             raise BadRequest("give either ids or selectors, not both", "ids")

@@ -211,3 +211,11 @@ def test_session_writes_need_the_csrf_token(viewer):
     response = post(browser, f"{BASE}{row.pk}/discard/")
     assert response.status_code == 403
     assert response.json()["error"] == "CSRF verification failed"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**63, 2**64 + 1])
+def test_requeue_many_refuses_numbers_that_are_no_id(client, ops, bad):
+    """A number past a bigint made SQLite raise OverflowError: a 500 (found by the fuzz test)."""
+    response = post(client, f"{BASE}requeue/", {"ids": [bad]}, **ops)
+    assert response.status_code == 400
+    assert response.json()["field"] == "ids"
