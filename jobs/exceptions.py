@@ -1,8 +1,9 @@
 """How a task says what kind of failure it met.
 
 Raise (or wrap into) these at the edge, where the cause is known: a corrupt image is permanent,
-an SMTP timeout is transient. `JobTask` retries transient errors with backoff and sends
-permanent ones straight to a dead letter.
+an SMTP timeout is transient. `JobTask` retries transient errors with backoff, sends permanent
+ones straight to a dead letter, and ends a job that failed on what a user sent (`UserError`)
+without one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ class TransientError(JobError):
 
 class PermanentError(JobError):
     """Retrying cannot help: bad input, a rejected recipient, a corrupt file."""
+
+
+class UserError(PermanentError):
+    """The job cannot work because of what a user sent: a corrupt upload, an address the provider
+    refuses for good. It ends failed, its app shows the user `user_message`, and it is counted
+    (`celery_tasks{state="user_error"}`), but it is no dead letter and alerts nobody: there is
+    nothing to replay and nothing for an operator to fix."""
+
+    def __init__(self, message: str, *, user_message: str | None = None) -> None:
+        super().__init__(message)
+        self.user_message = user_message or message
 
 
 class InvalidTaskArguments(PermanentError):

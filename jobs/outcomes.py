@@ -24,6 +24,8 @@ logger = logging.getLogger("jobs.outcomes")
 
 #: The message header that marks a job kept in the ledger (the worker then clears its row at the end).
 LEDGER_HEADER = "jobs_ledger"
+#: The `reason` a give-up hook hears for a job that failed on what a user sent (`UserError`).
+USER_ERROR = "user_error"
 
 
 class Outcome(enum.StrEnum):
@@ -37,6 +39,7 @@ class ErrorKind(enum.StrEnum):
 
     TRANSIENT = "transient"  # retried with backoff
     PERMANENT = "permanent"  # given up at once
+    USER = "user"  # given up at once, on what a user sent: no dead letter, no alert
     UNEXPECTED = "unexpected"  # a bug: given up at once, kept as a dead letter
 
 
@@ -107,3 +110,27 @@ def job_gave_up(
     if row is not None and told:
         ledger_finish(job.task_id)
     return row
+
+
+def job_refused_input(*, task: Any, job: Job, exc_type: str, user_message: str) -> None:
+    """A job that failed on what a user sent (`jobs.exceptions.UserError`, or what a task's
+    `classify` calls `ErrorKind.USER`): its app is told (`on_give_up(..., reason="user_error")`,
+    to show the user `user_message`), it is counted and logged at WARNING, and it is forgotten in
+    the ledger. No dead letter, no alert: nothing to replay, nothing for an operator to fix."""
+    from jobs import metrics
+    from jobs.runtime.ledger import ledger_finish
+
+    metrics.task_event(job.task_name, "user_error")
+    logger.warning(
+        "job.user_error",
+        extra={"task_id": job.task_id, "job_task": job.task_name, "error": f"{exc_type}: {user_message}"[:500]},
+    )
+    hook = getattr(task, "on_give_up", None)
+    if hook is not None:
+        try:
+            with_fresh_connection(lambda: hook(job, reason=USER_ERROR, error=user_message[:2000]), what="on_give_up")
+        except Exception:
+            # The ledger keeps the job: it runs again, fails the same way, and tells the app then.
+            logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
+            return
+    ledger_finish(job.task_id)

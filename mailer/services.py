@@ -655,14 +655,16 @@ def email_release(*, email_id: int, attempt: str) -> bool:
     return bool(released)
 
 
-def email_mark_failed(*, email_id: int, error: str) -> bool:
+def email_mark_failed(*, email_id: int, error: str, users_error: bool = False) -> bool:
     """Marks an email that will not be retried any more as `failed`; False when it is gone or was
-    sent after all."""
+    sent after all. `users_error`: it failed on what the user gave (an address refused for good),
+    logged as a warning, not an error an operator must look at."""
     updated = Email.objects.filter(
         pk=email_id, status__in=[Email.Status.QUEUED, Email.Status.SENDING, Email.Status.FAILED]
     ).update(status=Email.Status.FAILED, last_error=error[:2000], updated_at=timezone.now())
     if updated:
-        logger.error("email.failed", extra={"email_id": email_id, "error": error[:500]})
+        log = logger.warning if users_error else logger.error
+        log("email.failed", extra={"email_id": email_id, "error": error[:500]})
     return bool(updated)
 
 

@@ -16,7 +16,7 @@ from celery.signals import worker_process_shutdown
 from jobs.backends import task_options
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
-from jobs.outcomes import Job
+from jobs.outcomes import USER_ERROR, ErrorKind, Job
 from mailer import backend
 from mailer.models import Email
 from mailer.services import HandOffInProgress, email_mark_failed, email_release, email_send, emails_purge
@@ -32,16 +32,17 @@ else:  # Django 5.2 LTS: Django's Tasks API is the django-tasks backport
 
 
 def classify_send_error(exc: BaseException) -> str | None:
-    """`"transient"` or `"permanent"` for an error a backend raised, None when it is not one of
-    the errors this knows (then `JobTask`'s own lists decide).
+    """`"transient"`, `"permanent"` or `"user"` for an error a backend raised, None when it is
+    not one of the errors this knows (then `JobTask`'s own lists decide).
 
     SMTP: 4xx replies are transient (greylisting, a full queue, 451 local error), 5xx permanent;
-    refused recipients are permanent unless every refusal was a 4xx. Providers (anymail): 429
-    and 5xx are transient, other 4xx are invalid requests and permanent, as are refused
-    recipients; timeouts and connection errors are transient everywhere.
+    refused recipients are the user's (`"user"`: the email fails with a message saying so, no
+    dead letter pages an operator) unless every refusal was a 4xx. Providers (anymail): 429 and
+    5xx are transient, other 4xx are invalid requests and permanent; refused recipients are the
+    user's; timeouts and connection errors are transient everywhere.
     """
     if isinstance(exc, AnymailRecipientsRefused):
-        return "permanent"
+        return ErrorKind.USER  # the address the user gave: the email fails, no dead letter
     if isinstance(exc, requests.Timeout | requests.ConnectionError):  # anymail wraps these too
         return "transient"
     if isinstance(exc, AnymailAPIError):
@@ -57,7 +58,7 @@ def classify_send_error(exc: BaseException) -> str | None:
         return "permanent"
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [code for code, _ in exc.recipients.values()]
-        return "transient" if codes and all(400 <= code < 500 for code in codes) else "permanent"
+        return "transient" if codes and all(400 <= code < 500 for code in codes) else ErrorKind.USER
     if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError):
         return "transient"
     if isinstance(exc, smtplib.SMTPResponseException):
@@ -95,10 +96,18 @@ def _is_boto_network_error(cause: BaseException | None) -> bool:
 
 class EmailTask(JobTask):
     """`JobTask` that reads SMTP reply codes and provider statuses, and marks the email `failed`
-    when the job is given up (the dead letter is `JobTask`'s)."""
+    when the job is given up (the dead letter is `JobTask`'s; an address refused for good is the
+    user's: a message for them, no dead letter)."""
 
     def classify(self, exc: BaseException) -> str:
         return classify_send_error(exc) or super().classify(exc)
+
+    def user_message(self, exc: BaseException) -> str:
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            return f"The receiving mail server refused the address for good: {', '.join(sorted(exc.recipients))}."
+        if isinstance(exc, AnymailRecipientsRefused):
+            return f"The mail provider refused the address for good ({exc})."
+        return super().user_message(exc)
 
     def on_lost(self, job: Job) -> None:
         email_id = job.argument(0, "email_id")
@@ -110,11 +119,12 @@ class EmailTask(JobTask):
         if error.startswith(f"{HandOffInProgress.__name__}:"):
             return  # a copy gave up waiting; the attempt that holds the email decides its status
         if _valid_id(email_id):
-            email_mark_failed(email_id=email_id, error=error)
+            email_mark_failed(email_id=email_id, error=error, users_error=reason == USER_ERROR)
 
 
 def _valid_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """A positive integer a bigint primary key can hold (a larger one cannot even be queried)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 @shared_task(bind=True, base=EmailTask, name="mailer.send_email")  # routed to `high` by CELERY_TASK_ROUTES

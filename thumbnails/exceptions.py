@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.exceptions import PermanentError, TransientError
+from jobs.exceptions import PermanentError, TransientError, UserError
 
 
 class UploadTooLarge(ValueError):
@@ -22,5 +22,12 @@ class OriginalMissing(PermanentError):
     """The original file of an image is gone from storage."""
 
 
-class CorruptImage(PermanentError):
-    """The stored original cannot be turned into thumbnails (broken, truncated, not allowed)."""
+class CorruptImage(UserError):
+    """The stored original cannot be turned into thumbnails (broken, truncated, not allowed): the
+    uploader's file, not the system, so the image ends failed with a message for them and no
+    dead letter pages an operator."""
+
+    USER_MESSAGE = "This file cannot be read as an image: it may be damaged, cut short, or not an image at all."
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, user_message=self.USER_MESSAGE)

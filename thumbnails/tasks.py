@@ -28,7 +28,7 @@ class ThumbnailTask(JobTask):
 @shared_task(base=ThumbnailTask, name="thumbnails.generate")
 def generate(image_id: int) -> None:
     """Makes the thumbnails of one image; harmless when run twice."""
-    if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 1:
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or not 0 < image_id < 2**63:
         raise InvalidTaskArguments(f"image_id must be a positive integer, not {image_id!r}")
     image = Image.objects.filter(pk=image_id).first()
     if image is None:  # never existed, or deleted after it was queued: nothing a retry could fix

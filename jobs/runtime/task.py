@@ -32,9 +32,9 @@ from django.db import InterfaceError, OperationalError
 
 from jobs import crashloop
 from jobs.conf import jobs_settings
-from jobs.exceptions import PermanentError, RetryLater, TransientError
+from jobs.exceptions import PermanentError, RetryLater, TransientError, UserError
 from jobs.models import DeadLetter
-from jobs.outcomes import LEDGER_HEADER, ErrorKind, Job, job_gave_up
+from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
 
@@ -126,8 +126,10 @@ class JobTask(MeteredTask):
     # --- policy -------------------------------------------------------------------------------
 
     def classify(self, exc: BaseException) -> str:
-        """`ErrorKind.PERMANENT`, `TRANSIENT` or `UNEXPECTED` for an exception the task raised.
-        Override to look inside an exception (an SMTP reply code, an HTTP status)."""
+        """`ErrorKind.USER`, `PERMANENT`, `TRANSIENT` or `UNEXPECTED` for an exception the task
+        raised. Override to look inside an exception (an SMTP reply code, an HTTP status)."""
+        if isinstance(exc, UserError):
+            return ErrorKind.USER
         if isinstance(exc, (PermanentError, *self.permanent_errors)):
             return ErrorKind.PERMANENT
         if isinstance(exc, self.transient_errors) or is_transient_by_default(exc):
@@ -154,6 +156,11 @@ class JobTask(MeteredTask):
         """Hook: headers the retry's message carries on to the next attempt (this one failed
         with `exc`)."""
         return {}
+
+    def user_message(self, exc: BaseException) -> str:
+        """What the user is told when the job failed on what they sent (`ErrorKind.USER`): the
+        exception's `user_message`, else its text. Override to word it for people."""
+        return str(getattr(exc, "user_message", None) or exc)
 
     def retries_allowed(self) -> int:
         return jobs_settings.TASK_MAX_RETRIES if self.retry_limit is None else self.retry_limit
@@ -218,6 +225,8 @@ class JobTask(MeteredTask):
     def _failure_reason(self, request: Any, exc: Exception) -> str:
         """Retries a transient error (raising Retry) or names why the task fails for good."""
         kind = self.classify(exc)
+        if kind == ErrorKind.USER:
+            return USER_ERROR
         if kind == ErrorKind.PERMANENT:
             return DeadLetter.Reason.PERMANENT_ERROR
         if kind != ErrorKind.TRANSIENT:
@@ -305,6 +314,9 @@ class JobTask(MeteredTask):
             request_id=getattr(request, "request_id", None) or "",
             dead_letter_id=getattr(request, "dead_letter_id", None),
         )
+        if reason == USER_ERROR:  # the user's input: their app tells them; no dead letter, no alert
+            job_refused_input(task=self, job=job, exc_type=type(exc).__name__, user_message=self.user_message(exc))
+            return
         job_gave_up(
             task=self,
             job=job,

@@ -108,16 +108,18 @@ def test_451_is_retried_then_dead_lettered_and_a_requeue_delivers_once(mail_work
     assert row.status == DeadLetter.Status.REQUEUED
 
 
-def test_a_refused_recipient_goes_straight_to_a_dead_letter(mail_worker, smtp_server):
+def test_a_refused_recipient_fails_the_email_for_the_user_without_a_dead_letter(mail_worker, smtp_server):
+    """The address is the user's mistake: the email ends failed with a message saying so, counted
+    and logged at WARNING, but no dead letter pages the operator (docs/operations.md)."""
     smtp_server.handler.rcpt_reply = "550 5.1.1 No such user here"
-    mail_worker()
+    worker = mail_worker()
     email = queue()
-    row = wait_for(lambda: DeadLetter.objects.filter(task_name="mailer.send_email").first())
-    assert row.reason == DeadLetter.Reason.PERMANENT_ERROR
-    assert row.retries == 0
-    assert row.exception_type == "SMTPRecipientsRefused"
     email = wait_for(lambda: Email.objects.filter(pk=email.pk, status=Email.Status.FAILED).first())
     assert email.attempts == 1
+    assert email.last_error.startswith("The receiving mail server refused the address for good: ada@example.com")
+    wait_for(lambda: '"job.user_error"' in worker.log())
+    assert not DeadLetter.objects.exists()
+    assert not OutboxMessage.objects.filter(task_name="mailer.send_email").exists()  # forgotten in the ledger
 
 
 def test_a_redelivered_task_does_not_send_twice(mail_worker, smtp_server):

@@ -10,6 +10,7 @@ from django.core.files.storage import default_storage
 from jobs.models import DeadLetter
 from tests.integration.conftest import wait_for as _wait_for
 from tests.thumbnails import images
+from thumbnails.exceptions import CorruptImage
 from thumbnails.models import Image, Thumbnail
 from thumbnails.tasks import generate
 
@@ -86,18 +87,16 @@ def test_every_kind_of_image_gets_correct_thumbnails(worker, client):
     assert Thumbnail.objects.count() == 15
 
 
-def test_truncated_image_fails_with_a_dead_letter(worker, client):
+def test_a_truncated_upload_fails_with_a_message_for_its_user_and_pages_nobody(worker, client):
+    """The uploader's broken file is theirs to fix: the image says so in words, the job is counted
+    as a user error, and no dead letter (which alerts the operator) is written."""
     image_id = upload(client, images.truncated_jpeg(), "broken.jpg")
     body = wait_for(lambda: finished(client, image_id))
     assert body["status"] == "failed"
-    assert "truncated" in body["error"]
+    assert body["error"] == CorruptImage.USER_MESSAGE
     assert body["thumbnails"] == []
-    row = wait_for(lambda: DeadLetter.objects.filter(task_name="thumbnails.generate").first())
-    assert row.reason == DeadLetter.Reason.PERMANENT_ERROR
-    assert row.exception_type == "CorruptImage"
-    assert row.args == [image_id]
-    assert row.queue == "normal"
-    assert row.retries == 0
+    wait_for(lambda: '"job.user_error"' in worker.log())
+    assert not DeadLetter.objects.exists()
 
 
 def test_running_the_task_again_is_harmless(worker, client, settings):

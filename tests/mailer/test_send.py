@@ -177,7 +177,7 @@ def test_a_failed_send_goes_back_to_queued_with_the_error(smtp_settings, queued)
     assert len(smtp_settings.messages) == 1
 
 
-def test_a_refused_recipient_is_permanent_and_its_address_is_not_logged(smtp_settings, queued, caplog):
+def test_a_refused_recipient_is_the_users_and_its_address_is_not_logged(smtp_settings, queued, caplog):
     from config.logging import JsonFormatter
     from jobs.logging import ContextFilter
 
@@ -185,7 +185,7 @@ def test_a_refused_recipient_is_permanent_and_its_address_is_not_logged(smtp_set
     email = queued()
     with caplog.at_level(logging.INFO), pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         email_send(email=email)
-    assert classify_send_error(info.value) == "permanent"
+    assert classify_send_error(info.value) == "user"  # the user's address: no dead letter
     address = email.to[0]
     assert address in str(info.value)  # the refusal names the recipient...
     lines = []
@@ -337,7 +337,7 @@ def _api_error(status: int) -> AnymailAPIError:
         (smtplib.SMTPAuthenticationError(535, b"bad credentials"), "permanent"),
         (smtplib.SMTPConnectError(554, b"go away"), "transient"),
         (smtplib.SMTPServerDisconnected("gone"), "transient"),
-        (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (451, b"later")}), "permanent"),
+        (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (451, b"later")}), "user"),
         (smtplib.SMTPRecipientsRefused({"a@b.c": (450, b"grey"), "d@e.f": (451, b"later")}), "transient"),
         (smtplib.SMTPResponseException(250, b"odd"), "unexpected"),
         (smtplib.SMTPNotSupportedError("no STARTTLS"), "permanent"),
@@ -354,7 +354,7 @@ def _api_error(status: int) -> AnymailAPIError:
         (_api_error(401), "permanent"),
         (_api_error(302), "unexpected"),
         (AnymailAPIError("no response at all"), "unexpected"),
-        (AnymailRecipientsRefused("all refused"), "permanent"),
+        (AnymailRecipientsRefused("all refused"), "user"),
         (AnymailInvalidAddress("bad"), "permanent"),
         (requests.Timeout("slow"), "transient"),
         (requests.ConnectionError("refused"), "transient"),

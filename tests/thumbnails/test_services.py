@@ -175,16 +175,16 @@ def _run_as_a_worker_would(image_id: int):
     return generate.apply(args=[image_id], task_id=f"t-{image_id}")
 
 
-def test_task_marks_a_corrupt_image_failed_and_raises_a_permanent_error():
+def test_a_corrupt_upload_fails_the_image_for_its_user_without_a_dead_letter():
+    """The uploader's file, not the system: the image says so in words, nobody is paged."""
     image = create(images.truncated_jpeg())
     result = _run_as_a_worker_would(image.pk)
     assert isinstance(result.result, CorruptImage)
-    assert DeadLetter.objects.get(task_id=f"t-{image.pk}").reason == DeadLetter.Reason.PERMANENT_ERROR
+    assert not DeadLetter.objects.exists()
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED
-    assert "CorruptImage" in image.error
-    assert "truncated" in image.error
-    assert generate.classify(CorruptImage("x")) == "permanent"
+    assert image.error == CorruptImage.USER_MESSAGE  # not "CorruptImage: ... (1 bytes not processed)"
+    assert generate.classify(CorruptImage("x")) == "user"
     assert not image.thumbnails.exists()
 
 
