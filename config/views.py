@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 #: The API as the front page lists it: (endpoint, who may call it, what it does).
 ENDPOINTS = (
@@ -23,6 +23,6 @@ ENDPOINTS = (
 )
 
 
-@require_GET
+@require_safe
 def home(request: HttpRequest) -> HttpResponse:
     return render(request, "site/home.html", {"endpoints": ENDPOINTS})

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import flatten_fieldsets
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -173,7 +174,11 @@ class DeadLetterAdmin(_DeadLetterAdmin):
             url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[pk])
         except NoReverseMatch:
             return label
-        if not model._default_manager.filter(pk=pk).exists():
+        try:
+            exists = model._default_manager.filter(pk=model._meta.pk.to_python(pk)).exists()
+        except (ValidationError, ValueError, TypeError, OverflowError):
+            return label  # not an id this model can have (the job was refused for it)
+        if not exists:
             return f"{label} (deleted)"
         return format_html('<a href="{}">{}</a>', url, label)
 
@@ -442,28 +447,43 @@ class ApiTokenAdmin(_ApiTokenAdmin):
             return list(self.fields)
         return list(self.readonly_fields)
 
+    def _holders(self, request: HttpRequest) -> QuerySet[Any]:
+        """Whom this admin may make a token for: any active staff member for a superuser, else only
+        themselves (a token acts with its holder's permissions)."""
+        from django.contrib.auth import get_user_model
+
+        users = get_user_model()._default_manager.filter(is_staff=True, is_active=True)
+        if request.user.is_superuser:
+            return users
+        return users.filter(pk=request.user.pk or 0)  # anonymous never reaches the admin
+
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "user":
-            from django.contrib.auth import get_user_model
-
-            kwargs["queryset"] = get_user_model()._default_manager.filter(is_staff=True, is_active=True)
+            kwargs["queryset"] = self._holders(request)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
         if change:
             return
+        holder = obj.user.pk
+        if holder is None or not self._holders(request).filter(pk=holder).exists():
+            raise PermissionDenied("a token for another user needs a superuser")
         token, raw = api_token_create(user=obj.user, name=obj.name)
         obj.pk, obj.key_hash, obj.prefix, obj.created_at = token.pk, token.key_hash, token.prefix, token.created_at
-        self.message_user(
-            request,
-            format_html(
-                "The token for {}: <code id='new-api-token'>{}</code>. Copy it now: it is not shown again. "
-                "Send it as <code>Authorization: Bearer &lt;token&gt;</code>.",
-                obj.name,
-                raw,
-            ),
-            messages.SUCCESS,
-        )
+        request._jobs_new_token = raw  # type: ignore[attr-defined] # shown by response_add, on this page only
+
+    def response_add(self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None) -> HttpResponse:
+        """The token, once, on the page that answers the save (not in a message: Django's default
+        message storage is a cookie, which would carry it back and forth)."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API token created",
+            "opts": self.model._meta,
+            "token": obj,
+            "raw": getattr(request, "_jobs_new_token", ""),
+            "changelist_url": reverse("admin:jobs_apitoken_changelist"),
+        }
+        return TemplateResponse(request, "admin/jobs/apitoken/created.html", context)
 
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:

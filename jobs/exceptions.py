@@ -23,9 +23,9 @@ class PermanentError(JobError):
 
 class UserError(PermanentError):
     """The job cannot work because of what a user sent: a corrupt upload, an address the provider
-    refuses for good. It ends failed, its app shows the user `user_message`, and it is counted
-    (`celery_tasks{state="user_error"}`), but it is no dead letter and alerts nobody: there is
-    nothing to replay and nothing for an operator to fix."""
+    refuses for good. It ends failed, its app shows the user `user_message`, and it is logged
+    (`job.user_error`), but it is no dead letter and alerts nobody: there is nothing to replay and
+    nothing for an operator to fix."""
 
     def __init__(self, message: str, *, user_message: str | None = None) -> None:
         super().__init__(message)

@@ -115,7 +115,7 @@ def job_gave_up(
 def job_refused_input(*, task: Any, job: Job, exc_type: str, user_message: str) -> None:
     """A job that failed on what a user sent (`jobs.exceptions.UserError`, or what a task's
     `classify` calls `ErrorKind.USER`): its app is told (`on_give_up(..., reason="user_error")`,
-    to show the user `user_message`), it is counted and logged at WARNING, and it is forgotten in
+    to show the user `user_message`), it is logged at WARNING (and counted where metrics are served), and forgotten in
     the ledger. No dead letter, no alert: nothing to replay, nothing for an operator to fix."""
     from jobs import metrics
     from jobs.runtime.ledger import ledger_finish

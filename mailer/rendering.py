@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.template import Context, Engine, TemplateDoesNotExist, engines
-from django.template.base import FilterExpression, Node, NodeList, Variable, VariableNode
+from django.template.base import FilterExpression, NodeList, Variable, VariableNode
 from django.template.defaulttags import ForNode, IfNode, WithNode
 
 TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}")
@@ -70,9 +70,10 @@ DEFAULTING_FILTERS = frozenset({"default", "default_if_none"})
 
 
 def required_context(name: str) -> set[str]:
-    """The context names template `name` prints unconditionally: each `{{ variable }}` outside an
-    `{% if %}` that tests it, a `{% for %}` or `{% with %}` that defines it, and without a
-    `default` filter. A context without one of them would render an empty hole ("Welcome, !")."""
+    """The context names template `name` prints unconditionally: each `{{ variable }}` outside any
+    `{% if %}`, outside a `{% for %}` or `{% with %}` that defines it, and without a `default`
+    filter. A context without one of them would render an empty hole ("Welcome, !"). The base
+    layouts (`mailer/base.*`) are not read: what they print, the mailer provides."""
     engine = _engine()
     names: set[str] = set()
     for filename in ("subject.txt", "body.txt", "body.html"):
@@ -88,11 +89,10 @@ def _printed(nodes: NodeList, defined: frozenset[str]) -> Iterator[str]:
     for node in nodes:
         if isinstance(node, VariableNode):
             head = _required_head(node.filter_expression)
-            if head is not None and head not in defined:
+            if head is not None and head not in defined and head != "block":  # {{ block.super }}
                 yield head
         elif isinstance(node, IfNode):
-            for condition, inner in node.conditions_nodelists:
-                yield from _printed(inner, defined | _tested(condition))
+            continue  # what an {% if %} prints is conditional: never required
         elif isinstance(node, ForNode):
             yield from _printed(node.nodelist_loop, defined | set(node.loopvars) | {"forloop"})
             yield from _printed(node.nodelist_empty, defined)
@@ -112,16 +112,3 @@ def _required_head(expression: FilterExpression) -> str | None:
     if any(getattr(func, "__name__", "") in DEFAULTING_FILTERS for func, _args in expression.filters):
         return None
     return str(variable.lookups[0])
-
-
-def _tested(condition: Node | None) -> set[str]:
-    """The variable names an `{% if %}` condition reads (they are optional inside it)."""
-    if condition is None:
-        return set()
-    names: set[str] = set()
-    value = getattr(condition, "value", None)
-    if isinstance(value, FilterExpression) and isinstance(value.var, Variable) and value.var.lookups:
-        names.add(str(value.var.lookups[0]))
-    for side in ("first", "second"):
-        names |= _tested(getattr(condition, side, None))
-    return names

@@ -31,6 +31,10 @@ else:  # Django 5.2 LTS: Django's Tasks API is the django-tasks backport
     from django_tasks import task
 
 
+#: SMTP replies to RCPT that say the address itself is bad (the user's input), not our sending.
+USER_RECIPIENT_CODES = frozenset({550, 551, 553})
+
+
 def classify_send_error(exc: BaseException) -> str | None:
     """`"transient"`, `"permanent"` or `"user"` for an error a backend raised, None when it is
     not one of the errors this knows (then `JobTask`'s own lists decide).
@@ -58,7 +62,14 @@ def classify_send_error(exc: BaseException) -> str | None:
         return "permanent"
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [code for code, _ in exc.recipients.values()]
-        return "transient" if codes and all(400 <= code < 500 for code in codes) else ErrorKind.USER
+        if codes and all(400 <= code < 500 for code in codes):
+            return "transient"
+        # 550/551/553 about the mailbox (5.1.x: no such user, bad address) are the user's; a policy
+        # refusal (5.7.x: our IP blocklisted, relaying denied) fails every email: the system's.
+        replies = [bytes(reply).decode(errors="replace") for _, reply in exc.recipients.values()]
+        if all(code in USER_RECIPIENT_CODES for code in codes) and not any("5.7." in r for r in replies):
+            return ErrorKind.USER
+        return "permanent"
     if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError):
         return "transient"
     if isinstance(exc, smtplib.SMTPResponseException):

@@ -22,6 +22,11 @@ class OriginalMissing(PermanentError):
     """The original file of an image is gone from storage."""
 
 
+class UnprocessableImage(PermanentError):
+    """An image the upload check let in that this release cannot process (a format or a size the
+    settings no longer allow): the system's matter, a dead letter."""
+
+
 class CorruptImage(UserError):
     """The stored original cannot be turned into thumbnails (broken, truncated, not allowed): the
     uploader's file, not the system, so the image ends failed with a message for them and no

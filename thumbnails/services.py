@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from jobs.publish import enqueue
 from thumbnails import processing, tasks
-from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UploadTooLarge
+from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UnprocessableImage, UploadTooLarge
 from thumbnails.models import Image, Thumbnail
 
 logger = logging.getLogger("thumbnails")
@@ -170,8 +170,10 @@ def thumbnails_generate(*, image: Image) -> list[Thumbnail]:
     data = _read_original(image)
     try:
         thumbs = processing.make_thumbnails(data, sizes, max_pixels=settings.MAX_IMAGE_PIXELS)
+    except (processing.CorruptImage, processing.NotAnImage) as exc:
+        raise CorruptImage(str(exc)) from exc  # the uploader's file: a user error
     except processing.ImageError as exc:
-        raise CorruptImage(str(exc)) from exc
+        raise UnprocessableImage(str(exc)) from exc  # allowed at upload, refused now: the system's
 
     current = set(image.thumbnails.values_list("file", flat=True))
     written = {}

@@ -8,7 +8,7 @@ from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
 from jobs.outcomes import Job
 from thumbnails import services
-from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable
+from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UnprocessableImage
 from thumbnails.models import Image
 
 
@@ -17,7 +17,7 @@ class ThumbnailTask(JobTask):
     process killed on every try), so no image stays `processing` with nothing left to move it."""
 
     transient_errors = (StorageUnavailable,)
-    permanent_errors = (CorruptImage, OriginalMissing)
+    permanent_errors = (CorruptImage, OriginalMissing, UnprocessableImage)
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         image_id = job.argument(0, "image_id")

@@ -36,8 +36,9 @@ def test_every_endpoint_the_front_page_lists_exists(client):
                 pytest.fail(f"the front page lists {path}, which does not exist")
 
 
-def test_the_front_page_takes_only_get(client):
+def test_the_front_page_takes_get_and_head_only(client):
     assert client.post("/").status_code == 405
+    assert client.head("/").status_code == 200  # uptime checks that send HEAD
 
 
 def test_the_admin_carries_the_sites_name(admin_client):

@@ -152,7 +152,7 @@ def test_requeueing_a_permanent_failure_is_warned_about_on_the_page_and_when_con
     html = staff.get(reverse("admin:jobs_deadletter_change", args=[row.pk])).content.decode()
     assert "failed with a permanent error" in html
     page = staff.post(CHANGELIST, {"action": "requeue_selected", ACTION_CHECKBOX_NAME: [row.pk]}).content.decode()
-    assert "1 of it failed with a permanent error" in page
+    assert "1 of the 1 failed with a permanent error" in page
     discard = staff.post(CHANGELIST, {"action": "discard_selected", ACTION_CHECKBOX_NAME: [row.pk]}).content.decode()
     assert "permanent error" not in discard  # discarding it is what it calls for
 

@@ -31,7 +31,8 @@ def test_an_admin_makes_a_token_that_is_shown_once_and_stored_as_a_hash(admin_cl
         "/admin/jobs/apitoken/add/", {"user": staff_user.pk, "name": "monitoring"}, follow=True
     )
     assert response.status_code == 200
-    raw = re.search(r"<code id='new-api-token'>([^<]+)</code>", response.content.decode()).group(1)
+    raw = re.search(r'<code id="new-api-token">([^<]+)</code>', response.content.decode()).group(1)
+    assert raw not in str(response.cookies)  # not carried in a message cookie
     token = ApiToken.objects.get()
     assert (token.user, token.name, token.prefix) == (staff_user, "monitoring", raw[:8])
     assert token.key_hash == api_token_hash(raw)
@@ -108,3 +109,21 @@ def test_revoking_in_the_admin_stops_the_token(admin_client, client, staff_user)
     token.refresh_from_db()
     assert token.revoked_at is not None
     assert client.get(STATS, **bearer(raw)).status_code == 401
+
+
+def test_a_staff_member_without_superuser_makes_tokens_for_themselves_only(client, django_user_model, staff_user):
+    from django.contrib.auth.models import Permission
+
+    clerk = django_user_model.objects.create_user("clerk", "clerk@example.com", "pw", is_staff=True)
+    clerk.user_permissions.add(*Permission.objects.filter(codename__in=["add_apitoken", "view_apitoken"]))
+    boss = django_user_model.objects.create_superuser("boss", "boss@example.com", "pw")
+    client.force_login(clerk)
+    form = client.get("/admin/jobs/apitoken/add/").content.decode()
+    assert f'value="{clerk.pk}"' in form
+    assert f'value="{boss.pk}"' not in form  # a token acts with its holder's permissions
+    refused = client.post("/admin/jobs/apitoken/add/", {"user": boss.pk, "name": "escalate"})
+    assert refused.status_code == 200  # the form refuses the choice
+    assert not ApiToken.objects.filter(user=boss).exists()
+    made = client.post("/admin/jobs/apitoken/add/", {"user": clerk.pk, "name": "mine"})
+    assert made.status_code == 200
+    assert ApiToken.objects.filter(user=clerk, name="mine").exists()
