@@ -20,6 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from jobs.auth import staff_required
 from jobs.http import json_error, json_object
+from jobs.ids import MAX_ROW_ID, is_row_id
 from jobs.models import DeadLetter
 from jobs.selectors import dead_letter_groups, dead_letters_select, parse_moment
 from jobs.services import dead_letters_discard, dead_letters_requeue
@@ -145,7 +146,7 @@ def dead_letter_list(request: HttpRequest) -> HttpResponse:
     if status is not None and status not in DeadLetter.Status.values:
         raise BadRequest(f"status must be one of {', '.join(DeadLetter.Status.values)}", "status")
     limit = _int(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    before = _int(query, "before", None, 1, 2**63 - 1)
+    before = _int(query, "before", None, 1, MAX_ROW_ID)
     rows = dead_letters_select(status=status, **_selection(query)).order_by("-pk")
     if before is not None:
         rows = rows.filter(pk__lt=before)
@@ -228,14 +229,6 @@ def dead_letter_discard_one(request: HttpRequest, dead_letter_id: int) -> HttpRe
     return JsonResponse({"id": dead_letter_id, "status": DeadLetter.Status.DISCARDED})
 
 
-#: The largest id a database's bigint holds: a larger number is no id (and SQLite cannot bind it).
-MAX_ID = 2**63 - 1
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
-
-
 @require_POST
 @staff_required
 @_permission("change_deadletter")
@@ -249,7 +242,7 @@ def dead_letter_requeue_many(request: HttpRequest) -> HttpResponse:
     selection = _selection(body)
     everything = body.get("all") is True
     if ids is not None:
-        if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(is_row_id(i) for i in ids):
             raise BadRequest("ids must be a non-empty list of dead letter ids", "ids")
         if selection or everything:
             raise BadRequest("give either ids or selectors, not both", "ids")

@@ -16,6 +16,7 @@ from celery.signals import worker_process_shutdown
 from jobs.backends import task_options
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
+from jobs.ids import is_row_id
 from jobs.outcomes import USER_ERROR, ErrorKind, Job
 from mailer import backend
 from mailer.models import Email
@@ -122,26 +123,21 @@ class EmailTask(JobTask):
 
     def on_lost(self, job: Job) -> None:
         email_id = job.argument(0, "email_id")
-        if _valid_id(email_id):
+        if is_row_id(email_id):
             email_release(email_id=email_id, attempt=job.task_id)
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         email_id = job.argument(0, "email_id")
         if error.startswith(f"{HandOffInProgress.__name__}:"):
             return  # a copy gave up waiting; the attempt that holds the email decides its status
-        if _valid_id(email_id):
+        if is_row_id(email_id):
             email_mark_failed(email_id=email_id, error=error, users_error=reason == USER_ERROR)
-
-
-def _valid_id(value: object) -> bool:
-    """A positive integer a bigint primary key can hold (a larger one cannot even be queried)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 @shared_task(bind=True, base=EmailTask, name="mailer.send_email")  # routed to `high` by CELERY_TASK_ROUTES
 def send_email(self: EmailTask, email_id: int) -> str:
     """Sends the stored email `email_id`; returns its status."""
-    if not _valid_id(email_id):
+    if not is_row_id(email_id):
         raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
     try:
         return email_send(email=email_id, attempt=self.request.id or "").status

@@ -6,6 +6,7 @@ from celery import shared_task
 
 from jobs.base import JobTask
 from jobs.exceptions import InvalidTaskArguments
+from jobs.ids import is_row_id
 from jobs.outcomes import Job
 from thumbnails import services
 from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UnprocessableImage
@@ -21,14 +22,14 @@ class ThumbnailTask(JobTask):
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         image_id = job.argument(0, "image_id")
-        if isinstance(image_id, int) and not isinstance(image_id, bool) and image_id > 0:
+        if is_row_id(image_id):
             services.image_mark_failed(image_id=image_id, error=error)
 
 
 @shared_task(base=ThumbnailTask, name="thumbnails.generate")
 def generate(image_id: int) -> None:
     """Makes the thumbnails of one image; harmless when run twice."""
-    if not isinstance(image_id, int) or isinstance(image_id, bool) or not 0 < image_id < 2**63:
+    if not is_row_id(image_id):
         raise InvalidTaskArguments(f"image_id must be a positive integer, not {image_id!r}")
     image = Image.objects.filter(pk=image_id).first()
     if image is None:  # never existed, or deleted after it was queued: nothing a retry could fix

@@ -203,6 +203,14 @@ CHROMIUM_ARGS = [
 ]
 
 
+def admin_login(page, live_server, next_path: str, username: str, password: str) -> None:
+    """Logs `page` into the admin through its login form, landing on `next_path`."""
+    page.goto(f"{live_server.url}/admin/login/?next={next_path}")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("input[type=submit]")
+
+
 @pytest.fixture
 def browser(monkeypatch):
     """A headless Chromium; the test is skipped (with the reason) only when none can be started."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import DeadLetter
+from tests.integration.conftest import admin_login
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -18,10 +19,7 @@ def test_requeue_and_discard_through_the_admin(browser, live_server, django_user
 
     page = browser.new_page()
     page.set_default_timeout(30_000)
-    page.goto(f"{live_server.url}/admin/login/?next=/admin/jobs/deadletter/")
-    page.fill("#id_username", "ops")
-    page.fill("#id_password", "a-long-password-1")
-    page.click("input[type=submit]")
+    admin_login(page, live_server, "/admin/jobs/deadletter/", "ops", "a-long-password-1")
     page.wait_for_selector("#result_list")
 
     # Requeue two rows: the action asks first, then reports.

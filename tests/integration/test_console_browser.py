@@ -12,6 +12,7 @@ import pytest
 from config.env import BASE_DIR
 from jobs.models import DeadLetter
 from mailer.models import Email
+from tests.integration.conftest import admin_login
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -54,10 +55,7 @@ def test_an_operator_acts_on_a_dead_letter_from_its_page(browser, live_server, d
     )
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(30_000)
-    page.goto(f"{live_server.url}/admin/login/?next=/admin/jobs/deadletter/{dead.pk}/change/")
-    page.fill("#id_username", "ops")
-    page.fill("#id_password", "a-long-password-1")
-    page.click("input[type=submit]")
+    admin_login(page, live_server, f"/admin/jobs/deadletter/{dead.pk}/change/", "ops", "a-long-password-1")
     page.wait_for_selector("#dead-letter-actions")
     assert page.locator("input[name=_save]").count() == 0  # read-only: nothing to save
     assert "failed with a permanent error" in page.inner_text("#dead-letter-actions")
@@ -88,10 +86,7 @@ def test_the_admin_lists_fit_a_1400_pixel_screen(browser, live_server, django_us
     )
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(30_000)
-    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
-    page.fill("#id_username", "ops")
-    page.fill("#id_password", "a-long-password-1")
-    page.click("input[type=submit]")
+    admin_login(page, live_server, "/admin/", "ops", "a-long-password-1")
     page.wait_for_selector("#content-main")
     wide = {}
     for path in (
