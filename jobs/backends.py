@@ -301,14 +301,23 @@ class CeleryBackend(BaseTaskBackend):
         from jobs.models import DeadLetter, DeadLetterEvent, OutboxMessage
 
         result_id = str(result_id)
-        row = HistoryRow.objects.filter(task_id=result_id).first()
-        record = self._record(row)
+
+        def history() -> tuple[Any, dict[str, Any], bool]:
+            row = HistoryRow.objects.filter(task_id=result_id).first()
+            record = self._record(row)
+            status = STATUS_BY_STATE.get(row.status, TaskResultStatus.READY) if row is not None else None
+            return row, record, status in FINISHED and bool(record)
+
+        row, record, ended = history()
         ledger = None
         dead = None
-        status = STATUS_BY_STATE.get(row.status, TaskResultStatus.READY) if row is not None else None
-        if status not in FINISHED or not record:
+        if not ended:
             ledger = OutboxMessage.objects.filter(task_id=result_id).first()
-        if ledger is None and (status not in FINISHED or not record):
+            if ledger is None:
+                # A job's end is committed with its ledger row's delete: if the job ended between
+                # the two reads above, its end is there now.
+                row, record, ended = history()
+        if ledger is None and not ended:
             # A dead letter keeps the id of the latest run that failed; its trail, every one's.
             failed_here = DeadLetterEvent.objects.filter(task_id=result_id, action=DeadLetterEvent.Action.FAILED)
             dead = (

@@ -80,6 +80,29 @@ def test_enqueue_returns_a_ready_result_that_get_result_reads_back_equal(redis_c
     assert message["headers"]["task"] == "tests.integration.django_tasks.add"
 
 
+def test_a_job_that_ends_between_get_results_reads_is_read_finished(monkeypatch):
+    """The worker writes a job's end and deletes its ledger row in one commit. A reader that found
+    no end yet, then no ledger row, must read the end again rather than call the job unknown (seen
+    once in CI: TaskResultDoesNotExist while the job had succeeded)."""
+    result = samples.add.enqueue(2, b=3)
+    record = {"task": "tests.integration.django_tasks.add", "args": [2], "kwargs": {"b": 3}, "attempts": []}
+    record_of = CeleryBackend._record
+    calls = []
+
+    def worker_commits_after_the_first_read(row):
+        if not calls:  # the reader has just found no history row: now the worker commits
+            history_row(result.id, "SUCCESS", meta={"django_task": record, "children": []}, result="5")
+            results_write([], ledger_done=[result.id])
+        calls.append(row)
+        return record_of(row)
+
+    monkeypatch.setattr(CeleryBackend, "_record", staticmethod(worker_commits_after_the_first_read))
+    got = samples.add.get_result(result.id)
+    assert calls[0] is None
+    assert not OutboxMessage.objects.filter(task_id=result.id).exists()
+    assert (got.status, got.return_value) == (TaskResultStatus.SUCCESSFUL, 5)
+
+
 def test_a_task_used_with_other_settings_comes_back_as_that_task():
     later = timezone.now() + timedelta(seconds=30)
     variant = samples.add.using(priority=-20, run_after=later)
