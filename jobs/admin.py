@@ -17,7 +17,7 @@ from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
 from jobs.links import dead_letters_of, job_object
-from jobs.models import ApiToken, DailyReport, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
+from jobs.models import ApiToken, DailyReport, Dashboard, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
 from jobs.selectors import dead_letter_groups
 from jobs.services import (
     RequeueResult,
@@ -36,10 +36,11 @@ if TYPE_CHECKING:
     _DailyReportAdmin = admin.ModelAdmin[DailyReport]
     _OutboxMessageAdmin = admin.ModelAdmin[OutboxMessage]
     _ApiTokenAdmin = admin.ModelAdmin[ApiToken]
+    _DashboardAdmin = admin.ModelAdmin[Dashboard]
 else:
     _DeadLetterEventInline = admin.TabularInline
     _DeadLetterAdmin = _DeadLetterPurgeAdmin = _DailyReportAdmin = _OutboxMessageAdmin = admin.ModelAdmin
-    _ApiTokenAdmin = admin.ModelAdmin
+    _ApiTokenAdmin = _DashboardAdmin = admin.ModelAdmin
 
 
 def _plural(count: int, singular: str = "dead letter", plural: str = "dead letters") -> str:
@@ -73,6 +74,27 @@ def dead_letter_links(obj: Any, *, limit: int = 20) -> str:
             ),
         ),
     )
+
+
+def report_requeue(model_admin: Any, request: HttpRequest, result: RequeueResult) -> None:
+    """The messages an admin page shows after a requeue: how many went, and what did not."""
+    if result.count:
+        model_admin.message_user(request, f"Requeued {_plural(result.count)}.", messages.SUCCESS)
+    if result.skipped:
+        model_admin.message_user(
+            request,
+            f"Skipped {_plural(len(result.skipped))} whose arguments were redacted when stored.",
+            messages.WARNING,
+        )
+    if result.error:
+        model_admin.message_user(
+            request,
+            f"Stopped: {result.error}. {_plural(len(result.waiting))} wait in the outbox and go out when the "
+            "broker answers; the rest stay pending.",
+            messages.ERROR,
+        )
+    if not (result.count or result.skipped or result.error):
+        model_admin.message_user(request, "Nothing to requeue: no pending dead letter was selected.", messages.WARNING)
 
 
 class DeadLetterEventInline(_DeadLetterEventInline):
@@ -249,23 +271,7 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         return None
 
     def _report(self, request: HttpRequest, result: RequeueResult) -> None:
-        if result.count:
-            self.message_user(request, f"Requeued {_plural(result.count)}.", messages.SUCCESS)
-        if result.skipped:
-            self.message_user(
-                request,
-                f"Skipped {_plural(len(result.skipped))} whose arguments were redacted when stored.",
-                messages.WARNING,
-            )
-        if result.error:
-            self.message_user(
-                request,
-                f"Stopped: {result.error}. {_plural(len(result.waiting))} wait in the outbox and go out when the "
-                "broker answers; the rest stay pending.",
-                messages.ERROR,
-            )
-        if not (result.count or result.skipped or result.error):
-            self.message_user(request, "Nothing to requeue: no pending dead letter was selected.", messages.WARNING)
+        report_requeue(self, request, result)
 
     # --- grouped view -------------------------------------------------------------------------
 
@@ -489,3 +495,67 @@ class ApiTokenAdmin(_ApiTokenAdmin):
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
         count = api_tokens_revoke(tokens=queryset)
         self.message_user(request, f"Revoked {count} token{'s' if count != 1 else ''}.", messages.SUCCESS)
+
+
+@admin.register(Dashboard)
+class DashboardAdmin(_DashboardAdmin):
+    """The operator's dashboard at /admin/jobs/dashboard/ (see `jobs.dashboard`): every staff
+    member may look; acting on dead letters takes the permission to change them."""
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_active and request.user.is_staff)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return self.has_module_permission(request)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[URLPattern]:
+        return [path("", self.admin_site.admin_view(self.dashboard_view), name="jobs_dashboard_changelist")]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        from jobs.dashboard import REFRESH_SECONDS, snapshot
+
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        can_act = request.user.has_perm("jobs.change_deadletter")
+        if request.method == "POST":
+            if not can_act:
+                raise PermissionDenied
+            self._act(request)
+            return HttpResponseRedirect(request.path)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Dashboard",
+            "is_nav_sidebar_enabled": False,  # the page needs the width
+            "opts": self.model._meta,
+            "can_act": can_act,
+            "refresh_seconds": REFRESH_SECONDS,
+            **snapshot(),
+        }
+        template = "admin/jobs/dashboard/sections.html" if request.GET.get("part") else "admin/jobs/dashboard.html"
+        return TemplateResponse(request, template, context)
+
+    def _act(self, request: HttpRequest) -> None:
+        """Requeue or discard the pending dead letters of one cause (task and exception type),
+        audited as the list's actions are."""
+        action = request.POST.get("action")
+        rows = DeadLetter.objects.filter(
+            status=DeadLetter.Status.PENDING,
+            task_name=request.POST.get("task_name", ""),
+            exception_type=request.POST.get("exception_type", ""),
+        )
+        if action == "requeue":
+            report_requeue(self, request, dead_letters_requeue(dead_letters=rows, actor=_actor(request)))
+        elif action == "discard":
+            count = dead_letters_discard(dead_letters=rows, actor=_actor(request), note="from the dashboard")
+            self.message_user(request, f"Discarded {_plural(count)}.", messages.SUCCESS)
+        else:
+            self.message_user(request, "Nothing done: unknown action.", messages.ERROR)

@@ -202,3 +202,17 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class Dashboard(models.Model):
+    """No table: the admin's page for the operator's dashboard (`/admin/jobs/dashboard/`, listed
+    with the app's models in the admin index). See `jobs.dashboard`."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()  # staff see it; acting on dead letters takes their own permissions
+        verbose_name = "dashboard"
+        verbose_name_plural = "dashboard"
+
+    def __str__(self) -> str:
+        return "dashboard"

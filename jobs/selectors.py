@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -110,6 +111,45 @@ def queue_lengths(queues: Iterable[str] | None = None) -> dict[str, int]:
                 lengths[name] = 0
                 channel = conn.channel()
     return lengths
+
+
+def queue_heads(queues: Iterable[str]) -> dict[str, list[str]]:
+    """For each queue, the task ids of the next messages a worker takes: on Redis, the oldest
+    message of each of the queue's lists (kombu keeps one per priority step). Empty for a broker
+    that cannot be looked into without taking messages (RabbitMQ). Raises when the broker does not
+    answer."""
+    from celery import current_app as app
+
+    queues = list(queues)
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=0, timeout=2)
+        if conn.transport.driver_type != "redis":
+            return {}
+        channel: Any = conn.default_channel
+        keys = [(name, channel._q_for_pri(name, pri)) for name in queues for pri in channel.priority_steps]
+        with channel.client.pipeline(transaction=False) as pipe:
+            for _, key in keys:
+                pipe.lindex(key, -1)  # kombu pushes on the left and takes from the right
+            raw = pipe.execute()
+    heads: dict[str, list[str]] = {name: [] for name in queues}
+    for (name, _), message in zip(keys, raw, strict=True):
+        task_id = message_task_id(message)
+        if task_id:
+            heads[name].append(task_id)
+    return heads
+
+
+def message_task_id(raw: bytes | str | None) -> str | None:
+    """The task id of a message as kombu's Redis transport stores it (JSON, Celery's headers
+    inside), None when it is not one."""
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)
+        task_id = (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get("correlation_id")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return str(task_id) if task_id else None
 
 
 def dead_letter_failures() -> dict[tuple[str, str], int]:

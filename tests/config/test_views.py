@@ -16,7 +16,7 @@ def test_the_front_page_says_what_this_is_and_links_everywhere_a_newcomer_goes(c
     html = response.content.decode()
     assert "<h1>jobsite</h1>" in html
     links = set(re.findall(r'href="([^"]+)"', html))
-    assert {"/thumbnails/", "/admin/", "/admin/jobs/deadletter/", "#api"} <= links
+    assert {"/thumbnails/", "/admin/", "/admin/jobs/dashboard/", "/admin/jobs/deadletter/", "#api"} <= links
     assert 'id="api"' in html
     for endpoint in ("POST /api/thumbnails/", "POST /api/emails/", "GET /api/jobs/health/", "GET /healthz, /readyz"):
         assert endpoint in html

@@ -1,5 +1,5 @@
-"""The newcomer's and the operator's pages in a real headless Chromium: the front page and the
-dead-letter page. Screenshots go to var/screenshots/ (docs/screenshots/ with UPDATE_SCREENSHOTS=1:
+"""The newcomer's and the operator's pages in a real headless Chromium: the front page, the
+dead-letter page and the dashboard. Screenshots go to var/screenshots/ (docs/screenshots/ with UPDATE_SCREENSHOTS=1:
 the ones kept in docs/ are made this way)."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 
 from config.env import BASE_DIR
 from jobs.models import DeadLetter
 from mailer.models import Email
-from tests.integration.conftest import admin_login
+from tests.integration import tasks
+from tests.integration.conftest import admin_login, wait_for
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -45,7 +47,13 @@ def test_a_newcomer_finds_the_upload_page_the_admin_and_the_api_from_the_front_p
 
 def test_an_operator_acts_on_a_dead_letter_from_its_page(browser, live_server, django_user_model, redis_client):
     django_user_model.objects.create_superuser("ops", "ops@example.com", "a-long-password-1")
-    email = Email.objects.create(from_email="a@example.com", template="welcome", subject="Hi", to=["b@example.com"])
+    email = Email.objects.create(
+        from_email="a@example.com",
+        template="welcome",
+        subject="Hi",
+        to=["b@example.com"],
+        body_html="<h1>Welcome</h1>" + "<p>A paragraph.</p>" * 40,
+    )
     dead = DeadLetterFactory(
         task_name="mailer.send_email",
         args=[email.pk],
@@ -74,6 +82,8 @@ def test_an_operator_acts_on_a_dead_letter_from_its_page(browser, live_server, d
     # The email's page links back to it.
     page.goto(f"{live_server.url}/admin/mailer/email/{email.pk}/change/")
     assert page.is_visible(f"a[href='/admin/jobs/deadletter/{dead.pk}/change/']")
+    preview = page.locator("iframe[title='HTML part']").bounding_box()
+    assert preview["height"] >= 400  # the email's HTML preview is not cut to 300 px
 
 
 def test_the_admin_lists_fit_a_1400_pixel_screen(browser, live_server, django_user_model):
@@ -104,3 +114,46 @@ def test_the_admin_lists_fit_a_1400_pixel_screen(browser, live_server, django_us
             wide[path] = width
     screenshot(page, "admin-list")
     assert wide == {}
+
+
+def test_the_dashboard_shows_a_live_system_reads_itself_again_and_acts_on_a_cause(
+    browser, live_server, django_user_model, start_worker, monkeypatch
+):
+    from jobs import dashboard
+
+    monkeypatch.setattr(dashboard, "REFRESH_SECONDS", 2)  # the live server runs in this process
+    django_user_model.objects.create_superuser("ops", "ops@example.com", "a-long-password-1")
+    call_command("setup_schedules", verbosity=0)
+    worker = start_worker()
+    tasks.slow.delay("dashboard", 60)  # still running when the page asks the worker
+    for key in ("a", "b"):
+        tasks.permanent.delay(f"dashboard-{key}")
+    wait_for(lambda: DeadLetter.objects.filter(task_name="tests.permanent").count() == 2)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(30_000)
+    admin_login(page, live_server, "/admin/", "ops", "a-long-password-1")
+    page.click("a[href='/admin/jobs/dashboard/']")  # listed in the admin index
+    page.wait_for_selector("#dashboard #workers")
+    workers = page.inner_text("#workers")
+    assert worker.name.split("@")[0] in workers
+    assert "prefork (2 processes)" in workers
+    assert "tests.slow" in workers  # what it runs now
+    assert "1 / 2" in workers
+    assert "tests.permanent" in page.inner_text("#dead-letter-causes")
+    assert "jobs.heartbeat" in page.inner_text("#schedules")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+
+    # It reads itself again: a new cause shows up without a reload.
+    DeadLetterFactory(task_name="thumbnails.generate", exception_type="OSError")
+    page.wait_for_selector("#dead-letter-causes >> text=thumbnails.generate", timeout=15_000)
+    assert int(page.get_attribute("#dashboard", "data-reads")) >= 1
+    screenshot(page, "dashboard")
+
+    # One cause discarded in one click (and a confirmation).
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#dead-letter-causes tr:has-text('tests.permanent') button[value=discard]")
+    page.wait_for_selector("text=Discarded 2 dead letters.")
+    assert set(DeadLetter.objects.filter(task_name="tests.permanent").values_list("status", flat=True)) == {
+        DeadLetter.Status.DISCARDED
+    }

@@ -113,6 +113,7 @@ pages = [
     "/admin/jobs/deadletter/",
     f"/admin/jobs/deadletter/{row.pk}/change/",
     "/admin/jobs/deadletter/groups/",
+    "/admin/jobs/dashboard/",
     "/admin/django_celery_beat/periodictask/",
     "/metrics",
     "/api/jobs/health/",
@@ -181,6 +182,7 @@ def test_the_package_holds_jobs_and_nothing_of_the_site(wheel):
     assert tops == {"jobs"}
     assert not {name.split("/", 1)[0] for name in names} & set(SITE_PACKAGES)
     assert "jobs/templates/admin/jobs/deadletter/change_list.html" in names
+    assert "jobs/static/jobs/dashboard.js" in names
     assert "jobs/migrations/0001_dead_letters.py" in names
     assert "jobs/management/commands/requeue_dead.py" in names
     assert "jobs/runtime/worker.py" in names
@@ -339,6 +341,7 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
             "/admin/jobs/deadletter/": 200,
             "/admin/jobs/deadletter/1/change/": 200,
             "/admin/jobs/deadletter/groups/": 200,
+            "/admin/jobs/dashboard/": 200,
             "/admin/django_celery_beat/periodictask/": 200,
             "/metrics": 200,
             "/api/jobs/health/": 503,  # no beat runs in this project: its tick is missing
