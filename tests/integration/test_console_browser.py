@@ -11,7 +11,9 @@ import pytest
 from django.core.management import call_command
 
 from config.env import BASE_DIR
+from jobs.heartbeat import heartbeat_read
 from jobs.models import DeadLetter
+from jobs.tasks import heartbeat
 from mailer.models import Email
 from tests.integration import tasks
 from tests.integration.conftest import admin_login, wait_for
@@ -128,13 +130,17 @@ def test_the_dashboard_shows_a_live_system_reads_itself_again_and_acts_on_a_caus
     tasks.slow.delay("dashboard", 60)  # still running when the page asks the worker
     for key in ("a", "b"):
         tasks.permanent.delay(f"dashboard-{key}")
+    heartbeat.delay()  # the worker's heartbeat, as beat would send it
     wait_for(lambda: DeadLetter.objects.filter(task_name="tests.permanent").count() == 2)
+    wait_for(lambda: heartbeat_read("worker"))
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(30_000)
     admin_login(page, live_server, "/admin/", "ops", "a-long-password-1")
     page.click("a[href='/admin/jobs/dashboard/']")  # listed in the admin index
     page.wait_for_selector("#dashboard #workers")
+    assert "Worker heartbeat\n" in page.inner_text("#health")
+    assert page.locator("#health b.ok").first.inner_text().endswith("s ago")  # fresh: the worker ran it
     workers = page.inner_text("#workers")
     assert worker.name.split("@")[0] in workers
     assert "prefork (2 processes)" in workers
