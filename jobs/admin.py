@@ -538,7 +538,7 @@ class DashboardAdmin(_DashboardAdmin):
             "opts": self.model._meta,
             "can_act": can_act,
             "refresh_seconds": REFRESH_SECONDS,
-            **snapshot(),
+            **snapshot(request.user),
         }
         template = "admin/jobs/dashboard/sections.html" if request.GET.get("part") else "admin/jobs/dashboard.html"
         return TemplateResponse(request, template, context)

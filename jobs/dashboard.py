@@ -38,6 +38,9 @@ INSPECT_TIMEOUT = 1.0
 REFRESH_SECONDS = 10
 #: Groups of dead letters and schedules shown (the admin lists have the rest).
 MAX_ROWS = 30
+#: How far before a schedule's saved last run its outcome is looked for (beat saves
+#: `last_run_at` every few minutes, not at each run).
+LAST_OUTCOME_SLACK = timedelta(hours=1)
 #: A queue's jobs finished with a task name no route maps to a declared queue.
 OTHER = "other"
 
@@ -48,6 +51,7 @@ class Read:
 
     value: Any = None
     error: str = ""
+    hidden: str = ""  # why this user does not see it (a permission they lack)
 
 
 def _read(what: str, reader: Callable[[], Any]) -> Read:
@@ -160,22 +164,43 @@ def queue_of(task_name: str | None, queues: Iterable[str]) -> str:
     declared = set(queues)
     if not task_name:
         return OTHER
+    _import_task_modules()
     task = app.tasks.get(task_name)
     django_task = getattr(task, "django_task", None)
-    if callable(django_task):
-        from jobs.tasks_compat import task_backends
+    queue: Any = None
+    try:
+        if callable(django_task):
+            from jobs.tasks_compat import task_backends
 
-        try:
             found = django_task()
-            queue: Any = task_backends[found.backend].queue_for(found)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - a task gone from the code: not routable
-            queue = None
-    else:
-        own = getattr(task, "queue", None)
-        routed = app.amqp.router.route({"queue": own} if own else {}, task_name)
-        queue = routed.get("queue")
-        queue = getattr(queue, "name", queue) or app.conf.task_default_queue
+            queue = task_backends[found.backend].queue_for(found)  # type: ignore[attr-defined] # a CeleryBackend
+        else:
+            own = getattr(task, "queue", None)
+            routed = app.amqp.router.route({"queue": own} if own else {}, task_name)
+            queue = routed.get("queue")
+            queue = getattr(queue, "name", queue) or app.conf.task_default_queue
+    except Exception:  # noqa: BLE001 - a task gone from the code, a route that needs the arguments
+        queue = None
     return queue if queue in declared else OTHER
+
+
+_imported = False
+
+
+def _import_task_modules() -> None:
+    """Imports the project's task modules as a worker does (Celery's autodiscovery is lazy, and a
+    web process may not have imported them): a task's own queue and a Django task's priority are
+    known only once its module is."""
+    global _imported
+    if _imported:
+        return
+    from celery import current_app as app
+
+    try:
+        app.loader.import_default_modules()
+    except Exception:
+        logger.warning("dashboard.import_failed", exc_info=True)
+    _imported = True
 
 
 def queues_overview(now: datetime) -> dict[str, Any]:
@@ -236,8 +261,14 @@ def workers_overview() -> list[dict[str, Any]]:
     what they run now. Raises when the broker does not answer."""
     from celery import current_app as app
 
+    from jobs.selectors import BROKER_TIMEOUT
+
     def ask(method: str) -> dict[str, Any]:
-        return getattr(app.control.inspect(timeout=INSPECT_TIMEOUT), method)() or {}
+        # A connection of its own, refused fast: the app's pooled one retries connecting for
+        # `broker_connection_timeout` and would stall the page on a broker that is down.
+        with app.connection_for_write(connect_timeout=BROKER_TIMEOUT) as conn:
+            conn.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
+            return getattr(app.control.inspect(timeout=INSPECT_TIMEOUT, connection=conn), method)() or {}
 
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="dashboard-inspect") as pool:
         asked = {method: pool.submit(ask, method) for method in ("stats", "active", "active_queues")}
@@ -296,9 +327,9 @@ def dead_letter_overview(now: datetime) -> dict[str, Any]:
         counts = per_cause.setdefault((entry["task_name"], entry["exception_type"]), [0] * len(hours))
         counts[i] += entry["n"]
         total[i] += entry["n"]
-    labels = [f"{hour.astimezone(timezone.get_current_timezone()):%d %b %H:00}" for hour in hours]
+    labels = [f"{hour.astimezone(timezone.get_current_timezone()):%d %b %H:%M}" for hour in hours]
     groups = []
-    all_groups = dead_letter_groups()
+    all_groups = dead_letter_groups(limit=MAX_ROWS + 1)
     for group in all_groups[:MAX_ROWS]:
         trend = per_cause.get((group["task_name"], group["exception_type"]), [0] * len(hours))
         groups.append(
@@ -315,7 +346,7 @@ def dead_letter_overview(now: datetime) -> dict[str, Any]:
     return {
         "counts": dead_letter_counts(),
         "groups": groups,
-        "more_groups": max(len(all_groups) - MAX_ROWS, 0),
+        "more_groups": len(all_groups) > MAX_ROWS,
         "recent": sum(total),
         "hours": TREND_HOURS,
         "chart": bar_chart(
@@ -353,15 +384,24 @@ def schedules_overview(now: datetime) -> dict[str, Any]:
     from django_celery_beat.models import PeriodicTask
     from django_celery_results.models import TaskResult
 
-    tasks = list(PeriodicTask.objects.order_by("-enabled", "name")[: MAX_ROWS + 1])
+    tasks = list(
+        PeriodicTask.objects.select_related("interval", "crontab", "solar", "clocked").order_by("-enabled", "name")[
+            : MAX_ROWS + 1
+        ]
+    )
     rows = []
     for task in tasks[:MAX_ROWS]:
-        last = (
-            TaskResult.objects.filter(periodic_task_name=task.name)
-            .order_by("-date_done")
-            .values("status", "date_done", "task_id")
-            .first()
-        )
+        last = None
+        if task.last_run_at is not None:
+            # Its runs since shortly before the last one beat saved: a bounded read of its history.
+            last = (
+                TaskResult.objects.filter(
+                    periodic_task_name=task.name, date_done__gte=task.last_run_at - LAST_OUTCOME_SLACK
+                )
+                .order_by("-date_done")
+                .values("status", "date_done", "task_id")
+                .first()
+            )
         rows.append(
             {
                 "task": task,
@@ -382,23 +422,30 @@ def _describe_schedule(task: Any) -> str:
 
 
 def _next_run(task: Any, now: datetime) -> datetime | None:
-    """When beat runs `task` next, as its schedule computes it from the last run (None: disabled,
-    a one-off already run, or a schedule that cannot tell)."""
+    """When beat runs `task` next, worked out as django-celery-beat's `ModelEntry` does (None:
+    disabled, expired, a one-off already run, or a schedule that cannot tell). From the last run
+    beat saved, so an hourly task shows its next hour, not a moment that moves on every read."""
     if not task.enabled or (task.one_off and task.total_run_count):
+        return None
+    if task.expires is not None and now >= task.expires:
         return None
     if task.clocked is not None:
         clocked: datetime = task.clocked.clocked_time
         return clocked
     try:
-        schedule = task.schedule
-        since = task.last_run_at or task.start_time or now
-        remaining = max(schedule.remaining_estimate(since), timedelta(0))  # from the schedule's own now
-        moment: datetime = (timezone.now() + remaining + timedelta(milliseconds=500)).replace(microsecond=0)
+        if task.start_time is not None and now < task.start_time:
+            start: datetime = task.due_start_time(now.tzinfo)
+            return start
+        since = task.last_run_at
+        if since is None:
+            # Never run: beat counts from the last change, or runs at once when a start time passed.
+            since = task.date_changed or now
+            if task.start_time is not None:
+                since -= timedelta(days=365 * 30)
+        remaining = max(task.schedule.remaining_estimate(since), timedelta(0))  # from the schedule's now
     except Exception:  # noqa: BLE001 - a schedule beat itself would refuse
         return None
-    if task.start_time and moment < task.start_time:
-        start: datetime = task.start_time
-        return start
+    moment: datetime = (timezone.now() + remaining + timedelta(milliseconds=500)).replace(microsecond=0)
     return moment
 
 
@@ -433,20 +480,40 @@ def ledger_due_times(task_ids: Iterable[str]) -> dict[str, datetime]:
     return dict(rows)
 
 
-def snapshot() -> dict[str, Read]:
-    """Every section of the dashboard, each read on its own."""
+#: The sections a staff member sees only with a permission: (permission, what it shows).
+PERMISSIONS = {
+    "dead_letters": ("jobs.view_deadletter", "dead letters"),
+    "schedules": ("django_celery_beat.view_periodictask", "periodic tasks"),
+}
+
+
+def snapshot(user: Any) -> dict[str, Read]:
+    """Every section of the dashboard as `user` may see it, each read on its own."""
     from jobs.health import jobs_health_report
 
     now = timezone.now()
-    return {
+    sections = {
         "now": Read(value=now),
         "health": _read("health", jobs_health_report),
         "queues": _read("queues", lambda: queues_overview(now)),
-        "workers": _read("workers", workers_overview),
-        "dead_letters": _read("dead_letters", lambda: dead_letter_overview(now)),
-        "schedules": _read("schedules", lambda: schedules_overview(now)),
-        "ledger": _read("ledger", lambda: ledger_overview(now)),
     }
+    broker_error = sections["queues"].error or (sections["queues"].value or {}).get("broker_error")
+    if broker_error:  # asking the workers would only wait on the same broker
+        sections["workers"] = Read(error=f"the broker did not answer: {broker_error}")
+    else:
+        sections["workers"] = _read("workers", workers_overview)
+    readers: dict[str, Callable[[], Any]] = {
+        "dead_letters": lambda: dead_letter_overview(now),
+        "schedules": lambda: schedules_overview(now),
+        "ledger": lambda: ledger_overview(now),
+    }
+    for name, reader in readers.items():
+        permission, what = PERMISSIONS.get(name, ("", ""))
+        if permission and not user.has_perm(permission):
+            sections[name] = Read(hidden=f"Seeing {what} takes the permission {permission}.")
+        else:
+            sections[name] = _read(name, reader)
+    return sections
 
 
 def oldest_ages(first_ids: Mapping[str, Sequence[str]], now: datetime) -> dict[str, float | None]:

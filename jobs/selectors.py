@@ -57,17 +57,18 @@ def dead_letters_select(
     return rows.order_by("failed_at", "pk")
 
 
-def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING) -> list[Mapping[str, Any]]:
-    """Dead letters grouped by task and exception type, largest group first:
+def dead_letter_groups(*, status: str = DeadLetter.Status.PENDING, limit: int | None = None) -> list[Mapping[str, Any]]:
+    """Dead letters grouped by task and exception type, largest group first (the first `limit`):
     `task_name`, `exception_type`, `count`, `first_failed_at`, `last_failed_at`.
 
     Mapping, not dict: django-stubs 6 types `.values()` rows as a TypedDict, which is no dict[str, Any]."""
-    return list(
+    groups = (
         DeadLetter.objects.filter(status=status)
         .values("task_name", "exception_type")
         .annotate(count=Count("id"), first_failed_at=Min("failed_at"), last_failed_at=Max("failed_at"))
         .order_by("-count", "task_name", "exception_type")
     )
+    return list(groups if limit is None else groups[:limit])
 
 
 def dead_letter_counts() -> dict[str, int]:
@@ -93,6 +94,10 @@ def queue_names() -> list[str]:
     return names or [app.conf.task_default_queue]
 
 
+#: Seconds a read of the broker may take to connect (a firewalled broker never refuses).
+BROKER_TIMEOUT = 2
+
+
 def queue_lengths(queues: Iterable[str] | None = None) -> dict[str, int]:
     """Messages waiting in each queue (by default every queue the project declares), read from the
     broker (Redis counts every priority sub-list; RabbitMQ reports the ready count). Raises when
@@ -101,12 +106,16 @@ def queue_lengths(queues: Iterable[str] | None = None) -> dict[str, int]:
 
     queues = queue_names() if queues is None else queues
     lengths = {}
-    with app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=0, timeout=2)
-        channel = conn.default_channel
+    with app.connection_for_read(connect_timeout=BROKER_TIMEOUT) as conn:
+        conn.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
+        channel: Any = conn.default_channel
+        if conn.transport.driver_type == "redis":
+            # Every priority list, under the broker's `global_keyprefix` (kombu's passive declare
+            # looks for the keys without it, and would find no queue).
+            return {name: int(channel._size(name)) for name in queues}
         for name in queues:
             try:
-                lengths[name] = channel.queue_declare(queue=name, passive=True).message_count  # type: ignore[attr-defined]
+                lengths[name] = channel.queue_declare(queue=name, passive=True).message_count
             except conn.channel_errors:  # the queue does not exist yet (RabbitMQ): nothing waits
                 lengths[name] = 0
                 channel = conn.channel()
@@ -121,13 +130,17 @@ def queue_heads(queues: Iterable[str]) -> dict[str, list[str]]:
     from celery import current_app as app
 
     queues = list(queues)
-    with app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=0, timeout=2)
+    with app.connection_for_read(connect_timeout=BROKER_TIMEOUT) as conn:
+        conn.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
         if conn.transport.driver_type != "redis":
             return {}
         channel: Any = conn.default_channel
-        keys = [(name, channel._q_for_pri(name, pri)) for name in queues for pri in channel.priority_steps]
-        with channel.client.pipeline(transaction=False) as pipe:
+        client = channel.client
+        # kombu's prefixing client leaves LINDEX alone: the broker's key prefix is added here.
+        prefixed = "LINDEX" in getattr(type(client), "PREFIXED_SIMPLE_COMMANDS", ())
+        prefix = "" if prefixed else getattr(client, "global_keyprefix", "")
+        keys = [(name, prefix + channel._q_for_pri(name, pri)) for name in queues for pri in channel.priority_steps]
+        with client.pipeline(transaction=False) as pipe:
             for _, key in keys:
                 pipe.lindex(key, -1)  # kombu pushes on the left and takes from the right
             raw = pipe.execute()

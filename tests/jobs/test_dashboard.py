@@ -18,6 +18,7 @@ from jobs.dashboard import bar_chart, queue_of
 from jobs.models import DeadLetter, DeadLetterEvent, OutboxMessage
 from jobs.runtime.results import results_write
 from jobs.templatetags.jobs_dashboard import duration
+from tests.conftest import reset_broker_pools
 from tests.integration import django_tasks as samples
 from tests.jobs.factories import DeadLetterFactory
 
@@ -33,8 +34,11 @@ def _quick_broadcast(monkeypatch):
 
 @pytest.fixture
 def staff(django_user_model, client):
-    """A staff member with no permission at all, logged in."""
+    """A staff member who may view dead letters and schedules (and change nothing), logged in."""
     user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_deadletter", "view_periodictask"]),
+    )
     client.force_login(user)
     return user
 
@@ -102,9 +106,31 @@ def test_queues_show_depth_the_oldest_waiting_job_and_what_finished_in_the_last_
     assert "queue-other" not in queues
 
 
-def test_a_broker_that_does_not_answer_empties_only_what_it_feeds(client, staff, monkeypatch):
+def test_a_staff_member_sees_dead_letters_and_schedules_only_with_the_permission_to_view_them(
+    client, django_user_model
+):
     DeadLetterFactory()
+    user = django_user_model.objects.create_user("plain", password="pw", is_staff=True)
+    client.force_login(user)
+    html = client.get(URL).content.decode()
+    assert "Seeing dead letters takes the permission jobs.view_deadletter." in section(html, "dead-letters")
+    assert "tests.permanent" not in html
+    assert "Pending dead letters" not in section(html, "health")
+    assert "takes the permission django_celery_beat.view_periodictask" in section(html, "schedules")
+    assert "<table" in section(html, "queues")  # the operator's counts stay
+
+
+@pytest.fixture
+def broker_down(monkeypatch):
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")  # Celery reads it before its settings
+    reset_broker_pools()
+    yield
+    monkeypatch.undo()
+    reset_broker_pools()
+
+
+def test_a_broker_that_does_not_answer_empties_only_what_it_feeds(client, staff, broker_down):
+    DeadLetterFactory()
     page = client.get(URL)
     assert page.status_code == 200
     html = page.content.decode()
@@ -112,6 +138,27 @@ def test_a_broker_that_does_not_answer_empties_only_what_it_feeds(client, staff,
     assert "ConnectionRefusedError" in html or "OperationalError" in html
     assert re.search(r'class="num depth"><span class="muted">\?', html)
     assert 'Pending <b class="bad">1</b>' in section(html, "dead-letters")
+    # The workers are not asked through a broker known to be down (that waited seconds).
+    assert "Could not ask the workers: the broker did not answer" in section(html, "workers")
+
+
+def test_a_broker_key_prefix_is_kept_when_counting_and_peeking(redis_client, monkeypatch):
+    """kombu's `global_keyprefix`: its passive declare and LINDEX look for keys without it."""
+    from celery import current_app as app
+
+    from jobs.selectors import queue_heads, queue_lengths
+
+    options = {**(app.conf.broker_transport_options or {}), "global_keyprefix": "pfx:"}
+    monkeypatch.setitem(app.conf, "broker_transport_options", options)
+    reset_broker_pools()
+    try:
+        sent = app.send_task("tests.permanent", args=["k"], queue="low")
+        assert (redis_client.llen("pfx:low"), redis_client.llen("low")) == (1, 0)
+        assert queue_lengths(["low", "normal"]) == {"low": 1, "normal": 0}
+        assert queue_heads(["low"]) == {"low": [sent.id]}
+    finally:
+        monkeypatch.undo()
+        reset_broker_pools()
 
 
 def test_dead_letters_by_cause_with_their_trend_and_the_permanent_ones_counted(client, staff):
@@ -195,6 +242,24 @@ def test_schedules_show_their_next_and_last_run_and_how_the_last_one_ended(clien
     html = section(client.get(URL).content.decode(), "schedules")
     assert '?q=beat-run-1">failure</a>' in html
     assert "disabled" in html
+
+
+def test_the_next_run_is_worked_out_as_beat_does(client, staff):
+    now = timezone.now()
+    hourly = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.HOURS)
+    later = (now + timedelta(hours=2)).replace(microsecond=0)
+    PeriodicTask.objects.create(name="starts later", task="jobs.heartbeat", interval=hourly, start_time=later)
+    PeriodicTask.objects.create(name="never ran", task="jobs.heartbeat", interval=hourly)
+    PeriodicTask.objects.create(
+        name="expired", task="jobs.heartbeat", interval=hourly, expires=now - timedelta(minutes=1)
+    )
+    first = {row["task"].name: row["next_run"] for row in dashboard.schedules_overview(now)["rows"]}
+    assert first["starts later"] == later  # its first run is at its start, not an interval after
+    assert first["expired"] is None
+    created = PeriodicTask.objects.get(name="never ran").date_changed
+    assert abs((first["never ran"] - (created + timedelta(hours=1))).total_seconds()) <= 1
+    again = {row["task"].name: row["next_run"] for row in dashboard.schedules_overview(timezone.now())["rows"]}
+    assert again["never ran"] == first["never ran"]  # not a moment that moves on with every read
 
 
 def test_the_ledger_section_counts_unfinished_jobs_by_state(client, staff):
