@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)-$(notdir
 LTS_PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 LTS_VENV ?= .venv-lts
 LTS_STAMP := $(LTS_VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+# The suite runs in this many processes (pytest-xdist, a test file each at a time; 0: in this one).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 # What `jobs` is tested with on both legs: its unit tests and its real-worker tests.
 APP_TESTS := tests/jobs tests/integration/test_reusable_app.py tests/integration/test_dead_letters.py \
 	tests/integration/test_worker.py tests/integration/test_beat.py tests/integration/test_django_tasks.py
@@ -69,7 +72,7 @@ test: install
 	@$(BIN)/python -m bench --quick > var/bench-quick.log 2>&1 & bench=$$!; \
 	TEST_DATABASE_SUFFIX=_faults $(BIN)/python -m pytest -m faults -p no:cacheprovider $(PYTEST_ARGS) \
 		> var/faults.log 2>&1 & faults=$$!; \
-	$(BIN)/python -m pytest -m "not faults" --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
+	$(BIN)/python -m pytest -m "not faults" $(XDIST) --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
 	wait $$faults; faulted=$$?; [ $$faulted -eq 5 ] && faulted=0; \
 	wait $$bench; benched=$$?; \
 	echo "--- the fault suite ---"; cat var/faults.log; \
@@ -80,7 +83,7 @@ test: install
 
 # Django 5.2 LTS on Python 3.11: the same pinned requirements but those two pins, in a venv of its own.
 test-lts: $(LTS_STAMP)
-	TEST_DATABASE_SUFFIX=_lts $(LTS_VENV)/bin/python -m pytest -p no:cacheprovider $(APP_TESTS) $(PYTEST_ARGS)
+	TEST_DATABASE_SUFFIX=_lts $(LTS_VENV)/bin/python -m pytest -p no:cacheprovider $(XDIST) $(APP_TESTS) $(PYTEST_ARGS)
 
 $(LTS_STAMP): $(REQS)
 	@echo "make test-lts: Django 5.2 LTS on Python $$($(LTS_PYTHON) -c 'import sys; print(sys.version.split()[0])') ($(LTS_PYTHON))"

@@ -54,6 +54,8 @@ def load_settings(monkeypatch):
     """Imports a settings module afresh under a given environment, without touching the
     settings this test process runs with."""
     saved_profile = dict(config.env._profile)
+    names = ("config.settings.base", "config.settings.local", "config.settings.production")
+    saved_modules = {name: sys.modules.get(name) for name in names}
 
     def load(module: str, **environ: str):
         for name in CONTRACT_VARIABLES:
@@ -68,8 +70,11 @@ def load_settings(monkeypatch):
     yield load
     config.env._profile.clear()
     config.env._profile.update(saved_profile)
-    for name in ("config.settings.base", "config.settings.local", "config.settings.production"):
-        sys.modules.pop(name, None)
+    for name, module in saved_modules.items():  # the modules this process runs with, put back
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
 
 
 def test_local_defaults(load_settings):

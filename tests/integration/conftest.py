@@ -58,7 +58,7 @@ class WorkerProcess:
         self.concurrency = concurrency
         # Tests that stop a busy worker don't need to wait the production 30 s; a test's own
         # extra_env wins over both defaults.
-        defaults = {"WORKER_METRICS_PORT": "0", "CELERY_SHUTDOWN_TIMEOUT": "1"}
+        defaults = {"WORKER_METRICS_PORT": "0", "CELERY_SHUTDOWN_TIMEOUT": "1", "LIVENESS_DIR": str(log_path.parent / "run")}
         self.env = process_env(**{**defaults, **(extra_env or {})})
         self.extra_args = ["-I", "tests.integration.tasks", *(extra_args or [])]
         self.process: subprocess.Popen | None = None
@@ -186,6 +186,12 @@ def start_worker(tmp_path, redis_server):
     yield start
     for worker in workers:
         worker.stop()
+    if workers:
+        # What a stopped worker gave back to the broker (a task it was running, with late acks) must
+        # not be run by the next test's worker: the session's Redis is left empty.
+        import redis
+
+        redis.Redis.from_url(redis_server.url).flushall()
 
 
 # --- a real browser -------------------------------------------------------------------------

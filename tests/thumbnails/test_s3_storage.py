@@ -74,12 +74,13 @@ def storages_from_environment(monkeypatch, **environ: str) -> dict:
     back afterwards, so the settings this process runs with stay as they are)."""
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    running = sys.modules.pop("config.settings.base")
+    running = sys.modules.pop("config.settings.base", None)  # another test may have unloaded it
     try:
         return importlib.import_module("config.settings.base").STORAGES
     finally:
-        sys.modules["config.settings.base"] = running
-        sys.modules["config.settings"].base = running
+        if running is not None:
+            sys.modules["config.settings.base"] = running
+            sys.modules["config.settings"].base = running
 
 
 class Bucket:
