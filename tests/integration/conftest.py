@@ -56,9 +56,13 @@ class WorkerProcess:
         self.log_path = log_path
         self.queues = queues
         self.concurrency = concurrency
-        # Tests that stop a busy worker don't need to wait the production 30 s; a test's own
-        # extra_env wins over both defaults.
-        defaults = {"WORKER_METRICS_PORT": "0", "CELERY_SHUTDOWN_TIMEOUT": "1", "LIVENESS_DIR": str(log_path.parent / "run")}
+        # Tests that stop a busy worker don't need to wait the production 30 s; its liveness file is
+        # its own (tests run side by side); a test's own extra_env wins over the defaults.
+        defaults = {
+            "WORKER_METRICS_PORT": "0",
+            "CELERY_SHUTDOWN_TIMEOUT": "1",
+            "LIVENESS_DIR": str(log_path.parent / "run"),
+        }
         self.env = process_env(**{**defaults, **(extra_env or {})})
         self.extra_args = ["-I", "tests.integration.tasks", *(extra_args or [])]
         self.process: subprocess.Popen | None = None
