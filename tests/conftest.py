@@ -56,10 +56,11 @@ def redis_server():
 
 @pytest.fixture
 def redis_client(redis_server):
-    """A client of the private Redis, emptied after the test."""
+    """A client of the private Redis, emptied before and after the test."""
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
+    client.flushall()  # whatever an earlier test's processes left (a test file runs after any other)
     yield client
     client.flushall()
 

@@ -126,7 +126,7 @@ class ServiceProcess:
     def __init__(self, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        self.env = process_env(**(extra_env or {}))
+        self.env = process_env(**{"LIVENESS_DIR": str(log_path.parent / "run"), **(extra_env or {})})
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServiceProcess:

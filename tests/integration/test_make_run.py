@@ -30,8 +30,11 @@ def status(url: str) -> int | None:
         return None
 
 
-def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stops_them_all(tmp_path):
-    web_port, flower_port = free_port(), free_port()
+def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stops_them_all(tmp_path, redis_client):
+    # redis_client: what the Procfile's beat and workers leave in the session's Redis is emptied after.
+    web_port = flower_port = free_port()
+    while flower_port == web_port:
+        flower_port = free_port()
     env = process_env(
         WEB_PORT=str(web_port),
         FLOWER_PORT=str(flower_port),

@@ -133,12 +133,11 @@ def test_redacted_rows_are_reported_as_skipped(redis_client):
 
 
 def test_publish_failure_exits_non_zero(redis_client, monkeypatch):
-    from devtools.localredis import free_port
     from tests.conftest import reset_broker_pools
 
     DeadLetterFactory()
     reset_broker_pools()
-    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
     try:
         with pytest.raises(CommandError, match=r"Requeued 1 of 1 dead letter\(s\), then stopped.*1 of them wait"):
             run("requeue_dead", "--all")

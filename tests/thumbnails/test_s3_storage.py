@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import socket
 import sys
 import urllib.request
 import uuid
@@ -235,10 +234,9 @@ def unreachable(settings, endpoint: str) -> None:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    """An endpoint that refuses connections: port 1, which nothing here listens on (a port found
+    free a moment ago may be taken by a process of a test running beside this one)."""
+    return "http://127.0.0.1:1"
 
 
 def test_upload_while_s3_is_unreachable_is_503_and_stores_nothing(

@@ -11,7 +11,6 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from devtools.localredis import free_port
 from jobs.context import request_id_var
 from jobs.models import OutboxMessage
 from jobs.runtime.outbox import enqueue, outbox_relay
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def broker_down(monkeypatch):
     reset_broker_pools()
-    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
     yield monkeypatch
     monkeypatch.undo()
     reset_broker_pools()
