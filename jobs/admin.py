@@ -76,6 +76,15 @@ def dead_letter_links(obj: Any, *, limit: int = 20) -> str:
     )
 
 
+def _pending_of_cause(request: HttpRequest) -> QuerySet[DeadLetter]:
+    """The pending dead letters of the cause (task and exception type) a form posted."""
+    return DeadLetter.objects.filter(
+        status=DeadLetter.Status.PENDING,
+        task_name=request.POST.get("task_name", ""),
+        exception_type=request.POST.get("exception_type", ""),
+    )
+
+
 def report_requeue(model_admin: Any, request: HttpRequest, result: RequeueResult) -> None:
     """The messages an admin page shows after a requeue: how many went, and what did not."""
     if result.count:
@@ -258,7 +267,7 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         if page is not None:
             return page
         result = dead_letters_requeue(dead_letters=queryset, actor=_actor(request))
-        self._report(request, result)
+        report_requeue(self, request, result)
         return None
 
     @admin.action(description="Discard selected dead letters", permissions=["change"])
@@ -269,9 +278,6 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         count = dead_letters_discard(dead_letters=queryset, actor=_actor(request))
         self.message_user(request, f"Discarded {_plural(count)}.", messages.SUCCESS)
         return None
-
-    def _report(self, request: HttpRequest, result: RequeueResult) -> None:
-        report_requeue(self, request, result)
 
     # --- grouped view -------------------------------------------------------------------------
 
@@ -290,12 +296,8 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         if request.method == "POST":
             if not self.has_change_permission(request):
                 return HttpResponse(status=403)
-            rows = DeadLetter.objects.filter(
-                status=DeadLetter.Status.PENDING,
-                task_name=request.POST.get("task_name", ""),
-                exception_type=request.POST.get("exception_type", ""),
-            )
-            self._report(request, dead_letters_requeue(dead_letters=rows, actor=_actor(request)))
+            rows = _pending_of_cause(request)
+            report_requeue(self, request, dead_letters_requeue(dead_letters=rows, actor=_actor(request)))
             return HttpResponseRedirect(url)
         context = {
             **self.admin_site.each_context(request),
@@ -547,11 +549,7 @@ class DashboardAdmin(_DashboardAdmin):
         """Requeue or discard the pending dead letters of one cause (task and exception type),
         audited as the list's actions are."""
         action = request.POST.get("action")
-        rows = DeadLetter.objects.filter(
-            status=DeadLetter.Status.PENDING,
-            task_name=request.POST.get("task_name", ""),
-            exception_type=request.POST.get("exception_type", ""),
-        )
+        rows = _pending_of_cause(request)
         if action == "requeue":
             report_requeue(self, request, dead_letters_requeue(dead_letters=rows, actor=_actor(request)))
         elif action == "discard":

@@ -449,19 +449,19 @@ def _next_run(task: Any, now: datetime) -> datetime | None:
     return moment
 
 
-def ledger_overview(now: datetime) -> dict[str, Any]:
+def ledger_overview() -> dict[str, Any]:
     """The ledger of unfinished jobs: by state, the outbox backlog (due, not published) and the
     oldest job due."""
     from jobs.runtime.ledger import ledger_counts, ledger_oldest_age
     from jobs.runtime.outbox import outbox_backlog
 
     counts = ledger_counts()
-    waiting = OutboxMessage.objects.filter(published_at__isnull=True, not_before__gt=now).count()
+    backlog = outbox_backlog()
     return {
         **counts,
         "total": sum(counts.values()),
-        "backlog": outbox_backlog(),
-        "waiting_for_time": waiting,
+        "backlog": backlog,
+        "waiting_for_time": counts["unpublished"] - backlog,  # not published, and not due yet
         "oldest_age": ledger_oldest_age(),
     }
 
@@ -505,7 +505,7 @@ def snapshot(user: Any) -> dict[str, Read]:
     readers: dict[str, Callable[[], Any]] = {
         "dead_letters": lambda: dead_letter_overview(now),
         "schedules": lambda: schedules_overview(now),
-        "ledger": lambda: ledger_overview(now),
+        "ledger": ledger_overview,
     }
     for name, reader in readers.items():
         permission, what = PERMISSIONS.get(name, ("", ""))
