@@ -9,7 +9,7 @@ from jobs.exceptions import InvalidTaskArguments
 from jobs.ids import is_row_id
 from jobs.outcomes import Job
 from thumbnails import services
-from thumbnails.exceptions import CorruptImage, OriginalMissing, StorageUnavailable, UnprocessableImage
+from thumbnails.exceptions import StorageUnavailable
 from thumbnails.models import Image
 
 
@@ -17,8 +17,9 @@ class ThumbnailTask(JobTask):
     """`JobTask` whose give-up marks the image `failed` (a corrupt upload, a time limit, a pool
     process killed on every try), so no image stays `processing` with nothing left to move it."""
 
+    # A corrupt upload is a UserError, a missing original or an image Pillow cannot process a
+    # PermanentError: JobTask classifies those by their base class.
     transient_errors = (StorageUnavailable,)
-    permanent_errors = (CorruptImage, OriginalMissing, UnprocessableImage)
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         image_id = job.argument(0, "image_id")

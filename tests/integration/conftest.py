@@ -178,8 +178,10 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
 
 
 @pytest.fixture
-def start_worker(tmp_path, redis_server):
-    """Factory: `start_worker(**options)` starts a worker; all are stopped after the test."""
+def start_worker(tmp_path, redis_client):
+    """Factory: `start_worker(**options)` starts a worker; all are stopped after the test, before
+    `redis_client` empties the session's Redis (what a stopped worker gave back to the broker, a
+    task it was running with late acks, must not be run by the next test's worker)."""
     workers: list[WorkerProcess] = []
 
     def start(**options) -> WorkerProcess:
@@ -190,12 +192,6 @@ def start_worker(tmp_path, redis_server):
     yield start
     for worker in workers:
         worker.stop()
-    if workers:
-        # What a stopped worker gave back to the broker (a task it was running, with late acks) must
-        # not be run by the next test's worker: the session's Redis is left empty.
-        import redis
-
-        redis.Redis.from_url(redis_server.url).flushall()
 
 
 # --- a real browser -------------------------------------------------------------------------

@@ -120,16 +120,7 @@ def test_a_staff_member_sees_dead_letters_and_schedules_only_with_the_permission
     assert "<table" in section(html, "queues")  # the operator's counts stay
 
 
-@pytest.fixture
-def broker_down(monkeypatch):
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")  # Celery reads it before its settings
-    reset_broker_pools()
-    yield
-    monkeypatch.undo()
-    reset_broker_pools()
-
-
-def test_a_broker_that_does_not_answer_empties_only_what_it_feeds(client, staff, broker_down):
+def test_a_broker_that_does_not_answer_empties_only_what_it_feeds(client, staff, dead_broker):
     DeadLetterFactory()
     page = client.get(URL)
     assert page.status_code == 200
