@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.template.response import TemplateResponse
@@ -243,19 +243,22 @@ class DeadLetterAdmin(_DeadLetterAdmin):
         if request.POST.get("confirm") == "yes":
             return None
         pending = queryset.filter(status=DeadLetter.Status.PENDING)
-        permanent = (
-            pending.filter(reason=DeadLetter.Reason.PERMANENT_ERROR).count() if action.startswith("requeue") else 0
+        is_pending = Q(status=DeadLetter.Status.PENDING)
+        counts = queryset.aggregate(
+            total=Count("pk"),
+            pending=Count("pk", filter=is_pending),
+            permanent=Count("pk", filter=is_pending & Q(reason=DeadLetter.Reason.PERMANENT_ERROR)),
         )
         context = {
-            "permanent_count": permanent,
+            "permanent_count": counts["permanent"] if action.startswith("requeue") else 0,
             **self.admin_site.each_context(request),
             "title": f"{verb} dead letters?",
             "opts": self.model._meta,
             "action": action,
             "verb": verb,
             "selected": list(queryset.values_list("pk", flat=True)),
-            "pending_count": pending.count(),
-            "other_count": queryset.count() - pending.count(),
+            "pending_count": counts["pending"],
+            "other_count": counts["total"] - counts["pending"],
             "sample": pending.order_by("-failed_at")[:20],
             "action_checkbox_name": ACTION_CHECKBOX_NAME,
         }
@@ -496,7 +499,7 @@ class ApiTokenAdmin(_ApiTokenAdmin):
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
         count = api_tokens_revoke(tokens=queryset)
-        self.message_user(request, f"Revoked {count} token{'s' if count != 1 else ''}.", messages.SUCCESS)
+        self.message_user(request, f"Revoked {_plural(count, 'token', 'tokens')}.", messages.SUCCESS)
 
 
 @admin.register(Dashboard)

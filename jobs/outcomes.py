@@ -98,18 +98,24 @@ def job_gave_up(
         raw_message=raw_message,
         alert=alert,
     )
-    hook = getattr(task, "on_give_up", None)
-    told = True
-    if hook is not None:
-        error = f"{exc_type}: {exc_message}"[:2000]
-        try:
-            with_fresh_connection(lambda: hook(job, reason=reason, error=error), what="on_give_up")
-        except Exception:
-            told = False  # the ledger keeps the job: it runs again and its next give-up tells the app
-            logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
+    # When the app could not be told, the ledger keeps the job: it runs again and tells the app then.
+    told = _tell_app(task, job, reason=reason, error=f"{exc_type}: {exc_message}"[:2000])
     if row is not None and told:
         ledger_finish(job.task_id)
     return row
+
+
+def _tell_app(task: Any, job: Job, *, reason: str, error: str) -> bool:
+    """Calls the task's `on_give_up` hook, if it has one; False when the hook failed (logged)."""
+    hook = getattr(task, "on_give_up", None)
+    if hook is None:
+        return True
+    try:
+        with_fresh_connection(lambda: hook(job, reason=reason, error=error), what="on_give_up")
+    except Exception:
+        logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
+        return False
+    return True
 
 
 def job_refused_input(*, task: Any, job: Job, exc_type: str, user_message: str) -> None:
@@ -125,12 +131,7 @@ def job_refused_input(*, task: Any, job: Job, exc_type: str, user_message: str) 
         "job.user_error",
         extra={"task_id": job.task_id, "job_task": job.task_name, "error": f"{exc_type}: {user_message}"[:500]},
     )
-    hook = getattr(task, "on_give_up", None)
-    if hook is not None:
-        try:
-            with_fresh_connection(lambda: hook(job, reason=USER_ERROR, error=user_message[:2000]), what="on_give_up")
-        except Exception:
-            # The ledger keeps the job: it runs again, fails the same way, and tells the app then.
-            logger.exception("job.give_up_hook_failed", extra={"task_id": job.task_id, "job_task": job.task_name})
-            return
-    ledger_finish(job.task_id)
+    # When the app could not be told, the ledger keeps the job: it runs again, fails the same way,
+    # and tells the app then.
+    if _tell_app(task, job, reason=USER_ERROR, error=user_message[:2000]):
+        ledger_finish(job.task_id)

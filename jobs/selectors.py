@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -144,25 +143,13 @@ def queue_heads(queues: Iterable[str]) -> dict[str, list[str]]:
             for _, key in keys:
                 pipe.lindex(key, -1)  # kombu pushes on the left and takes from the right
             raw = pipe.execute()
+    from jobs.runtime.ledger import message_ids
+
     heads: dict[str, list[str]] = {name: [] for name in queues}
     for (name, _), message in zip(keys, raw, strict=True):
-        task_id = message_task_id(message)
-        if task_id:
-            heads[name].append(task_id)
+        if message:
+            heads[name].extend(message_ids([message]))
     return heads
-
-
-def message_task_id(raw: bytes | str | None) -> str | None:
-    """The task id of a message as kombu's Redis transport stores it (JSON, Celery's headers
-    inside), None when it is not one."""
-    if not raw:
-        return None
-    try:
-        message = json.loads(raw)
-        task_id = (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get("correlation_id")
-    except (ValueError, AttributeError, TypeError):
-        return None
-    return str(task_id) if task_id else None
 
 
 def dead_letter_failures() -> dict[tuple[str, str], int]:

@@ -217,12 +217,14 @@ def broker_view(*, limit: int | None = None) -> BrokerView:
         found: set[str] = set()
         for key, length in lengths.items():
             for start in range(0, length, 1000):
-                found.update(_ids(client.lrange(key, start, start + 999)))
-        found.update(_ids(client.hvals(channel.unacked_key)))
+                found.update(message_ids(client.lrange(key, start, start + 999)))
+        found.update(message_ids(client.hvals(channel.unacked_key)))
     return BrokerView(ids=found)
 
 
-def _ids(raw_messages: Iterable[bytes]) -> set[str]:
+def message_ids(raw_messages: Iterable[bytes]) -> set[str]:
+    """The task ids of messages as kombu's Redis transport stores them (JSON, Celery's headers
+    inside; in the unacked hash wrapped in a list)."""
     ids = set()
     for raw in raw_messages:
         try:
@@ -388,7 +390,7 @@ def ledger_oldest_age() -> float:
     now = timezone.now()
     due = OutboxMessage.objects.filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
     oldest = due.aggregate(oldest=Min(Coalesce("not_before", "created_at")))["oldest"]
-    return max((timezone.now() - oldest).total_seconds(), 0.0) if oldest else 0.0
+    return max((now - oldest).total_seconds(), 0.0) if oldest else 0.0
 
 
 def ledger_counts() -> dict[str, int]:
