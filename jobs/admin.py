@@ -414,6 +414,11 @@ class OutboxMessageAdmin(_OutboxMessageAdmin):
         "attempts",
         "last_error",
         "claimed_until",
+        "lease_owner",
+        "lease_until",
+        "started_at",
+        "runs",
+        "crashes",
     )
     fields = readonly_fields
     actions = ("publish_now",)
@@ -432,8 +437,11 @@ class OutboxMessageAdmin(_OutboxMessageAdmin):
     def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         from jobs.runtime.outbox import ledger_publish_now
 
-        task_ids = list(queryset.values_list("task_id", flat=True))
-        OutboxMessage.objects.filter(task_id__in=task_ids).update(published_at=None, not_before=None)
+        # A job a run holds is not published again: its lease says it runs.
+        task_ids = list(queryset.exclude(state=OutboxMessage.State.EXECUTING).values_list("task_id", flat=True))
+        OutboxMessage.objects.filter(task_id__in=task_ids).exclude(state=OutboxMessage.State.EXECUTING).update(
+            published_at=None, not_before=None, state=OutboxMessage.State.AVAILABLE
+        )
         published, error = ledger_publish_now(task_ids)
         noun = "job" if published == 1 else "jobs"
         self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)

@@ -40,6 +40,16 @@ DEFAULTS: dict[str, Any] = {
     "LEDGER_SWEEP_INTERVAL": 15.0,
     "LEDGER_LOST_AFTER": 60.0,
     "LEDGER_MISSING_GRACE": 30.0,
+    # Times the sweeper publishes one job again before it gives it up (dead letter
+    # `lost_repeatedly`): a message something keeps dropping must not circle for ever.
+    "LEDGER_REPUBLISH_LIMIT": 5,
+    # The start lease (jobs.runtime.store): a run holds its job for this many seconds, renewed
+    # every quarter of it; a lease not renewed for twice this long is a crash, and the job runs again.
+    "LEASE_SECONDS": 20.0,
+    # Retries and countdowns at most this long wait in the broker (Celery's ETA, held by a worker);
+    # longer ones wait in the job table and are published when due, checked every POLL seconds.
+    "HOLD_IN_BROKER_MAX": 5.0,
+    "SCHEDULE_POLL_INTERVAL": 1.0,
     # Task history written in batches (jobs.runtime.results), and task events published in batches.
     "RESULTS_FLUSH_INTERVAL": 0.5,
     "RESULTS_BUFFER_LIMIT": 10_000,

@@ -36,6 +36,18 @@ LEDGER_REPUBLISHED = Counter(
 )
 
 
+COPIES_SKIPPED = Counter(
+    "jobs_copies_skipped",
+    "Messages of a job that did not start its body: the job had ended, a live run held it, or it was "
+    "a message of an earlier attempt (by task and reason).",
+    ["task", "reason"],
+)
+
+
+def copy_skipped(*, task_name: str, reason: str) -> None:
+    COPIES_SKIPPED.labels(task=task_name, reason=reason).inc()
+
+
 def ledger_republished(*, task_name: str) -> None:
     LEDGER_REPUBLISHED.labels(task=task_name).inc()
 

@@ -26,6 +26,8 @@ class DeadLetter(models.Model):
         UNPUBLISHABLE = "unpublishable", "The broker cannot take the message"
         RETRY_REFUSED = "retry_refused", "The retry could not be scheduled"
         REVOKED = "revoked", "Revoked"
+        REJECTED = "rejected", "Rejected by the task"
+        LOST_REPEATEDLY = "lost_repeatedly", "Lost by the broker too many times"
 
     task_name = models.CharField(max_length=200, db_index=True, help_text="The task's registered name.")
     task_id = models.CharField(max_length=64, db_index=True, help_text="Id of the latest attempt that failed.")
@@ -130,14 +132,22 @@ class DailyReport(models.Model):
 
 
 class OutboxMessage(models.Model):
-    """The ledger of an accepted job: written in the same transaction as the data it is about,
-    kept until the job has finished (done, or dead-lettered).
+    """The job table: one row per accepted job, from the moment it is accepted (written in the
+    same transaction as the data it is about) until it has finished (the row is deleted; a job
+    given up is kept as its dead letter). Every write goes through `jobs.runtime.store`.
 
-    The broker is the fast path; this row is the record. A row never published (the broker did
-    not answer, or a retry's publish was refused) is published by the relay; a published row whose
-    message the broker no longer holds (restarted empty, failed over, dropped it) is republished by
-    the sweeper, with the same task id. See `jobs.runtime.ledger`.
+    The broker carries the message; this row says what is true. A job is `scheduled` (waits here
+    for its time), `available` (published, or to be published by the relay), `executing` (one run
+    holds its start lease until `lease_until`, renewed while it runs) or `retryable` (failed,
+    waits here for its next attempt). A copy of its message that finds the row finished, or
+    leased by a live run, does nothing (see `jobs.runtime.store`).
     """
+
+    class State(models.TextChoices):
+        SCHEDULED = "scheduled", "Scheduled"
+        AVAILABLE = "available", "Available"
+        EXECUTING = "executing", "Executing"
+        RETRYABLE = "retryable", "Retryable"
 
     task_name = models.CharField(max_length=200)
     task_id = models.CharField(max_length=64, unique=True)
@@ -145,6 +155,11 @@ class OutboxMessage(models.Model):
     kwargs = models.JSONField(default=dict)
     options = models.JSONField(default=dict, help_text="Publish options: queue, countdown, priority, headers.")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Columns added after the first release carry a database default as well: a web or worker of
+    # the previous release still inserts rows while the new one rolls out (docs/operations.md).
+    state = models.CharField(
+        max_length=16, choices=State.choices, default=State.AVAILABLE, db_default=State.AVAILABLE, editable=False
+    )
     attempts = models.PositiveIntegerField(default=0, editable=False, help_text="Publishes the broker refused.")
     last_error = models.TextField(blank=True)
     published_at = models.DateTimeField(
@@ -165,20 +180,46 @@ class OutboxMessage(models.Model):
     )
     claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
     claim = models.CharField(max_length=32, blank=True, editable=False)
+    lease_owner = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        db_default="",
+        editable=False,
+        help_text="The run holding the start lease: worker, process, run token.",
+    )
+    lease_until = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="The start lease holds until then (database time)."
+    )
+    started_at = models.DateTimeField(null=True, blank=True, editable=False, help_text="When its latest run started.")
+    runs = models.PositiveIntegerField(
+        default=0, db_default=0, editable=False, help_text="Times its body was started, all attempts together."
+    )
+    crashes = models.PositiveIntegerField(
+        default=0, db_default=0, editable=False, help_text="Runs whose lease lapsed (the process running it died)."
+    )
 
     class Meta:
         ordering = ["created_at", "id"]
         verbose_name = "unfinished job"
         verbose_name_plural = "unfinished jobs (ledger)"
-        indexes = [models.Index(fields=["published_at"], name="outbox_published_at")]
+        indexes = [
+            models.Index(fields=["published_at"], name="outbox_published_at"),
+            models.Index(fields=["state", "not_before"], name="job_state_due"),
+            models.Index(fields=["state", "lease_until"], name="job_state_lease"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}]"
 
     @property
-    def state(self) -> str:
+    def state_label(self) -> str:
+        if self.state == self.State.EXECUTING:
+            return "executing"
         if self.published_at is None:
-            return "waiting for its time" if self.not_before else "waiting to be published"
+            if self.not_before:
+                return "retrying" if self.state == self.State.RETRYABLE else "waiting for its time"
+            return "waiting to be published"
         return "missing from the broker" if self.missing_since else "published"
 
 

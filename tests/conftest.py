@@ -74,6 +74,17 @@ def _media_root(tmp_path, settings):
     settings.TEMP_ROOT.mkdir()
 
 
+@pytest.fixture(autouse=True)
+def _lease_keeper_in_the_test(monkeypatch):
+    """The job table's keeper (jobs.runtime.store) works in a thread of its own in a worker; in
+    the test process a test drives it (`flush_pending`) in its own thread and transaction, and
+    nothing kept leaks into the next test."""
+    from jobs.runtime import store
+
+    monkeypatch.setattr(store.Keeper, "_ensure_thread", lambda self: None)
+    monkeypatch.setattr(store, "_keeper_instance", None)
+
+
 # --- no silent skips in CI ----------------------------------------------------------------------
 
 ALLOWED_SKIPS_VARIABLE = "TEST_ALLOWED_SKIPS"

@@ -53,6 +53,12 @@ def _enter_task(task_id: str | None = None, task: Task[..., Any] | None = None, 
     task_id_var.set(task_id)
     task_name_var.set(getattr(task, "name", None))
     _recycle_connections(request)
+    if request is not None:
+        from jobs.runtime.task import SKIP_ATTRIBUTE, lease_take
+
+        lease_take(request)
+        if getattr(request, SKIP_ATTRIBUTE, None) is not None:
+            return
     starting = getattr(task, "attempt_starting", None)
     if starting is not None:
         starting()
@@ -143,8 +149,8 @@ def _leave_task(
     task_id_var.set(None)
     task_name_var.set(None)
     request = getattr(task, "request", None)
-    if task_id and getattr(request, "jobs_ledger", None):
-        _ledger_end(task, task_id, state)
+    if task_id and request is not None and getattr(request, "jobs_run", None) is not None:
+        _ledger_end(task, request, task_id, state, kwargs.get("retval"))
     _recycle_connections(request)
 
 
@@ -161,26 +167,73 @@ def _recycle_connections(request: Context | None) -> None:
     recycle_between_tasks()
 
 
-def _ledger_end(task: Task[..., Any] | None, task_id: str, state: str | None) -> None:
-    """A job kept in the ledger has ended in this pool process: forget it. A JobTask's failure
-    is forgotten by the failure path, and only once its dead letter is safe."""
+def _ledger_end(
+    task: Task[..., Any] | None, request: Context, task_id: str, state: str | None, retval: Any = None
+) -> None:
+    """A run of the job table has ended in this pool process: its row follows (see
+    `jobs.runtime.store`). A JobTask's failure is finished by the failure path, and only once its
+    dead letter is safe; a retry of a JobTask was written by the task itself."""
     from celery import states
 
-    from jobs.runtime.ledger import ledger_finish
+    from jobs.runtime.store import job_finish, job_release, job_retry, run_ended
 
+    run = request.jobs_run  # type: ignore[attr-defined]  # set by jobs.runtime.task.lease_take
     is_job_task = getattr(task, "on_give_up", None) is not None
-    if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
-        if getattr(task, "ledger_after_result", False):
-            _result_with_ledger(task_id)
-            return
-        ledger_finish(task_id)
+    try:
+        if state in {states.SUCCESS, states.IGNORED} or (state == states.FAILURE and not is_job_task):
+            if getattr(task, "ledger_after_result", False):
+                _result_with_ledger(task_id, run.owner)
+                return
+            job_finish(task_id, owner=run.owner)
+        elif state == states.RETRY and not getattr(request, "jobs_retry_written", False):
+            # A plain task's own `self.retry()`: its message is out already; the row follows.
+            job_retry(task_id, retries=int(request.retries or 0) + 1, postponed=0, delay=0, owner=run.owner)
+        elif state == states.REJECTED and not getattr(request, "jobs_retry_written", False):
+            _rejected(task, request, task_id, run, retval)
+        elif state not in {states.FAILURE, states.RETRY, states.REJECTED}:
+            job_release(task_id, owner_prefix=run.owner)
+    finally:
+        run_ended(task_id)
 
 
-def _result_with_ledger(task_id: str) -> None:
+def _rejected(task: Task[..., Any] | None, request: Context, task_id: str, run: Any, exc: Any) -> None:
+    """The task raised `Reject`: given back (requeue), the row is available for the message that
+    comes back; dropped, the job ends (a JobTask's as a dead letter)."""
+    from jobs.models import DeadLetter
+    from jobs.runtime.store import job_finish, job_release
+
+    if getattr(exc, "requeue", False):
+        job_release(task_id, owner_prefix=run.owner)
+        return
+    if getattr(task, "on_give_up", None) is None:
+        job_finish(task_id, owner=run.owner)
+        return
+    from jobs.outcomes import Job, job_gave_up
+
+    delivery = request.delivery_info or {}
+    job_gave_up(
+        task=task,
+        job=Job(
+            task_name=str(getattr(task, "name", "") or ""),
+            task_id=task_id,
+            args=tuple(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            retries=int(request.retries or 0),
+            queue=str(delivery.get("routing_key") or ""),
+            request_id=str(getattr(request, "request_id", None) or ""),
+            dead_letter_id=getattr(request, "dead_letter_id", None),
+        ),
+        reason=getattr(request, "jobs_reason", None) or DeadLetter.Reason.REJECTED,
+        exc_type="Reject",
+        exc_message=str(getattr(exc, "reason", None) or "the task rejected its message without requeue"),
+        worker=str(request.hostname or ""),
+    )
+
+
+def _result_with_ledger(task_id: str, owner: str) -> None:
     """A Django task's end: its final state, waiting in this process's buffer, is written in the
     transaction that deletes its ledger row (`get_result` reads one or the other, never neither).
-    When the database will not take it, the row stays in the buffer and the ledger row stays:
-    the sweeper may run the job once more, as for any job whose end could not be recorded."""
+    When the database will not take it, both are written later by the process's keeper."""
     from jobs.db import with_fresh_connection
     from jobs.runtime.results import entry_row, results_buffered, results_write
 
@@ -192,10 +245,11 @@ def _result_with_ledger(task_id: str) -> None:
         logger.warning("results.not_stored", extra={"task_id": task_id}, exc_info=True)
         entry, rows = None, []
     try:
-        with_fresh_connection(lambda: results_write(rows, ledger_done=[task_id]), what="result_and_ledger")
+        with_fresh_connection(lambda: results_write(rows, ledger_done=[(task_id, owner)]), what="result_and_ledger")
     except Exception as exc:  # noqa: BLE001 - never fail a task's end on its bookkeeping
-        if entry is not None and buffer is not None:
-            buffer.add(entry)
-        logger.warning(
-            "ledger.finish_failed", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        )
+        # Kept and retried in the background, the lease renewed meanwhile: the end is written
+        # once the database answers, and the sweeper never takes the job for a crashed one.
+        from jobs.runtime.store import keep_write
+
+        logger.warning("ledger.finish_kept", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        keep_write(task_id, owner, lambda: results_write(rows, ledger_done=[(task_id, owner)]))

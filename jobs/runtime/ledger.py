@@ -36,16 +36,22 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from django.db import connection
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
 from jobs.db import with_fresh_connection
-from jobs.models import OutboxMessage
+from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
-from jobs.runtime.outbox import drop_expired_ticks, ledger_claim, outbox_relay, publish_claimed
+from jobs.runtime.outbox import (
+    CLAIM_TTL,
+    drop_expired_ticks,
+    ledger_claim,
+    outbox_relay,
+    outbox_relay_due,
+    publish_claimed,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -65,25 +71,12 @@ _TASK_ID = re.compile(rb'"id": ?"([^"]{1,64})"')
 
 
 def ledger_finish(task_id: str) -> bool:
-    """Forgets a job that has finished (succeeded, or dead-lettered). One DELETE, in autocommit,
-    reconnecting once when the connection died. False when the row could not be deleted: the
-    sweeper may then run the job once more, which the apps' tasks tolerate."""
-    if not task_id:
-        return False
-    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    """Forgets a job that has finished (succeeded, or dead-lettered): its row is deleted, only
+    while this process's run of it (if it holds one) still owns it (`jobs.runtime.store`). A
+    delete the database does not take now is kept and retried in the background."""
+    from jobs.runtime.store import job_finish
 
-    def delete() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(f"DELETE FROM {table} WHERE task_id = %s", [task_id])  # noqa: S608 - our own table
-
-    try:
-        with_fresh_connection(delete, what="ledger_finish", attempts=2, pause=0.2)
-    except Exception as exc:  # noqa: BLE001 - never fail a task's end on its bookkeeping
-        logger.warning(
-            "ledger.finish_failed", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        )
-        return False
-    return True
+    return job_finish(task_id)
 
 
 def ledger_defer_retry(
@@ -115,6 +108,9 @@ def ledger_defer_retry(
             # The retry's own headers (request id, dead letter id) win over what was first stored.
             merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
             OutboxMessage.objects.filter(pk=row.pk).update(
+                state=OutboxMessage.State.RETRYABLE,
+                lease_owner="",
+                lease_until=None,
                 published_at=None,
                 not_before=not_before,
                 retries=retries,
@@ -128,6 +124,7 @@ def ledger_defer_retry(
             OutboxMessage.objects.create(
                 task_name=task_name,
                 task_id=task_id,
+                state=OutboxMessage.State.RETRYABLE,
                 args=list(args or ()),
                 kwargs=dict(kwargs or {}),
                 options={**options, "headers": headers},
@@ -148,46 +145,57 @@ def ledger_defer_retry(
     return True
 
 
-def ledger_note_retry(task_id: str, *, retries: int, postponed: int, headers: dict[str, Any] | None = None) -> None:
-    """A ledger job scheduled a retry: the row keeps the count (and the `headers` the task carries
-    on to its next attempt), so a job the sweeper brings back resumes with the retries it has used.
-    One UPDATE per retry (not per task), and a read when there are headers; best effort."""
-    try:
-        rows = OutboxMessage.objects.filter(task_id=task_id)
-        if headers:
-            row = rows.only("options").first()
-            if row is not None:
-                options = dict(row.options or {})
-                options["headers"] = {**(options.get("headers") or {}), **headers}
-                rows.update(retries=retries, postponed=postponed, options=options)
-                return
-        rows.update(retries=retries, postponed=postponed)
-    except Exception as exc:  # noqa: BLE001 - a lost count means at most a few more retries
-        logger.warning(
-            "ledger.retry_not_noted", extra={"task_id": task_id, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        )
-
-
 # --- what the broker and the workers hold -----------------------------------------------------
 
 
 class BrokerView:
     """What a sweep could learn from the broker: the task ids it holds (Redis), or only how many
-    messages wait ready in each queue (RabbitMQ), or nothing (`skipped`: not judged this round)."""
+    messages wait ready in each queue (RabbitMQ), or nothing (`skipped`: not judged this round).
+    `unjudged` names queues too long to read this round: their jobs are not judged."""
 
-    def __init__(self, *, ids: set[str] | None = None, depths: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, *, ids: set[str] | None = None, depths: dict[str, int] | None = None, unjudged: set[str] | None = None
+    ) -> None:
         self.ids = ids
         self.depths = depths
+        self.unjudged = unjudged or set()
 
     @property
     def skipped(self) -> bool:
         return self.ids is None and self.depths is None
 
 
+def _prefixed(client: Any, command: str, key: str) -> str:
+    """`key` as kombu's Redis transport stores it: with the broker's `global_keyprefix`, which
+    kombu's client adds itself only for the commands it knows (not LRANGE or HVALS)."""
+    if command in getattr(type(client), "PREFIXED_SIMPLE_COMMANDS", ()):
+        return key
+    return str(getattr(client, "global_keyprefix", "") or "") + key
+
+
+def read_list(client: Any, key: str, *, limit: int, page: int = 1000) -> list[bytes] | None:
+    """Every message of one of kombu's lists, read from its tail (the oldest end: kombu pushes at
+    the head and takes from the tail, so pages counted from the tail do not shift as producers
+    push), page after page until a page comes back empty: the list is re-measured as it is read.
+    None past `limit` messages (not judged)."""
+    key = _prefixed(client, "LRANGE", key)
+    found: list[bytes] = []
+    start = 0
+    while True:
+        chunk = client.lrange(key, -(start + page), -(start + 1))
+        if not chunk:
+            return found
+        found.extend(chunk)
+        start += page
+        if start >= limit:
+            return None
+
+
 def broker_view(*, limit: int | None = None) -> BrokerView:
     """On Redis, the task ids of every message the broker holds (queued, or delivered and not
-    acknowledged); past `limit` queued messages, nothing (the backlog is drained first). On
-    other brokers, the ready depth of each queue (a passive declare)."""
+    acknowledged); a queue with more than `limit` messages is left unjudged (its backlog is
+    drained first), the others are judged as usual. On other brokers, the ready depth of each
+    queue (a passive declare)."""
     from celery import current_app
 
     limit = SCAN_LIMIT if limit is None else limit
@@ -206,20 +214,20 @@ def broker_view(*, limit: int | None = None) -> BrokerView:
             return BrokerView(depths=depths)
         channel = cast("RedisChannel", channel)  # broker_is_redis: kombu's Redis transport
         client = channel.client
-        # _q_for_pri (the key of a queue's priority level) is private: not in kombu's stubs.
-        keys = [channel._q_for_pri(queue.name, priority) for queue in queues for priority in channel.priority_steps]  # type: ignore[attr-defined]
-        lengths = {key: client.llen(key) for key in keys}
-        if sum(lengths.values()) > limit:
-            logger.warning(
-                "ledger.sweep_skipped", extra={"reason": "backlog too large", "messages": sum(lengths.values())}
-            )
-            return BrokerView()
         found: set[str] = set()
-        for key, length in lengths.items():
-            for start in range(0, length, 1000):
-                found.update(message_ids(client.lrange(key, start, start + 999)))
-        found.update(message_ids(client.hvals(channel.unacked_key)))
-    return BrokerView(ids=found)
+        unjudged: set[str] = set()
+        for queue in queues:
+            # _q_for_pri (the key of a queue's priority level) is private: not in kombu's stubs.
+            for priority in channel.priority_steps:
+                messages = read_list(client, channel._q_for_pri(queue.name, priority), limit=limit)  # type: ignore[attr-defined]
+                if messages is None:
+                    unjudged.add(queue.name)
+                    break
+                found.update(message_ids(messages))
+        if unjudged:
+            logger.warning("ledger.sweep_skipped", extra={"reason": "backlog too large", "queues": sorted(unjudged)})
+        found.update(message_ids(client.hvals(_prefixed(client, "HVALS", channel.unacked_key))))
+    return BrokerView(ids=found, unjudged=unjudged)
 
 
 def message_ids(raw_messages: Iterable[bytes]) -> set[str]:
@@ -274,43 +282,48 @@ def workers_reserved_ids(*, client: redis.Redis | None = None) -> set[str]:
 # --- the sweep ----------------------------------------------------------------------------------
 
 
-def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
-    """Republishes the published jobs whose message the broker no longer holds (see the module's
-    docstring). Returns counts: candidates, missing (seen gone once), republished."""
+def _queue_of(task_name: str, options: dict[str, Any]) -> str:
     from celery import current_app
 
+    queue = (options or {}).get("queue") or current_app.amqp.router.route({}, task_name).get("queue")
+    return str(getattr(queue, "name", queue) or jobs_settings.default_queue)
+
+
+def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
+    """Brings back the jobs that would otherwise wait for ever (see the module's docstring): runs
+    whose lease lapsed (their process or worker died), then published jobs whose message the
+    broker no longer holds. Returns counts: reclaimed, candidates, missing (seen gone once),
+    republished, given_up."""
     now = timezone.now()
     lost_after = timedelta(seconds=jobs_settings.LEDGER_LOST_AFTER)
     grace = timedelta(seconds=jobs_settings.LEDGER_MISSING_GRACE)
+    result = {"reclaimed": ledger_reclaim(limit=limit), "candidates": 0, "missing": 0, "republished": 0}
+    # Only jobs no run has started: a started one is the lease's business.
     candidates = list(
-        OutboxMessage.objects.filter(published_at__lt=now - lost_after)
+        OutboxMessage.objects.filter(state=OutboxMessage.State.AVAILABLE, published_at__lt=now - lost_after)
         .order_by("published_at")
         .values_list("pk", "task_id", "task_name", "options", "missing_since", "published_at")[:limit]
     )
-    result = {"candidates": len(candidates), "missing": 0, "republished": 0}
+    result["candidates"] = len(candidates)
     if not candidates:
         return result
     view = broker_view()
     if view.skipped:
         return result
+    candidates = [row for row in candidates if _queue_of(row[2], row[3]) not in view.unjudged]
     in_workers = workers_reserved_ids()
     if view.ids is None:
         # Queues that cannot be read: a job is gone only when it is older than anything the broker
         # may legitimately hold, no worker holds it, and its queue has no message waiting at all.
         cutoff = now - timedelta(seconds=jobs_settings.visibility_timeout + 60)
         depths = view.depths or {}
-
-        def queue_of(task_name: str, options: dict[str, Any]) -> str:
-            queue = (options or {}).get("queue") or current_app.amqp.router.route({}, task_name).get("queue")
-            return str(getattr(queue, "name", queue) or jobs_settings.default_queue)
-
         gone = [
             pk
             for pk, task_id, name, options, _missing, published in candidates
             if published is not None
             and published < cutoff
             and task_id not in in_workers
-            and depths.get(queue_of(name, options), 1) == 0
+            and depths.get(_queue_of(name, options), 1) == 0
         ]
         judged = {"published_at__lt": cutoff}
     else:
@@ -330,16 +343,90 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
     return result
 
 
+def ledger_reclaim(*, limit: int = 500) -> int:
+    """Runs whose lease lapsed (`jobs.runtime.store`: their process or worker died): the job is
+    published again, once per crash; one whose runs died `JOBS_WORKER_LOST_LIMIT` times is given
+    up (dead letter `worker_lost`). Returns how many were published."""
+    from jobs import metrics
+    from jobs.runtime.store import jobs_lapsed, jobs_reclaim
+
+    lapsed = jobs_lapsed(limit=limit)
+    if not lapsed:
+        return 0
+    limit_crashes = int(jobs_settings.WORKER_LOST_LIMIT)
+    doomed = [row for row in lapsed if row.crashes + 1 >= limit_crashes]
+    for row in doomed:
+        _give_up(
+            row,
+            reason=DeadLetter.Reason.WORKER_LOST,
+            exc_type="WorkerLost",
+            message=f"the process running this job died {row.crashes + 1} times; quarantined",
+        )
+    claim = uuid.uuid4().hex
+    alive = [row.pk for row in lapsed if row not in doomed]
+    if not alive:
+        return 0
+    jobs_reclaim(alive, claim=claim, claimed_until=timezone.now() + CLAIM_TTL)
+    rows = list(OutboxMessage.objects.filter(claim=claim, pk__in=alive).order_by("pk"))
+    for row in rows:
+        logger.warning(
+            "ledger.lease_lapsed",
+            extra={"task_id": row.task_id, "ledger_task": row.task_name, "crashes": row.crashes},
+        )
+        metrics.ledger_republished(task_name=row.task_name)
+    published, _failed, _unpublishable = publish_claimed(rows)
+    return published
+
+
+def _give_up(row: OutboxMessage, *, reason: str, exc_type: str, message: str) -> None:
+    """A job the sweeper stops bringing back: it ends through the failure path (dead letter)."""
+    from celery import current_app
+
+    from jobs.outcomes import Job, job_gave_up
+
+    headers = dict((row.options or {}).get("headers") or {})
+    job_gave_up(
+        task=current_app.tasks.get(row.task_name),
+        job=Job(
+            task_name=row.task_name,
+            task_id=row.task_id,
+            args=tuple(row.args or ()),
+            kwargs=dict(row.kwargs or {}),
+            retries=row.retries,
+            queue=_queue_of(row.task_name, row.options),
+            request_id=str(headers.get("request_id") or ""),
+            dead_letter_id=headers.get("dead_letter_id"),
+        ),
+        reason=reason,
+        exc_type=exc_type,
+        exc_message=message,
+        worker="ledger sweeper",
+    )
+
+
 def _republish(ids: list[int], judged: dict[str, Any]) -> int:
     """Claims and publishes the rows judged lost, only while they still are as judged: a sweep
-    running beside this one (another worker, beat's) that republished one first has changed it."""
+    running beside this one (another worker, beat's) that republished one first has changed it.
+    A job lost `JOBS_LEDGER_REPUBLISH_LIMIT` times is given up instead (dead letter)."""
     from django.db.models import F
 
     from jobs import metrics
 
-    rows = OutboxMessage.objects.filter(pk__in=ids, published_at__isnull=False, **judged)
+    rows = OutboxMessage.objects.filter(
+        pk__in=ids, state=OutboxMessage.State.AVAILABLE, published_at__isnull=False, **judged
+    )
     _claim, claimed = ledger_claim(rows, limit=len(ids))
     claimed = drop_expired_ticks(claimed)
+    cap = int(jobs_settings.LEDGER_REPUBLISH_LIMIT)
+    over = [row for row in claimed if row.republished >= cap]
+    for row in over:
+        _give_up(
+            row,
+            reason=DeadLetter.Reason.LOST_REPEATEDLY,
+            exc_type="LostRepeatedly",
+            message=f"the broker lost this job's message {row.republished + 1} times",
+        )
+    claimed = [row for row in claimed if row not in over]
     for row in claimed:
         logger.warning(
             "ledger.republishing",
@@ -428,13 +515,25 @@ class Sweeper:
     def _loop(self) -> None:
         from jobs.db import close_connection, drop_stale_connection
 
-        while not self.stopped.wait(self.interval):
+        poll = max(float(jobs_settings.SCHEDULE_POLL_INTERVAL), 0.1)
+        next_sweep = time.monotonic() + self.interval
+        while not self.stopped.wait(min(poll, self.interval)):
+            sweep = time.monotonic() >= next_sweep
             try:
                 drop_stale_connection()
-                with_fresh_connection(
-                    lambda: ledger_run(token=self.token, ttl=self.interval * 2 + 30), what="ledger_sweep", attempts=2
-                )
+                if sweep:
+                    next_sweep = time.monotonic() + self.interval
+                    with_fresh_connection(
+                        lambda: ledger_run(token=self.token, ttl=self.interval * 2 + 30),
+                        what="ledger_sweep",
+                        attempts=2,
+                    )
+                else:
+                    # Jobs waiting in the table for their time: published within a poll of it.
+                    outbox_relay_due()
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 logger.warning("ledger.sweep_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                close_connection()
             finally:
-                close_connection()  # this thread's own connection: never left to go stale
+                if sweep:
+                    close_connection()  # this thread's own connection: never left to go stale

@@ -21,6 +21,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
+from jobs.conf import jobs_settings
 from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
@@ -55,8 +56,26 @@ def enqueue(
     request_id = request_id or get_request_id()
     if request_id:
         headers.setdefault("request_id", request_id)
+    not_before = None
+    countdown = options.get("countdown")
+    if countdown is not None:
+        try:
+            countdown = float(countdown)
+        except (TypeError, ValueError):
+            raise TypeError(f"countdown must be a number of seconds, not {countdown!r}") from None
+        if countdown != countdown or countdown < 0:  # NaN, or the past
+            raise ValueError(f"countdown must be a number of seconds >= 0, not {countdown!r}")
+        if countdown > float(jobs_settings.HOLD_IN_BROKER_MAX):
+            # A long wait is kept in the job table, not in a worker's memory: published when due.
+            not_before = timezone.now() + timedelta(seconds=countdown)
+            options.pop("countdown")
     return ledger_add(
-        task if isinstance(task, str) else task.name, args=args, kwargs=kwargs, headers=headers, **options
+        task if isinstance(task, str) else task.name,
+        args=args,
+        kwargs=kwargs,
+        headers=headers,
+        not_before=not_before,
+        **options,
     )
 
 
@@ -76,6 +95,7 @@ def ledger_add(
     message = OutboxMessage.objects.create(
         task_name=task_name,
         task_id=task_id or str(uuid.uuid4()),
+        state=OutboxMessage.State.AVAILABLE if not_before is None else OutboxMessage.State.SCHEDULED,
         args=list(args),
         kwargs=dict(kwargs or {}),
         options={**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
@@ -169,10 +189,14 @@ def outbox_relay(*, limit: int = 500) -> dict[str, int]:
     queue that no longer exists) is dead-lettered instead of blocking the rows behind it."""
 
     now = timezone.now()
-    due = OutboxMessage.objects.filter(published_at__isnull=True).filter(
-        Q(not_before__isnull=True, attempts__gt=0)
-        | Q(not_before__isnull=True, created_at__lt=now - RELAY_GRACE)
-        | Q(not_before__lte=now)
+    due = (
+        OutboxMessage.objects.filter(published_at__isnull=True)
+        .exclude(state=OutboxMessage.State.EXECUTING)
+        .filter(
+            Q(not_before__isnull=True, attempts__gt=0)
+            | Q(not_before__isnull=True, created_at__lt=now - RELAY_GRACE)
+            | Q(not_before__lte=now)
+        )
     )
     _claim, rows = ledger_claim(due, limit=limit)
     published, failed, unpublishable = publish_claimed(rows)
@@ -182,6 +206,19 @@ def outbox_relay(*, limit: int = 500) -> dict[str, int]:
             extra={"published": published, "failed": failed, "unpublishable": unpublishable},
         )
     return {"published": published, "failed": failed, "waiting": outbox_backlog()}
+
+
+def outbox_relay_due(*, limit: int = 500) -> int:
+    """Publishes the jobs waiting in the table whose time has come (`scheduled`, `retryable`):
+    one indexed query when none is due, run every `JOBS_SCHEDULE_POLL_INTERVAL` seconds."""
+    due = OutboxMessage.objects.filter(
+        state__in=(OutboxMessage.State.SCHEDULED, OutboxMessage.State.RETRYABLE),
+        not_before__lte=timezone.now(),
+        published_at__isnull=True,
+    )
+    _claim, rows = ledger_claim(due, limit=limit)
+    published, _failed, _unpublishable = publish_claimed(rows)
+    return published
 
 
 def drop_expired_ticks(rows: list[OutboxMessage]) -> list[OutboxMessage]:
@@ -241,8 +278,13 @@ def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
                 _publish_failed(message, exc)
                 break
             published.append(message.pk)
-    OutboxMessage.objects.filter(pk__in=published).update(
-        published_at=timezone.now(), missing_since=None, not_before=None, claim="", claimed_until=None
+    OutboxMessage.objects.filter(pk__in=published).exclude(state=OutboxMessage.State.EXECUTING).update(
+        state=OutboxMessage.State.AVAILABLE,
+        published_at=timezone.now(),
+        missing_since=None,
+        not_before=None,
+        claim="",
+        claimed_until=None,
     )
     OutboxMessage.objects.filter(pk__in=[row.pk for row in rows]).exclude(pk__in=published).update(
         claim="", claimed_until=None

@@ -113,10 +113,10 @@ def _upsert_sql(db: Any) -> str:
     )
 
 
-def results_write(rows: Iterable[Row], *, ledger_done: Iterable[str] = ()) -> int:
-    """Writes `rows` (one per task id) in one transaction, and deletes the ledger rows of the
-    finished jobs `ledger_done` in it; returns how many rows were sent. Raises the database's
-    error."""
+def results_write(rows: Iterable[Row], *, ledger_done: Iterable[tuple[str, str]] = ()) -> int:
+    """Writes `rows` (one per task id) in one transaction, and deletes the job table's rows of
+    the finished jobs `ledger_done` (task id, the run's lease owner) in it, each only while that
+    run holds it; returns how many rows were sent. Raises the database's error."""
     rows = list(rows)
     done = sorted(ledger_done)
     if not rows and not done:
@@ -140,10 +140,11 @@ def results_write(rows: Iterable[Row], *, ledger_done: Iterable[str] = ()) -> in
             from jobs.models import OutboxMessage
 
             table = db.ops.quote_name(OutboxMessage._meta.db_table)
-            for start in range(0, len(done), CHUNK):
-                chunk = done[start : start + CHUNK]
-                marks = ", ".join(["%s"] * len(chunk))
-                cursor.execute(f"DELETE FROM {table} WHERE task_id IN ({marks})", chunk)  # noqa: S608 - our table
+            owner = db.ops.quote_name("lease_owner")
+            cursor.executemany(
+                f"DELETE FROM {table} WHERE task_id = %s AND {owner} = %s",  # noqa: S608 - our table
+                [[task_id, lease] for task_id, lease in done],
+            )
     return len(rows)
 
 

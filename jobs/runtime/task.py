@@ -37,6 +37,7 @@ from jobs.models import DeadLetter
 from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
+from jobs.runtime.store import Run, Skip, job_retry, job_start_waiting
 
 logger = logging.getLogger("jobs.task")
 
@@ -86,6 +87,50 @@ def is_transient_by_default(exc: BaseException) -> bool:
 VISIBILITY_MARGIN = 0.9
 #: Message header counting the postponements (`RetryLater`) among a job's retries.
 POSTPONED_HEADER = "jobs_postponed"
+#: Where a request keeps its run of the job table (`jobs.runtime.store.Run`), or why it skipped.
+RUN_ATTRIBUTE = "jobs_run"
+SKIP_ATTRIBUTE = "jobs_skip"
+
+
+def lease_take(request: Any) -> None:
+    """Before a job of the table starts (`task_prerun`, any task class): takes its start lease,
+    or notes why this message must not start the body (`skip_copy` then acknowledges it). When
+    the database does not answer, the message goes back to the broker: nothing may start unleased."""
+    if not getattr(request, LEDGER_HEADER, None) or getattr(request, "is_eager", False) or request.called_directly:
+        return
+    if getattr(request, RUN_ATTRIBUTE, None) is not None or getattr(request, SKIP_ATTRIBUTE, None) is not None:
+        return
+    from django.db import DatabaseError
+
+    try:
+        outcome = job_start_waiting(request.id, retries=int(request.retries or 0), hostname=request.hostname or "")
+    except DatabaseError as exc:
+        logger.warning("job.lease_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        setattr(request, SKIP_ATTRIBUTE, "database")
+        return
+    if isinstance(outcome, Run):
+        setattr(request, RUN_ATTRIBUTE, outcome)
+    else:
+        setattr(request, SKIP_ATTRIBUTE, outcome)
+
+
+def skip_copy(request: Any) -> None:
+    """Raises what ends a message that must not start its job's body: `Ignore` (acknowledged:
+    a copy, or the job has ended), or `Reject(requeue=True)` (given back: the database did not
+    answer, or the previous attempt has not handed the row over yet)."""
+    skip = getattr(request, SKIP_ATTRIBUTE, None)
+    if skip is None:
+        return
+    from jobs import metrics
+
+    if skip in {"database", Skip.EARLY}:
+        import time
+
+        time.sleep(1.0)  # not a hot loop of deliveries while the database is away
+        raise Reject(f"job not started: {skip}", requeue=True)
+    metrics.copy_skipped(task_name=str(request.task or ""), reason=str(skip))
+    logger.info("job.copy_skipped", extra={"reason": str(skip), "retries": request.retries or 0})
+    raise Ignore()
 
 
 class Quarantined(PermanentError):
@@ -171,10 +216,11 @@ class JobTask(MeteredTask):
         cap = jobs_settings.TASK_RETRY_BACKOFF_MAX if self.backoff_max is None else self.backoff_max
         return base, cap
 
-    def retry_countdown(self, attempt: int) -> float:
-        """Seconds before retry `attempt` (1-based), below the broker's visibility timeout."""
+    def retry_countdown(self, attempt: int, *, capped: bool = True) -> float:
+        """Seconds before retry `attempt` (1-based), below the broker's visibility timeout
+        (`capped`; a job of the job table waits there instead, uncapped)."""
         base, cap = self.backoff_policy()
-        return retry_delay(attempt, base=base, cap=cap, ceiling=self.retry_ceiling())
+        return retry_delay(attempt, base=base, cap=cap, ceiling=self.retry_ceiling() if capped else None)
 
     def retry_ceiling(self) -> float | None:
         """The longest a retry may wait on Redis: a held retry must be run (and acknowledged)
@@ -197,6 +243,7 @@ class JobTask(MeteredTask):
         request = self.request
         if request.called_directly:  # a plain function call, in tests or from other code
             return self.run(*args, **kwargs)
+        skip_copy(request)
         return self._run_attempt(request, args, kwargs)
 
     def _run_attempt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -208,7 +255,13 @@ class JobTask(MeteredTask):
                     request.jobs_reason = DeadLetter.Reason.WORKER_LOST
                     raise Quarantined(f"the worker running this task was lost {deaths} times in a row; quarantined")
             return self.run(*args, **kwargs)
-        except (Retry, Ignore, Reject):
+        except (Retry, Ignore):
+            raise
+        except Reject as exc:
+            # A Reject the task raised itself: without requeue, the message is dropped, so the job
+            # ends here (a dead letter), not in a row the sweeper would bring back for ever.
+            if not getattr(exc, "requeue", False) and not getattr(request, "jobs_reason", None):
+                request.jobs_reason = DeadLetter.Reason.REJECTED
             raise
         except (SoftTimeLimitExceeded, TimeLimitExceeded):
             request.jobs_reason = DeadLetter.Reason.TIME_LIMIT
@@ -244,7 +297,9 @@ class JobTask(MeteredTask):
             if request.retries - postponed >= limit:
                 return DeadLetter.Reason.RETRIES_EXHAUSTED
             attempt = request.retries + 1
-            delay = self.retry_countdown(attempt - postponed)
+            # A job of the table waits there for its retry: no visibility timeout to stay under.
+            in_table = getattr(request, RUN_ATTRIBUTE, None) is not None
+            delay = self.retry_countdown(attempt - postponed, capped=not in_table)
         headers[POSTPONED_HEADER] = postponed
         carried = self.retry_headers(request, exc)
         headers.update(carried)
@@ -259,10 +314,15 @@ class JobTask(MeteredTask):
         )
         retry_count_add(self.name)
         request.headers = headers  # the retry's message (and a ledger row) carry the count on
-        if getattr(request, LEDGER_HEADER, None):
-            from jobs.runtime.ledger import ledger_note_retry
-
-            ledger_note_retry(request.id, retries=attempt, postponed=postponed, headers=carried)
+        run = getattr(request, RUN_ATTRIBUTE, None)
+        if run is not None:
+            # The job table keeps the retry: a long one waits there (no worker holds it), a short
+            # one is published now with its countdown. Either way the row says which attempt is next.
+            request.jobs_retry_written = True
+            if job_retry(
+                request.id, retries=attempt, postponed=postponed, delay=delay, headers=carried, owner=run.owner
+            ):
+                raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]  # Celery takes a float (celery-types: Real)
         try:
             self.retry(exc=exc, countdown=delay, max_retries=limit + postponed, headers=headers)
         except Reject as refused:

@@ -199,10 +199,29 @@ class JobRequest(Request):
             crashloop.note_loss(self.id)
             self._tell_lost()
         _fresh_db()  # Celery may write the result from this (main) process
+        if isinstance(exc, WorkerLostError):
+            self._lease_release()
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             self._finished()  # also when the task was given back (worker lost, shutdown)
+
+    def _lease_release(self) -> None:
+        """The pool process running this job died (or was stopped by a shutdown): its run's lease
+        is given up now, so the message Celery gives back starts at once, not after the lease."""
+        from jobs.outcomes import LEDGER_HEADER
+
+        pid = getattr(self, "worker_pid", None)
+        if not (self._request_dict or {}).get(LEDGER_HEADER) or not pid:
+            return
+        from jobs.db import with_fresh_connection
+        from jobs.runtime.store import job_release, owner_prefix
+
+        prefix = owner_prefix(str(self.hostname or ""), int(pid))
+        try:
+            with_fresh_connection(lambda: job_release(self.id, owner_prefix=prefix), what="lease_release")
+        except Exception as exc:  # noqa: BLE001 - the lease then lapses by itself
+            logger.warning("worker.lease_not_released", extra={"task_id": self.id, "error": f"{exc}"[:200]})
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft:
@@ -213,6 +232,10 @@ class JobRequest(Request):
             return super().on_timeout(soft, timeout)
         finally:
             self.task.request_stack.pop()
+            # A plain task killed by its hard limit ends here: Celery acks it without
+            # `task_postrun`, so nothing else would finish its row (a JobTask's failure path did).
+            if getattr(self.task, "on_give_up", None) is None:
+                self._ledger_forget()
 
 
 def _message_summary(message: Message) -> tuple[dict[str, Any], str, tuple[Any, ...], dict[str, Any]]:
@@ -473,6 +496,37 @@ class LedgerStep(bootsteps.StartStopStep):
             self.sweeper = None
 
 
+def guard_plain_tasks(app: Any) -> None:
+    """A task not built on `JobTask` (a plain `@shared_task`) that is enqueued into the job table
+    gets the same start lease: its class's `__call__` acknowledges a copy instead of running the
+    body (`jobs.runtime.task.skip_copy`; the lease itself is taken in `task_prerun`). Done before
+    the pool starts, so every pool process builds its tracers on the guarded classes."""
+    from celery.app.task import Task
+    from celery.utils.objects import mro_lookup
+
+    from jobs.runtime.task import JobTask, skip_copy
+
+    for name, task in list(app.tasks.items()):
+        cls = type(task)
+        if isinstance(task, JobTask) or name.startswith("celery.") or cls.__dict__.get("_jobs_guarded"):
+            continue
+        custom = mro_lookup(cls, "__call__", stop={Task, object}, monkey_patched=["celery.app.task"])
+        inner = cls.__call__ if custom is not None else None
+
+        def guarded(self: Any, *args: Any, _jobs_inner: Any = inner, **kwargs: Any) -> Any:
+            request = self.request
+            if not request.called_directly:
+                skip_copy(request)
+            if _jobs_inner is not None:
+                return _jobs_inner(self, *args, **kwargs)
+            if request.called_directly:
+                return Task.__call__(self, *args, **kwargs)
+            return self.run(*args, **kwargs)
+
+        cls.__call__ = guarded
+        cls._jobs_guarded = True
+
+
 def install_worker(worker: Any) -> None:
     """Makes a starting worker (any Celery app's: Celery's `worker_init` signal) a `jobs` worker:
     its bootsteps join the blueprint, `JobConsumer` replaces Celery's default consumer, and SIGTERM
@@ -485,6 +539,7 @@ def install_worker(worker: Any) -> None:
         worker.app.conf.worker_soft_shutdown_timeout = float(jobs_settings.SHUTDOWN_TIMEOUT)
 
     worker.app.steps["worker"].update({ZeroIsNoLimitStep, ShutdownLogStep, LedgerStep})
+    guard_plain_tasks(worker.app)
     worker.app.steps["consumer"].add(LivenessStep)
     if symbol_by_name(worker.consumer_cls) is Consumer:
         worker.consumer_cls = JobConsumer

@@ -92,7 +92,7 @@ def test_a_job_that_ends_between_get_results_reads_is_read_finished(monkeypatch)
     def worker_commits_after_the_first_read(row):
         if not calls:  # the reader has just found no history row: now the worker commits
             history_row(result.id, "SUCCESS", meta={"django_task": record, "children": []}, result="5")
-            results_write([], ledger_done=[result.id])
+            results_write([], ledger_done=[(result.id, "")])
         calls.append(row)
         return record_of(row)
 

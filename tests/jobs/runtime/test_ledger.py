@@ -16,7 +16,6 @@ from jobs.runtime.ledger import (
     ledger_counts,
     ledger_defer_retry,
     ledger_finish,
-    ledger_note_retry,
     ledger_oldest_age,
     ledger_sweep,
     worker_reserved_publish,
@@ -48,7 +47,7 @@ def _age_missing(task_id: str, seconds: float = 3600) -> None:
 def test_a_job_the_broker_lost_is_republished_with_the_same_identity_after_two_sweeps(redis_client):
     _published("lost-1", retries=2)
     first = ledger_sweep()
-    assert first == {"candidates": 1, "missing": 1, "republished": 0}  # seen gone once: not yet
+    assert first == {"reclaimed": 0, "candidates": 1, "missing": 1, "republished": 0}  # seen gone once: not yet
     assert _queued_ids(redis_client) == []
     _age_missing("lost-1")
     assert ledger_sweep()["republished"] == 1
@@ -69,7 +68,7 @@ def test_a_job_whose_message_is_still_queued_is_left_alone(redis_client, django_
         task_id = enqueue("jobs.ping", queue="low")
     OutboxMessage.objects.update(published_at=timezone.now() - timedelta(hours=1))
     _age_missing(task_id)  # even one a previous sweep had missed
-    assert ledger_sweep() == {"candidates": 1, "missing": 0, "republished": 0}
+    assert ledger_sweep() == {"reclaimed": 0, "candidates": 1, "missing": 0, "republished": 0}
     assert _queued_ids(redis_client) == [task_id]
     assert OutboxMessage.objects.get(task_id=task_id).missing_since is None
 
@@ -139,7 +138,7 @@ def test_only_one_process_sweeps_at_a_time(redis_client):
 def test_young_jobs_are_not_judged(redis_client, settings):
     settings.JOBS_LEDGER_LOST_AFTER = 60
     _published("young-1", ago=10)
-    assert ledger_sweep() == {"candidates": 0, "missing": 0, "republished": 0}
+    assert ledger_sweep() == {"reclaimed": 0, "candidates": 0, "missing": 0, "republished": 0}
 
 
 def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_count(
@@ -266,8 +265,10 @@ def test_jobs_waiting_for_their_time_are_neither_old_nor_backlog():
 
 
 def test_a_retry_noted_in_the_ledger_keeps_the_headers_the_task_carries_on():
+    from jobs.runtime.store import job_retry
+
     _published("h-1")
-    ledger_note_retry("h-1", retries=2, postponed=0, headers={"jobs_attempts": [{"worker": "w1"}]})
+    job_retry("h-1", retries=2, postponed=0, delay=0, headers={"jobs_attempts": [{"worker": "w1"}]})
     row = OutboxMessage.objects.get(task_id="h-1")
     assert row.retries == 2
     assert row.options["headers"]["jobs_attempts"] == [{"worker": "w1"}]
@@ -310,11 +311,8 @@ def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_clie
 def test_a_job_brought_back_resumes_with_the_retries_it_used(redis_client):
     """The row keeps the retry count (and the postponements that used no budget): a job the
     sweeper republishes does not start its retries over, nor re-wait its first countdown."""
-    from jobs.runtime.ledger import ledger_note_retry
-
     row = _published("counted-1", missing_since=timezone.now() - timedelta(hours=1))
-    OutboxMessage.objects.filter(pk=row.pk).update(options={**row.options, "countdown": 30})
-    ledger_note_retry("counted-1", retries=3, postponed=2)
+    OutboxMessage.objects.filter(pk=row.pk).update(options={**row.options, "countdown": 30}, retries=3, postponed=2)
     assert ledger_sweep()["republished"] == 1
     message = json.loads(redis_client.lindex("low", 0))
     assert message["headers"]["retries"] == 3

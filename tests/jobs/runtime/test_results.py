@@ -127,10 +127,11 @@ def test_a_refused_batch_is_kept_for_the_next_round(buffer, caplog):
 def test_a_django_tasks_end_is_written_with_its_ledger_row_deleted_in_one_go(buffer):
     """get_result reads the ledger row until the result row is there: the end of a Django task is
     written at once, in the transaction that deletes its ledger row; the database refusing keeps
-    both (the row waits in the buffer, the ledger row stays)."""
+    both, written later by the process's keeper (the run's lease renewed meanwhile)."""
     from jobs.runtime.handlers import _result_with_ledger
+    from jobs.runtime.store import flush_pending, pending_writes
 
-    OutboxMessage.objects.create(task_name="tests.history", task_id="j-1")
+    OutboxMessage.objects.create(task_name="tests.history", task_id="j-1", lease_owner="w:1:a")
     OutboxMessage.objects.create(task_name="tests.history", task_id="j-2")
     store("j-1", states.SUCCESS, 1)
 
@@ -138,17 +139,26 @@ def test_a_django_tasks_end_is_written_with_its_ledger_row_deleted_in_one_go(buf
         raise OperationalError("server closed the connection unexpectedly")
 
     with connection.execute_wrapper(refuse):
-        _result_with_ledger("j-1")
+        _result_with_ledger("j-1", "w:1:a")
     assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-1", "j-2"}
-    assert "j-1" in buffer.rows  # back in the buffer, for the next batch
+    assert pending_writes() == 1  # kept for the keeper, not lost
 
-    _result_with_ledger("j-1")
+    assert flush_pending()
     assert TaskResult.objects.get(task_id="j-1").status == states.SUCCESS
     assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {"j-2"}
     assert buffer.rows == {}
 
-    _result_with_ledger("j-2")  # nothing buffered (written earlier): the ledger row goes alone
+    _result_with_ledger("j-2", "")  # nothing buffered (written earlier): the ledger row goes alone
     assert not OutboxMessage.objects.exists()
+
+
+def test_a_run_that_lost_its_lease_does_not_delete_the_row_of_the_run_that_took_it(buffer):
+    from jobs.runtime.handlers import _result_with_ledger
+
+    OutboxMessage.objects.create(task_name="tests.history", task_id="j-3", lease_owner="w:2:new")
+    store("j-3", states.SUCCESS, 1)
+    _result_with_ledger("j-3", "w:1:old")
+    assert OutboxMessage.objects.filter(task_id="j-3").exists()
 
 
 def test_a_row_the_database_will_never_take_is_dropped_alone(buffer, caplog):

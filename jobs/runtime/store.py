@@ -1,0 +1,428 @@
+"""The job table's transitions: a run takes a job's start lease, keeps it, and ends it here.
+
+Every transition is one conditional UPDATE (or DELETE) guarded by the state it expects, in
+database time (`NOW()`), so two hosts whose clocks disagree still agree on who holds a lease:
+
+- `job_start`: a run takes the row (`available`, or `scheduled`/`retryable` once due, or a lease
+  that lapsed long ago: its process died) for the attempt its message carries. Anything else is
+  a copy (the broker redelivered it, the sweeper republished it while it was in fact somewhere, a
+  deploy gave it back twice): it is acknowledged and does nothing (`Skip`).
+- while it runs, a thread of the process renews the lease every `JOBS_LEASE_SECONDS / 4`;
+- `job_finish`: the run deletes its row, only while it still holds it;
+- `job_retry`: the run hands the row back for its next attempt: `retryable` in the table until it
+  is due (a retry longer than `JOBS_HOLD_IN_BROKER_MAX` is never held by a worker), or
+  `available` with its message published now with a short countdown;
+- `job_release`: a run that was stopped (its pool process died, the worker shut down) gives the
+  row back at once, so the message the broker hands out again starts without waiting for the lease;
+- `jobs_reclaim` (the sweeper): a lease that lapsed (its worker died with it) makes the job
+  `available` again, once per crash.
+
+A write a run cannot make because the database does not answer (a failover, a restart) is kept
+in the process and retried in the background, its lease renewed meanwhile, so the sweeper never
+takes a finished job for a crashed one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError
+from django.db.models import Case, DateTimeField, ExpressionWrapper, F, PositiveIntegerField, Q, QuerySet, When
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Coalesce, Now
+
+from jobs.conf import jobs_settings
+from jobs.models import OutboxMessage
+
+logger = logging.getLogger("jobs.runtime.store")
+
+State = OutboxMessage.State
+#: How long a run waits for the previous attempt of its job to hand the row over (a plain task's
+#: own `self.retry()` publishes before its attempt has ended).
+EARLY_WAIT = 5.0
+
+
+class Skip(enum.StrEnum):
+    """Why a message does not start its job's body."""
+
+    FINISHED = "finished"  # the job has ended (or was never in the table under this id)
+    COPY = "copy"  # a live run holds it
+    STALE = "stale"  # a message of an earlier attempt
+    NOT_DUE = "not_due"  # it waits in the table for its time; the relay publishes it then
+    EARLY = "early"  # a later attempt than the row knows: the previous one has not handed over
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's hold on its job's row."""
+
+    task_id: str
+    owner: str
+
+
+def _in(seconds: float) -> ExpressionWrapper[CombinedExpression]:
+    """`NOW() + seconds`, in the database's own clock."""
+    return ExpressionWrapper(Now() + timedelta(seconds=seconds), output_field=DateTimeField())
+
+
+def _lease_seconds() -> float:
+    return float(jobs_settings.LEASE_SECONDS)
+
+
+def owner_prefix(hostname: str, pid: int | None = None) -> str:
+    """What every lease a process takes starts with: its worker's name and its pid."""
+    return f"{hostname or socket.gethostname()}:{pid if pid is not None else os.getpid()}:"
+
+
+def lapsed_before() -> ExpressionWrapper[CombinedExpression]:
+    """Leases that ended before this lapsed (the run has not renewed for twice the lease: its
+    process is gone, not slowed by a database that did not answer for a moment)."""
+    return _in(-_lease_seconds())
+
+
+# --- the start ------------------------------------------------------------------------------
+
+
+def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
+    """Takes the row of `task_id` for the attempt `retries` of its message: one UPDATE. Returns
+    the run, or why this message must not start the body."""
+    owner = owner_prefix(hostname) + uuid.uuid4().hex[:12]
+    due = Q(not_before__isnull=True) | Q(not_before__lte=Now())
+    startable = (
+        Q(state=State.AVAILABLE)
+        | (Q(state__in=(State.SCHEDULED, State.RETRYABLE)) & due)
+        | Q(state=State.EXECUTING, lease_until__lt=lapsed_before())
+    )
+    taken = OutboxMessage.objects.filter(startable, task_id=task_id, retries=retries).update(
+        crashes=Case(
+            When(state=State.EXECUTING, then=F("crashes") + 1),
+            default=F("crashes"),
+            output_field=PositiveIntegerField(),
+        ),
+        state=State.EXECUTING,
+        lease_owner=owner,
+        lease_until=_in(_lease_seconds()),
+        started_at=Now(),
+        runs=F("runs") + 1,
+        published_at=Coalesce("published_at", Now()),
+        not_before=None,
+        missing_since=None,
+    )
+    if taken:
+        run = Run(task_id=task_id, owner=owner)
+        _keeper().add(run)
+        return run
+    row = OutboxMessage.objects.filter(task_id=task_id).values("state", "retries").first()
+    if row is None:
+        return Skip.FINISHED
+    if row["retries"] > retries:
+        return Skip.STALE
+    if row["retries"] < retries:
+        return Skip.EARLY
+    if row["state"] == State.EXECUTING:
+        return Skip.COPY
+    return Skip.NOT_DUE
+
+
+def job_start_waiting(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
+    """`job_start`, waiting up to `EARLY_WAIT` for an earlier attempt to hand the row over."""
+    deadline = time.monotonic() + EARLY_WAIT
+    while True:
+        outcome = job_start(task_id, retries=retries, hostname=hostname)
+        if outcome is not Skip.EARLY or time.monotonic() >= deadline:
+            return outcome
+        time.sleep(0.1)
+
+
+# --- the end --------------------------------------------------------------------------------
+
+
+def _owned(task_id: str, owner: str | None) -> QuerySet[OutboxMessage]:
+    rows = OutboxMessage.objects.filter(task_id=task_id)
+    return rows.filter(lease_owner=owner) if owner else rows
+
+
+def current_run(task_id: str) -> Run | None:
+    """The run of `task_id` this process holds, if any."""
+    return _keeper().runs.get(task_id)
+
+
+def job_finish(task_id: str, *, owner: str | None = None, durable: bool = True) -> bool:
+    """The job has ended (done, or given up with its dead letter written): its row is deleted,
+    only while `owner` (by default this process's run of it) still holds it. When the database
+    does not answer, the delete is kept and retried in the background (`durable`), its lease
+    renewed meanwhile. False when it was not written now."""
+    if not task_id:
+        return False
+    run = current_run(task_id)
+    owner = owner or (run.owner if run else None)
+
+    def delete() -> None:
+        deleted, _ = _owned(task_id, owner).delete()
+        if not deleted and owner:
+            logger.warning("store.finish_not_owned", extra={"task_id": task_id, "owner": owner})
+
+    return _write_or_keep(task_id, owner, delete, what="finish", durable=durable)
+
+
+def job_retry(
+    task_id: str,
+    *,
+    retries: int,
+    postponed: int,
+    delay: float,
+    headers: dict[str, Any] | None = None,
+    owner: str | None = None,
+) -> bool:
+    """The run failed and the job runs again after `delay` seconds, as attempt `retries`.
+    Returns True when the job waits in the table (`retryable`, published by the relay once due):
+    no message is sent now. False: the row is `available` for a message the caller publishes now
+    with `delay` as its countdown (a delay of at most `JOBS_HOLD_IN_BROKER_MAX`). When the
+    database does not answer, the write is kept for later and the job waits in the table."""
+    run = current_run(task_id)
+    owner = owner or (run.owner if run else None)
+    in_table = delay > float(jobs_settings.HOLD_IN_BROKER_MAX)
+
+    def write() -> None:
+        fields: dict[str, Any] = {
+            "retries": retries,
+            "postponed": postponed,
+            "lease_owner": "",
+            "lease_until": None,
+            "missing_since": None,
+            "claim": "",
+            "claimed_until": None,
+        }
+        if in_table:
+            fields.update(state=State.RETRYABLE, not_before=_in(delay), published_at=None)
+        else:
+            fields.update(state=State.AVAILABLE, not_before=None, published_at=Now())
+        rows = _owned(task_id, owner)
+        if headers:
+            row = rows.only("options").first()
+            if row is not None:
+                options = dict(row.options or {})
+                options["headers"] = {**(options.get("headers") or {}), **headers}
+                fields["options"] = options
+        rows.update(**fields)
+
+    written = _write_or_keep(task_id, owner, write, what="retry", durable=True)
+    return in_table or not written
+
+
+def job_release(task_id: str, *, owner_prefix: str) -> int:
+    """A run of this worker was stopped before its end (its pool process died, the worker shut
+    down): the row is `available` again at once, for the message the broker hands out again."""
+    return OutboxMessage.objects.filter(
+        task_id=task_id, state=State.EXECUTING, lease_owner__startswith=owner_prefix
+    ).update(state=State.AVAILABLE, lease_owner="", lease_until=None)
+
+
+def run_ended(task_id: str) -> None:
+    """The body of this process's run of `task_id` has returned: its lease is no longer renewed
+    (unless a write of its end is still pending)."""
+    _keeper().discard(task_id)
+
+
+# --- the sweeper's part ------------------------------------------------------------------------
+
+
+def jobs_lapsed(*, limit: int = 500) -> list[OutboxMessage]:
+    """Rows whose run stopped renewing its lease long ago: its process, or its worker, died."""
+    return list(
+        OutboxMessage.objects.filter(state=State.EXECUTING, lease_until__lt=lapsed_before()).order_by("lease_until")[
+            :limit
+        ]
+    )
+
+
+def jobs_reclaim(ids: list[int], *, claim: str, claimed_until: Any) -> int:
+    """Makes lapsed runs' rows `available` again (unpublished: the caller publishes them under
+    `claim`), counting a crash each; only rows still lapsed now."""
+    return OutboxMessage.objects.filter(pk__in=ids, state=State.EXECUTING, lease_until__lt=lapsed_before()).update(
+        state=State.AVAILABLE,
+        crashes=F("crashes") + 1,
+        lease_owner="",
+        lease_until=None,
+        published_at=None,
+        missing_since=None,
+        claim=claim,
+        claimed_until=claimed_until,
+    )
+
+
+# --- keeping leases, and writes the database did not take ---------------------------------------
+
+
+def _write_or_keep(task_id: str, owner: str | None, write: Callable[[], None], *, what: str, durable: bool) -> bool:
+    from jobs.db import with_fresh_connection
+
+    keeper = _keeper()
+    try:
+        with_fresh_connection(write, what=f"store.{what}", attempts=2, pause=0.2)
+    except DatabaseError as exc:
+        if not durable:
+            logger.warning("store.write_failed", extra={"task_id": task_id, "what": what, "error": _describe(exc)})
+            return False
+        logger.warning("store.write_kept", extra={"task_id": task_id, "what": what, "error": _describe(exc)})
+        keeper.keep(task_id, owner, write)
+        return False
+    keeper.discard(task_id)
+    return True
+
+
+def keep_write(task_id: str, owner: str | None, write: Callable[[], object]) -> None:
+    """A write of a run's end the database did not take: retried in the background until it is
+    done, the run's lease renewed meanwhile."""
+    _keeper().keep(task_id, owner, write)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class Keeper:
+    """A daemon thread of one process: renews the leases of the runs it holds that last longer
+    than a quarter of a lease, and retries the writes the database did not take (their leases
+    renewed until then). It opens a database connection only when it has something to write, and
+    closes it after."""
+
+    TICK = 0.5
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.runs: dict[str, Run] = {}
+        self.started: dict[str, float] = {}
+        self.pending: dict[str, tuple[str | None, Callable[[], object]]] = {}
+        self.renewed_at = time.monotonic()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, run: Run) -> None:
+        with self.lock:
+            self.runs[run.task_id] = run
+            self.started[run.task_id] = time.monotonic()
+        self._ensure_thread()
+
+    def discard(self, task_id: str) -> None:
+        with self.lock:
+            self.runs.pop(task_id, None)
+            self.started.pop(task_id, None)
+            self.pending.pop(task_id, None)
+
+    def keep(self, task_id: str, owner: str | None, write: Callable[[], object]) -> None:
+        with self.lock:
+            self.pending[task_id] = (owner, write)
+            self.runs.pop(task_id, None)
+        self._ensure_thread()
+        self.wake.set()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, name="jobs-lease-keeper", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait(self.TICK)
+            self.wake.clear()
+            try:
+                self.tick(close=True)
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                logger.warning("store.keeper_failed", extra={"error": _describe(exc)})
+
+    def tick(self, *, close: bool = False) -> None:
+        """One round: pending writes first, then the leases due for renewal; `close`: the
+        thread's connection is closed after (the keeper's own thread keeps none open)."""
+        from jobs.db import close_connection
+
+        with self.lock:
+            pending = dict(self.pending)
+        every = _lease_seconds() / 4
+        now = time.monotonic()
+        with self.lock:
+            long_runs = [run for task_id, run in self.runs.items() if now - self.started[task_id] >= every]
+        renew_due = now - self.renewed_at >= every and bool(long_runs or pending)
+        if not pending and not renew_due:
+            return
+        try:
+            # Leases first: a write the database still refuses must not let them lapse.
+            if renew_due:
+                self.renewed_at = now
+                with self.lock:
+                    holds = [*long_runs, *(Run(t, o) for t, (o, _w) in self.pending.items() if o)]
+                for run in holds:
+                    _owned(run.task_id, run.owner).update(lease_until=_in(_lease_seconds()))
+            for task_id, (_owner, write) in pending.items():
+                write()
+                logger.info("store.kept_write_done", extra={"task_id": task_id})
+                with self.lock:
+                    if self.pending.get(task_id, (None, None))[1] is write:
+                        del self.pending[task_id]
+        finally:
+            if close:
+                close_connection()
+
+
+_keeper_instance: Keeper | None = None
+_keeper_lock = threading.Lock()
+
+
+def _keeper() -> Keeper:
+    """This process's keeper (a forked pool process makes its own)."""
+    global _keeper_instance
+    keeper = _keeper_instance
+    if keeper is None or keeper.pid != os.getpid():
+        with _keeper_lock:
+            if _keeper_instance is None or _keeper_instance.pid != os.getpid():
+                _keeper_instance = Keeper()
+            keeper = _keeper_instance
+    return keeper
+
+
+def pending_writes() -> int:
+    """Writes of this process the database has not taken yet."""
+    return len(_keeper().pending)
+
+
+def flush_pending(timeout: float = 5.0) -> bool:
+    """Tries the kept writes until they are done or `timeout` passes (a process about to exit)."""
+    keeper = _keeper()
+    deadline = time.monotonic() + timeout
+    while keeper.pending and time.monotonic() < deadline:
+        keeper.renewed_at = float("-inf")
+        try:
+            keeper.tick()
+        except Exception:  # noqa: BLE001
+            time.sleep(0.5)
+    return not keeper.pending
+
+
+__all__ = [
+    "Run",
+    "Skip",
+    "current_run",
+    "flush_pending",
+    "job_finish",
+    "job_release",
+    "job_retry",
+    "job_start",
+    "job_start_waiting",
+    "jobs_lapsed",
+    "jobs_reclaim",
+    "keep_write",
+    "owner_prefix",
+    "pending_writes",
+    "run_ended",
+]

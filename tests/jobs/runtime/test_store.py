@@ -1,0 +1,177 @@
+"""The job table's transitions (jobs.runtime.store): a run takes the start lease with one
+conditional UPDATE; every copy of the message finds it taken, ended or for another attempt and
+does nothing; a run ends, retries and gives back only what it holds."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import OperationalError, connection
+from django.utils import timezone
+
+from jobs.models import OutboxMessage
+from jobs.runtime import store
+from jobs.runtime.store import Run, Skip
+
+pytestmark = pytest.mark.django_db
+
+State = OutboxMessage.State
+
+
+def _job(task_id: str = "job-1", **fields) -> OutboxMessage:
+    fields.setdefault("published_at", timezone.now())
+    return OutboxMessage.objects.create(task_name="jobs.ping", task_id=task_id, options={"queue": "low"}, **fields)
+
+
+def _row(task_id: str = "job-1") -> OutboxMessage:
+    return OutboxMessage.objects.get(task_id=task_id)
+
+
+def test_the_first_message_takes_the_lease_and_every_copy_finds_it_taken():
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert isinstance(run, Run)
+    row = _row()
+    assert row.state == State.EXECUTING
+    assert row.lease_owner == run.owner
+    assert row.lease_owner.startswith(store.owner_prefix("w1"))
+    assert row.runs == 1
+    assert row.lease_until > timezone.now() + timedelta(seconds=10)  # JOBS_LEASE_SECONDS: 20 by default
+
+    assert store.job_start("job-1", retries=0, hostname="w2") is Skip.COPY
+    assert _row().runs == 1
+
+
+def test_a_copy_of_a_finished_job_does_nothing():
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert store.job_finish("job-1", owner=run.owner) is True
+    assert not OutboxMessage.objects.exists()
+    assert store.job_start("job-1", retries=0, hostname="w1") is Skip.FINISHED
+
+
+def test_a_message_of_an_earlier_attempt_does_nothing_and_a_later_one_waits_its_turn():
+    _job(retries=2)
+    assert store.job_start("job-1", retries=1, hostname="w1") is Skip.STALE
+    assert store.job_start("job-1", retries=3, hostname="w1") is Skip.EARLY
+    assert isinstance(store.job_start("job-1", retries=2, hostname="w1"), Run)
+
+
+def test_a_job_waiting_in_the_table_starts_only_once_due():
+    _job(state=State.RETRYABLE, published_at=None, not_before=timezone.now() + timedelta(minutes=5))
+    assert store.job_start("job-1", retries=0, hostname="w1") is Skip.NOT_DUE
+    OutboxMessage.objects.update(not_before=timezone.now() - timedelta(seconds=1))
+    assert isinstance(store.job_start("job-1", retries=0, hostname="w1"), Run)
+
+
+def test_a_lease_lapsed_long_ago_is_a_crash_and_is_taken_over_once():
+    _job(state=State.EXECUTING, lease_owner="w0:1:dead", lease_until=timezone.now() - timedelta(seconds=5))
+    # Lapsed only just: its process may be waiting for the database; not yet taken.
+    assert store.job_start("job-1", retries=0, hostname="w1") is Skip.COPY
+    OutboxMessage.objects.update(lease_until=timezone.now() - timedelta(minutes=5))
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert isinstance(run, Run)
+    assert _row().crashes == 1
+    assert store.job_start("job-1", retries=0, hostname="w2") is Skip.COPY
+
+
+def test_a_run_ends_only_the_row_it_holds():
+    _job(state=State.EXECUTING, lease_owner="w2:9:new", lease_until=timezone.now() + timedelta(seconds=20))
+    store.job_finish("job-1", owner="w1:1:old")
+    assert OutboxMessage.objects.filter(task_id="job-1").exists()
+    store.job_finish("job-1", owner="w2:9:new")
+    assert not OutboxMessage.objects.exists()
+
+
+def test_a_long_retry_waits_in_the_table_and_a_short_one_in_the_broker(settings):
+    settings.JOBS_HOLD_IN_BROKER_MAX = 5
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert store.job_retry("job-1", retries=1, postponed=0, delay=120, owner=run.owner) is True
+    row = _row()
+    assert (row.state, row.retries, row.lease_owner, row.published_at) == (State.RETRYABLE, 1, "", None)
+    assert timezone.now() + timedelta(seconds=100) < row.not_before < timezone.now() + timedelta(seconds=140)
+
+    OutboxMessage.objects.update(not_before=timezone.now())
+    run = store.job_start("job-1", retries=1, hostname="w1")
+    assert store.job_retry("job-1", retries=2, postponed=0, delay=2, owner=run.owner) is False  # caller publishes
+    row = _row()
+    assert (row.state, row.retries, row.not_before) == (State.AVAILABLE, 2, None)
+    assert row.published_at is not None
+
+
+def test_a_stopped_run_gives_its_job_back_at_once():
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="celery@w1")
+    assert store.job_release("job-1", owner_prefix=store.owner_prefix("celery@w1", 12345)) == 0  # not that process
+    assert store.job_release("job-1", owner_prefix=run.owner.rsplit(":", 1)[0] + ":") == 1
+    assert _row().state == State.AVAILABLE
+    assert isinstance(store.job_start("job-1", retries=0, hostname="celery@w1"), Run)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_end_the_database_refused_is_kept_and_written_later_with_the_lease_renewed():
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    OutboxMessage.objects.update(lease_until=timezone.now() + timedelta(seconds=1))
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("the database system is starting up")
+
+    with connection.execute_wrapper(refuse):
+        assert store.job_finish("job-1", owner=run.owner) is False
+    assert store.pending_writes() == 1
+    assert OutboxMessage.objects.filter(task_id="job-1").exists()
+
+    keeper = store._keeper()
+    kept_owner, kept_write = keeper.pending["job-1"]
+    keeper.pending["job-1"] = (kept_owner, _still_refused)
+    keeper.renewed_at = float("-inf")
+    with pytest.raises(OperationalError):
+        keeper.tick()  # the write is refused again, but the lease was renewed first
+    assert _row().lease_until > timezone.now() + timedelta(seconds=15)
+
+    keeper.pending["job-1"] = (kept_owner, kept_write)
+    keeper.tick()  # the database answers: the end is written
+    assert store.pending_writes() == 0
+    assert not OutboxMessage.objects.exists()
+
+
+def _still_refused():
+    raise OperationalError("still down")
+
+
+def test_the_keeper_renews_the_lease_of_a_long_run(settings):
+    settings.JOBS_LEASE_SECONDS = 20
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    OutboxMessage.objects.update(lease_until=timezone.now() + timedelta(seconds=1))
+    keeper = store._keeper()
+    keeper.started["job-1"] -= 10  # running for 10 s: past a quarter of the lease
+    keeper.renewed_at = float("-inf")
+    keeper.tick()
+    assert _row().lease_until > timezone.now() + timedelta(seconds=15)
+    store.run_ended("job-1")
+    assert store.current_run("job-1") is None
+    assert run.task_id == "job-1"
+
+
+def test_the_sweeper_reclaims_a_lapsed_lease_once_and_gives_up_after_the_limit(settings, redis_client):
+    from jobs.models import DeadLetter
+    from jobs.runtime.ledger import ledger_reclaim
+
+    settings.JOBS_WORKER_LOST_LIMIT = 3
+    long_ago = timezone.now() - timedelta(minutes=5)
+    _job("crashed", state=State.EXECUTING, lease_owner="w0:1:a", lease_until=long_ago)
+    _job("crashed-often", state=State.EXECUTING, lease_owner="w0:1:b", lease_until=long_ago, crashes=2)
+    _job("alive", state=State.EXECUTING, lease_owner="w0:1:c", lease_until=timezone.now() + timedelta(seconds=20))
+
+    assert ledger_reclaim() == 1
+    row = _row("crashed")
+    assert (row.state, row.crashes, row.lease_owner) == (State.AVAILABLE, 1, "")
+    assert row.published_at is not None
+    assert not OutboxMessage.objects.filter(task_id="crashed-often").exists()
+    assert DeadLetter.objects.get(task_id="crashed-often").reason == DeadLetter.Reason.WORKER_LOST
+    assert _row("alive").state == State.EXECUTING
+    assert ledger_reclaim() == 0  # once per crash
