@@ -38,8 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "BEAT_LOCK_TTL": 30.0,
     # The ledger: how often the sweeper looks for lost jobs, and when a job counts as lost.
     "LEDGER_SWEEP_INTERVAL": 15.0,
-    "LEDGER_LOST_AFTER": 60.0,
-    "LEDGER_MISSING_GRACE": 30.0,
+    "LEDGER_LOST_AFTER": 20.0,
+    "LEDGER_MISSING_GRACE": 10.0,
     # Times the sweeper publishes one job again before it gives it up (dead letter
     # `lost_repeatedly`): a message something keeps dropping must not circle for ever.
     "LEDGER_REPUBLISH_LIMIT": 5,

@@ -327,12 +327,20 @@ JOBS_LIVENESS_DIR = Path(env.str("LIVENESS_DIR", default=str(VAR_DIR / "run")))
 JOBS_LIVENESS_INTERVAL = env.float("JOBS_LIVENESS_INTERVAL", default=5.0)
 # Seconds a dead beat blocks its standby at most (the leader renews the lock every tick).
 JOBS_BEAT_LOCK_TTL = env.float("JOBS_BEAT_LOCK_TTL", default=30.0)
-# The ledger (jobs.runtime.ledger): every worker's sweeper thread runs this often (0: off), one at a time;
-# a published job is looked for in the broker once it is this old, and republished when two
-# sweeps this far apart did not find it.
+# The job table (jobs.runtime.ledger): every worker's sweeper thread runs this often (0: off), one at a
+# time; a published job no run has started is looked for in the broker once it is this old, and
+# published again when two sweeps this far apart did not find it (a copy that was in fact still
+# somewhere finds the job's lease taken and does nothing), at most LEDGER_REPUBLISH_LIMIT times.
 JOBS_LEDGER_SWEEP_INTERVAL = env.float("JOBS_LEDGER_SWEEP_INTERVAL", default=15.0)
-JOBS_LEDGER_LOST_AFTER = env.float("JOBS_LEDGER_LOST_AFTER", default=60.0)
-JOBS_LEDGER_MISSING_GRACE = env.float("JOBS_LEDGER_MISSING_GRACE", default=30.0)
+JOBS_LEDGER_LOST_AFTER = env.float("JOBS_LEDGER_LOST_AFTER", default=20.0)
+JOBS_LEDGER_MISSING_GRACE = env.float("JOBS_LEDGER_MISSING_GRACE", default=10.0)
+JOBS_LEDGER_REPUBLISH_LIMIT = env.int("JOBS_LEDGER_REPUBLISH_LIMIT", default=5)
+# The start lease: a run holds its job this long, renewed every quarter of it; a lease not renewed
+# for twice this long is a crash and the job runs again. Waits (retries, countdowns) longer than
+# HOLD_IN_BROKER_MAX seconds are kept in the job table and published when due (polled this often).
+JOBS_LEASE_SECONDS = env.float("JOBS_LEASE_SECONDS", default=20.0)
+JOBS_HOLD_IN_BROKER_MAX = env.float("JOBS_HOLD_IN_BROKER_MAX", default=5.0)
+JOBS_SCHEDULE_POLL_INTERVAL = env.float("JOBS_SCHEDULE_POLL_INTERVAL", default=1.0)
 # Task history (jobs/runtime/results.py): a pool process writes its tasks' results this often, in one
 # statement, and keeps at most this many rows while the database refuses them.
 JOBS_RESULTS_FLUSH_INTERVAL = env.float("JOBS_RESULTS_FLUSH_INTERVAL", default=0.5)

@@ -175,7 +175,7 @@ def _ledger_end(
     dead letter is safe; a retry of a JobTask was written by the task itself."""
     from celery import states
 
-    from jobs.runtime.store import job_finish, job_release, job_retry, run_ended
+    from jobs.runtime.store import job_finish, job_retry, run_ended
 
     run = request.jobs_run  # type: ignore[attr-defined]  # set by jobs.runtime.task.lease_take
     is_job_task = getattr(task, "on_give_up", None) is not None
@@ -190,8 +190,8 @@ def _ledger_end(
             job_retry(task_id, retries=int(request.retries or 0) + 1, postponed=0, delay=0, owner=run.owner)
         elif state == states.REJECTED and not getattr(request, "jobs_retry_written", False):
             _rejected(task, request, task_id, run, retval)
-        elif state not in {states.FAILURE, states.RETRY, states.REJECTED}:
-            job_release(task_id, owner_prefix=run.owner)
+        # Any other end (the process stopped under its hard time limit: the main process ends
+        # the job) leaves the row to whoever ends it, or to the lease.
     finally:
         run_ended(task_id)
 

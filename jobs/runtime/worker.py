@@ -525,6 +525,9 @@ def guard_plain_tasks(app: Any) -> None:
 
         cls.__call__ = guarded
         cls._jobs_guarded = True
+        if cls.Request == Task.Request:
+            # The worker's side of the same job: a hard time limit ends its row (JobRequest.on_timeout).
+            cls.Request = "jobs.runtime.worker:JobRequest"
 
 
 def install_worker(worker: Any) -> None:

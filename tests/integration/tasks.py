@@ -125,3 +125,41 @@ def generate_dies_midway(key: str, image_id: int) -> None:
 
         services._write = write_half_then_die
     services.thumbnails_generate(image=Image.objects.get(pk=image_id))
+
+
+@shared_task(base=JobTask, name="tests.count_start")
+def count_start(key: str, seconds: float = 0.0) -> None:
+    """Counts each start of its body (and, after `seconds`, each end)."""
+    client = _redis()
+    client.rpush(f"{key}:starts", os.getpid())
+    time.sleep(seconds)
+    client.incr(f"{key}:ends")
+
+
+def _plain_base():
+    from celery import Task
+
+    return Task
+
+
+@shared_task(base=_plain_base(), name="tests.plain_count_start")
+def plain_count_start(key: str, seconds: float = 0.0) -> None:
+    """A plain Celery task (not a JobTask): counts each start of its body."""
+    client = _redis()
+    client.rpush(f"{key}:starts", os.getpid())
+    time.sleep(seconds)
+    client.incr(f"{key}:ends")
+
+
+@shared_task(base=_plain_base(), name="tests.plain_swallows_soft_limit", time_limit=3, soft_time_limit=1)
+def plain_swallows_soft_limit(key: str) -> None:
+    """A plain task that swallows its soft time limit in a broad `except`: only the hard limit
+    stops it (and acks it without `task_postrun`)."""
+    client = _redis()
+    client.rpush(f"{key}:starts", os.getpid())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except Exception:  # noqa: BLE001, S112 - the bug being reproduced: a broad except
+            continue

@@ -1,0 +1,122 @@
+"""Run once, with a real worker: a job's body starts once per attempt, plus at most once more for
+each crash of the process running it, whatever copies of its message arrive."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+
+import psutil
+import pytest
+from celery import current_app
+from django.db import transaction
+
+from jobs.models import DeadLetter, OutboxMessage
+from jobs.publish import enqueue
+from tests.integration import tasks
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+#: A worker whose sweeper and leases work in seconds, so a test sees what production sees in a minute.
+FAST = {
+    "JOBS_LEDGER_SWEEP_INTERVAL": "1",
+    "JOBS_LEDGER_LOST_AFTER": "1",
+    "JOBS_LEDGER_MISSING_GRACE": "1",
+    "JOBS_LEASE_SECONDS": "2",
+    "JOBS_SCHEDULE_POLL_INTERVAL": "0.3",
+}
+
+
+def _enqueue(task, *args) -> str:
+    with transaction.atomic():
+        return enqueue(task, args=list(args))
+
+
+def _copy(task_name: str, task_id: str, *args) -> None:
+    """Another copy of a job's message: what a redelivery, a republish or a deploy gives back."""
+    current_app.send_task(task_name, args=list(args), task_id=task_id, headers={"jobs_ledger": 1})
+
+
+def _starts(redis_client, key: str) -> int:
+    return redis_client.llen(f"{key}:starts")
+
+
+@pytest.mark.parametrize("task", [tasks.count_start, tasks.plain_count_start], ids=["JobTask", "plain task"])
+def test_copies_of_a_job_start_its_body_once(start_worker, redis_client, task):
+    """Before the start lease every copy ran the body: three copies, three more starts."""
+    key = f"k-{uuid.uuid4().hex}"
+    worker = start_worker(concurrency=2)
+    task_id = _enqueue(task, key, 1.5)
+    wait_for(lambda: _starts(redis_client, key) == 1)
+    _copy(task.name, task_id, key, 1.5)  # while it runs: the other pool process takes the copy
+    wait_for(lambda: redis_client.get(f"{key}:ends") == b"1")
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists())
+    _copy(task.name, task_id, key, 1.5)  # after it ended
+    wait_for(lambda: worker.log().count('"job.copy_skipped"') == 2)
+    assert _starts(redis_client, key) == 1
+    skipped = [json.loads(line) for line in worker.log().splitlines() if '"job.copy_skipped"' in line]
+    assert sorted(event["reason"] for event in skipped) == ["copy", "finished"]
+
+
+def test_a_plain_task_killed_by_its_hard_limit_ends_and_never_starts_again(start_worker, redis_client):
+    """It swallowed its soft limit; the hard limit acked it without `task_postrun`, nothing ended
+    its row, and the sweeper brought it back every round (7 starts in 90 s, without end)."""
+    key = f"k-{uuid.uuid4().hex}"
+    start_worker(concurrency=1, extra_env=FAST)
+    task_id = _enqueue(tasks.plain_swallows_soft_limit, key)
+    wait_for(lambda: _starts(redis_client, key) == 1)
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists(), timeout=20)
+    time.sleep(5)  # several sweeps
+    assert _starts(redis_client, key) == 1
+
+
+def _kill_tree(process) -> None:
+    """SIGKILL a worker and its pool processes at once: an OOM kill of the container, a lost node."""
+    parent = psutil.Process(process.pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        proc.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def test_jobs_of_a_worker_killed_outright_run_again_within_the_lease_once(start_worker, redis_client):
+    """Their messages wait in Redis's `unacked` hash until the visibility timeout (an hour): before
+    the lease, neither job started again within 4 minutes. Now the lapsed lease brings each back
+    once, within seconds here (twice JOBS_LEASE_SECONDS plus a sweep)."""
+    key = f"k-{uuid.uuid4().hex}"
+    first = start_worker(concurrency=2, extra_env=FAST)
+    ids = [_enqueue(tasks.count_start, key, 3.0) for _ in range(2)]
+    wait_for(lambda: _starts(redis_client, key) == 2)
+    _kill_tree(first.process)
+    killed_at = time.monotonic()
+
+    start_worker(concurrency=2, extra_env=FAST)
+    wait_for(lambda: redis_client.get(f"{key}:ends") == b"2", timeout=40)
+    assert time.monotonic() - killed_at < 30
+    assert _starts(redis_client, key) == 4  # each job: its first run, and one more for the crash
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_long_retry_waits_in_the_table_not_in_a_worker(start_worker, redis_client, settings):
+    """A retry longer than JOBS_HOLD_IN_BROKER_MAX is no message a worker holds for its ETA (a
+    mass retry would outlive the visibility timeout): the row waits as `retryable`, is published
+    when due, and the job runs its next attempt once."""
+    key = f"k-{uuid.uuid4().hex}"
+    env = {**FAST, "TASK_RETRY_BACKOFF_BASE": "3", "JOBS_HOLD_IN_BROKER_MAX": "1"}
+    start_worker(concurrency=1, extra_env=env)
+    task_id = _enqueue(tasks.flaky, key, 1)
+
+    def waiting() -> OutboxMessage | None:
+        row = OutboxMessage.objects.filter(task_id=task_id).first()
+        return row if row is not None and row.state == OutboxMessage.State.RETRYABLE else None
+
+    row = wait_for(waiting)
+    assert row.retries == 1
+    assert row.published_at is None
+    assert task_id.encode() not in b"".join(redis_client.hvals("unacked") or [b""])  # no worker holds it
+    wait_for(lambda: redis_client.get(key) == b"2", timeout=20)
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists())
+    assert redis_client.llen(f"{key}:times") == 2
