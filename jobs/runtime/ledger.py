@@ -186,9 +186,9 @@ def read_list(client: Any, key: str, *, limit: int, page: int = 1000) -> list[by
         if not chunk:
             return found
         found.extend(chunk)
-        start += page
-        if start >= limit:
+        if len(found) > limit:
             return None
+        start += page
 
 
 def broker_view(*, limit: int | None = None) -> BrokerView:

@@ -329,3 +329,58 @@ def test_the_relay_never_publishes_inside_a_transaction(redis_client, publishes_
         OutboxMessage.objects.create(task_name="jobs.ping", task_id=task_id, options={"queue": "low"}, created_at=old)
     assert outbox_relay()["published"] == 2
     assert publishes_in_transaction == [False, False]
+
+
+def test_the_sweep_reads_a_broker_whose_keys_carry_a_prefix(redis_client):
+    """A Redis shared by two sites (`global_keyprefix`): kombu prefixes its own commands, not the
+    LRANGE and HVALS the sweep reads with, so every queued job looked lost and ran twice."""
+    from celery import current_app
+    from kombu import Connection
+
+    from jobs.runtime.ledger import broker_view
+
+    before = current_app.conf.broker_transport_options
+    options = {**(before or {}), "global_keyprefix": "site1:"}
+    current_app.conf.broker_transport_options = options
+    try:
+        with Connection(current_app.conf.broker_url, transport_options=options) as conn:
+            current_app.send_task("jobs.ping", task_id="queued-1", queue="low", connection=conn)
+        redis_client.hset("site1:unacked", "tag-1", json.dumps([{"headers": {"id": "running-1"}}, "", "low"]))
+        assert redis_client.llen("site1:low") == 1  # where kombu put it
+        view = broker_view()
+    finally:
+        current_app.conf.broker_transport_options = before
+    assert {"queued-1", "running-1"} <= view.ids
+
+
+def test_a_backlog_in_one_queue_leaves_the_others_judged(redis_client):
+    from celery import current_app
+
+    from jobs.runtime.ledger import broker_view
+
+    for n in range(30):
+        current_app.send_task("jobs.ping", task_id=f"backlog-{n}", queue="low")
+    current_app.send_task("jobs.ping", task_id="urgent-1", queue="high")
+    view = broker_view(limit=10)
+    assert view.unjudged == {"low"}
+    assert "urgent-1" in view.ids
+
+
+def test_a_long_list_is_read_whole_while_producers_push(redis_client):
+    """Pages counted from the tail (the oldest end) do not shift as kombu pushes at the head: a
+    read that pages from index 0 lost the oldest messages under a fast producer."""
+    from jobs.runtime.ledger import read_list
+
+    redis_client.rpush("q", *[json.dumps({"headers": {"id": f"old-{n}"}}) for n in range(25)])
+    pushed = iter(range(1000))
+    real_lrange = redis_client.lrange
+
+    def lrange_while_pushing(key, start, end):
+        for _ in range(7):  # a producer pushes 7 new messages at the head per page read
+            redis_client.lpush("q", json.dumps({"headers": {"id": f"new-{next(pushed)}"}}))
+        return real_lrange(key, start, end)
+
+    redis_client.lrange = lrange_while_pushing
+    messages = read_list(redis_client, "q", limit=10_000, page=10)
+    ids = {json.loads(raw)["headers"]["id"] for raw in messages}
+    assert {f"old-{n}" for n in range(25)} <= ids
