@@ -69,6 +69,43 @@ def _retry_delay_warnings(visibility: float) -> list[CheckMessage]:
     return problems
 
 
+def _task_time_limit_warnings(*, redis: bool, visibility: float) -> list[CheckMessage]:
+    """jobs.W002 for each task whose own time limit the visibility timeout cannot cover, and
+    jobs.W014 for a pool that enforces no time limit at all while some limit is set."""
+    from celery import current_app as app
+
+    problems: list[CheckMessage] = []
+    limited: list[str] = [] if not jobs_settings.task_time_limit else ["CELERY_TASK_TIME_LIMIT"]
+    for name, task in sorted(app.tasks.items()):
+        own = max(float(getattr(task, "time_limit", None) or 0), float(getattr(task, "soft_time_limit", None) or 0))
+        if not own or name.startswith("celery."):
+            continue
+        limited.append(name)
+        if redis and own >= visibility:
+            problems.append(
+                Warning(
+                    f"Task {name}: its time limit ({own:g} s) is not below the visibility timeout "
+                    f"({visibility:g} s, CELERY_BROKER_TRANSPORT_OPTIONS).",
+                    hint="Redis delivers a task still running after the visibility timeout to a second worker. "
+                    "A job of the job table (enqueue(), Django tasks) is protected by its start lease and the copy "
+                    "does nothing; a task sent with .delay() runs twice. Raise the timeout or lower the limit.",
+                    id="jobs.W002",
+                )
+            )
+    pool = str(jobs_settings.celery("WORKER_POOL") or "prefork")
+    if limited and pool.rsplit(":", 1)[-1].rsplit(".", 1)[-1].lower() in {"threads", "threadpool", "gevent", "eventlet"}:
+        problems.append(
+            Warning(
+                f"CELERY_WORKER_POOL is {pool}, which enforces no time limit, but time limits are set "
+                f"({', '.join(limited[:5])}{', ...' if len(limited) > 5 else ''}).",
+                hint="A task that hangs holds its job for ever there (its lease is renewed while its process "
+                "lives). Use the prefork pool where a limit matters, or bound the work inside the task.",
+                id="jobs.W014",
+            )
+        )
+    return problems
+
+
 @register("jobs")
 def check_task_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
     problems: list[CheckMessage] = []
@@ -85,6 +122,7 @@ def check_task_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs
                 id="jobs.W002",
             )
         )
+    problems.extend(_task_time_limit_warnings(redis=redis, visibility=visibility))
     soft, hard = jobs_settings.celery("TASK_SOFT_TIME_LIMIT"), jobs_settings.celery("TASK_TIME_LIMIT")
     if soft and hard and soft >= hard:
         problems.append(

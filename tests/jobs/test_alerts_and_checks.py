@@ -209,6 +209,27 @@ def test_risky_combinations_warn(settings):
     assert ids(settings) == {"jobs.W001", "jobs.W002", "jobs.W003", "jobs.W004", "jobs.W006", "jobs.E001"}
 
 
+def test_a_task_whose_own_time_limit_outlasts_the_visibility_timeout_is_named(settings, monkeypatch):
+    """W002 read only the global limit: a task's own `time_limit` past the timeout went unnoticed."""
+    from jobs.tasks import dead_letter_digest
+
+    settings.DEBUG = True
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 3600}
+    monkeypatch.setattr(dead_letter_digest, "time_limit", 4000)
+    problems = [p for p in checks.check_task_settings() if p.id == "jobs.W002"]
+    assert len(problems) == 1
+    assert "jobs.dead_letter_digest" in problems[0].msg
+
+
+def test_a_threads_pool_with_time_limits_is_reported(settings):
+    settings.DEBUG = True
+    settings.CELERY_TASK_TIME_LIMIT = 600
+    settings.CELERY_WORKER_POOL = "threads"
+    assert "jobs.W014" in ids(settings)
+    settings.CELERY_WORKER_POOL = "prefork"
+    assert "jobs.W014" not in ids(settings)
+
+
 def test_flower_without_auth_outside_debug_is_reported_by_the_site(settings):
     from config.checks import check_flower_auth
 
