@@ -93,7 +93,8 @@ def _task_time_limit_warnings(*, redis: bool, visibility: float) -> list[CheckMe
                 )
             )
     pool = str(jobs_settings.celery("WORKER_POOL") or "prefork")
-    if limited and pool.rsplit(":", 1)[-1].rsplit(".", 1)[-1].lower() in {"threads", "threadpool", "gevent", "eventlet"}:
+    kind = pool.rsplit(":", 1)[-1].rsplit(".", 1)[-1].lower()
+    if limited and kind in {"threads", "threadpool", "gevent", "eventlet"}:
         problems.append(
             Warning(
                 f"CELERY_WORKER_POOL is {pool}, which enforces no time limit, but time limits are set "
