@@ -61,7 +61,7 @@ $(STAMP): $(REQS)
 run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py setup_schedules
-	FORCE_COLOR=1 $(BIN)/python -m devtools.localredis -- $(BIN)/honcho start -f Procfile
+	FORCE_COLOR=1 $(BIN)/python -m devtools.localredis -- $(BIN)/python -m devtools.procfile start -f Procfile
 
 # Beside the suite run the fault suite (tests/faults, its own test database) and the benchmarks'
 # quick mode (so they cannot rot; their figures mean nothing here): all of them mostly wait on the

@@ -54,7 +54,7 @@ def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stop
         "--",
         sys.executable,
         "-m",
-        "honcho",
+        "devtools.procfile",
         "start",
         "-f",
         "Procfile",
