@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -265,13 +266,14 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
     def _send(self, due: list[Any]) -> None:
         """Records the entries' runs and their messages in one transaction, then publishes them.
         The database down: nothing is recorded or sent, the schedule is read again, the next tick
-        tries again. An entry the database (or the message) refuses is logged and left out,
-        never holding back the others."""
+        tries again. An entry that cannot be built or recorded (arguments that fail to evaluate,
+        a row the database refuses, an encoder's TypeError) is logged and left out, never holding
+        back the others: anything but the database being unreachable costs that entry only."""
         from jobs.runtime.outbox import CLAIM_TTL, publish_claimed
 
         now = timezone.now()
         claim = uuid.uuid4().hex
-        batch: list[tuple[Any, Any]] = []
+        batch: list[tuple[Any, OutboxMessage]] = []
         for entry in due:
             try:
                 batch.append((entry, self._ledger_row(entry, now=now, claim=claim, claimed_until=now + CLAIM_TTL)))
@@ -279,21 +281,26 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
                 self._unsendable(entry, exc)
         if not batch:
             return
+        # Why the ledger cannot hold a message, by the row's id(): such a one is sent outside it.
+        outside = {id(row): reason for _entry, row in batch if (reason := _ledger_refusal(row))}
         self._still_leading()
         try:
             try:
-                rows = self._record(batch)
+                rows = self._record(batch, outside)
             except (OperationalError, InterfaceError):
                 raise
-            except DatabaseError:
-                rows = []
+            except Exception:  # noqa: BLE001 - one entry refused (DataError, ValueError...): find which
+                rows, kept = [], []
                 for pair in batch:
                     try:
-                        rows += self._record([pair])
+                        rows += self._record([pair], outside)
                     except (OperationalError, InterfaceError):
                         raise
-                    except DatabaseError as exc:
+                    except Exception as exc:  # noqa: BLE001 - that entry only
                         self._unsendable(pair[0], exc)
+                    else:
+                        kept.append(pair)
+                batch = kept
         except DatabaseError:
             # Nothing more was recorded and nothing sent: read the schedule again (the entries
             # were advanced in memory only) and try on the next tick.
@@ -301,23 +308,60 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             self._heap = None
             raise
         published, _failed, unpublishable = publish_claimed(rows)
+        sent_outside = sum(
+            self._send_outside_ledger(entry, row, reason=outside[id(row)]) for entry, row in batch if id(row) in outside
+        )
         logger.info(
             "beat.sent",
             extra={
-                "count": len(rows),
-                "published": published,
+                "count": len(batch),
+                "published": published + sent_outside,
                 "left_to_the_ledger": len(rows) - published - unpublishable,
+                "outside_ledger": sum(id(row) in outside for _entry, row in batch),
                 "tasks": sorted({entry.task for entry, _row in batch})[:10],
             },
         )
 
     @staticmethod
-    def _record(batch: list[tuple[Any, Any]]) -> list[Any]:
+    def _record(batch: list[tuple[Any, OutboxMessage]], outside: Container[int]) -> list[OutboxMessage]:
+        """Writes the entries' runs, and the messages of those the ledger can hold (not in
+        `outside`), in one transaction; returns the ledger rows written."""
         from jobs.models import OutboxMessage
 
+        ledger = [row for _entry, row in batch if id(row) not in outside]
         with transaction.atomic():
             PeriodicTask.objects.bulk_update([entry.model for entry, _row in batch], ["last_run_at", "total_run_count"])
-            return OutboxMessage.objects.bulk_create([row for _entry, row in batch])
+            return OutboxMessage.objects.bulk_create(ledger) if ledger else []
+
+    def _send_outside_ledger(self, entry: Any, row: OutboxMessage, *, reason: str) -> bool:
+        """Sends, straight to the broker, a message whose arguments plain JSON cannot hold (a
+        Decimal, a datetime or a UUID, as django-celery-beat reads kombu's tagged JSON typed in
+        the admin): Celery's serializer encodes them, as django-celery-beat's own scheduler sends
+        them. Its run was recorded with the batch, so no standby sends it again; but no ledger row
+        stands behind it: a broker that refuses or loses it loses this run (logged), as with
+        Celery's own beat. True if the broker took it."""
+        from jobs.outcomes import LEDGER_HEADER
+        from jobs.runtime.outbox import PUBLISH_RETRY_POLICY
+
+        options = dict(row.options)
+        headers = {k: v for k, v in (options.pop("headers", None) or {}).items() if k != LEDGER_HEADER}
+        fields = {"schedule": entry.name, "task": entry.task, "task_id": row.task_id}
+        logger.warning("beat.entry_sent_outside_ledger", extra={**fields, "reason": reason})
+        try:
+            self.app.send_task(
+                row.task_name,
+                args=row.args,
+                kwargs=row.kwargs,
+                task_id=row.task_id,
+                headers=headers,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+                **options,
+            )
+        except Exception as exc:  # noqa: BLE001 - the broker down, or arguments Celery cannot encode
+            logger.error("beat.entry_send_failed", extra={**fields, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return False
+        return True
 
     @staticmethod
     def _unsendable(entry: Any, exc: BaseException) -> None:
@@ -378,6 +422,19 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             return self.lock.holder()
         except (redis.RedisError, OSError):
             return None
+
+
+def _ledger_refusal(row: OutboxMessage) -> str:
+    """Why the ledger's JSON columns cannot hold the row's arguments or options ("" if they can).
+    They are encoded as the JSONField encodes them, plain `json`; nor does PostgreSQL's jsonb take
+    NaN or a NUL character, whatever the database: the same entry goes the same way on each."""
+    try:
+        encoded = json.dumps([row.args, row.kwargs, row.options], allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    if "\\u0000" in encoded:
+        return "a NUL character (\\u0000), which PostgreSQL's jsonb refuses"
+    return ""
 
 
 def reset_schedules_if_time_zone_changed() -> bool:

@@ -183,3 +183,88 @@ def test_the_relay_forgets_an_expired_tick_instead_of_publishing_it(redis_client
     outbox.outbox_relay()
     assert list(OutboxMessage.objects.values_list("task_id", flat=True)) == ["late-job"]
     assert [h["id"] for h in queued(redis_client)] == ["late-job"]  # its worker dead-letters it
+
+
+def queued_messages(redis_client) -> list[tuple[dict, list, dict]]:
+    """The messages waiting in the `low` queue, decoded as a worker decodes them: (headers, args,
+    kwargs), kombu's tagged JSON (a Decimal, a datetime) turned back into its value."""
+    import base64
+
+    from kombu.utils.json import loads
+
+    messages = []
+    for raw in redis_client.lrange("low", 0, -1):
+        envelope = json.loads(raw)
+        args, kwargs, _embed = loads(base64.b64decode(envelope["body"]))
+        messages.append((envelope["headers"], args, kwargs))
+    return messages
+
+
+def test_an_entry_plain_json_cannot_hold_is_sent_beside_the_others_not_instead(scheduler, redis_client, caplog):
+    """kwargs typed in kombu's tagged form (`{"__type__": "decimal", ...}`) are read by
+    django-celery-beat as a Decimal, which the ledger's JSON column cannot hold: the whole batch
+    failed at every tick and beat sent nothing at all."""
+    from decimal import Decimal
+
+    tasks = schedules(2, due=True)
+    PeriodicTask.objects.filter(pk=tasks[0].pk).update(kwargs='{"ms": {"__type__": "decimal", "__value__": "1"}}')
+    before = timezone.now()
+
+    assert scheduler.tick() != beat.RETRY_AFTER_ERROR
+    assert "beat.tick_failed" not in caplog.text
+    sent = {
+        headers["periodic_task_name"]: (headers, kwargs) for headers, _args, kwargs in queued_messages(redis_client)
+    }
+    assert sorted(sent) == ["s-0", "s-1"]
+    # The plain one through the ledger, as ever.
+    assert sent["s-1"][0]["jobs_ledger"] == 1
+    assert OutboxMessage.objects.get().task_id == sent["s-1"][0]["id"]
+    # The other straight to the broker, its Decimal encoded as Celery encodes it (as
+    # django-celery-beat's own scheduler sends it), with the same headers and expiry.
+    headers, kwargs = sent["s-0"]
+    assert kwargs == {"ms": Decimal("1")}
+    assert isinstance(kwargs["ms"], Decimal)
+    assert "jobs_ledger" not in headers
+    assert headers["expires"]
+    assert headers["task"] == "jobs.ping"
+    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_sent_outside_ledger"] == ["s-0"]
+    # Both runs are recorded: a standby taking over now would not send either again.
+    assert PeriodicTask.objects.filter(last_run_at__gte=before, total_run_count=1).count() == 2
+
+    scheduler.tick()  # nothing more is due
+    assert len(queued_messages(redis_client)) == 2
+
+
+def test_an_entry_that_fails_to_record_otherwise_holds_back_no_other(scheduler, redis_client, caplog):
+    """Not every refusal is a DatabaseError: psycopg raises ValueError for a NUL character, an
+    encoder TypeError. It must cost that entry only, not the tick."""
+    tasks = schedules(3, due=True)
+    PeriodicTask.objects.filter(pk=tasks[1].pk).update(args='["poison"]')
+
+    def refuse_poison(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("INSERT") and "poison" in repr(params):
+            raise ValueError("A string literal cannot contain NUL (0x00) characters.")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse_poison):
+        assert scheduler.tick() != beat.RETRY_AFTER_ERROR
+    assert "beat.tick_failed" not in caplog.text
+    assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-0", "s-2"]
+    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-1"]
+    assert PeriodicTask.objects.get(name="s-1").total_run_count == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fits"),
+    [
+        ({"n": 1, "s": "é", "l": [None, True, 1.5]}, True),
+        ({"ms": __import__("decimal").Decimal("1")}, False),
+        ({"at": timezone.now()}, False),
+        ({"id": __import__("uuid").uuid4()}, False),
+        ({"x": float("nan")}, False),  # PostgreSQL's jsonb refuses NaN
+        ({"s": "a\x00b"}, False),  # and a NUL character
+    ],
+)
+def test_what_the_ledger_cannot_hold_is_told_before_it_is_written(kwargs, fits):
+    row = OutboxMessage(task_name="jobs.ping", task_id="t", args=[], kwargs=kwargs, options={"queue": "low"})
+    assert (beat._ledger_refusal(row) == "") is fits
