@@ -331,10 +331,10 @@ def email_send(*, email: Email | int, attempt: str = "") -> Email:
     if handed_off is not None:  # an earlier attempt sent it; only the record was missing
         return _record_late(Email.objects.get(pk=email_id), handed_off)
     now = timezone.now()
-    claimed = _claim(email_id, attempt, now, stale_before=None)
+    claimed = _claim(email_id, attempt, now, stale_after=None)
     if claimed is None:
         lease = _sending_lease()
-        claimed = _claim(email_id, attempt, now, stale_before=now - lease)
+        claimed = _claim(email_id, attempt, now, stale_after=lease)
         if claimed is not None:
             logger.warning("email.handoff_unconfirmed", extra={"email_id": email_id})
         else:
@@ -382,34 +382,44 @@ _CLAIM_RETURNS = tuple(
 )
 
 
-def _claim(email_id: int, attempt: str, now: datetime, *, stale_before: datetime | None) -> Email | None:
-    """Takes the email for this attempt: from `queued` or `failed`, or (with `stale_before`) from
+def _claim(email_id: int, attempt: str, now: datetime, *, stale_after: timedelta | None) -> Email | None:
+    """Takes the email for this attempt: from `queued` or `failed`, or (with `stale_after`) from
     a `sending` claim older than that. Returns the claimed row, or None when it was not claimable.
-    One UPDATE ... RETURNING: the claim and the read are one statement."""
+    One UPDATE ... RETURNING: the claim and the read are one statement.
+
+    On PostgreSQL the claim's time and its age are the database's (`STATEMENT_TIMESTAMP()`), so
+    workers whose clocks disagree still agree on whose claim has lapsed; elsewhere (SQLite: one
+    host) this process's `now`."""
     db = router.db_for_write(Email)
     connection = connections[db]
     if connection.vendor not in RETURNING_VENDORS:
+        stale_before = None if stale_after is None else now - stale_after
         return _claim_then_read(db, email_id, attempt, now, stale_before=stale_before)
     ops = connection.ops
     quote = ops.quote_name
     table = quote(Email._meta.db_table)
     attachments = EmailAttachment._meta
-    if stale_before is None:
+    database_time = connection.vendor == "postgresql"
+    stamp_sql = "STATEMENT_TIMESTAMP()" if database_time else "%s"
+    if stale_after is None:
         where, where_params = f"{quote('status')} IN (%s, %s)", [Email.Status.QUEUED, Email.Status.FAILED]
+    elif database_time:
+        where = f"{quote('status')} = %s AND {quote('handed_off_at')} < STATEMENT_TIMESTAMP() - %s"
+        where_params = [Email.Status.SENDING, stale_after]
     else:
         where = f"{quote('status')} = %s AND {quote('handed_off_at')} < %s"
-        where_params = [Email.Status.SENDING, ops.adapt_datetimefield_value(stale_before)]
+        where_params = [Email.Status.SENDING, ops.adapt_datetimefield_value(now - stale_after)]
     returning = ", ".join(quote(Email._meta.get_field(name).column) for name in _CLAIM_RETURNS)
     # Names from the model's metadata; every value is a parameter.
     sql = (
         f"UPDATE {table} SET {quote('status')} = %s, {quote('attempts')} = {quote('attempts')} + 1, "  # noqa: S608
-        f"{quote('handed_off_at')} = %s, {quote('updated_at')} = %s, {quote('claimed_by')} = %s "
+        f"{quote('handed_off_at')} = {stamp_sql}, {quote('updated_at')} = {stamp_sql}, {quote('claimed_by')} = %s "
         f"WHERE {quote('id')} = %s AND {where} "
         f"RETURNING {returning}, EXISTS (SELECT 1 FROM {quote(attachments.db_table)} "
         f"WHERE {quote(attachments.get_field('email').column)} = {table}.{quote('id')}) AS has_attachments"
     )
-    stamp = ops.adapt_datetimefield_value(now)
-    params = [Email.Status.SENDING, stamp, stamp, attempt[:64], email_id, *where_params]
+    stamps = [] if database_time else [ops.adapt_datetimefield_value(now)] * 2
+    params = [Email.Status.SENDING, *stamps, attempt[:64], email_id, *where_params]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()

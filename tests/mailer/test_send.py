@@ -410,3 +410,27 @@ def test_both_ways_of_claiming_send_once_with_the_attachments(smtp_settings, que
     assert (first["Message-ID"], second["Message-ID"]) == (plain.message_id, attached.message_id)
     assert [part.get_filename() for part in second.iter_attachments()] == ["invoice.pdf"]
     assert list(first.iter_attachments()) == []
+
+
+def test_a_claim_ages_on_the_databases_clock_not_the_workers(settings, smtp_settings, queued, monkeypatch):
+    """A worker host whose clock runs 30 s ahead judged another host's claim of 15 s ago lapsed
+    (a lease of 20 s) and sent the email beside the hand-off still in progress."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the suite runs on SQLite here: one host, one clock")
+    from mailer import services
+
+    settings.MAILER_SENDING_LEASE_SECONDS = 20
+    email = queued()
+    with connection.cursor() as cursor:  # claimed by another host 15 s ago, by the database's clock
+        cursor.execute(
+            "UPDATE mailer_email SET status = %s, attempts = 1, claimed_by = %s, "
+            "handed_off_at = STATEMENT_TIMESTAMP() - INTERVAL '15 seconds' WHERE id = %s",
+            [Email.Status.SENDING, "task-other", email.pk],
+        )
+    ahead = timezone.now() + timedelta(seconds=30)
+    monkeypatch.setattr(services.timezone, "now", lambda: ahead)
+    with pytest.raises(HandOffInProgress):
+        email_send(email=email, attempt="task-mine")
+    assert smtp_settings.messages == []
