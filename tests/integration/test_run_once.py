@@ -120,3 +120,29 @@ def test_a_long_retry_waits_in_the_table_not_in_a_worker(start_worker, redis_cli
     wait_for(lambda: redis_client.get(key) == b"2", timeout=20)
     wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists())
     assert redis_client.llen(f"{key}:times") == 2
+
+
+def test_a_deploys_sigterm_writes_the_history_its_pool_processes_hold(start_worker, redis_client):
+    """A deploy's SIGTERM that reaches the pool processes too (a process group signalled, as honcho
+    and many init systems do) killed them with their buffered history (written every 0.5 s), while
+    their jobs' rows were already ended: finished jobs showed STARTED for ever. Here the buffer is
+    only written at exit (a 60 s interval), and the one pool process is busy with a long job."""
+    from django_celery_results.models import TaskResult
+
+    key = f"k-{uuid.uuid4().hex}"
+    env = {"JOBS_RESULTS_FLUSH_INTERVAL": "60", "CELERY_SHUTDOWN_TIMEOUT": "1"}
+    worker = start_worker(concurrency=1, extra_env=env)
+    ids = [_enqueue(tasks.count_start, key) for _ in range(4)]
+    wait_for(lambda: redis_client.get(f"{key}:ends") == b"4")
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
+    long_key = f"{key}-long"
+    _enqueue(tasks.count_start, long_key, 20.0)
+    wait_for(lambda: _starts(redis_client, long_key) == 1)
+    assert not TaskResult.objects.filter(task_id__in=ids, status="SUCCESS").exists()  # still buffered
+
+    parent = psutil.Process(worker.process.pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        proc.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)
+    done = set(TaskResult.objects.filter(task_id__in=ids, status="SUCCESS").values_list("task_id", flat=True))
+    assert done == set(ids)
