@@ -344,6 +344,14 @@ class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-cele
         try:
             return super().store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
         except (BackendStoreError, DatabaseError) as exc:
+            if getattr(request, "chord", None):
+                # A chord counts its members' results in this table: one not written would stop the
+                # chord without a word (its body never called). Raised, it is seen and the task fails.
+                logger.error(
+                    "results.chord_member_not_stored",
+                    extra={"task_id": task_id, "state": state, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+                raise
             logger.warning(
                 "results.not_stored",
                 extra={"task_id": task_id, "state": state, "error": f"{type(exc).__name__}: {exc}"[:300]},

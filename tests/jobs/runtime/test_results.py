@@ -189,6 +189,23 @@ def test_members_of_a_chord_are_written_at_once(buffer):
     assert buffer.rows == {}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_chord_members_result_the_database_refuses_is_raised_not_swallowed(buffer, settings, caplog, monkeypatch):
+    """Swallowed, the chord never called its body and nobody heard of it."""
+    from celery.exceptions import BackendStoreError
+
+    monkeypatch.setattr(current_app.backend, "max_retries", 0)
+    request = Request("member-2")
+    request.chord = {"task": "tests.body"}
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("the database system is shutting down")
+
+    with connection.execute_wrapper(refuse), pytest.raises((OperationalError, BackendStoreError)):
+        current_app.backend.store_result("member-2", 5, states.SUCCESS, request=request)
+    assert "results.chord_member_not_stored" in caplog.text
+
+
 def test_a_database_down_for_long_costs_the_oldest_history_not_the_memory(settings, caplog):
     buffer = results.ResultBuffer(interval=3600, limit=2)
     now = timezone.now()
