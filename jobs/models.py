@@ -257,3 +257,22 @@ class Dashboard(models.Model):
 
     def __str__(self) -> str:
         return "dashboard"
+
+
+class BeatFence(models.Model):
+    """One row (`pk` 1): the fencing token of the beat that leads (jobs.runtime.beat). A beat takes
+    the next token when it starts leading, and every batch it records first checks, in the same
+    transaction, that the row still holds its token: a leader a newer one has fenced off (Redis
+    forgot the lock, and it has not noticed yet) records and sends nothing. In the database, not in
+    Redis, so that a Redis restart cannot turn it back."""
+
+    token = models.BigIntegerField(default=0)
+    holder = models.CharField(max_length=255, blank=True, default="", help_text="The beat that took the token.")
+    at = models.DateTimeField(default=timezone.now, help_text="When the token was taken or last recorded a batch.")
+
+    class Meta:
+        default_permissions = ()
+        verbose_name = "beat fence"
+
+    def __str__(self) -> str:
+        return f"beat fence {self.token} ({self.holder})"

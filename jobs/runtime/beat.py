@@ -16,6 +16,20 @@
   it). Celery's scheduler instead sent one entry per tick, compared the whole schedule with itself
   before each, and saved each entry with two statements after its send: beat could not keep up
   with a few thousand schedules.
+- A fencing token keeps a leader that Redis forgot from sending beside its successor. The lock
+  alone cannot: Redis may lose it (a restart without persistence, a failover that dropped the
+  last writes) and a leader learns that only at its next renewal, up to `JOBS_BEAT_LOCK_TTL`/10
+  seconds later (longer after a pause), meanwhile a standby has taken the lock. So each beat,
+  when it starts leading, takes the next token from the `jobs.models.BeatFence` row
+  (`token = token + 1`, committed before it reads the schedule), and every batch it records
+  first checks, in the same transaction, that the row still holds its token. Guarantee: once a
+  newer leader has taken its token, an older one records, and therefore sends, nothing more (it
+  logs `beat.fenced` and stands down); whatever the older one recorded before was committed
+  before the newer one read the schedule, so the newer one does not send it again. The token
+  lives in the database that records the batches, not in Redis (an INCR counter there starts
+  again at 1 after a restart), so it never goes back; the row's update serializes a take against
+  a recording (PostgreSQL's row lock, SQLite's single writer). What the fence cannot stop is a
+  batch recorded just before the take and published just after: that is one send, not two.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from celery.utils.time import maybe_make_aware
 from django.conf import settings
 from django.core.cache import cache
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db.models import F
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
@@ -62,6 +77,8 @@ BATCH = 500
 TICK_SPACING = 0.1
 #: Seconds between two looks at whether the schedules were edited (one query each).
 CHANGE_CHECK_INTERVAL = 1.0
+#: The primary key of the one `BeatFence` row.
+FENCE_ROW = 1
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -75,6 +92,37 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+class Fenced(RuntimeError):
+    """A newer leader has taken the fencing token: this beat must record and send nothing."""
+
+
+def fence_take(holder: str) -> int:
+    """The next fencing token, taken for `holder` (the beat's lock token) and committed: from now
+    on a beat holding an older one can record no batch. Creates the row if it is missing."""
+    from jobs.models import BeatFence
+
+    now = timezone.now()
+    rows = BeatFence.objects.filter(pk=FENCE_ROW)
+    with transaction.atomic():
+        if not rows.update(token=F("token") + 1, holder=holder[:255], at=now):
+            # A concurrent first take may insert it too: whichever insert loses, both then increment.
+            BeatFence.objects.bulk_create([BeatFence(pk=FENCE_ROW, token=0, at=now)], ignore_conflicts=True)
+            rows.update(token=F("token") + 1, holder=holder[:255], at=now)
+        return int(rows.values_list("token", flat=True).get())
+
+
+def fence_hold(token: int | None) -> None:
+    """Raises Fenced unless the fence still holds `token`. Called first in the transaction that
+    records a batch: the update locks the row until that transaction ends, so a newer leader's
+    take waits for it (and then reads what it recorded), or came first and fences it off."""
+    from jobs.models import BeatFence
+
+    rows = BeatFence.objects.filter(pk=FENCE_ROW)
+    if token is None or not rows.filter(token=token).update(at=timezone.now()):
+        newest = rows.values_list("token", "holder").first()
+        raise Fenced(f"fencing token {token} is older than the newest, {newest}")
 
 
 class BeatLock:
@@ -142,6 +190,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         self._leading = False
         self._announced_standby = False
         self._term: int | None = None  # the lock term this beat last started leading in
+        self._fence: int | None = None  # the fencing token taken in that term
         self._touched_at = 0.0  # liveness file and heartbeat, monotonic
         self._checked_at = -CHANGE_CHECK_INTERVAL  # the last look for schedule edits, monotonic
         self._heap_source: dict[str, Any] | None = None  # the schedule the heap was built from
@@ -183,6 +232,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             except OSError as exc:
                 logger.warning("beat.liveness_write_failed", extra={"error": str(exc)[:200]})
         if not leading:
+            self._fence = None
             if self._leading:
                 logger.warning("beat.standby", extra={"reason": "lost the beat lock"})
                 self._leading = False
@@ -191,13 +241,18 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
                 self._announced_standby = True
             return self.standby_poll
         if not self._leading or self.lock.term != self._term:
-            logger.info("beat.leading", extra={"token": self.lock.token})
             self._term = self.lock.term
             self._leading = True
             self._announced_standby = False
+            self._fence = None
             # The previous leader may have sent tasks since we last read: start from the database.
             self._initial_read = True
             self._heap = None
+        if self._fence is None:
+            # Before the schedule is read: what an older leader recorded until now is in it, and
+            # from now on it records nothing. (Failed, the tick fails and the next one tries again.)
+            self._fence = fence_take(self.lock.token)
+            logger.info("beat.leading", extra={"token": self.lock.token, "fence": self._fence})
         if touch:
             try:
                 heartbeat_write("beat")
@@ -284,16 +339,21 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         # Why the ledger cannot hold a message, by the row's id(): such a one is sent outside it.
         outside = {id(row): reason for _entry, row in batch if (reason := _ledger_refusal(row))}
         self._still_leading()
+        fenced: Fenced | None = None
         try:
             try:
                 rows = self._record(batch, outside)
-            except (OperationalError, InterfaceError):
+            except (OperationalError, InterfaceError, Fenced):
                 raise
             except Exception:  # noqa: BLE001 - one entry refused (DataError, ValueError...): find which
                 rows, kept = [], []
                 for pair in batch:
                     try:
                         rows += self._record([pair], outside)
+                    except Fenced as exc:
+                        # What was recorded before goes out: the newer leader read it as sent.
+                        fenced = exc
+                        break
                     except (OperationalError, InterfaceError):
                         raise
                     except Exception as exc:  # noqa: BLE001 - that entry only
@@ -301,12 +361,18 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
                     else:
                         kept.append(pair)
                 batch = kept
+        except Fenced as exc:
+            batch, rows, fenced = [], [], exc
         except DatabaseError:
             # Nothing more was recorded and nothing sent: read the schedule again (the entries
             # were advanced in memory only) and try on the next tick.
             self._initial_read = True
             self._heap = None
             raise
+        if fenced is not None:
+            self._stand_down(fenced)
+        if not batch:
+            return
         published, _failed, unpublishable = publish_claimed(rows)
         sent_outside = sum(
             self._send_outside_ledger(entry, row, reason=outside[id(row)]) for entry, row in batch if id(row) in outside
@@ -322,14 +388,15 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             },
         )
 
-    @staticmethod
-    def _record(batch: list[tuple[Any, OutboxMessage]], outside: Container[int]) -> list[OutboxMessage]:
+    def _record(self, batch: list[tuple[Any, OutboxMessage]], outside: Container[int]) -> list[OutboxMessage]:
         """Writes the entries' runs, and the messages of those the ledger can hold (not in
-        `outside`), in one transaction; returns the ledger rows written."""
+        `outside`), in one transaction, if this beat still holds the newest fencing token (else
+        Fenced, and nothing is written); returns the ledger rows written."""
         from jobs.models import OutboxMessage
 
         ledger = [row for _entry, row in batch if id(row) not in outside]
         with transaction.atomic():
+            fence_hold(self._fence)
             PeriodicTask.objects.bulk_update([entry.model for entry, _row in batch], ["last_run_at", "total_run_count"])
             return OutboxMessage.objects.bulk_create(ledger) if ledger else []
 
@@ -369,6 +436,17 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             "beat.entry_unsendable",
             extra={"schedule": entry.name, "task": entry.task, "error": f"{type(exc).__name__}: {exc}"[:500]},
         )
+
+    def _stand_down(self, exc: Fenced) -> None:
+        """A newer leader fenced this one off: it gives the lock back (only if it still holds it)
+        and waits as a standby; should it lead again, it takes a newer token first."""
+        logger.error("beat.fenced", extra={"token": self.lock.token, "fence": self._fence, "error": str(exc)[:300]})
+        self.lock.release()
+        self._leading = False
+        self._announced_standby = False
+        self._fence = None
+        self._initial_read = True
+        self._heap = None
 
     def _still_leading(self) -> None:
         """Just before a batch is recorded: a lock not renewed for half its TTL (a long pause of

@@ -268,3 +268,42 @@ def test_an_entry_that_fails_to_record_otherwise_holds_back_no_other(scheduler, 
 def test_what_the_ledger_cannot_hold_is_told_before_it_is_written(kwargs, fits):
     row = OutboxMessage(task_name="jobs.ping", task_id="t", args=[], kwargs=kwargs, options={"queue": "low"})
     assert (beat._ledger_refusal(row) == "") is fits
+
+
+def test_a_leader_fenced_off_by_a_newer_one_records_and_sends_nothing(scheduler, redis_client, caplog):
+    """Redis forgets the lock (a restart, a failover that lost the last writes): a standby takes
+    it while the leader, which asks Redis only every TTL/10 seconds, still believes it leads. Its
+    next batch must not go out beside the new leader's."""
+    import time
+
+    schedules(3, due=True)
+    scheduler.tick()  # leads, sends the three
+    assert len(queued(redis_client)) == 3
+    scheduler._checked_at = -3600.0
+    assert scheduler.schedule  # notes when the schedules last changed
+
+    redis_client.delete(beat.LOCK_KEY)  # Redis restarted: no lock any more
+    newer = beat.LockedDatabaseScheduler(app=current_app, lazy=True)
+    newer.tick()  # takes the lock, and a newer token; nothing is due
+    assert len(queued(redis_client)) == 3
+    newer._checked_at = -3600.0
+    assert newer.schedule
+
+    PeriodicTask.objects.update(last_run_at=timezone.now() - timedelta(seconds=61))  # due again
+    PeriodicTasks.update_changed()
+    scheduler._checked_at = -3600.0  # the old leader reads the schedule again...
+    scheduler.lock.renewed_at = time.monotonic()  # ...and has not asked Redis since
+    scheduler.tick()
+    assert len(queued(redis_client)) == 3  # nothing sent
+    assert PeriodicTask.objects.filter(total_run_count=1).count() == 3  # nor recorded
+    assert OutboxMessage.objects.count() == 3
+    assert [r.getMessage() for r in caplog.records if r.getMessage() == "beat.fenced"] == ["beat.fenced"]
+    assert "beat.tick_failed" not in caplog.text
+    assert not scheduler.lock.held  # it stands down
+
+    newer._checked_at = -3600.0
+    newer.tick()  # the leader sends them, once
+    assert len(queued(redis_client)) == 6
+    assert PeriodicTask.objects.filter(total_run_count=2).count() == 3
+    scheduler.tick()  # the old one waits as a standby
+    assert len(queued(redis_client)) == 6
