@@ -163,3 +163,10 @@ def plain_swallows_soft_limit(key: str) -> None:
             time.sleep(0.05)
         except Exception:  # noqa: BLE001, S112 - the bug being reproduced: a broad except
             continue
+
+
+@shared_task(base=JobTask, bind=True, name="tests.replaced_by_count_start")
+def replaced_by_count_start(self, key: str) -> None:
+    """Replaces itself with `count_start` (Celery's `Task.replace`: the same task id goes on)."""
+    _redis().incr(f"{key}:replacing")
+    raise self.replace(count_start.s(key))

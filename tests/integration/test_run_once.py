@@ -146,3 +146,16 @@ def test_a_deploys_sigterm_writes_the_history_its_pool_processes_hold(start_work
     worker.wait(timeout=60)
     done = set(TaskResult.objects.filter(task_id__in=ids, status="SUCCESS").values_list("task_id", flat=True))
     assert done == set(ids)
+
+
+def test_a_job_that_replaces_itself_ends_its_row_and_its_replacement_runs_once(start_worker, redis_client):
+    """Its replacement is no job of the table: the row must end with it, or the sweeper would
+    bring the replaced job back for ever."""
+    key = f"k-{uuid.uuid4().hex}"
+    start_worker(concurrency=2, extra_env=FAST)
+    task_id = _enqueue(tasks.replaced_by_count_start, key)
+    wait_for(lambda: redis_client.get(f"{key}:ends") == b"1")
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists())
+    time.sleep(4)  # several sweeps
+    assert redis_client.get(f"{key}:replacing") == b"1"
+    assert _starts(redis_client, key) == 1
