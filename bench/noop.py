@@ -27,6 +27,9 @@ TASK_NAMES = {
     "bare": "bench.noop_bare",
     "job": "bench.noop_job",
     "shipped": "bench.noop_shipped",
+    # The same task, enqueued into the job table (`jobs.publish.enqueue`, one transaction per job
+    # as a view would): a row per job, the start lease, the row's end.
+    "ledger": "bench.noop_shipped",
 }
 
 _client = None
@@ -79,8 +82,25 @@ def task_for(side: str):
     return app.tasks[TASK_NAMES[side]]
 
 
-def enqueue(task, key: str, count: int) -> float:
-    """Publishes `count` tasks through one producer connection; returns tasks per second."""
+def _enqueue_ledger(task, key: str, count: int) -> float:
+    from django.db import transaction
+
+    from jobs.publish import enqueue as ledger_enqueue
+
+    with transaction.atomic():
+        ledger_enqueue(task, args=[f"{key}:warmup"])
+    started = time.perf_counter()
+    for _ in range(count):
+        with transaction.atomic():
+            ledger_enqueue(task, args=[key])
+    return count / (time.perf_counter() - started)
+
+
+def enqueue(task, key: str, count: int, *, ledger: bool = False) -> float:
+    """Publishes `count` tasks through one producer connection (`ledger`: each into the job
+    table, in a transaction of its own); returns tasks per second."""
+    if ledger:
+        return _enqueue_ledger(task, key, count)
     with task.app.producer_or_acquire() as producer:
         producer.connection.ensure_connection(max_retries=3)
         task.apply_async((f"{key}:warmup",), producer=producer)  # first publish sets up routing
@@ -90,12 +110,24 @@ def enqueue(task, key: str, count: int) -> float:
         return count / (time.perf_counter() - started)
 
 
-def latency(task, key: str, samples: int, timeout: float = 10) -> None:
+def latency(task, key: str, samples: int, timeout: float = 10, *, ledger: bool = False) -> None:
     """Sends `samples` tasks one at a time to an idle worker; each records its own latency."""
-    task.delay(f"{key}:warmup")
+
+    def send(*args) -> None:
+        if not ledger:
+            task.delay(*args)
+            return
+        from django.db import transaction
+
+        from jobs.publish import enqueue as ledger_enqueue
+
+        with transaction.atomic():
+            ledger_enqueue(task, args=list(args))
+
+    send(f"{key}:warmup")
     wait_done(f"{key}:warmup", 1, timeout)
     for i in range(samples):
-        task.delay(key, time.time())
+        send(key, time.time())
         wait_done(key, i + 1, timeout)
 
 
@@ -107,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("count", type=int)
     options = parser.parse_args(argv)
     task = task_for(options.side)
+    ledger = options.side == "ledger"
     if options.mode == "enqueue":
-        print(json.dumps({"rate": enqueue(task, options.key, options.count)}), flush=True)
+        print(json.dumps({"rate": enqueue(task, options.key, options.count, ledger=ledger)}), flush=True)
     else:
-        latency(task, options.key, options.count)
+        latency(task, options.key, options.count, ledger=ledger)
     return 0
 
 
