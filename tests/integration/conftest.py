@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from kombu import Connection
 
 from config.env import BASE_DIR
 
@@ -192,6 +193,31 @@ def start_worker(tmp_path, redis_client):
     yield start
     for worker in workers:
         worker.stop()
+
+
+RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+def rabbitmq_vhost():
+    """A throw-away virtual host on the local RabbitMQ, or a skip saying why there is none."""
+    try:
+        with Connection(RABBIT + "%2F", connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no RabbitMQ answers on 127.0.0.1:5672 ({type(exc).__name__})")
+    vhost = f"jobs-test-{uuid.uuid4().hex[:8]}"
+    created = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True, timeout=60)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    yield RABBIT + vhost
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
 
 
 # --- a real browser -------------------------------------------------------------------------

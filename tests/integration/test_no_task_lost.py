@@ -153,31 +153,6 @@ def test_worker_survives_a_redis_restart_and_consumes_again(start_worker, tmp_pa
         broker.stop()
 
 
-RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-@pytest.fixture
-def rabbitmq_vhost():
-    """A throw-away virtual host on the local RabbitMQ, or a skip saying why there is none."""
-    try:
-        with Connection(RABBIT + "%2F", connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=0)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"no RabbitMQ answers on 127.0.0.1:5672 ({type(exc).__name__})")
-    vhost = f"jobs-test-{uuid.uuid4().hex[:8]}"
-    created = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True, timeout=60)
-    if created.returncode != 0:
-        pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
-    subprocess.run(
-        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    yield RABBIT + vhost
-    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
-
-
 def test_sigterm_on_rabbitmq_loses_nothing(start_worker, redis_client, rabbitmq_vhost):
     sigterm_scenario(start_worker, redis_client, {"CELERY_BROKER_URL": rabbitmq_vhost}, broker_url=rabbitmq_vhost)
 

@@ -4,6 +4,7 @@ each crash of the process running it, whatever copies of its message arrive."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -96,6 +97,36 @@ def test_jobs_of_a_worker_killed_outright_run_again_within_the_lease_once(start_
     wait_for(lambda: redis_client.get(f"{key}:ends") == b"2", timeout=40)
     assert time.monotonic() - killed_at < 30
     assert _starts(redis_client, key) == 4  # each job: its first run, and one more for the crash
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
+    assert not DeadLetter.objects.exists()
+
+
+def test_on_rabbitmq_a_killed_workers_jobs_run_again_once(start_worker, redis_client, rabbitmq_vhost):
+    """RabbitMQ hands the killed worker's messages out again at once, while their leases still
+    look alive: those copies do nothing, and the lapsed leases bring each job back once."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    key = f"k-{uuid.uuid4().hex}"
+    env = {**FAST, "CELERY_BROKER_URL": rabbitmq_vhost, "JOBS_REDIS_URL": os.environ["REDIS_URL"]}
+    long_ago = timezone.now() - timedelta(minutes=5)
+    ids = [f"rabbit-{n}-{uuid.uuid4().hex[:6]}" for n in range(2)]
+    for task_id in ids:  # accepted while the broker was away: the worker's relay publishes them
+        OutboxMessage.objects.create(
+            task_name=tasks.count_start.name,
+            task_id=task_id,
+            args=[key, 3.0],
+            options={"queue": "normal", "headers": {"jobs_ledger": 1}},
+            created_at=long_ago,
+            attempts=1,
+        )
+    first = start_worker(concurrency=2, extra_env=env)
+    wait_for(lambda: _starts(redis_client, key) == 2)
+    _kill_tree(first.process)
+    start_worker(concurrency=2, extra_env=env)
+    wait_for(lambda: redis_client.get(f"{key}:ends") == b"2", timeout=40)
+    assert _starts(redis_client, key) == 4
     wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
     assert not DeadLetter.objects.exists()
 
