@@ -170,3 +170,12 @@ def replaced_by_count_start(self, key: str) -> None:
     """Replaces itself with `count_start` (Celery's `Task.replace`: the same task id goes on)."""
     _redis().incr(f"{key}:replacing")
     raise self.replace(count_start.s(key))
+
+
+@shared_task(base=JobTask, name="tests.rejects")
+def rejects(key: str) -> None:
+    """Drops its own message: `Reject(requeue=False)`."""
+    from celery.exceptions import Reject
+
+    _redis().rpush(f"{key}:starts", os.getpid())
+    raise Reject("not for this worker", requeue=False)

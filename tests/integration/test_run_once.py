@@ -190,3 +190,15 @@ def test_a_job_that_replaces_itself_ends_its_row_and_its_replacement_runs_once(s
     time.sleep(4)  # several sweeps
     assert redis_client.get(f"{key}:replacing") == b"1"
     assert _starts(redis_client, key) == 1
+
+
+def test_a_job_that_rejects_its_message_ends_as_a_dead_letter(start_worker, redis_client):
+    """Its message dropped, its row stayed: the sweeper brought it back every round, for ever."""
+    key = f"k-{uuid.uuid4().hex}"
+    start_worker(concurrency=1, extra_env=FAST)
+    task_id = _enqueue(tasks.rejects, key)
+    dead = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), timeout=20)
+    assert dead.reason == DeadLetter.Reason.REJECTED
+    assert not OutboxMessage.objects.filter(task_id=task_id).exists()
+    time.sleep(4)  # several sweeps
+    assert _starts(redis_client, key) == 1
