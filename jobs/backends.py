@@ -12,9 +12,10 @@ Options (the backend's `OPTIONS`):
 - `QUEUE_BY_PRIORITY`: for a task whose `queue_name` is Django's "default": the first
   `(minimum priority, queue)` its priority reaches; by default `high` from 1, `normal` from 0,
   `low` below (a queue the project does not declare falls back to Celery's default queue).
-- `ETA_LIMIT`: a `run_after` further ahead than this many seconds (600, and never past what
-  the Redis visibility timeout allows) waits in the ledger, not in the broker, and is published
-  a minute before it is due.
+- `ETA_LIMIT`: a `run_after` further ahead than this many seconds (600, and never past
+  `JOBS_HOLD_IN_BROKER_MAX` nor what the Redis visibility timeout allows) waits in the job table,
+  not in the broker, and is published `JOBS_HOLD_IN_BROKER_MAX` seconds before it is due, with
+  its `run_after` as ETA.
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ F = TypeVar("F")
 
 DEFAULT_QUEUE_BY_PRIORITY: tuple[tuple[int, str], ...] = ((1, "high"), (0, "normal"), (-100, "low"))
 DEFAULT_ETA_LIMIT = 600.0
-#: A job waiting in the ledger is published this long before its `run_after`, with it as ETA.
-LEDGER_LEAD = timedelta(seconds=60)
+
+
+def ledger_lead() -> timedelta:
+    """A job waiting in the table is published this long before its `run_after`, with it as ETA:
+    a worker holds it no longer than it holds a short retry."""
+    return timedelta(seconds=float(jobs_settings.HOLD_IN_BROKER_MAX))
+
 
 #: Celery states and the Django status each one is.
 STATUS_BY_STATE = {
@@ -232,9 +238,10 @@ class CeleryBackend(BaseTaskBackend):
         return jobs_settings.default_queue
 
     def eta_ceiling(self, task: Task[..., Any]) -> float:
-        """How far ahead a job may wait in the broker: `ETA_LIMIT`, and on Redis less than the
-        visibility timeout (a message held longer is delivered to a second worker)."""
-        limit = self.eta_limit
+        """How far ahead a job may wait in the broker: `ETA_LIMIT` and `JOBS_HOLD_IN_BROKER_MAX`
+        (no worker holds long waits), and on Redis less than the visibility timeout (a message
+        held longer is delivered to a second worker)."""
+        limit = min(self.eta_limit, float(jobs_settings.HOLD_IN_BROKER_MAX))
         if jobs_settings.broker_is_redis:
             time_limit = runner.registered().get(task_module_path(task), {}).get("time_limit")
             margin = max(jobs_settings.visibility_timeout * 0.1, 60.0)
@@ -270,7 +277,7 @@ class CeleryBackend(BaseTaskBackend):
             if ahead > 0:
                 options["eta"] = task.run_after.isoformat()
                 if ahead > self.eta_ceiling(task):
-                    not_before = task.run_after - LEDGER_LEAD
+                    not_before = task.run_after - ledger_lead()
         task_id = ledger_add(
             task_module_path(task), args=args, kwargs=kwargs, headers=headers, not_before=not_before, **options
         )

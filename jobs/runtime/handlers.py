@@ -193,7 +193,7 @@ def _ledger_end(
         # Any other end (the process stopped under its hard time limit: the main process ends
         # the job) leaves the row to whoever ends it, or to the lease.
     finally:
-        run_ended(task_id)
+        run_ended(task_id, run.owner)
 
 
 def _rejected(task: Task[..., Any] | None, request: Context, task_id: str, run: Any, exc: Any) -> None:

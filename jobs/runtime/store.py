@@ -257,10 +257,11 @@ def job_release(task_id: str, *, owner_prefix: str) -> int:
     ).update(state=State.AVAILABLE, lease_owner="", lease_until=None)
 
 
-def run_ended(task_id: str) -> None:
-    """The body of this process's run of `task_id` has returned: its lease is no longer renewed
-    (unless a write of its end is still pending)."""
-    _keeper().discard(task_id)
+def run_ended(task_id: str, owner: str | None = None) -> None:
+    """The body of this process's run of `task_id` (the run `owner`, if given) has returned: its
+    lease is no longer renewed (unless a write of its end is still pending). A later run of the
+    same job in another thread of the process keeps its own."""
+    _keeper().discard(task_id, owner=owner)
 
 
 # --- the sweeper's part ------------------------------------------------------------------------
@@ -344,8 +345,11 @@ class Keeper:
             self.started[run.task_id] = time.monotonic()
         self._ensure_thread()
 
-    def discard(self, task_id: str) -> None:
+    def discard(self, task_id: str, *, owner: str | None = None) -> None:
         with self.lock:
+            run = self.runs.get(task_id)
+            if owner is not None and run is not None and run.owner != owner:
+                return
             self.runs.pop(task_id, None)
             self.started.pop(task_id, None)
             self.pending.pop(task_id, None)
