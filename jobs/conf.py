@@ -7,6 +7,14 @@ Names are the Django setting without its `JOBS_` prefix; each read goes to `djan
 at that moment, so `override_settings` and the `settings` fixture of pytest-django apply. Celery's
 own options stay Celery's (`CELERY_*` through `app.config_from_object`); what `jobs` needs to know
 of them (is the broker Redis?) it reads from the app.
+
+`JOBS_REDIS_URL` (beat's lock, the ledger's view of the broker) is a plain Redis URL
+(`redis://`, `rediss://`, `unix://`) or a Redis behind Sentinel, named by its sentinels and its
+master (`jobs.redis_client` opens either):
+
+    sentinel://[[user]:password@]host1:26379[,host2:26380,...]/<master_name>[/<db>][?sentinel_password=...]
+
+The user and password are the master's; `sentinel_password` the sentinels' own, if they have one.
 """
 
 from __future__ import annotations
@@ -112,14 +120,19 @@ class JobsSettings:
 
     @property
     def redis_url(self) -> str:
-        """The Redis `jobs` keeps its locks in: JOBS_REDIS_URL, else the broker when it is one
-        plain Redis URL (a Sentinel or RabbitMQ broker needs JOBS_REDIS_URL)."""
+        """The Redis `jobs` keeps its locks in: JOBS_REDIS_URL (plain or `sentinel://`, see the
+        module's docstring), else the broker when it is one plain Redis URL. A RabbitMQ broker
+        needs JOBS_REDIS_URL, and so does a Sentinel broker: kombu's form of its URL names no
+        master (that is in its transport options)."""
         configured = self.REDIS_URL
         if configured:
             return str(configured)
         if urlsplit(self.broker_url).scheme in {"redis", "rediss"}:
             return self.broker_url
-        raise RuntimeError("JOBS_REDIS_URL must name a Redis when the Celery broker is not a plain Redis URL")
+        raise RuntimeError(
+            "JOBS_REDIS_URL must name a Redis (redis://host:6379/0, or sentinel://host:26379/<master_name>)"
+            " when the Celery broker is not a plain Redis URL"
+        )
 
 
 jobs_settings = JobsSettings()

@@ -351,8 +351,10 @@ JOBS_RESULTS_BUFFER_LIMIT = env.int("JOBS_RESULTS_BUFFER_LIMIT", default=10_000)
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme
 BROKER_IS_REDIS = BROKER_SCHEME in {"redis", "rediss", "sentinel"}
-# Beat's leader lock and the ledger's bookkeeping live in REDIS_URL, whatever the broker.
-JOBS_REDIS_URL = REDIS_URL
+# Beat's leader lock and the ledger's bookkeeping live in REDIS_URL, whatever the broker, unless
+# JOBS_REDIS_URL names another Redis: a plain URL or sentinel://host1:26379,host2:26379/<master>
+# (the cache at REDIS_URL cannot go through Sentinel).
+JOBS_REDIS_URL = env.str("JOBS_REDIS_URL", default=REDIS_URL)
 
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
 if CELERY_RESULT_BACKEND == "django-db":

@@ -59,6 +59,7 @@ from django_celery_beat.schedulers import DatabaseScheduler
 
 from jobs.conf import jobs_settings
 from jobs.heartbeat import heartbeat_write, liveness_touch
+from jobs.redis_client import redis_client
 
 if TYPE_CHECKING:
     from jobs.models import OutboxMessage
@@ -129,7 +130,7 @@ class BeatLock:
     """Leadership among beats: a Redis key holding the leader's token, with an expiry."""
 
     def __init__(self, url: str, ttl: float) -> None:
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self.client = redis_client(url, timeout=2)  # a redis:// or a sentinel:// URL
         self.ttl_ms = int(ttl * 1000)
         #: A lock renewed this recently is still held for most of its TTL: no round trip. (Beat
         #: ticks many times a second with thousands of schedules.)

@@ -249,9 +249,9 @@ def message_ids(raw_messages: Iterable[bytes]) -> set[str]:
 
 
 def _redis_client() -> redis.Redis:
-    import redis
+    from jobs.redis_client import redis_client
 
-    return redis.Redis.from_url(jobs_settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    return redis_client(timeout=1)
 
 
 def worker_reserved_publish(hostname: str, task_ids: Iterable[str], *, client: redis.Redis | None = None) -> None:

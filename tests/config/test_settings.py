@@ -19,6 +19,7 @@ CONTRACT_VARIABLES = [
     "DJANGO_ALLOWED_HOSTS",
     "DATABASE_URL",
     "REDIS_URL",
+    "JOBS_REDIS_URL",
     "CELERY_BROKER_URL",
     "CELERY_RESULT_BACKEND",
     "CELERY_WORKER_CONCURRENCY",
@@ -183,6 +184,12 @@ def test_rabbitmq_broker_gets_no_redis_only_options(load_settings):
 def test_the_site_keeps_the_beat_lock_and_the_ledger_in_redis_url_whatever_the_broker(load_settings, broker):
     s = load_settings("local", CELERY_BROKER_URL=broker, REDIS_URL="redis://cache:6379/0")
     assert s.JOBS_REDIS_URL == "redis://cache:6379/0"
+
+
+def test_jobs_redis_url_may_name_a_redis_behind_sentinel_apart_from_the_cache(load_settings):
+    s = load_settings("local", REDIS_URL="redis://cache:6379/0", JOBS_REDIS_URL="sentinel://s1,s2/mymaster/2")
+    assert s.JOBS_REDIS_URL == "sentinel://s1,s2/mymaster/2"
+    assert s.CACHES["default"]["LOCATION"] == "redis://cache:6379/0"
 
 
 def test_debug_false_requires_a_secret_key(load_settings):

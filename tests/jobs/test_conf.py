@@ -44,7 +44,10 @@ def test_the_lock_redis_is_jobs_redis_url_else_a_plain_redis_broker(settings, mo
     monkeypatch.setenv("CELERY_BROKER_URL", "sentinel://sentinel-1:26379")
     assert jobs_settings.broker_is_redis  # Redis behind Sentinel: queues are read like Redis's
     with pytest.raises(RuntimeError, match="JOBS_REDIS_URL"):
-        jobs_settings.redis_url  # noqa: B018 - but redis-py cannot open a lock on a sentinel:// URL
+        jobs_settings.redis_url  # noqa: B018 - but kombu's form of a Sentinel URL names no master
+    settings.JOBS_REDIS_URL = "sentinel://sentinel-1:26379,sentinel-2:26379/mymaster/1"
+    assert jobs_settings.redis_url == settings.JOBS_REDIS_URL  # jobs.redis_client opens it
+    settings.JOBS_REDIS_URL = None
 
     monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest:guest@rabbit:5672//")
     assert not jobs_settings.broker_is_redis
