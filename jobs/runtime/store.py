@@ -107,7 +107,7 @@ def _start_available(task_id: str, retries: int, owner: str) -> bool:
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [State.EXECUTING, owner, _lease_seconds(), task_id, retries, State.AVAILABLE])
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
 
 def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
