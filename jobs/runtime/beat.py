@@ -396,9 +396,16 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         from jobs.models import OutboxMessage
 
         ledger = [row for _entry, row in batch if id(row) not in outside]
+        # One run time for the batch (the tick's): one UPDATE, where bulk_update's CASE per row
+        # cost beat a fifth of its CPU in a burst of thousands of schedules.
+        ran_at = max(entry.model.last_run_at for entry, _row in batch)
+        for entry, _row in batch:
+            entry.model.last_run_at = ran_at
         with transaction.atomic():
             fence_hold(self._fence)
-            PeriodicTask.objects.bulk_update([entry.model for entry, _row in batch], ["last_run_at", "total_run_count"])
+            PeriodicTask.objects.filter(pk__in=[entry.model.pk for entry, _row in batch]).update(
+                last_run_at=ran_at, total_run_count=F("total_run_count") + 1
+            )
             return OutboxMessage.objects.bulk_create(ledger) if ledger else []
 
     def _send_outside_ledger(self, entry: Any, row: OutboxMessage, *, reason: str) -> bool:
