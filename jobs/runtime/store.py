@@ -37,7 +37,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, connection
-from django.db.models import Case, DateTimeField, ExpressionWrapper, F, PositiveIntegerField, Q, QuerySet, When
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 
@@ -118,18 +118,11 @@ def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
         run = Run(task_id=task_id, owner=owner)
         _keeper().add(run)
         return run
+    # A lapsed lease is not taken over here: only the sweeper reclaims it, once it knows the
+    # process that held it is gone (`holders_alive`), not merely cut from the database.
     due = Q(not_before__isnull=True) | Q(not_before__lte=Now())
-    startable = (
-        Q(state=State.AVAILABLE)
-        | (Q(state__in=(State.SCHEDULED, State.RETRYABLE)) & due)
-        | Q(state=State.EXECUTING, lease_until__lt=lapsed_before())
-    )
+    startable = Q(state=State.AVAILABLE) | (Q(state__in=(State.SCHEDULED, State.RETRYABLE)) & due)
     taken = OutboxMessage.objects.filter(startable, task_id=task_id, retries=retries).update(
-        crashes=Case(
-            When(state=State.EXECUTING, then=F("crashes") + 1),
-            default=F("crashes"),
-            output_field=PositiveIntegerField(),
-        ),
         state=State.EXECUTING,
         lease_owner=owner,
         lease_until=_in(_lease_seconds()),
@@ -268,12 +261,49 @@ def run_ended(task_id: str, owner: str | None = None) -> None:
 
 
 def jobs_lapsed(*, limit: int = 500) -> list[OutboxMessage]:
-    """Rows whose run stopped renewing its lease long ago: its process, or its worker, died."""
-    return list(
+    """Rows whose run stopped renewing its lease long ago and whose process no longer beats
+    (`holders_alive`): its process, or its worker, died. A run cut from the database (a failover
+    longer than the lease) still beats in Redis: its row is left to it, and its kept end is written
+    once the database answers. Nothing when Redis cannot say (nothing is taken on a guess)."""
+    rows = list(
         OutboxMessage.objects.filter(state=State.EXECUTING, lease_until__lt=lapsed_before()).order_by("lease_until")[
             :limit
         ]
     )
+    if not rows:
+        return rows
+    try:
+        alive = holders_alive({_holder_of(row.lease_owner) for row in rows})
+    except Exception as exc:  # noqa: BLE001 - Redis down: reclaim nothing this round
+        logger.warning("store.holders_unknown", extra={"error": _describe(exc)})
+        return []
+    return [row for row in rows if _holder_of(row.lease_owner) not in alive]
+
+
+HOLDER_KEY = "jobs:lease-holder:"
+
+
+def _holder_of(owner: str) -> str:
+    """The process part of a lease owner (`host:pid:`), what beats for it."""
+    return owner.rsplit(":", 1)[0] + ":" if owner.count(":") >= 2 else owner
+
+
+def holders_alive(holders: set[str]) -> set[str]:
+    """Which of these processes (`owner_prefix`) beat in Redis now."""
+    from jobs.redis_client import redis_client
+
+    names = sorted(holders)
+    if not names:
+        return set()
+    values = redis_client().mget([HOLDER_KEY + name for name in names])
+    return {name for name, value in zip(names, values, strict=True) if value is not None}
+
+
+def holder_beat(prefix: str) -> None:
+    """This process holds leases: it says so in Redis for twice a lease."""
+    from jobs.redis_client import redis_client
+
+    redis_client().set(HOLDER_KEY + prefix, 1, px=int(_lease_seconds() * 2000))
 
 
 def jobs_reclaim(ids: list[int], *, claim: str, claimed_until: Any) -> int:
@@ -339,6 +369,12 @@ class Keeper:
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
 
+    def hostname(self) -> str:
+        """The worker name this process's leases carry (from any run it holds)."""
+        with self.lock:
+            owners = [run.owner for run in self.runs.values()] + [o for o, _w in self.pending.values() if o]
+        return owners[0].split(":", 1)[0] if owners else socket.gethostname()
+
     def add(self, run: Run) -> None:
         with self.lock:
             self.runs[run.task_id] = run
@@ -389,6 +425,12 @@ class Keeper:
         renew_due = now - self.renewed_at >= every and bool(long_runs or pending)
         if not pending and not renew_due:
             return
+        if renew_due:
+            # In Redis first: while the database is away, the sweeper still sees this process alive.
+            try:
+                holder_beat(owner_prefix(self.hostname()))
+            except Exception as exc:  # noqa: BLE001 - the lease in the database still speaks
+                logger.warning("store.holder_beat_failed", extra={"error": _describe(exc)})
         try:
             # Leases first: a write the database still refuses must not let them lapse.
             if renew_due:
