@@ -436,12 +436,10 @@ class OutboxMessageAdmin(_OutboxMessageAdmin):
     @admin.action(description="Publish selected again now", permissions=["view"])
     def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         from jobs.runtime.outbox import ledger_publish_now
+        from jobs.runtime.store import jobs_publish_again
 
         # A job a run holds is not published again: its lease says it runs.
-        task_ids = list(queryset.exclude(state=OutboxMessage.State.EXECUTING).values_list("task_id", flat=True))
-        OutboxMessage.objects.filter(task_id__in=task_ids).exclude(state=OutboxMessage.State.EXECUTING).update(
-            published_at=None, not_before=None, state=OutboxMessage.State.AVAILABLE
-        )
+        task_ids = jobs_publish_again(list(queryset.values_list("task_id", flat=True)))
         published, error = ledger_publish_now(task_ids)
         noun = "job" if published == 1 else "jobs"
         self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)

@@ -233,6 +233,7 @@ class _LockOptions(TypedDict, total=False):
 def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: _LockOptions, result: RequeueResult) -> bool:
     from jobs.outcomes import LEDGER_HEADER
     from jobs.runtime.outbox import ledger_publish_now
+    from jobs.runtime.store import jobs_add
 
     now = timezone.now()
     # Task ids are `<run>-<dead letter id>`: unique, and writable to every row in one UPDATE.
@@ -265,7 +266,7 @@ def _requeue_batch(chunk: list[int], actor: str, lock_kwargs: _LockOptions, resu
                 )
             )
             done.append(row.pk)
-        OutboxMessage.objects.bulk_create(jobs)
+        jobs_add(jobs)
         DeadLetter.objects.filter(pk__in=done).update(
             status=DeadLetter.Status.REQUEUED,
             requeued_at=now,

@@ -393,7 +393,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         """Writes the entries' runs, and the messages of those the ledger can hold (not in
         `outside`), in one transaction, if this beat still holds the newest fencing token (else
         Fenced, and nothing is written); returns the ledger rows written."""
-        from jobs.models import OutboxMessage
+        from jobs.runtime.store import jobs_add
 
         ledger = [row for _entry, row in batch if id(row) not in outside]
         # One run time for the batch (the tick's): one UPDATE, where bulk_update's CASE per row
@@ -406,7 +406,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             PeriodicTask.objects.filter(pk__in=[entry.model.pk for entry, _row in batch]).update(
                 last_run_at=ran_at, total_run_count=F("total_run_count") + 1
             )
-            return OutboxMessage.objects.bulk_create(ledger) if ledger else []
+            return jobs_add(ledger)
 
     def _send_outside_ledger(self, entry: Any, row: OutboxMessage, *, reason: str) -> bool:
         """Sends, straight to the broker, a message whose arguments plain JSON cannot hold (a

@@ -44,6 +44,7 @@ from jobs.conf import jobs_settings
 from jobs.db import with_fresh_connection
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
+from jobs.runtime import store
 from jobs.runtime.outbox import (
     CLAIM_TTL,
     drop_expired_ticks,
@@ -103,35 +104,19 @@ def ledger_defer_retry(
     postponed = int(headers.pop(POSTPONED_HEADER, 0) or 0)
 
     def write() -> None:
-        row = OutboxMessage.objects.filter(task_id=task_id).first()
-        if row is not None:
-            # The retry's own headers (request id, dead letter id) win over what was first stored.
-            merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
-            OutboxMessage.objects.filter(pk=row.pk).update(
-                state=OutboxMessage.State.RETRYABLE,
-                lease_owner="",
-                lease_until=None,
-                published_at=None,
-                not_before=not_before,
-                retries=retries,
-                postponed=postponed,
-                options=merged,
-                missing_since=None,
-                claim="",
-                claimed_until=None,
-            )
-        else:
-            OutboxMessage.objects.create(
-                task_name=task_name,
-                task_id=task_id,
-                state=OutboxMessage.State.RETRYABLE,
-                args=list(args or ()),
-                kwargs=dict(kwargs or {}),
-                options={**options, "headers": headers},
-                not_before=not_before,
-                retries=retries,
-                postponed=postponed,
-            )
+        from jobs.runtime.store import job_defer_retry
+
+        job_defer_retry(
+            task_name=task_name,
+            task_id=task_id,
+            args=args,
+            kwargs=kwargs,
+            options=options,
+            headers=headers,
+            not_before=not_before,
+            retries=retries,
+            postponed=postponed,
+        )
 
     try:
         with_fresh_connection(write, what="ledger_defer_retry")
@@ -334,9 +319,9 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
         gone = [pk for pk, missing in absent if missing is not None and missing <= now - grace]
         judged = {"missing_since__lte": now - grace}
         if present:
-            OutboxMessage.objects.filter(pk__in=present).update(missing_since=None)
+            store.jobs_seen(present)
         if first_seen:
-            OutboxMessage.objects.filter(pk__in=first_seen, missing_since__isnull=True).update(missing_since=now)
+            store.jobs_missing(first_seen, since=now)
         result["missing"] = len(first_seen)
     if gone:
         result["republished"] = _republish(gone, judged)
@@ -408,8 +393,6 @@ def _republish(ids: list[int], judged: dict[str, Any]) -> int:
     """Claims and publishes the rows judged lost, only while they still are as judged: a sweep
     running beside this one (another worker, beat's) that republished one first has changed it.
     A job lost `JOBS_LEDGER_REPUBLISH_LIMIT` times is given up instead (dead letter)."""
-    from django.db.models import F
-
     from jobs import metrics
 
     rows = OutboxMessage.objects.filter(
@@ -439,7 +422,7 @@ def _republish(ids: list[int], judged: dict[str, Any]) -> int:
             },
         )
         metrics.ledger_republished(task_name=row.task_name)
-    OutboxMessage.objects.filter(pk__in=[row.pk for row in claimed]).update(republished=F("republished") + 1)
+    store.jobs_republished([row.pk for row in claimed])
     published, _failed, _unpublishable = publish_claimed(claimed)
     return published
 

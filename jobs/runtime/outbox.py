@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.exceptions import QueueNotFound
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 from kombu.exceptions import EncodeError
@@ -25,6 +25,7 @@ from jobs.conf import jobs_settings
 from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
+from jobs.runtime import store
 
 logger = logging.getLogger("jobs.runtime.outbox")
 
@@ -92,10 +93,9 @@ def ledger_add(
     """Writes one job to the ledger in the current transaction and publishes it once that commits
     (`not_before`: only from then on, by the relay: a job due far in the future waits here rather
     than in the broker)."""
-    message = OutboxMessage.objects.create(
+    message = store.job_add(
         task_name=task_name,
         task_id=task_id or str(uuid.uuid4()),
-        state=OutboxMessage.State.AVAILABLE if not_before is None else OutboxMessage.State.SCHEDULED,
         args=list(args),
         kwargs=dict(kwargs or {}),
         options={**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
@@ -146,20 +146,13 @@ def _publish_after_commit(message: OutboxMessage) -> None:
             publish(message)
         except Exception as exc:  # noqa: BLE001 - the broker is down: keep the row for the relay
             error = _describe(exc)
-            OutboxMessage.objects.filter(pk=message.pk).update(attempts=message.attempts + 1, last_error=error)
+            store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=error)
             logger.warning(
                 "outbox.publish_deferred",
                 extra={"task_id": message.task_id, "outbox_task": message.task_name, "error": error},
             )
             return
-        # One statement, no transaction of its own: on SQLite a transaction would be a second
-        # wait for the write lock on every enqueue.
-        table = connection.ops.quote_name(OutboxMessage._meta.db_table)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {table} SET published_at = %s WHERE id = %s",  # noqa: S608 - our own table name
-                [timezone.now(), message.pk],
-            )
+        store.job_published(message.pk)
     except Exception as exc:  # noqa: BLE001 - a database hiccup after COMMIT: the relay covers it
         logger.warning(
             "outbox.after_commit_failed",
@@ -168,18 +161,8 @@ def _publish_after_commit(message: OutboxMessage) -> None:
 
 
 def ledger_claim(rows: QuerySet[OutboxMessage], *, limit: int) -> tuple[str, list[OutboxMessage]]:
-    """Claims up to `limit` rows of the queryset `rows` for this run, without a transaction held
-    open: one conditional UPDATE takes only rows no other run holds. Returns (claim, rows)."""
-    now = timezone.now()
-    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-    ids = list(rows.filter(free).order_by("pk").values_list("pk", flat=True)[:limit])
-    if not ids:
-        return "", []
-    claim = uuid.uuid4().hex
-    # The same conditions as the selection: a row another run published (or finished) in between
-    # is no longer taken.
-    rows.filter(free, pk__in=ids).update(claim=claim, claimed_until=now + CLAIM_TTL)
-    return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
+    """Claims up to `limit` rows of the queryset `rows` for this run (`jobs.runtime.store`)."""
+    return store.jobs_claim(rows, limit=limit, ttl=CLAIM_TTL)
 
 
 def outbox_relay(*, limit: int = 500) -> dict[str, int]:
@@ -230,7 +213,7 @@ def drop_expired_ticks(rows: list[OutboxMessage]) -> list[OutboxMessage]:
     expired = [row for row in rows if _tick_expired(row, now)]
     if not expired:
         return rows
-    OutboxMessage.objects.filter(pk__in=[row.pk for row in expired]).delete()
+    store.jobs_forget([row.pk for row in expired])
     logger.info("outbox.expired_ticks_dropped", extra={"count": len(expired)})
     gone = {row.pk for row in expired}
     return [row for row in rows if row.pk not in gone]
@@ -278,17 +261,7 @@ def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
                 _publish_failed(message, exc)
                 break
             published.append(message.pk)
-    OutboxMessage.objects.filter(pk__in=published).exclude(state=OutboxMessage.State.EXECUTING).update(
-        state=OutboxMessage.State.AVAILABLE,
-        published_at=timezone.now(),
-        missing_since=None,
-        not_before=None,
-        claim="",
-        claimed_until=None,
-    )
-    OutboxMessage.objects.filter(pk__in=[row.pk for row in rows]).exclude(pk__in=published).update(
-        claim="", claimed_until=None
-    )
+    store.jobs_published(published, [row.pk for row in rows])
     return len(published), failed, unpublishable
 
 
@@ -311,7 +284,7 @@ def ledger_publish_now(task_ids: list[str]) -> tuple[int, str]:
 
 
 def _publish_failed(message: OutboxMessage, exc: BaseException) -> None:
-    OutboxMessage.objects.filter(pk=message.pk).update(attempts=message.attempts + 1, last_error=_describe(exc))
+    store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=_describe(exc))
     logger.warning("outbox.publish_failed", extra={"task_id": message.task_id, "error": _describe(exc)})
 
 

@@ -137,14 +137,9 @@ def results_write(rows: Iterable[Row], *, ledger_done: Iterable[tuple[str, str]]
         if params:
             cursor.executemany(_upsert_sql(db), params)
         if done:
-            from jobs.models import OutboxMessage
+            from jobs.runtime.store import jobs_finished_sql
 
-            table = db.ops.quote_name(OutboxMessage._meta.db_table)
-            owner = db.ops.quote_name("lease_owner")
-            cursor.executemany(
-                f"DELETE FROM {table} WHERE task_id = %s AND {owner} = %s",  # noqa: S608 - our table
-                [[task_id, lease] for task_id, lease in done],
-            )
+            cursor.executemany(jobs_finished_sql(db.ops), [[task_id, lease] for task_id, lease in done])
     return len(rows)
 
 

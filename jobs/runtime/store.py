@@ -40,6 +40,7 @@ from django.db import DatabaseError, connection
 from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
+from django.utils import timezone
 
 from jobs.conf import jobs_settings
 from jobs.models import OutboxMessage
@@ -319,6 +320,163 @@ def jobs_reclaim(ids: list[int], *, claim: str, claimed_until: Any) -> int:
         claim=claim,
         claimed_until=claimed_until,
     )
+
+
+# --- the relay, the sweeper, beat and the operators ----------------------------------------------
+
+
+def job_add(
+    *,
+    task_name: str,
+    task_id: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+    not_before: Any = None,
+    state: str | None = None,
+    retries: int = 0,
+    postponed: int = 0,
+) -> OutboxMessage:
+    """An accepted job: its row, in the caller's transaction (`scheduled` when it waits for
+    `not_before`, else `available`)."""
+    if state is None:
+        state = State.AVAILABLE if not_before is None else State.SCHEDULED
+    return OutboxMessage.objects.create(
+        task_name=task_name,
+        task_id=task_id,
+        state=state,
+        args=args,
+        kwargs=kwargs,
+        options=options,
+        not_before=not_before,
+        retries=retries,
+        postponed=postponed,
+    )
+
+
+def jobs_add(rows: list[OutboxMessage]) -> list[OutboxMessage]:
+    """Accepted jobs built by the caller (beat's ticks, requeued dead letters), in one INSERT."""
+    return OutboxMessage.objects.bulk_create(rows) if rows else []
+
+
+def job_published(pk: int) -> None:
+    """The broker took the job's message (its publisher, after commit): one statement, in
+    autocommit (on SQLite a transaction would be a second wait for the write lock)."""
+    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET published_at = %s WHERE id = %s", [timezone.now(), pk])  # noqa: S608
+
+
+def job_publish_failed(pk: int, *, attempts: int, error: str) -> None:
+    """The broker refused the job's message: the relay tries again."""
+    OutboxMessage.objects.filter(pk=pk).update(attempts=attempts, last_error=error)
+
+
+def jobs_claim(rows: QuerySet[OutboxMessage], *, limit: int, ttl: timedelta) -> tuple[str, list[OutboxMessage]]:
+    """Claims up to `limit` rows of `rows` for one run of the relay or the sweeper, without a
+    transaction held open: one conditional UPDATE takes only rows no other run holds."""
+    now = timezone.now()
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    ids = list(rows.filter(free).order_by("pk").values_list("pk", flat=True)[:limit])
+    if not ids:
+        return "", []
+    claim = uuid.uuid4().hex
+    # The same conditions as the selection: a row another run published (or ended) in between
+    # is no longer taken.
+    rows.filter(free, pk__in=ids).update(claim=claim, claimed_until=now + ttl)
+    return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
+
+
+def jobs_published(published: list[int], claimed: list[int]) -> None:
+    """A run published these claimed rows (`available` now, unless a run started one meanwhile)
+    and gives back its claim on all it held."""
+    OutboxMessage.objects.filter(pk__in=published).exclude(state=State.EXECUTING).update(
+        state=State.AVAILABLE,
+        published_at=timezone.now(),
+        missing_since=None,
+        not_before=None,
+        claim="",
+        claimed_until=None,
+    )
+    OutboxMessage.objects.filter(pk__in=claimed).exclude(pk__in=published).update(claim="", claimed_until=None)
+
+
+def jobs_forget(pks: list[int]) -> None:
+    """Rows that are no job any more (periodic ticks past their expiry: the next tick runs)."""
+    OutboxMessage.objects.filter(pk__in=pks).delete()
+
+
+def jobs_seen(pks: list[int]) -> None:
+    """The sweep found these jobs' messages in the broker again."""
+    OutboxMessage.objects.filter(pk__in=pks).update(missing_since=None)
+
+
+def jobs_missing(pks: list[int], *, since: Any) -> None:
+    """The sweep found these jobs' messages gone, for the first time."""
+    OutboxMessage.objects.filter(pk__in=pks, missing_since__isnull=True).update(missing_since=since)
+
+
+def jobs_republished(pks: list[int]) -> None:
+    OutboxMessage.objects.filter(pk__in=pks).update(republished=F("republished") + 1)
+
+
+def job_defer_retry(
+    *,
+    task_name: str,
+    task_id: str,
+    args: Any,
+    kwargs: Any,
+    options: dict[str, Any],
+    headers: dict[str, Any],
+    not_before: Any,
+    retries: int,
+    postponed: int,
+) -> None:
+    """A retry the broker refused: the job waits in the table as `retryable` (its row made when
+    it had none: a task sent by `.delay()`); the retry's headers win over what was stored."""
+    row = OutboxMessage.objects.filter(task_id=task_id).first()
+    if row is None:
+        job_add(
+            task_name=task_name,
+            task_id=task_id,
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
+            options={**options, "headers": headers},
+            not_before=not_before,
+            state=State.RETRYABLE,
+            retries=retries,
+            postponed=postponed,
+        )
+        return
+    merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
+    OutboxMessage.objects.filter(pk=row.pk).update(
+        state=State.RETRYABLE,
+        lease_owner="",
+        lease_until=None,
+        published_at=None,
+        not_before=not_before,
+        retries=retries,
+        postponed=postponed,
+        options=merged,
+        missing_since=None,
+        claim="",
+        claimed_until=None,
+    )
+
+
+def jobs_publish_again(task_ids: list[str]) -> list[str]:
+    """An operator asks these jobs published again now (none a run holds); returns their ids."""
+    rows = OutboxMessage.objects.filter(task_id__in=task_ids).exclude(state=State.EXECUTING)
+    chosen = list(rows.values_list("task_id", flat=True))
+    rows.filter(task_id__in=chosen).update(published_at=None, not_before=None, state=State.AVAILABLE)
+    return chosen
+
+
+def jobs_finished_sql(vendor_ops: Any) -> str:
+    """The statement that ends a run's row (task id, lease owner), for a caller that writes it
+    in a transaction of its own (a Django task's result and its row together)."""
+    table = vendor_ops.quote_name(OutboxMessage._meta.db_table)
+    return f"DELETE FROM {table} WHERE task_id = %s AND lease_owner = %s"  # noqa: S608 - our own table
 
 
 # --- keeping leases, and writes the database did not take ---------------------------------------

@@ -199,3 +199,37 @@ def test_the_sweeper_reclaims_a_lapsed_lease_once_and_gives_up_after_the_limit(s
     assert DeadLetter.objects.get(task_id="crashed-often").reason == DeadLetter.Reason.WORKER_LOST
     assert _row("alive").state == State.EXECUTING
     assert ledger_reclaim() == 0  # once per crash
+
+
+def test_nothing_but_the_store_writes_the_job_table():
+    """One writer (jobs.runtime.store): every other module of `jobs` only reads the model. A write
+    through the ORM (update, delete, create, bulk_create, bulk_update, save on a queryset or a
+    manager of OutboxMessage) or raw SQL naming its table elsewhere fails this test."""
+    import ast
+    from pathlib import Path
+
+    import jobs
+
+    writes = {"update", "delete", "create", "bulk_create", "bulk_update", "get_or_create", "update_or_create"}
+
+    def mentions_model(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == "OutboxMessage" for n in ast.walk(node))
+
+    root = Path(jobs.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative in {"runtime/store.py", "models.py"} or relative.startswith("migrations/"):
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in writes
+                and mentions_model(node.func.value)
+            ):
+                found.append(f"{relative}:{node.lineno}")
+        if "_meta.db_table" in source and "OutboxMessage._meta" in source:
+            found.append(f"{relative}: raw SQL on the job table")
+    assert found == []
