@@ -82,8 +82,11 @@ def _pool_process_started(**kwargs: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _pool_process_exiting(**kwargs: Any) -> None:
     from jobs.runtime.results import results_stop_buffering
+    from jobs.runtime.store import flush_pending, pending_writes
 
     results_stop_buffering()
+    if pending_writes():  # ends of jobs the database refused: one last try before the process goes
+        flush_pending(timeout=5.0)
 
 
 @signals.worker_ready.connect
@@ -206,6 +209,25 @@ def _rejected(task: Task[..., Any] | None, request: Context, task_id: str, run: 
         job_release(task_id, owner_prefix=run.owner)
         return
     if getattr(task, "on_give_up", None) is None:
+        if isinstance(getattr(exc, "reason", None), BaseException):
+            # Celery's own `self.retry()` whose publish failed (the broker full, paused, gone)
+            # rejects the message: the job waits in the table for its retry instead of being lost.
+            from jobs.conf import jobs_settings
+            from jobs.runtime.ledger import ledger_defer_retry
+
+            delivery = request.delivery_info or {}
+            ledger_defer_retry(
+                task_name=str(getattr(task, "name", "") or ""),
+                task_id=task_id,
+                args=request.args,
+                kwargs=request.kwargs,
+                headers=dict(request.headers or {}),
+                queue=str(delivery.get("routing_key") or ""),
+                retries=int(request.retries or 0) + 1,
+                delay=float(jobs_settings.TASK_RETRY_BACKOFF_BASE),
+                owner=run.owner,
+            )
+            return
         job_finish(task_id, owner=run.owner)
         return
     from jobs.outcomes import Job, job_gave_up

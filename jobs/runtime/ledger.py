@@ -90,6 +90,7 @@ def ledger_defer_retry(
     queue: str,
     retries: int,
     delay: float,
+    owner: str | None = None,
 ) -> bool:
     """The broker refused a retry's message: the ledger keeps the job and the relay publishes the
     retry when it is due. Creates the row when the job was not in the ledger yet (a task sent by
@@ -116,6 +117,7 @@ def ledger_defer_retry(
             not_before=not_before,
             retries=retries,
             postponed=postponed,
+            owner=owner,
         )
 
     try:
@@ -274,7 +276,7 @@ def _queue_of(task_name: str, options: dict[str, Any]) -> str:
     return str(getattr(queue, "name", queue) or jobs_settings.default_queue)
 
 
-def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
+def ledger_sweep(*, limit: int = 1000, reclaim: bool = True) -> dict[str, int]:
     """Brings back the jobs that would otherwise wait for ever (see the module's docstring): runs
     whose lease lapsed (their process or worker died), then published jobs whose message the
     broker no longer holds. Returns counts: reclaimed, candidates, missing (seen gone once),
@@ -282,7 +284,12 @@ def ledger_sweep(*, limit: int = 1000) -> dict[str, int]:
     now = timezone.now()
     lost_after = timedelta(seconds=jobs_settings.LEDGER_LOST_AFTER)
     grace = timedelta(seconds=jobs_settings.LEDGER_MISSING_GRACE)
-    result = {"reclaimed": ledger_reclaim(limit=limit), "candidates": 0, "missing": 0, "republished": 0}
+    result = {
+        "reclaimed": ledger_reclaim(limit=limit) if reclaim else 0,
+        "candidates": 0,
+        "missing": 0,
+        "republished": 0,
+    }
     # Only jobs no run has started: a started one is the lease's business.
     candidates = list(
         OutboxMessage.objects.filter(state=OutboxMessage.State.AVAILABLE, published_at__lt=now - lost_after)
@@ -446,11 +453,13 @@ def sweep_lock(token: str, *, ttl: float) -> bool:
 
 
 def ledger_run(*, token: str | None = None, ttl: float = 60.0) -> dict[str, Any]:
-    """One round of the ledger's upkeep: the relay, then the sweep; skipped (`{}`) while another
-    process holds the sweep lock."""
+    """One round of the upkeep: lapsed leases reclaimed (by every sweeper: its UPDATE is
+    conditional, and a dead sweeper's lock must not hold crashed jobs back), then, by the one
+    process holding the sweep lock, the relay and the sweep (`{"reclaimed": n}` alone otherwise)."""
+    reclaimed = ledger_reclaim()
     if not sweep_lock(token or uuid.uuid4().hex, ttl=ttl):
-        return {}
-    return {"relay": outbox_relay(), "sweep": ledger_sweep()}
+        return {"reclaimed": reclaimed}
+    return {"reclaimed": reclaimed, "relay": outbox_relay(), "sweep": ledger_sweep(reclaim=False)}
 
 
 def ledger_oldest_age() -> float:

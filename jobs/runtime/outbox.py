@@ -18,6 +18,7 @@ from typing import Any
 from celery.exceptions import QueueNotFound
 from django.db import transaction
 from django.db.models import Q, QuerySet
+from django.db.models.functions import Now
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
@@ -178,7 +179,7 @@ def outbox_relay(*, limit: int = 500) -> dict[str, int]:
         .filter(
             Q(not_before__isnull=True, attempts__gt=0)
             | Q(not_before__isnull=True, created_at__lt=now - RELAY_GRACE)
-            | Q(not_before__lte=now)
+            | Q(not_before__lte=Now())  # the clock the worker's start checks against
         )
     )
     _claim, rows = ledger_claim(due, limit=limit)
@@ -196,7 +197,7 @@ def outbox_relay_due(*, limit: int = 500) -> int:
     one indexed query when none is due, run every `JOBS_SCHEDULE_POLL_INTERVAL` seconds."""
     due = OutboxMessage.objects.filter(
         state__in=(OutboxMessage.State.SCHEDULED, OutboxMessage.State.RETRYABLE),
-        not_before__lte=timezone.now(),
+        not_before__lte=Now(),  # the clock the worker's start checks against
         published_at__isnull=True,
     )
     _claim, rows = ledger_claim(due, limit=limit)
@@ -261,7 +262,7 @@ def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
                 _publish_failed(message, exc)
                 break
             published.append(message.pk)
-    store.jobs_published(published, [row.pk for row in rows])
+    store.jobs_published(published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim})
     return len(published), failed, unpublishable
 
 

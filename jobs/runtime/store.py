@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, connection
 from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
@@ -104,7 +104,7 @@ def _start_available(task_id: str, retries: int, owner: str) -> bool:
         f"UPDATE {table} SET state = %s, lease_owner = %s, "  # noqa: S608 - our own table
         "lease_until = STATEMENT_TIMESTAMP() + make_interval(secs => %s), started_at = STATEMENT_TIMESTAMP(), "
         "runs = runs + 1, published_at = COALESCE(published_at, STATEMENT_TIMESTAMP()), not_before = NULL, "
-        "missing_since = NULL WHERE task_id = %s AND retries = %s AND state = %s"
+        "missing_since = NULL, claim = '', claimed_until = NULL WHERE task_id = %s AND retries = %s AND state = %s"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [State.EXECUTING, owner, _lease_seconds(), task_id, retries, State.AVAILABLE])
@@ -132,6 +132,8 @@ def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
         published_at=Coalesce("published_at", Now()),
         not_before=None,
         missing_since=None,
+        claim="",
+        claimed_until=None,
     )
     if taken:
         run = Run(task_id=task_id, owner=owner)
@@ -216,7 +218,7 @@ def job_retry(
     owner = owner or (run.owner if run else None)
     in_table = delay > float(jobs_settings.HOLD_IN_BROKER_MAX)
 
-    def write() -> None:
+    def write(in_table: bool) -> None:
         fields: dict[str, Any] = {
             "retries": retries,
             "postponed": postponed,
@@ -239,16 +241,35 @@ def job_retry(
                 fields["options"] = options
         rows.update(**fields)
 
-    written = _write_or_keep(task_id, owner, write, what="retry", durable=True)
-    return in_table or not written
+    from jobs.db import with_fresh_connection
+
+    try:
+        with_fresh_connection(lambda: write(in_table), what="store.retry", attempts=2, pause=0.2)
+    except DatabaseErrors as exc:
+        # Kept for later: then it waits in the table whatever its delay (no message is sent now).
+        logger.warning("store.write_kept", extra={"task_id": task_id, "what": "retry", "error": _describe(exc)})
+        _keeper().keep(task_id, owner, lambda: write(True))
+        return True
+    return in_table
 
 
-def job_release(task_id: str, *, owner_prefix: str) -> int:
+def job_release(task_id: str, *, owner_prefix: str, crashed: bool = False) -> int | None:
     """A run of this worker was stopped before its end (its pool process died, the worker shut
-    down): the row is `available` again at once, for the message the broker hands out again."""
-    return OutboxMessage.objects.filter(
-        task_id=task_id, state=State.EXECUTING, lease_owner__startswith=owner_prefix
-    ).update(state=State.AVAILABLE, lease_owner="", lease_until=None)
+    down, the task gave its message back): the row is `available` again at once, for the message
+    the broker hands out again; `crashed` counts it among the job's crashes. Returns the job's
+    crashes after this, or None when no run of that process held the row."""
+    rows = OutboxMessage.objects.filter(task_id=task_id, state=State.EXECUTING, lease_owner__startswith=owner_prefix)
+    released = rows.update(
+        state=State.AVAILABLE,
+        lease_owner="",
+        lease_until=None,
+        claim="",
+        claimed_until=None,
+        crashes=F("crashes") + (1 if crashed else 0),
+    )
+    if not released:
+        return None
+    return int(OutboxMessage.objects.filter(task_id=task_id).values_list("crashes", flat=True).first() or 0)
 
 
 def run_ended(task_id: str, owner: str | None = None) -> None:
@@ -275,10 +296,15 @@ def jobs_lapsed(*, limit: int = 500) -> list[OutboxMessage]:
         return rows
     try:
         alive = holders_alive({_holder_of(row.lease_owner) for row in rows})
+        from jobs.runtime.ledger import workers_reserved_ids
+
+        # What the workers' main processes say they run: a pool process whose keeper thread a
+        # body starves of the GIL still counts as alive.
+        running = workers_reserved_ids()
     except Exception as exc:  # noqa: BLE001 - Redis down: reclaim nothing this round
         logger.warning("store.holders_unknown", extra={"error": _describe(exc)})
         return []
-    return [row for row in rows if _holder_of(row.lease_owner) not in alive]
+    return [row for row in rows if _holder_of(row.lease_owner) not in alive and row.task_id not in running]
 
 
 HOLDER_KEY = "jobs:lease-holder:"
@@ -363,8 +389,14 @@ def job_published(pk: int) -> None:
     """The broker took the job's message (its publisher, after commit): one statement, in
     autocommit (on SQLite a transaction would be a second wait for the write lock)."""
     table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    # Only a row still as its publisher wrote it: a run may have started, failed and put it back
+    # to wait for its retry meanwhile (a fast worker beats the web's own UPDATE).
     with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET published_at = %s WHERE id = %s", [timezone.now(), pk])  # noqa: S608
+        cursor.execute(
+            f"UPDATE {table} SET published_at = %s WHERE id = %s AND published_at IS NULL "  # noqa: S608
+            "AND state = %s AND retries = 0",
+            [timezone.now(), pk, State.AVAILABLE],
+        )
 
 
 def job_publish_failed(pk: int, *, attempts: int, error: str) -> None:
@@ -387,10 +419,11 @@ def jobs_claim(rows: QuerySet[OutboxMessage], *, limit: int, ttl: timedelta) -> 
     return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
 
 
-def jobs_published(published: list[int], claimed: list[int]) -> None:
-    """A run published these claimed rows (`available` now, unless a run started one meanwhile)
-    and gives back its claim on all it held."""
-    OutboxMessage.objects.filter(pk__in=published).exclude(state=State.EXECUTING).update(
+def jobs_published(published: list[int], claimed: list[int], *, claims: set[str]) -> None:
+    """A run published these rows it claimed (`claims`): `available` now, and its claim given
+    back on all it held. A row a run started or handed back for a retry meanwhile no longer
+    carries the claim (start, retry and release clear it) and is left as that run wrote it."""
+    OutboxMessage.objects.filter(pk__in=published, claim__in=claims).exclude(state=State.EXECUTING).update(
         state=State.AVAILABLE,
         published_at=timezone.now(),
         missing_since=None,
@@ -398,7 +431,9 @@ def jobs_published(published: list[int], claimed: list[int]) -> None:
         claim="",
         claimed_until=None,
     )
-    OutboxMessage.objects.filter(pk__in=claimed).exclude(pk__in=published).update(claim="", claimed_until=None)
+    OutboxMessage.objects.filter(pk__in=claimed, claim__in=claims).exclude(pk__in=published).update(
+        claim="", claimed_until=None
+    )
 
 
 def jobs_forget(pks: list[int]) -> None:
@@ -431,9 +466,11 @@ def job_defer_retry(
     not_before: Any,
     retries: int,
     postponed: int,
+    owner: str | None = None,
 ) -> None:
     """A retry the broker refused: the job waits in the table as `retryable` (its row made when
-    it had none: a task sent by `.delay()`); the retry's headers win over what was stored."""
+    it had none: a task sent by `.delay()`); the retry's headers win over what was stored. A row
+    another run holds is left alone (the broker took the retry after all); `owner`'s own is not."""
     row = OutboxMessage.objects.filter(task_id=task_id).first()
     if row is None:
         job_add(
@@ -449,7 +486,9 @@ def job_defer_retry(
         )
         return
     merged = {**row.options, "headers": {**(row.options.get("headers") or {}), **headers}}
-    OutboxMessage.objects.filter(pk=row.pk).update(
+    # Not a row another run holds: the broker took the retry after all and its attempt runs.
+    held = Q(state=State.EXECUTING) & ~Q(lease_owner=owner or "")
+    OutboxMessage.objects.filter(pk=row.pk).exclude(held).update(
         state=State.RETRYABLE,
         lease_owner="",
         lease_until=None,
@@ -482,20 +521,22 @@ def jobs_finished_sql(vendor_ops: Any) -> str:
 # --- keeping leases, and writes the database did not take ---------------------------------------
 
 
+#: Every error of the database, the connection's own (InterfaceError) included.
+DatabaseErrors = (DatabaseError, InterfaceError)
+
+
 def _write_or_keep(task_id: str, owner: str | None, write: Callable[[], None], *, what: str, durable: bool) -> bool:
     from jobs.db import with_fresh_connection
 
-    keeper = _keeper()
     try:
         with_fresh_connection(write, what=f"store.{what}", attempts=2, pause=0.2)
-    except DatabaseError as exc:
+    except DatabaseErrors as exc:
         if not durable:
             logger.warning("store.write_failed", extra={"task_id": task_id, "what": what, "error": _describe(exc)})
             return False
         logger.warning("store.write_kept", extra={"task_id": task_id, "what": what, "error": _describe(exc)})
-        keeper.keep(task_id, owner, write)
+        _keeper().keep(task_id, owner, write)
         return False
-    keeper.discard(task_id)
     return True
 
 
@@ -540,18 +581,22 @@ class Keeper:
         self._ensure_thread()
 
     def discard(self, task_id: str, *, owner: str | None = None) -> None:
+        """The run `owner` of `task_id` no longer needs its lease renewed for its body (a write
+        of its end still kept is not dropped: it is renewed until written)."""
         with self.lock:
             run = self.runs.get(task_id)
-            if owner is not None and run is not None and run.owner != owner:
+            if run is None or (owner is not None and run.owner != owner):
                 return
-            self.runs.pop(task_id, None)
+            del self.runs[task_id]
             self.started.pop(task_id, None)
-            self.pending.pop(task_id, None)
 
     def keep(self, task_id: str, owner: str | None, write: Callable[[], object]) -> None:
         with self.lock:
             self.pending[task_id] = (owner, write)
-            self.runs.pop(task_id, None)
+            run = self.runs.get(task_id)
+            if run is not None and (owner is None or run.owner == owner):
+                del self.runs[task_id]
+                self.started.pop(task_id, None)
         self._ensure_thread()
         self.wake.set()
 

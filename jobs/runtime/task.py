@@ -100,11 +100,9 @@ def lease_take(request: Any) -> None:
         return
     if getattr(request, RUN_ATTRIBUTE, None) is not None or getattr(request, SKIP_ATTRIBUTE, None) is not None:
         return
-    from django.db import DatabaseError
-
     try:
         outcome = job_start_waiting(request.id, retries=int(request.retries or 0), hostname=request.hostname or "")
-    except DatabaseError as exc:
+    except Exception as exc:  # noqa: BLE001 - fail closed: Celery would log a raise and run the body unleased
         logger.warning("job.lease_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         setattr(request, SKIP_ATTRIBUTE, "database")
         return

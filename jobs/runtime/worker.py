@@ -136,6 +136,7 @@ class JobRequest(Request):
         runs again, so the app releases what the stopped attempt held."""
         super()._announce_cancelled(emit_retry=emit_retry)  # type: ignore[misc]  # private: not in celery-types
         self._tell_lost()
+        self._lease_release()
 
     def _tell_lost(self) -> None:
         hook = getattr(self.task, "on_lost", None)
@@ -189,7 +190,7 @@ class JobRequest(Request):
         ledger_finish(self.id)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        from billiard.exceptions import WorkerLostError
+        from billiard.exceptions import Terminated, WorkerLostError
 
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)  # billiard wraps it in an ExceptionWithTraceback
@@ -200,15 +201,19 @@ class JobRequest(Request):
             self._tell_lost()
         _fresh_db()  # Celery may write the result from this (main) process
         if isinstance(exc, WorkerLostError):
+            self._lease_release(crashed=True)
+        elif isinstance(exc, Terminated):  # stopped by a shutdown or a revoke: given back, no crash
             self._lease_release()
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             self._finished()  # also when the task was given back (worker lost, shutdown)
 
-    def _lease_release(self) -> None:
-        """The pool process running this job died (or was stopped by a shutdown): its run's lease
-        is given up now, so the message Celery gives back starts at once, not after the lease."""
+    def _lease_release(self, *, crashed: bool = False) -> None:
+        """The pool process running this job died (`crashed`) or was stopped (a shutdown, a lost
+        broker connection): its run's lease is given up now, so the message Celery gives back
+        starts at once, not after the lease. A plain task whose runs died `JOBS_WORKER_LOST_LIMIT`
+        times is given up (a JobTask has its own quarantine)."""
         from jobs.outcomes import LEDGER_HEADER
 
         pid = getattr(self, "worker_pid", None)
@@ -219,9 +224,25 @@ class JobRequest(Request):
 
         prefix = owner_prefix(str(self.hostname or ""), int(pid))
         try:
-            with_fresh_connection(lambda: job_release(self.id, owner_prefix=prefix), what="lease_release")
+            crashes = with_fresh_connection(
+                lambda: job_release(self.id, owner_prefix=prefix, crashed=crashed), what="lease_release"
+            )
         except Exception as exc:  # noqa: BLE001 - the lease then lapses by itself
             logger.warning("worker.lease_not_released", extra={"task_id": self.id, "error": f"{exc}"[:200]})
+            return
+        plain = getattr(self.task, "on_give_up", None) is None
+        if crashed and crashes is not None and crashes >= jobs_settings.WORKER_LOST_LIMIT and plain:
+            from jobs.models import DeadLetter
+            from jobs.outcomes import job_gave_up
+
+            job_gave_up(
+                task=self.task,
+                job=self._job(),
+                reason=DeadLetter.Reason.WORKER_LOST,
+                exc_type="WorkerLost",
+                exc_message=f"the process running this job died {crashes} times; quarantined",
+                worker=str(self.hostname or ""),
+            )
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft:

@@ -29,6 +29,12 @@ class Command(JobsCommand):
             raise CommandError("--limit must be a positive number.")
         if options["sweep"]:
             result = ledger_run()
+            if "sweep" not in result:
+                self.stdout.write(
+                    f"Another process sweeps now (it holds the sweep lock); "
+                    f"{result.get('reclaimed', 0)} lapsed run(s) reclaimed here."
+                )
+                return
             relay, sweep = result["relay"], result["sweep"]
             self.stdout.write(
                 self.style.SUCCESS(

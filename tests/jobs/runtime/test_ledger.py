@@ -131,8 +131,8 @@ def test_only_one_process_sweeps_at_a_time(redis_client):
 
     _published("locked-1", missing_since=timezone.now() - timedelta(hours=1))
     assert ledger_run(token="worker-a", ttl=60)["sweep"]["republished"] == 1
-    assert ledger_run(token="beat-b", ttl=60) == {}  # worker-a holds the lock
-    assert ledger_run(token="worker-a", ttl=60) != {}  # its holder renews it
+    assert "sweep" not in ledger_run(token="beat-b", ttl=60)  # worker-a holds the lock
+    assert "sweep" in ledger_run(token="worker-a", ttl=60)  # its holder renews it
 
 
 def test_young_jobs_are_not_judged(redis_client, settings):
@@ -384,3 +384,17 @@ def test_a_long_list_is_read_whole_while_producers_push(redis_client):
     messages = read_list(redis_client, "q", limit=10_000, page=10)
     ids = {json.loads(raw)["headers"]["id"] for raw in messages}
     assert {f"old-{n}" for n in range(25)} <= ids
+
+
+def test_the_ledger_command_says_so_when_another_process_sweeps(redis_client):
+    """It raised a KeyError (a traceback) whenever a worker held the sweep lock."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from jobs.runtime.ledger import SWEEP_LOCK_KEY
+
+    redis_client.set(SWEEP_LOCK_KEY, "a-worker", px=60_000)
+    out = StringIO()
+    call_command("ledger", "--sweep", stdout=out)
+    assert "Another process sweeps now" in out.getvalue()

@@ -116,7 +116,7 @@ def test_a_long_retry_waits_in_the_table_and_a_short_one_in_the_broker(settings)
     assert (row.state, row.retries, row.lease_owner, row.published_at) == (State.RETRYABLE, 1, "", None)
     assert timezone.now() + timedelta(seconds=100) < row.not_before < timezone.now() + timedelta(seconds=140)
 
-    OutboxMessage.objects.update(not_before=timezone.now())
+    OutboxMessage.objects.update(not_before=timezone.now() - timedelta(seconds=1))  # SQLite: Now() is in ms
     run = store.job_start("job-1", retries=1, hostname="w1")
     assert store.job_retry("job-1", retries=2, postponed=0, delay=2, owner=run.owner) is False  # caller publishes
     row = _row()
@@ -127,10 +127,13 @@ def test_a_long_retry_waits_in_the_table_and_a_short_one_in_the_broker(settings)
 def test_a_stopped_run_gives_its_job_back_at_once():
     _job()
     run = store.job_start("job-1", retries=0, hostname="celery@w1")
-    assert store.job_release("job-1", owner_prefix=store.owner_prefix("celery@w1", 12345)) == 0  # not that process
-    assert store.job_release("job-1", owner_prefix=run.owner.rsplit(":", 1)[0] + ":") == 1
+    assert store.job_release("job-1", owner_prefix=store.owner_prefix("celery@w1", 12345)) is None  # not that one
+    assert store.job_release("job-1", owner_prefix=run.owner.rsplit(":", 1)[0] + ":") == 0  # given back, no crash
     assert _row().state == State.AVAILABLE
-    assert isinstance(store.job_start("job-1", retries=0, hostname="celery@w1"), Run)
+    run = store.job_start("job-1", retries=0, hostname="celery@w1")
+    assert isinstance(run, Run)
+    prefix = run.owner.rsplit(":", 1)[0] + ":"
+    assert store.job_release("job-1", owner_prefix=prefix, crashed=True) == 1  # its process died: a crash
 
 
 @pytest.mark.django_db(transaction=True)
@@ -233,3 +236,66 @@ def test_nothing_but_the_store_writes_the_job_table():
         if "_meta.db_table" in source and "OutboxMessage._meta" in source:
             found.append(f"{relative}: raw SQL on the job table")
     assert found == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_end_kept_for_the_database_outlives_the_end_of_its_run():
+    """The run's end (`run_ended`, in task_postrun's finally) dropped the kept write with the run:
+    the row stayed executing, lapsed, and the body ran again (found in review)."""
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("the database system is starting up")
+
+    with connection.execute_wrapper(refuse):
+        assert store.job_finish("job-1", owner=run.owner) is False
+    store.run_ended("job-1", run.owner)
+    assert store.pending_writes() == 1
+    assert store.flush_pending()
+    assert not OutboxMessage.objects.exists()
+
+
+def test_the_publishers_late_update_leaves_a_retry_waiting_in_the_table():
+    """A fast worker started the job, failed it and put it back to wait for its retry before the
+    web's after-commit UPDATE: that UPDATE marked it published, and nothing ever published it."""
+    row = store.job_add(task_name="jobs.ping", task_id="job-1", args=[], kwargs={}, options={})
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert store.job_retry("job-1", retries=1, postponed=0, delay=120, owner=run.owner) is True
+    store.job_published(row.pk)
+    row = _row()
+    assert (row.state, row.published_at) == (State.RETRYABLE, None)
+
+
+def test_a_relays_late_mark_leaves_a_row_a_run_took_meanwhile():
+    """The relay marks its batch published after up to 500 publishes: a row a run started, failed
+    and put back for its retry meanwhile was marked published again, its backoff lost."""
+    from jobs.runtime.outbox import CLAIM_TTL
+
+    _job(published_at=None, attempts=1)
+    claim, rows = store.jobs_claim(OutboxMessage.objects.all(), limit=10, ttl=CLAIM_TTL)
+    assert [r.task_id for r in rows] == ["job-1"]
+    run = store.job_start("job-1", retries=0, hostname="w1")  # the message got there first
+    store.job_retry("job-1", retries=1, postponed=0, delay=120, owner=run.owner)
+    store.jobs_published([rows[0].pk], [rows[0].pk], claims={claim})
+    row = _row()
+    assert (row.state, row.published_at, row.retries) == (State.RETRYABLE, None, 1)
+    assert row.not_before is not None
+
+
+def test_a_deferred_retry_never_overwrites_a_row_another_run_holds():
+    """Celery's publish raised, but the broker had the retry: its attempt already runs."""
+    _job(retries=1, state=State.EXECUTING, lease_owner="w2:1:next", lease_until=timezone.now() + timedelta(seconds=20))
+    store.job_defer_retry(
+        task_name="jobs.ping",
+        task_id="job-1",
+        args=[],
+        kwargs={},
+        options={},
+        headers={},
+        not_before=timezone.now() + timedelta(seconds=60),
+        retries=1,
+        postponed=0,
+        owner="w1:1:previous",
+    )
+    assert (_row().state, _row().lease_owner) == (State.EXECUTING, "w2:1:next")
