@@ -71,6 +71,20 @@ EVENTS = (
 )
 
 
+def code_version() -> str:
+    """The commit the processes run, and whether `jobs` or `config` differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BASE_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "jobs", "config"], cwd=BASE_DIR, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return f"{head} with uncommitted changes in jobs/ or config/" if dirty else head
+
+
 def say(text: str) -> None:
     print(text, flush=True)  # noqa: T201 - the harness reports on stdout
 
@@ -451,6 +465,7 @@ class ChaosRun:
         self.broker_restart_at: float | None = None
         self.refusal: tuple[float, float, int] | None = None
         self.closed = False
+        self.code = code_version()
 
     # -- setup and teardown --
 
@@ -1007,6 +1022,7 @@ class ChaosRun:
             "",
             f"Kill-chaos run: {outcome.jobs} jobs, {self.options.workers} workers x {self.options.concurrency} "
             f"pool processes, lease {self.options.lease:g} s, visibility timeout 3600 s, seed {self.options.seed}",
+            f"code: {self.code}",
             "",
             "| jobs | kills | lost | started twice without a kill | re-runs per kill | slowest reclaim |",
             "|---:|---|---:|---:|---|---:|",
