@@ -336,6 +336,10 @@ class DatabaseBackend(StockDatabaseBackend):  # type: ignore[misc] # django-cele
     def store_result(
         self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
+        if state == states.STARTED and getattr(request, "jobs_skip", None) is not None:
+            # A copy that will not start the body (jobs.runtime.task.skip_copy): its STARTED would
+            # overwrite what the job's own run wrote (a RETRY waiting in the table, say).
+            return result
         try:
             return super().store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
         except (BackendStoreError, DatabaseError) as exc:

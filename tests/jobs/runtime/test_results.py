@@ -240,3 +240,13 @@ def test_the_writing_thread_writes_on_its_own_and_at_exit(settings):
         results.results_stop_buffering()  # a pool process exiting writes what waits
     assert TaskResult.objects.get(task_id="t-9").status == states.SUCCESS
     assert results.results_buffered() is None
+
+
+def test_a_copy_that_does_not_start_its_body_writes_no_started_state(buffer):
+    """A copy acknowledged without running (its job waits for a retry) overwrote the job's RETRY
+    with STARTED: a Django task showed as running."""
+    store("w-1", states.RETRY, None)
+    copy = Request("w-1")
+    copy.jobs_skip = "not_due"
+    current_app.backend.store_result("w-1", {"pid": 1}, states.STARTED, request=copy)
+    assert buffer.rows["w-1"]["status"] == states.RETRY
