@@ -124,8 +124,14 @@ def results_write(rows: Iterable[Row], *, ledger_done: Iterable[tuple[str, str]]
     alias = router.db_for_write(TaskResult)
     db = connections[alias]
     if db.vendor not in UPSERT_VENDORS:  # pragma: no cover - the project runs PostgreSQL or SQLite
-        for row in rows:
-            _store_stock(row, alias)
+        from jobs.runtime.store import jobs_finished_sql
+
+        with transaction.atomic(using=alias):
+            for row in rows:
+                _store_stock(row, alias)
+            if done:
+                with db.cursor() as cursor:
+                    cursor.executemany(jobs_finished_sql(db.ops), [[task_id, lease] for task_id, lease in done])
         return len(rows)
     adapt = db.ops.adapt_datetimefield_value
     rows.sort(key=lambda row: row["task_id"])  # one lock order in every process: no deadlock
@@ -184,6 +190,17 @@ class ResultBuffer:
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
         self.dropped = 0
+        #: Ends of jobs of the job table (task id: the run's lease owner), deleted with the next batch.
+        self.ends: dict[str, str] = {}
+
+    def add_end(self, task_id: str, owner: str) -> None:
+        """A run of the job table has ended: its row is deleted with the next batch, in the same
+        transaction (one commit for many jobs instead of one each). Its lease is renewed until
+        then (`jobs.runtime.store.end_buffered`)."""
+        with self.lock:
+            self.ends[task_id] = owner
+            if self.thread is None or not self.thread.is_alive():
+                self._start_thread()
 
     def add(self, row: Row) -> None:
         """Notes a row, or an entry whose `build()` makes the row later (its `status`, `task_id`
@@ -237,7 +254,8 @@ class ResultBuffer:
         take must not hold up the rest). Returns how many rows were written."""
         with self.lock:
             batch, self.rows = self.rows, {}
-        if not batch:
+            ends, self.ends = self.ends, {}
+        if not batch and not ends:
             return 0
         rows: dict[str, Row] = {}
         for task_id, entry in batch.items():
@@ -249,11 +267,11 @@ class ResultBuffer:
         if not db.in_atomic_block:
             drop_stale_connection()  # CONN_MAX_AGE and health checks apply to this thread too
         try:
-            return results_write(rows.values())
+            written = results_write(rows.values(), ledger_done=ends.items())
         except (OperationalError, InterfaceError) as exc:
             if not db.in_atomic_block:  # the next round connects afresh
                 close_connection()
-            self._keep(rows, exc)
+            self._keep(rows, exc, ends)
             return 0
         except DatabaseError:
             written = 0
@@ -262,13 +280,20 @@ class ResultBuffer:
                     written += results_write([row])
                 except DatabaseError as exc:
                     _not_stored(task_id, row["status"], exc)
-            return written
+            try:
+                results_write([], ledger_done=ends.items())
+            except DatabaseError as exc:
+                self._keep({}, exc, ends)
+                return written
+        _ends_written(ends)
+        return written
 
-    def _keep(self, batch: dict[str, Row], exc: BaseException) -> None:
+    def _keep(self, batch: dict[str, Row], exc: BaseException, ends: dict[str, str] | None = None) -> None:
         with self.lock:
             for task_id, row in self.rows.items():  # what arrived meanwhile is newer
                 batch[task_id] = merge(batch.pop(task_id, None), row)
             self.rows = batch
+            self.ends = {**(ends or {}), **self.ends}
             dropped = self._bound()
             waiting = len(self.rows)
         logger.warning(
@@ -286,6 +311,13 @@ class ResultBuffer:
                 logger.warning("results.not_written_at_exit", extra={"waiting": len(self.rows)})
         else:
             self.flush()
+
+
+def _ends_written(ends: dict[str, str]) -> None:
+    if ends:
+        from jobs.runtime.store import ends_written
+
+        ends_written(ends)
 
 
 def _not_stored(task_id: str, state: str, exc: BaseException) -> None:
