@@ -3,9 +3,6 @@ broker, which the run restarts empty), shared by the job (tasks.py) and the harn
 
 - `chaos:starts:<task id>`: one `"<pid> <time>"` per start of the body;
 - `chaos:ends:<task id>` and the set `chaos:done`: the body reached its end;
-- `chaos:closed:<task id>`: `"<pid> <time> <kept>"` once the run has ended in its pool process,
-  after `jobs` wrote the job's end to the job table (`kept` 1: the database did not take that
-  write, and the process's keeper writes it later: `store.kept_write_done` in the worker's log);
 - `chaos:running`: pid -> task id of the body each pool process runs now (the harness picks the
   pool processes to kill among these).
 """
@@ -22,7 +19,3 @@ def starts_key(task_id: str) -> str:
 
 def ends_key(task_id: str) -> str:
     return f"chaos:ends:{task_id}"
-
-
-def closed_key(task_id: str) -> str:
-    return f"chaos:closed:{task_id}"

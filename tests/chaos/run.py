@@ -16,14 +16,16 @@ a backlog. As the jobs get done it injects its faults, spread over the run:
 - the database refusing every connection for `--refuse-seconds` (once): `ALTER DATABASE ...
   ALLOW_CONNECTIONS false` and `pg_terminate_backend` of its sessions, then back.
 
-Every start and end of a job's body is written to the recorder (tests/chaos/tasks.py), and every
-process death the harness sees is noted (its own kills, and pool processes a worker ended itself,
-as Celery does to running tasks when the broker connection drops). At the end it waits for every
-job (at most `--settle` seconds after the last fault), then prints the table: jobs, kills, lost
-(never done), started twice without a kill (a start no kill or process death explains: a start in
-pid P is killed when P died after it and before its run ended), re-runs per kill, slowest reclaim.
-The exit status is 1 when a job was lost or a start is unexplained, 2 when the run could not be
-made; the worker logs are then kept (the path is printed).
+Every start and end of a job's body is written to the recorder (tests/chaos/tasks.py); a trigger
+on the job table records when each job's end was written (its row deleted) and by which process
+(the pid in the lease owner); every process death the harness sees is noted (its own kills, and
+pool processes a worker ended itself, as Celery does to running tasks when the broker connection
+drops). At the end it waits for every job (at most `--settle` seconds after the last fault), then
+prints the table: jobs, kills, lost (never done), started twice without a kill (a start no kill or
+process death explains: a start in pid P is killed when P died after it and before the job's end
+was written by it), re-runs per kill, slowest reclaim. The exit status is 1 when a job was lost
+or a start is unexplained, 2 when the run could not be made; the worker logs are then kept (the
+path is printed).
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ BASE_DIR = Path(__file__).resolve().parents[2]
 SETTINGS = "tests.chaos.settings"
 QUEUES = ("high", "normal", "low")
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
+END_TABLE = "chaos_job_end"
+END_TRIGGER = """
+CREATE TABLE chaos_job_end (task_id text, lease_owner text, at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE FUNCTION chaos_job_end() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO chaos_job_end (task_id, lease_owner) VALUES (OLD.task_id, OLD.lease_owner);
+    RETURN OLD;
+END $$;
+CREATE TRIGGER chaos_job_end AFTER DELETE ON jobs_outboxmessage FOR EACH ROW EXECUTE FUNCTION chaos_job_end();
+"""
 #: Log events of `jobs` counted in the report (the worker logs are JSON lines).
 EVENTS = (
     "job.copy_skipped",
@@ -265,6 +277,14 @@ class Database:
         self.created = True
         return self
 
+    def record_job_ends(self) -> None:
+        """A trigger on the job table: each row deleted (a job's end written, committed with it) is
+        recorded with its lease owner (the pid of the run that wrote it) and the time."""
+        import psycopg
+
+        with psycopg.connect(_conninfo(self.url), connect_timeout=5, autocommit=True) as conn:
+            conn.execute(END_TRIGGER)
+
     def refuse(self, seconds: float) -> int:
         """No new connection for `seconds`, and every open one cut at the start. Returns how
         many sessions were cut."""
@@ -395,6 +415,7 @@ class Outcome:
     reruns: int = 0
     reruns_after_other_deaths: int = 0
     max_reruns_per_kill: int = 0
+    jobs_rerun_by_kill: Counter[int] = field(default_factory=Counter)  # kill number -> jobs it re-ran
     reclaims_pool: list[float] = field(default_factory=list)
     reclaims_worker: list[float] = field(default_factory=list)
     dead_letters: int = 0
@@ -424,6 +445,7 @@ class Outcome:
             "reruns": self.reruns,
             "reruns_after_other_deaths": self.reruns_after_other_deaths,
             "max_reruns_per_kill": self.max_reruns_per_kill,
+            "most_jobs_rerun_by_one_kill": max(self.jobs_rerun_by_kill.values(), default=0),
             "slowest_reclaim_pool": max(self.reclaims_pool, default=None),
             "slowest_reclaim_worker": max(self.reclaims_worker, default=None),
             "dead_letters": self.dead_letters,
@@ -514,6 +536,7 @@ class ChaosRun:
         )
         if migrate.returncode != 0:
             raise RuntimeError(f"manage.py migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
+        self.database.record_job_ends()
         # This process enqueues through the same settings (django.setup after the environment is set).
         for name in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "LOG_FORMAT"):
             os.environ[name] = env[name]
@@ -866,18 +889,14 @@ class ChaosRun:
         outcome.other_deaths = sum(1 for death in self.deaths if death.kill is None)
         outcome.dead_letters = len(letters)
         outcome.rows_left = len(rows)
-        kept_done = self.kept_writes_done()
+        ended = self.job_ends()
         deaths_by_pid: dict[int, list[Death]] = defaultdict(list)
         for death in self.deaths:
             deaths_by_pid[death.pid].append(death)
-        starts_by_pid: dict[int, list[float]] = defaultdict(list)
-        for record in records.values():
-            for pid, at in record["starts"]:
-                starts_by_pid[int(pid)].append(float(at))
         for task_id in accepted:
             if task_id not in done:
                 outcome.lost.append(task_id)
-            starts = self.starts_of(task_id, records[task_id], kept_done, deaths_by_pid, starts_by_pid)
+            starts = self.starts_of(task_id, records[task_id], ended.get(task_id), deaths_by_pid)
             self.judge(task_id, starts, outcome)
         outcome.events = self.count_events()
         self.outcome = outcome
@@ -891,14 +910,12 @@ class ChaosRun:
             for task_id in chunk:
                 pipe.lrange(keys.starts_key(task_id), 0, -1)
                 pipe.lrange(keys.ends_key(task_id), 0, -1)
-                pipe.lrange(keys.closed_key(task_id), 0, -1)
             values = pipe.execute()
             for i, task_id in enumerate(chunk):
-                starts, ends, closed = values[3 * i : 3 * i + 3]
+                starts, ends = values[2 * i : 2 * i + 2]
                 records[task_id] = {
                     "starts": [item.decode().split() for item in starts],
                     "ends": [item.decode().split() for item in ends],
-                    "closed": [item.decode().split() for item in closed],
                 }
         return records
 
@@ -908,18 +925,20 @@ class ChaosRun:
             lines.extend(worker.log().splitlines())
         return lines
 
-    def kept_writes_done(self) -> dict[str, list[float]]:
-        """When a kept write of a job's end was done (the keeper's log line), by task id."""
-        from datetime import datetime
+    def job_ends(self) -> dict[str, tuple[int, float]]:
+        """When each job's end was written (its row deleted, committed) and by which pool process
+        (the pid in the lease owner), from the trigger's records."""
+        from django.db import connection
 
-        found: dict[str, list[float]] = defaultdict(list)
-        for line in self.worker_log_lines():
-            if '"store.kept_write_done"' not in line:
-                continue
-            with contextlib.suppress(ValueError, KeyError):
-                entry = json.loads(line)
-                found[entry["task_id"]].append(datetime.fromisoformat(entry["timestamp"]).timestamp())
-        return found
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT task_id, lease_owner, extract(epoch FROM at) FROM {END_TABLE}")  # noqa: S608
+            rows = cursor.fetchall()
+        ends: dict[str, tuple[int, float]] = {}
+        for task_id, owner, at in rows:
+            parts = (owner or "").rsplit(":", 2)
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+            ends[task_id] = (pid, float(at))
+        return ends
 
     def count_events(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -933,36 +952,24 @@ class ChaosRun:
     def starts_of(
         task_id: str,
         record: dict[str, list[list[str]]],
-        kept_done: dict[str, list[float]],
+        end: tuple[int, float] | None,
         deaths_by_pid: dict[int, list[Death]],
-        starts_by_pid: dict[int, list[float]],
     ) -> list[Start]:
         starts = sorted(
             (Start(task_id=task_id, pid=int(pid), at=float(at)) for pid, at in record["starts"]), key=lambda s: s.at
         )
+        if end is not None:  # the end was written by the last start in its process before it
+            pid, at = end
+            mine = [start for start in starts if start.pid == pid and start.at <= at]
+            if mine:
+                mine[-1].over = at
         for start in starts:
-            ends = [float(at) for pid, at in record["ends"] if int(pid) == start.pid and float(at) >= start.at]
-            closed = [(float(at), kept) for pid, at, kept in record["closed"] if int(pid) == start.pid]
-            closed = [(at, kept) for at, kept in closed if at >= start.at]
-            if closed:
-                at, kept = min(closed)
-                if kept == "0":
-                    start.over = at
-                else:  # the end was written later by the keeper, if at all
-                    later = [t for t in kept_done.get(task_id, []) if t >= at - 0.01]
-                    start.over = min(later) if later else None
+            # Killed: its process died after it began and before its run wrote the job's end (a run
+            # that never wrote it was stopped, by its process's death or by nothing: the latter is
+            # what `judge` reports).
             for death in deaths_by_pid.get(start.pid, []):
-                if start.at >= death.hi:
-                    continue
-                # Killed: its process died before its run was over; or its body never reached its
-                # end and the process ran nothing else before it died (Celery terminates a running
-                # task's process when the broker connection drops: the body stops at once, the
-                # process exits a moment later).
-                if start.over is None or start.over > death.lo:
+                if start.at < death.hi and (start.over is None or start.over > death.lo):
                     start.death, start.stopped = death, death.lo
-                    break
-                if not ends and not any(start.at < other < death.lo for other in starts_by_pid[start.pid]):
-                    start.death, start.stopped = death, min(start.over, death.lo)
                     break
         return starts
 
@@ -981,6 +988,7 @@ class ChaosRun:
                         outcome.reruns_after_other_deaths += 1
                     else:
                         outcome.reruns += 1
+                        outcome.jobs_rerun_by_kill[killed.death.kill.number] += 1
                         reclaim = start.at - killed.death.kill.before
                         if killed.death.kill.kind == "pool process":
                             outcome.reclaims_pool.append(reclaim)
@@ -1033,6 +1041,12 @@ class ChaosRun:
             + (f" (median {statistics.median(outcome.reclaims_pool):.2f} s)" if outcome.reclaims_pool else "")
             + f", after a whole worker kill {seconds(outcome.reclaims_worker)}",
         ]
+        if outcome.jobs_rerun_by_kill:
+            number, most = outcome.jobs_rerun_by_kill.most_common(1)[0]
+            lines.append(
+                f"- jobs re-run after one kill: at most {most} (kill #{number}); a kill re-runs the job its "
+                "process ran and any whose end that process had not written yet"
+            )
         if outcome.broker_restart_at is not None:
             lines.append(f"- broker Redis restarted empty once, at +{outcome.broker_restart_at - self.t0:.1f} s")
         if outcome.refusal is not None:
@@ -1058,18 +1072,21 @@ class ChaosRun:
 
         out: list[str] = []
         records = self.read_records([*outcome.lost[:limit], *outcome.unexplained[:limit]])
+        ends = self.job_ends()
         lines = self.worker_log_lines()
         cases = (("lost", outcome.lost[:limit]), ("started twice without a kill", outcome.unexplained[:limit]))
         for kind, ids in cases:
             for task_id in ids:
                 out.append(f"--- {kind}: {task_id}")
-                for name in ("starts", "ends", "closed"):
-                    items = [
-                        f"pid {item[0]} at +{float(item[1]) - self.t0:.3f}"
-                        + (f" kept={item[2]}" if len(item) > 2 else "")
-                        for item in records[task_id][name]
-                    ]
-                    out.append(f"  {name}: {items}")
+                for name in ("starts", "ends"):
+                    items = [f"pid {pid} at +{float(at) - self.t0:.3f}" for pid, at in records[task_id][name]]
+                    out.append(f"  body {name}: {items}")
+                end = ends.get(task_id)
+                out.append(
+                    f"  job's end written by pid {end[0]} at +{end[1] - self.t0:.3f}"
+                    if end
+                    else "  job's end never written"
+                )
                 pids = {int(item[0]) for item in records[task_id]["starts"]}
                 for death in self.deaths:
                     if death.pid in pids:

@@ -1,6 +1,7 @@
 """The chaos run's job, loaded into its workers with `-I tests.chaos.tasks`: `chaos.record` writes
-every start and every end of its body to the recorder (what it writes: tests/chaos/keys.py), and
-each run's close once `jobs` has written the job's end to the job table."""
+every start and every end of its body to the recorder (what it writes: tests/chaos/keys.py). When
+`jobs` writes the job's end (deletes its row), a trigger the harness puts on the job table records
+it (tests/chaos/run.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import time
 
 import redis
 from celery import shared_task
-from celery.signals import task_postrun
 
-import jobs.runtime.handlers  # noqa: F401 - its task_postrun handler connected first, so it runs before ours
 from jobs.base import JobTask
-from tests.chaos.keys import DONE_KEY, RECORD_URL, RUNNING_KEY, TASK, closed_key, ends_key, starts_key
+from tests.chaos.keys import DONE_KEY, RECORD_URL, RUNNING_KEY, TASK, ends_key, starts_key
 
 _client: tuple[int, redis.Redis] | None = None
 
@@ -46,17 +45,3 @@ def record(self, job: int, seconds: float) -> None:
     pipe.rpush(ends_key(task_id), _stamp())
     pipe.hdel(RUNNING_KEY, str(os.getpid()))
     pipe.execute()
-
-
-@task_postrun.connect
-def _run_closed(task_id: str | None = None, task=None, **kwargs) -> None:
-    """After `jobs`' own task_postrun handler (connected before this one: imported above): the job's
-    end is in the table now, or kept by this process's keeper."""
-    if getattr(task, "name", None) != TASK or not task_id:
-        return
-    if getattr(task.request, "jobs_run", None) is None:  # a copy that did not start the body
-        return
-    from jobs.runtime import store
-
-    kept = int(task_id in store._keeper().pending)
-    recorder().rpush(closed_key(task_id), f"{_stamp()} {kept}")
