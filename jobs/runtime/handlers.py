@@ -178,7 +178,7 @@ def _ledger_end(
     dead letter is safe; a retry of a JobTask was written by the task itself."""
     from celery import states
 
-    from jobs.runtime.store import job_retry, run_ended
+    from jobs.runtime.store import job_finish, job_retry, run_ended
 
     run = request.jobs_run  # type: ignore[attr-defined]  # set by jobs.runtime.task.lease_take
     is_job_task = getattr(task, "on_give_up", None) is not None
@@ -187,7 +187,7 @@ def _ledger_end(
             if getattr(task, "ledger_after_result", False):
                 _result_with_ledger(task_id, run.owner)
                 return
-            _finish(task_id, run.owner)
+            job_finish(task_id, owner=run.owner)
         elif state == states.RETRY and not getattr(request, "jobs_retry_written", False):
             # A plain task's own `self.retry()`: its message is out already; the row follows.
             job_retry(task_id, retries=int(request.retries or 0) + 1, postponed=0, delay=0, owner=run.owner)
@@ -197,20 +197,6 @@ def _ledger_end(
         # the job) leaves the row to whoever ends it, or to the lease.
     finally:
         run_ended(task_id, run.owner)
-
-
-def _finish(task_id: str, owner: str) -> None:
-    """A run's row ends with the next batch of task history when this process writes history in
-    batches (one commit for many jobs), else at once."""
-    from jobs.runtime.results import results_buffered
-    from jobs.runtime.store import end_buffered, job_finish
-
-    buffer = results_buffered()
-    if buffer is None:
-        job_finish(task_id, owner=owner)
-        return
-    end_buffered(task_id, owner)
-    buffer.add_end(task_id, owner)
 
 
 def _rejected(task: Task[..., Any] | None, request: Context, task_id: str, run: Any, exc: Any) -> None:

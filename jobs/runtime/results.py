@@ -190,17 +190,6 @@ class ResultBuffer:
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
         self.dropped = 0
-        #: Ends of jobs of the job table (task id: the run's lease owner), deleted with the next batch.
-        self.ends: dict[str, str] = {}
-
-    def add_end(self, task_id: str, owner: str) -> None:
-        """A run of the job table has ended: its row is deleted with the next batch, in the same
-        transaction (one commit for many jobs instead of one each). Its lease is renewed until
-        then (`jobs.runtime.store.end_buffered`)."""
-        with self.lock:
-            self.ends[task_id] = owner
-            if self.thread is None or not self.thread.is_alive():
-                self._start_thread()
 
     def add(self, row: Row) -> None:
         """Notes a row, or an entry whose `build()` makes the row later (its `status`, `task_id`
@@ -254,8 +243,7 @@ class ResultBuffer:
         take must not hold up the rest). Returns how many rows were written."""
         with self.lock:
             batch, self.rows = self.rows, {}
-            ends, self.ends = self.ends, {}
-        if not batch and not ends:
+        if not batch:
             return 0
         rows: dict[str, Row] = {}
         for task_id, entry in batch.items():
@@ -267,11 +255,11 @@ class ResultBuffer:
         if not db.in_atomic_block:
             drop_stale_connection()  # CONN_MAX_AGE and health checks apply to this thread too
         try:
-            written = results_write(rows.values(), ledger_done=ends.items())
+            return results_write(rows.values())
         except (OperationalError, InterfaceError) as exc:
             if not db.in_atomic_block:  # the next round connects afresh
                 close_connection()
-            self._keep(rows, exc, ends)
+            self._keep(rows, exc)
             return 0
         except DatabaseError:
             written = 0
@@ -280,20 +268,13 @@ class ResultBuffer:
                     written += results_write([row])
                 except DatabaseError as exc:
                     _not_stored(task_id, row["status"], exc)
-            try:
-                results_write([], ledger_done=ends.items())
-            except DatabaseError as exc:
-                self._keep({}, exc, ends)
-                return written
-        _ends_written(ends)
-        return written
+            return written
 
-    def _keep(self, batch: dict[str, Row], exc: BaseException, ends: dict[str, str] | None = None) -> None:
+    def _keep(self, batch: dict[str, Row], exc: BaseException) -> None:
         with self.lock:
             for task_id, row in self.rows.items():  # what arrived meanwhile is newer
                 batch[task_id] = merge(batch.pop(task_id, None), row)
             self.rows = batch
-            self.ends = {**(ends or {}), **self.ends}
             dropped = self._bound()
             waiting = len(self.rows)
         logger.warning(
@@ -311,13 +292,6 @@ class ResultBuffer:
                 logger.warning("results.not_written_at_exit", extra={"waiting": len(self.rows)})
         else:
             self.flush()
-
-
-def _ends_written(ends: dict[str, str]) -> None:
-    if ends:
-        from jobs.runtime.store import ends_written
-
-        ends_written(ends)
 
 
 def _not_stored(task_id: str, state: str, exc: BaseException) -> None:

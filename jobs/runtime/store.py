@@ -540,24 +540,6 @@ def _write_or_keep(task_id: str, owner: str | None, write: Callable[[], None], *
     return True
 
 
-def end_buffered(task_id: str, owner: str) -> None:
-    """The run's end waits in the results buffer (`ResultBuffer.add_end`): its lease is renewed,
-    and its process beats, until the batch is written."""
-    keeper = _keeper()
-    with keeper.lock:
-        keeper.buffered[task_id] = owner
-    keeper._ensure_thread()
-
-
-def ends_written(ends: dict[str, str]) -> None:
-    """The results buffer wrote these ends: nothing more to hold for them."""
-    keeper = _keeper()
-    with keeper.lock:
-        for task_id, owner in ends.items():
-            if keeper.buffered.get(task_id) == owner:
-                del keeper.buffered[task_id]
-
-
 def keep_write(task_id: str, owner: str | None, write: Callable[[], object]) -> None:
     """A write of a run's end the database did not take: retried in the background until it is
     done, the run's lease renewed meanwhile."""
@@ -582,8 +564,6 @@ class Keeper:
         self.runs: dict[str, Run] = {}
         self.started: dict[str, float] = {}
         self.pending: dict[str, tuple[str | None, Callable[[], object]]] = {}
-        #: Ends waiting in the results buffer for its next batch (task id: owner): held till written.
-        self.buffered: dict[str, str] = {}
         self.renewed_at = time.monotonic()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -592,7 +572,6 @@ class Keeper:
         """The worker name this process's leases carry (from any run it holds)."""
         with self.lock:
             owners = [run.owner for run in self.runs.values()] + [o for o, _w in self.pending.values() if o]
-            owners += list(self.buffered.values())
         return owners[0].split(":", 1)[0] if owners else socket.gethostname()
 
     def add(self, run: Run) -> None:
@@ -646,9 +625,7 @@ class Keeper:
         now = time.monotonic()
         with self.lock:
             long_runs = [run for task_id, run in self.runs.items() if now - self.started[task_id] >= every]
-        with self.lock:
-            buffered = dict(self.buffered)
-        renew_due = now - self.renewed_at >= every and bool(long_runs or pending or buffered)
+        renew_due = now - self.renewed_at >= every and bool(long_runs or pending)
         if not pending and not renew_due:
             return
         if renew_due:
@@ -662,11 +639,7 @@ class Keeper:
             if renew_due:
                 self.renewed_at = now
                 with self.lock:
-                    holds = [
-                        *long_runs,
-                        *(Run(t, o) for t, (o, _w) in self.pending.items() if o),
-                        *(Run(t, o) for t, o in self.buffered.items()),
-                    ]
+                    holds = [*long_runs, *(Run(t, o) for t, (o, _w) in self.pending.items() if o)]
                 for run in holds:
                     _owned(run.task_id, run.owner).update(lease_until=_in(_lease_seconds()))
             for task_id, (_owner, write) in pending.items():

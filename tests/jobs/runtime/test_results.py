@@ -250,29 +250,3 @@ def test_a_copy_that_does_not_start_its_body_writes_no_started_state(buffer):
     copy.jobs_skip = "not_due"
     current_app.backend.store_result("w-1", {"pid": 1}, states.STARTED, request=copy)
     assert buffer.rows["w-1"]["status"] == states.RETRY
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_runs_end_goes_with_the_next_batch_and_is_held_until_written(buffer):
-    """One commit for many jobs' ends: the row is deleted with the batch (only the run's own),
-    kept when the database refuses the batch, and its lease held by the keeper meanwhile."""
-    from jobs.runtime import store
-
-    OutboxMessage.objects.create(task_name="tests.history", task_id="e-1", lease_owner="w:1:a")
-    OutboxMessage.objects.create(task_name="tests.history", task_id="e-2", lease_owner="w:1:other")
-    for task_id, owner in (("e-1", "w:1:a"), ("e-2", "w:1:stale")):
-        store.end_buffered(task_id, owner)
-        buffer.add_end(task_id, owner)
-
-    def refuse(execute, sql, params, many, context):
-        raise OperationalError("the database system is starting up")
-
-    with connection.execute_wrapper(refuse):
-        buffer.flush()
-    assert OutboxMessage.objects.count() == 2
-    assert buffer.ends == {"e-1": "w:1:a", "e-2": "w:1:stale"}
-    assert store._keeper().buffered == {"e-1": "w:1:a", "e-2": "w:1:stale"}
-
-    buffer.flush()
-    assert list(OutboxMessage.objects.values_list("task_id", flat=True)) == ["e-2"]  # not the stale run's
-    assert store._keeper().buffered == {}
