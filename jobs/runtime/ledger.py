@@ -141,9 +141,15 @@ class BrokerView:
     `unjudged` names queues too long to read this round: their jobs are not judged."""
 
     def __init__(
-        self, *, ids: set[str] | None = None, depths: dict[str, int] | None = None, unjudged: set[str] | None = None
+        self,
+        *,
+        ids: set[str] | None = None,
+        depths: dict[str, int] | None = None,
+        unjudged: set[str] | None = None,
+        queued: set[str] | None = None,
     ) -> None:
-        self.ids = ids
+        self.ids = ids  # queued or delivered and not acknowledged
+        self.queued = queued if queued is not None else (ids or set())  # in a queue
         self.depths = depths
         self.unjudged = unjudged or set()
 
@@ -213,8 +219,9 @@ def broker_view(*, limit: int | None = None) -> BrokerView:
                 found.update(message_ids(messages))
         if unjudged:
             logger.warning("ledger.sweep_skipped", extra={"reason": "backlog too large", "queues": sorted(unjudged)})
+        queued = set(found)
         found.update(message_ids(client.hvals(_prefixed(client, "HVALS", channel.unacked_key))))
-    return BrokerView(ids=found, unjudged=unjudged)
+    return BrokerView(ids=found, unjudged=unjudged, queued=queued)
 
 
 def message_ids(raw_messages: Iterable[bytes]) -> set[str]:
@@ -319,7 +326,11 @@ def ledger_sweep(*, limit: int = 1000, reclaim: bool = True) -> dict[str, int]:
         ]
         judged = {"published_at__lt": cutoff}
     else:
-        held = view.ids | in_workers
+        # A message in the `unacked` hash alone is no sign of life: its worker may be dead (SIGKILL
+        # between delivery and start), and Redis keeps it there for the visibility timeout. Only
+        # the queues and what live workers say they hold count; a copy sent by mistake is skipped
+        # by the start lease.
+        held = view.queued | in_workers
         present = [pk for pk, task_id, _n, _o, missing, _p in candidates if task_id in held and missing is not None]
         absent = [(pk, missing) for pk, task_id, _n, _o, missing, _p in candidates if task_id not in held]
         first_seen = [pk for pk, missing in absent if missing is None]

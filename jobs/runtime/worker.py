@@ -136,7 +136,9 @@ class JobRequest(Request):
         runs again, so the app releases what the stopped attempt held."""
         super()._announce_cancelled(emit_retry=emit_retry)  # type: ignore[misc]  # private: not in celery-types
         self._tell_lost()
-        self._lease_release()
+        # The lease is not given back here: the body may have returned and its end be on its way
+        # (the chaos run saw a job run again beside its live first run). A process Celery stops
+        # gives it back when it reports Terminated (on_failure); one that finishes ends its row.
 
     def _tell_lost(self) -> None:
         hook = getattr(self.task, "on_lost", None)

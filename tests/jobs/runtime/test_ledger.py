@@ -73,14 +73,18 @@ def test_a_job_whose_message_is_still_queued_is_left_alone(redis_client, django_
     assert OutboxMessage.objects.get(task_id=task_id).missing_since is None
 
 
-def test_a_job_delivered_and_not_acknowledged_is_left_alone(redis_client):
-    """A running, prefetched or ETA-held message sits in the transport's `unacked` hash."""
-    _published("running-1")
+def test_a_job_delivered_to_a_live_worker_is_left_alone_and_one_of_a_dead_worker_comes_back(redis_client):
+    """A running, prefetched or ETA-held message sits in the transport's `unacked` hash; its worker
+    says it holds it. One whose worker was SIGKILLed before it started stays there for the
+    visibility timeout (an hour): counted present, it waited that long (found by the chaos run)."""
     message = {"headers": {"id": "running-1", "task": "jobs.ping"}, "body": "W10=", "properties": {}}
-    redis_client.hset("unacked", "tag-1", json.dumps([message, "", "low"]))
-    _age_missing("running-1")
-    assert ledger_sweep()["republished"] == 0
-    assert _queued_ids(redis_client) == []
+    for task_id in ("running-1", "orphan-1"):
+        _published(task_id)
+        redis_client.hset("unacked", f"tag-{task_id}", json.dumps([{**message, "headers": {"id": task_id}}, "", "low"]))
+        _age_missing(task_id)
+    worker_reserved_publish("worker-a@host", ["running-1"])
+    assert ledger_sweep()["republished"] == 1
+    assert _queued_ids(redis_client) == ["orphan-1"]
 
 
 def test_a_job_a_live_worker_holds_is_left_alone(redis_client):
