@@ -189,6 +189,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)  # its own directory, even if something cleaned /tmp
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.dir), "--loglevel", "warning"]
         self.process = spawn(args, log=self.dir / "redis.log")
