@@ -151,7 +151,8 @@ class PrivateRedis:
         """Task ids the broker holds, by where: `queued`, `unacked` (delivered, not acknowledged;
         Redis gives them back after the visibility timeout) and `reserved` (the workers' own
         lists, which the ledger sweeper also counts as present)."""
-        from jobs.runtime.ledger import RESERVED_KEY, _ids
+        from jobs.runtime.ledger import RESERVED_KEY
+        from jobs.runtime.ledger import message_ids as _ids
 
         client = self.client(timeout=1)
         held: dict[str, set[str]] = {"queued": set(), "unacked": set(), "reserved": set()}
