@@ -3,10 +3,10 @@
 Every transition is one conditional UPDATE (or DELETE) guarded by the state it expects, in
 database time (`NOW()`), so two hosts whose clocks disagree still agree on who holds a lease:
 
-- `job_start`: a run takes the row (`available`, or `scheduled`/`retryable` once due, or a lease
-  that lapsed long ago: its process died) for the attempt its message carries. Anything else is
-  a copy (the broker redelivered it, the sweeper republished it while it was in fact somewhere, a
-  deploy gave it back twice): it is acknowledged and does nothing (`Skip`).
+- `job_start`: a run takes the row (`available`, or `scheduled`/`retryable` once due) for the
+  attempt its message carries. Anything else is a copy (the broker redelivered it, the sweeper
+  republished it while it was in fact somewhere, a deploy gave it back twice): it is acknowledged
+  and does nothing (`Skip`). A lapsed lease is never taken over by a message;
 - while it runs, a thread of the process renews the lease every `JOBS_LEASE_SECONDS / 4`;
 - `job_finish`: the run deletes its row, only while it still holds it;
 - `job_retry`: the run hands the row back for its next attempt: `retryable` in the table until it
@@ -14,8 +14,9 @@ database time (`NOW()`), so two hosts whose clocks disagree still agree on who h
   `available` with its message published now with a short countdown;
 - `job_release`: a run that was stopped (its pool process died, the worker shut down) gives the
   row back at once, so the message the broker hands out again starts without waiting for the lease;
-- `jobs_reclaim` (the sweeper): a lease that lapsed (its worker died with it) makes the job
-  `available` again, once per crash.
+- `jobs_lapsed`/`jobs_reclaim` (the sweeper): a lease not renewed for twice its length, whose
+  process no longer beats in Redis and whose job no live worker reports, makes the job `available`
+  again, once per crash.
 
 A write a run cannot make because the database does not answer (a failover, a restart) is kept
 in the process and retried in the background, its lease renewed meanwhile, so the sweeper never
