@@ -385,21 +385,12 @@ def _give_up(row: OutboxMessage, *, reason: str, exc_type: str, message: str) ->
     """A job the sweeper stops bringing back: it ends through the failure path (dead letter)."""
     from celery import current_app
 
-    from jobs.outcomes import Job, job_gave_up
+    from jobs.outcomes import job_gave_up
+    from jobs.runtime.outbox import job_of_row
 
-    headers = dict((row.options or {}).get("headers") or {})
     job_gave_up(
         task=current_app.tasks.get(row.task_name),
-        job=Job(
-            task_name=row.task_name,
-            task_id=row.task_id,
-            args=tuple(row.args or ()),
-            kwargs=dict(row.kwargs or {}),
-            retries=row.retries,
-            queue=_queue_of(row.task_name, row.options),
-            request_id=str(headers.get("request_id") or ""),
-            dead_letter_id=headers.get("dead_letter_id"),
-        ),
+        job=job_of_row(row, queue=_queue_of(row.task_name, row.options)),
         reason=reason,
         exc_type=exc_type,
         exc_message=message,

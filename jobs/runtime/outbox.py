@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import QueueNotFound
 from django.db import transaction
@@ -27,6 +27,9 @@ from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
 from jobs.runtime import store
+
+if TYPE_CHECKING:
+    from jobs.outcomes import Job
 
 logger = logging.getLogger("jobs.runtime.outbox")
 
@@ -289,26 +292,35 @@ def _publish_failed(message: OutboxMessage, exc: BaseException) -> None:
     logger.warning("outbox.publish_failed", extra={"task_id": message.task_id, "error": _describe(exc)})
 
 
+def job_of_row(row: OutboxMessage, *, queue: str | None = None) -> Job:
+    """What the failure path is told about a job of the table (`queue`: its queue when known
+    better than the row's publish options)."""
+    from jobs.outcomes import Job
+
+    options = row.options or {}
+    headers = dict(options.get("headers") or {})
+    return Job(
+        task_name=row.task_name,
+        task_id=row.task_id,
+        args=tuple(row.args or ()),
+        kwargs=dict(row.kwargs or {}),
+        retries=row.retries,
+        queue=str(options.get("queue") or "") if queue is None else queue,
+        request_id=str(headers.get("request_id") or ""),
+        dead_letter_id=headers.get("dead_letter_id"),
+    )
+
+
 def _unpublishable(message: OutboxMessage, exc: BaseException) -> None:
     """A message the broker will never take: the job ends through the failure path (a dead letter,
     replayable once fixed, and its app told)."""
     from celery import current_app
 
-    from jobs.outcomes import Job, job_gave_up
+    from jobs.outcomes import job_gave_up
 
-    headers = dict(message.options.get("headers") or {})
     saved = job_gave_up(
         task=current_app.tasks.get(message.task_name),
-        job=Job(
-            task_name=message.task_name,
-            task_id=message.task_id,
-            args=tuple(message.args or ()),
-            kwargs=dict(message.kwargs or {}),
-            retries=message.retries,
-            queue=str(message.options.get("queue") or ""),
-            request_id=str(headers.get("request_id") or ""),
-            dead_letter_id=headers.get("dead_letter_id"),
-        ),
+        job=job_of_row(message),
         reason=DeadLetter.Reason.UNPUBLISHABLE,
         exc_type=type(exc).__name__,
         exc_message=f"the broker cannot take this message: {exc}",
