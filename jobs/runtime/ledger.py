@@ -351,9 +351,8 @@ def ledger_reclaim(*, limit: int = 500) -> int:
     published again, once per crash; one whose runs died `JOBS_WORKER_LOST_LIMIT` times is given
     up (dead letter `worker_lost`). Returns how many were published."""
     from jobs import metrics
-    from jobs.runtime.store import jobs_lapsed, jobs_reclaim
 
-    lapsed = jobs_lapsed(limit=limit)
+    lapsed = store.jobs_lapsed(limit=limit, running=workers_reserved_ids)
     if not lapsed:
         return 0
     limit_crashes = int(jobs_settings.WORKER_LOST_LIMIT)
@@ -369,7 +368,7 @@ def ledger_reclaim(*, limit: int = 500) -> int:
     alive = [row.pk for row in lapsed if row not in doomed]
     if not alive:
         return 0
-    jobs_reclaim(alive, claim=claim, claimed_until=timezone.now() + CLAIM_TTL)
+    store.jobs_reclaim(alive, claim=claim, claimed_until=timezone.now() + CLAIM_TTL)
     rows = list(OutboxMessage.objects.filter(claim=claim, pk__in=alive).order_by("pk"))
     for row in rows:
         logger.warning(

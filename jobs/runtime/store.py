@@ -283,11 +283,13 @@ def run_ended(task_id: str, owner: str | None = None) -> None:
 # --- the sweeper's part ------------------------------------------------------------------------
 
 
-def jobs_lapsed(*, limit: int = 500) -> list[OutboxMessage]:
+def jobs_lapsed(*, limit: int = 500, running: Callable[[], set[str]] = set) -> list[OutboxMessage]:
     """Rows whose run stopped renewing its lease long ago and whose process no longer beats
     (`holders_alive`): its process, or its worker, died. A run cut from the database (a failover
     longer than the lease) still beats in Redis: its row is left to it, and its kept end is written
-    once the database answers. Nothing when Redis cannot say (nothing is taken on a guess)."""
+    once the database answers. `running()`: task ids the workers' main processes say they run (a
+    pool process whose keeper thread a body starves of the GIL still counts as alive). Nothing
+    when Redis cannot say (nothing is taken on a guess)."""
     rows = list(
         OutboxMessage.objects.filter(state=State.EXECUTING, lease_until__lt=lapsed_before()).order_by("lease_until")[
             :limit
@@ -297,15 +299,11 @@ def jobs_lapsed(*, limit: int = 500) -> list[OutboxMessage]:
         return rows
     try:
         alive = holders_alive({_holder_of(row.lease_owner) for row in rows})
-        from jobs.runtime.ledger import workers_reserved_ids
-
-        # What the workers' main processes say they run: a pool process whose keeper thread a
-        # body starves of the GIL still counts as alive.
-        running = workers_reserved_ids()
+        held = running()
     except Exception as exc:  # noqa: BLE001 - Redis down: reclaim nothing this round
         logger.warning("store.holders_unknown", extra={"error": _describe(exc)})
         return []
-    return [row for row in rows if _holder_of(row.lease_owner) not in alive and row.task_id not in running]
+    return [row for row in rows if _holder_of(row.lease_owner) not in alive and row.task_id not in held]
 
 
 HOLDER_KEY = "jobs:lease-holder:"

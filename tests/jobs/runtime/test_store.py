@@ -299,3 +299,14 @@ def test_a_deferred_retry_never_overwrites_a_row_another_run_holds():
         owner="w1:1:previous",
     )
     assert (_row().state, _row().lease_owner) == (State.EXECUTING, "w2:1:next")
+
+
+def test_the_sweeper_leaves_a_lapsed_lease_a_live_worker_says_it_runs(redis_client):
+    """A body holding the GIL starves its keeper thread (no renewal, no beat); the worker's main
+    process still lists the job among those it runs."""
+    from jobs.runtime.ledger import ledger_reclaim, worker_reserved_publish
+
+    _job(state=State.EXECUTING, lease_owner="w0:8:busy", lease_until=timezone.now() - timedelta(minutes=5))
+    worker_reserved_publish("w0", ["job-1"])
+    assert ledger_reclaim() == 0
+    assert _row().state == State.EXECUTING
