@@ -114,3 +114,18 @@ def test_relay_leaves_young_untried_rows_to_their_publisher(redis_client):
 def test_unsupported_options_are_refused():
     with pytest.raises(TypeError, match="unsupported publish options: eta"):
         enqueue("jobs.ping", eta="tomorrow")
+
+
+def test_a_long_countdown_waits_in_the_table_and_a_bad_one_is_refused(redis_client, django_capture_on_commit_callbacks):
+    """A countdown past JOBS_HOLD_IN_BROKER_MAX was an ETA a worker held in memory; a negative or
+    non-numeric one reached Celery (or the database) instead of being refused here."""
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        task_id = enqueue(ping, countdown=600)
+    row = OutboxMessage.objects.get(task_id=task_id)
+    assert (row.state, row.published_at) == (OutboxMessage.State.SCHEDULED, None)
+    assert row.not_before > timezone.now() + timedelta(seconds=590)
+    assert redis_client.llen("low") == 0  # no message until it is due
+    for bad, error in ((-1, ValueError), (float("nan"), ValueError), ("soon", TypeError)):
+        with pytest.raises(error, match="countdown"):
+            enqueue(ping, countdown=bad)
+    assert OutboxMessage.objects.count() == 1
