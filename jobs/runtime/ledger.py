@@ -430,8 +430,7 @@ def _republish(ids: list[int], judged: dict[str, Any]) -> int:
             },
         )
         metrics.ledger_republished(task_name=row.task_name)
-    store.jobs_republished([row.pk for row in claimed])
-    published, _failed, _unpublishable = publish_claimed(claimed)
+    published, _failed, _unpublishable = publish_claimed(claimed, republish=True)
     return published
 
 

@@ -240,7 +240,7 @@ def _tick_expired(message: OutboxMessage, now: datetime) -> bool:
     return deadline <= now
 
 
-def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
+def publish_claimed(rows: list[OutboxMessage], *, republish: bool = False) -> tuple[int, int, int]:
     """Publishes rows this run claimed, on one producer, outside any transaction, and marks them
     published. Stops at the first error of the broker (the rest wait for the next run); a row the
     broker can never take is dead-lettered; a periodic tick past its `expires` is forgotten.
@@ -265,7 +265,9 @@ def publish_claimed(rows: list[OutboxMessage]) -> tuple[int, int, int]:
                 _publish_failed(message, exc)
                 break
             published.append(message.pk)
-    store.jobs_published(published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim})
+    store.jobs_published(
+        published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim}, republish=republish
+    )
     return len(published), failed, unpublishable
 
 

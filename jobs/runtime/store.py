@@ -418,10 +418,13 @@ def jobs_claim(rows: QuerySet[OutboxMessage], *, limit: int, ttl: timedelta) -> 
     return claim, list(OutboxMessage.objects.filter(claim=claim, pk__in=ids).order_by("pk"))
 
 
-def jobs_published(published: list[int], claimed: list[int], *, claims: set[str]) -> None:
+def jobs_published(published: list[int], claimed: list[int], *, claims: set[str], republish: bool = False) -> None:
     """A run published these rows it claimed (`claims`): `available` now, and its claim given
     back on all it held. A row a run started or handed back for a retry meanwhile no longer
-    carries the claim (start, retry and release clear it) and is left as that run wrote it."""
+    carries the claim (start, retry and release clear it) and is left as that run wrote it.
+    `republish`: the sweeper sent them again (judged lost); only a send the broker took counts
+    towards `JOBS_LEDGER_REPUBLISH_LIMIT`, not one a full or absent broker refused."""
+    extra = {"republished": F("republished") + 1} if republish else {}
     OutboxMessage.objects.filter(pk__in=published, claim__in=claims).exclude(state=State.EXECUTING).update(
         state=State.AVAILABLE,
         published_at=timezone.now(),
@@ -429,6 +432,7 @@ def jobs_published(published: list[int], claimed: list[int], *, claims: set[str]
         not_before=None,
         claim="",
         claimed_until=None,
+        **extra,
     )
     OutboxMessage.objects.filter(pk__in=claimed, claim__in=claims).exclude(pk__in=published).update(
         claim="", claimed_until=None
@@ -448,10 +452,6 @@ def jobs_seen(pks: list[int]) -> None:
 def jobs_missing(pks: list[int], *, since: Any) -> None:
     """The sweep found these jobs' messages gone, for the first time."""
     OutboxMessage.objects.filter(pk__in=pks, missing_since__isnull=True).update(missing_since=since)
-
-
-def jobs_republished(pks: list[int]) -> None:
-    OutboxMessage.objects.filter(pk__in=pks).update(republished=F("republished") + 1)
 
 
 def job_defer_retry(

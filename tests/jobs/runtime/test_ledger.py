@@ -115,6 +115,37 @@ def test_two_sweeps_that_judged_the_same_job_lost_publish_it_once(redis_client):
     assert _queued_ids(redis_client) == ["raced-1"]
 
 
+def test_a_job_lost_too_many_times_becomes_a_dead_letter(redis_client, settings):
+    settings.JOBS_LEDGER_REPUBLISH_LIMIT = 2
+    _published("lost-often", republished=2, missing_since=timezone.now() - timedelta(hours=1))
+    assert ledger_sweep()["republished"] == 0
+    dead = DeadLetter.objects.get(task_id="lost-often")
+    assert dead.reason == DeadLetter.Reason.LOST_REPEATEDLY
+    assert "3 times" in dead.exception_message
+    assert _queued_ids(redis_client) == []
+    assert not OutboxMessage.objects.filter(task_id="lost-often").exists()
+
+
+def test_a_republish_the_broker_refused_does_not_count_as_a_loss(redis_client, settings):
+    """A full broker refuses the sweeper's send: the job was not sent again, so it has not been
+    lost again either (found by the fault suite: six refused sends under a full broker made a job
+    a `lost_repeatedly` dead letter that the broker had lost once)."""
+    settings.JOBS_LEDGER_REPUBLISH_LIMIT = 2
+    _published("lost-full", republished=1, missing_since=timezone.now() - timedelta(hours=1))
+    redis_client.config_set("maxmemory", 1)
+    try:
+        for _ in range(3):
+            assert ledger_sweep()["republished"] == 0
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    row = OutboxMessage.objects.get(task_id="lost-full")
+    assert (row.republished, row.claim) == (1, "")
+    assert not DeadLetter.objects.exists()
+    assert ledger_sweep()["republished"] == 1
+    assert OutboxMessage.objects.get(task_id="lost-full").republished == 2
+    assert _queued_ids(redis_client) == ["lost-full"]
+
+
 def test_a_backlog_too_large_to_read_is_not_judged(redis_client, monkeypatch, settings):
     """Not even by the time rule: a long backlog would be republished again and again."""
     from jobs.runtime import ledger
