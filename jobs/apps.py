@@ -9,3 +9,6 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         from jobs import checks  # noqa: F401 - registers the system checks
         from jobs.runtime import handlers  # noqa: F401 - connects the Celery signal handlers
+        from jobs.runtime.broker import reuse_redis_clients
+
+        reuse_redis_clients()

@@ -1,0 +1,50 @@
+"""The broker connection as every process of the site uses it.
+
+kombu's Redis channel builds a new `redis.Redis` object for every command it sends outside the
+consumer's loop (`Channel.conn_or_acquire`): each publish (the queue's binding lookup, the LPUSH,
+a task event's PUBLISH) and each delivery's and acknowledgement's bookkeeping. With redis-py 5
+and later, that constructor copies its table of 170 response callbacks into a case-insensitive
+dict: about 0.2 ms of CPU, several times per task, paid by the worker's main process (which does
+every broker round trip for its pool) and by beat in a burst of sends. `reuse_redis_clients`
+makes each channel build that object once per connection pool and reuse it: a `redis.Redis`
+holding a `ConnectionPool` is safe to share between threads (each command takes a connection
+from the pool), and the pool itself, kombu's own, is unchanged; a channel that reconnects gets a
+new pool and with it a new client. The consumer's asynchronous client is left as kombu makes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+_installed = False
+_lock = threading.Lock()
+
+
+def reuse_redis_clients() -> None:
+    """Installs the per-channel client cache into kombu's Redis transport (once per process)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        try:
+            from kombu.transport import redis as kombu_redis
+        except ImportError:  # redis-py absent: a site on RabbitMQ only
+            return
+
+        channel: Any = kombu_redis.Channel  # _create_client is private: not in kombu's stubs
+        build = channel._create_client
+
+        def _create_client(self: Any, asynchronous: bool = False) -> Any:
+            if asynchronous:
+                return build(self, asynchronous=True)
+            pool = self.pool
+            cached = self.__dict__.get("_jobs_client")
+            if cached is None or cached.connection_pool is not pool:
+                cached = build(self)
+                self.__dict__["_jobs_client"] = cached
+            return cached
+
+        _create_client.__wrapped__ = build  # type: ignore[attr-defined]  # for a reader (and the test)
+        channel._create_client = _create_client
+        _installed = True
