@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     # The start lease (jobs.runtime.store): a run holds its job for this many seconds, renewed
     # every quarter of it; a lease not renewed for twice this long is a crash, and the job runs again.
     "LEASE_SECONDS": 20.0,
+    # A run's start and finish commit without waiting for the WAL flush on PostgreSQL
+    # (`synchronous_commit = off` for those two statements only): only a crash of the database
+    # server can lose one, and the job then runs again. False: every transition waits for the flush.
+    "LEASE_ASYNC_COMMIT": True,
     # Retries and countdowns at most this long wait in the broker (Celery's ETA, held by a worker);
     # longer ones wait in the job table and are published when due, checked every POLL seconds.
     "HOLD_IN_BROKER_MAX": 5.0,

@@ -310,3 +310,43 @@ def test_the_sweeper_leaves_a_lapsed_lease_a_live_worker_says_it_runs(redis_clie
     worker_reserved_publish("w0", ["job-1"])
     assert ledger_reclaim() == 0
     assert _row().state == State.EXECUTING
+
+
+def _synchronous_commit() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return str(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_and_a_finish_in_autocommit_skip_the_wal_flush_and_nothing_else_does(settings):
+    """Only these two statements' own transactions commit asynchronously: a setting that leaked
+    into the session would make the next enqueue's INSERT losable by a database crash."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the suite runs on SQLite here: synchronous_commit is PostgreSQL's")
+    prefix, item = store._async_commit()
+    with connection.cursor() as cursor:
+        cursor.execute(f"{prefix}SELECT current_setting('synchronous_commit') FROM {item}")  # noqa: S608
+        assert cursor.fetchone()[0] == "off"  # inside the statement's own transaction
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert isinstance(run, Run)
+    assert _synchronous_commit() == "on"
+    assert store.job_finish("job-1", owner=run.owner)
+    assert not OutboxMessage.objects.exists()
+    assert _synchronous_commit() == "on"
+
+    settings.JOBS_LEASE_ASYNC_COMMIT = False
+    assert store._async_commit() == ("", "")
+
+
+def test_inside_a_transaction_the_start_and_finish_stay_durable():
+    """The caller's transaction (a test's, an eager task inside a request) keeps its other writes
+    durable: no statement of the store switches the flush off for it."""
+    assert store._async_commit() == ("", "")
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert isinstance(run, Run)
+    assert store.job_finish("job-1", owner=run.owner)
+    if connection.vendor == "postgresql":
+        assert _synchronous_commit() == "on"
