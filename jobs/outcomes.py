@@ -55,12 +55,24 @@ class Job:
     queue: str = ""
     request_id: str = ""
     dead_letter_id: int | str | None = None
+    #: The run that held the job when it was lost (`on_lost`): the token its body got from
+    #: `JobTask.run_token()`, so the app releases what that run claimed and nothing of another
+    #: run of the same job. Empty where no run is known.
+    run: str = ""
 
     def argument(self, position: int, name: str) -> Any:
         """The argument at `position`, or passed by `name`; None when there is none."""
         if len(self.args) > position:
             return self.args[position]
         return self.kwargs.get(name)
+
+
+def run_token(task_id: str, hostname: str, pid: int) -> str:
+    """Names one run of a job: the job, the process that runs it, its worker (at most 64
+    characters: the job and the process always fit). Two runs of one job in two processes (a run
+    reclaimed from a host cut off, not dead) never share it; the worker's main process computes
+    the same token for the pool process it lost."""
+    return f"{task_id}:{pid}:{hostname}"[:64]
 
 
 def job_gave_up(

@@ -123,8 +123,8 @@ class EmailTask(JobTask):
 
     def on_lost(self, job: Job) -> None:
         email_id = job.argument(0, "email_id")
-        if is_row_id(email_id):
-            email_release(email_id=email_id, attempt=job.task_id)
+        if is_row_id(email_id) and job.run:
+            email_release(email_id=email_id, attempt=job.run)
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         email_id = job.argument(0, "email_id")
@@ -140,7 +140,7 @@ def send_email(self: EmailTask, email_id: int) -> str:
     if not is_row_id(email_id):
         raise InvalidTaskArguments(f"email_id must be a positive integer, not {email_id!r}")
     try:
-        return email_send(email=email_id, attempt=self.request.id or "").status
+        return email_send(email=email_id, attempt=self.run_token()).status
     except Email.DoesNotExist:  # never existed, or deleted after it was queued: nothing a retry could fix
         raise InvalidTaskArguments(f"email {email_id} does not exist") from None
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import smtplib
 import socket
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ from jobs import crashloop
 from jobs.conf import jobs_settings
 from jobs.exceptions import PermanentError, RetryLater, TransientError, UserError
 from jobs.models import DeadLetter
-from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input
+from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input, run_token
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
 from jobs.runtime.store import Run, Skip, job_retry, job_start_waiting
@@ -183,7 +184,14 @@ class JobTask(MeteredTask):
         """Hook: the pool process running this job died or was stopped (a crash, the OOM killer,
         Celery cancelling it when the broker connection dropped). The job will run again; release
         here what its attempt held (a claim with a lease), so the next attempt need not wait for
-        the lease. Called in the worker's main process; must be idempotent and quick."""
+        the lease: what was claimed under `job.run` (see `run_token`), never by the task id alone,
+        which another run of the same job shares. Called in the worker's main process; must be
+        idempotent and quick."""
+
+    def run_token(self) -> str:
+        """Names this run of the job (in the body): claim the app's rows under it, and `on_lost`
+        receives the same token as `job.run` when this run's process is lost."""
+        return run_token(str(self.request.id or ""), str(self.request.hostname or ""), os.getpid())
 
     def on_give_up(self, job: Job, *, reason: str, error: str) -> None:
         """Hook for the app that owns the job: it was given up for good (its dead letter is

@@ -116,9 +116,10 @@ class JobRequest(Request):
 
     def _job(self) -> Job:
         """What the give-up hook is told about this job."""
-        from jobs.outcomes import Job
+        from jobs.outcomes import Job, run_token
 
         headers = self._request_dict or {}
+        pid = getattr(self, "worker_pid", None)
         return Job(
             task_name=self.name,
             task_id=self.id,
@@ -128,6 +129,7 @@ class JobRequest(Request):
             queue=str((self.delivery_info or {}).get("routing_key") or ""),
             request_id=str(headers.get("request_id") or ""),
             dead_letter_id=headers.get("dead_letter_id"),
+            run=run_token(self.id, str(self.hostname or ""), int(pid)) if pid else "",
         )
 
     def _announce_cancelled(self, emit_retry: bool = True) -> None:

@@ -434,3 +434,48 @@ def test_a_claim_ages_on_the_databases_clock_not_the_workers(settings, smtp_sett
     with pytest.raises(HandOffInProgress):
         email_send(email=email, attempt="task-mine")
     assert smtp_settings.messages == []
+
+
+def test_a_lost_run_releases_its_own_claim_and_never_another_runs_of_the_same_job(queued):
+    """Two runs of one job can both be alive (a run reclaimed from a host cut off, not dead): the
+    worker that lost its process releases what that process's run claimed, not the live one's
+    (the claim used to be the task id, which both runs share)."""
+    from jobs.outcomes import Job, run_token
+
+    email = queued()
+    live = run_token("task-1", "celery@host-b", 200)
+    Email.objects.filter(pk=email.pk).update(
+        status=Email.Status.SENDING, handed_off_at=timezone.now(), attempts=1, claimed_by=live
+    )
+    task = send_email
+    lost = Job(task_name=task.name, task_id="task-1", args=(email.pk,), run=run_token("task-1", "celery@host-a", 100))
+    task.on_lost(lost)
+    email.refresh_from_db()
+    assert (email.status, email.claimed_by) == (Email.Status.SENDING, live)  # the live run keeps it
+    task.on_lost(Job(task_name=task.name, task_id="task-1", args=(email.pk,)))  # no run known: nothing
+    assert Email.objects.get(pk=email.pk).status == Email.Status.SENDING
+
+    task.on_lost(Job(task_name=task.name, task_id="task-1", args=(email.pk,), run=live))
+    email.refresh_from_db()
+    assert (email.status, email.claimed_by) == (Email.Status.QUEUED, "")
+
+
+def test_the_body_claims_under_the_token_the_worker_computes_for_its_process(smtp_settings, queued, monkeypatch):
+    import os
+
+    from jobs.outcomes import run_token
+
+    email = queued()
+    seen = []
+    real = email_send
+
+    def spy(*, email, attempt):
+        seen.append(attempt)
+        return real(email=email, attempt=attempt)
+
+    monkeypatch.setattr("mailer.tasks.email_send", spy)
+    send_email.apply(args=[email.pk], task_id="task-9")
+    # Celery's request.hostname: the worker's name in a worker (JobRequest.hostname in its main
+    # process), this host's name for apply().
+    assert seen == [run_token("task-9", socket.gethostname(), os.getpid())]
+    assert len(run_token("t" * 36, "h" * 200, 4194304)) == 64
