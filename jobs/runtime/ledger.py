@@ -12,9 +12,11 @@ again, with the same task id:
   live worker's reserved set (`worker_reserved_publish`, refreshed every few seconds by each
   worker). A job published more than `JOBS_LEDGER_LOST_AFTER` seconds ago and found in none of
   them on two sweeps at least `JOBS_LEDGER_MISSING_GRACE` seconds apart is republished.
-- On other brokers (RabbitMQ keeps durable queues and cannot be read without consuming), a job
-  absent from every worker's reserved set is republished once it was published more than
-  `CELERY_VISIBILITY_TIMEOUT` plus a minute ago.
+- On other brokers (RabbitMQ keeps durable queues and cannot be read without consuming), only
+  queues with no message ready are judged: a job of such a queue that no live worker holds, seen
+  so on two sweeps at least `JOBS_LEDGER_MISSING_GRACE` (and two of the workers' refreshes)
+  apart, is republished. A deleted vhost or a node that lost its disk costs about a minute, not
+  the visibility timeout; a queue with a backlog is judged once it is drained.
 
 Cost per job: the INSERT in the caller's transaction, one UPDATE when published, one DELETE at
 the end. A sweep reads the broker only when some row is old enough to be a candidate.
@@ -312,35 +314,33 @@ def ledger_sweep(*, limit: int = 1000, reclaim: bool = True) -> dict[str, int]:
     candidates = [row for row in candidates if _queue_of(row[2], row[3]) not in view.unjudged]
     in_workers = workers_reserved_ids()
     if view.ids is None:
-        # Queues that cannot be read: a job is gone only when it is older than anything the broker
-        # may legitimately hold, no worker holds it, and its queue has no message waiting at all.
-        cutoff = now - timedelta(seconds=jobs_settings.visibility_timeout + 60)
+        # Queues that cannot be read (RabbitMQ): a queue with messages ready may hold any of its
+        # jobs and is not judged; in an empty one, a job no live worker holds (running,
+        # prefetched, waiting for its ETA) is nowhere. A message on its way to a worker that has
+        # not said so yet is covered by the two looks, at least two of the workers' refreshes
+        # apart. A message wrongly judged lost (held by a connection RabbitMQ has not yet found
+        # dead) costs a copy, which the start lease skips.
         depths = view.depths or {}
-        gone = [
-            pk
-            for pk, task_id, name, options, _missing, published in candidates
-            if published is not None
-            and published < cutoff
-            and task_id not in in_workers
-            and depths.get(_queue_of(name, options), 1) == 0
-        ]
-        judged = {"published_at__lt": cutoff}
+        empty = [row for row in candidates if depths.get(_queue_of(row[2], row[3]), 1) == 0]
+        held = in_workers
+        grace = max(grace, timedelta(seconds=2 * jobs_settings.LIVENESS_INTERVAL))
     else:
         # A message in the `unacked` hash alone is no sign of life: its worker may be dead (SIGKILL
         # between delivery and start), and Redis keeps it there for the visibility timeout. Only
         # the queues and what live workers say they hold count; a copy sent by mistake is skipped
         # by the start lease.
-        held = view.queued | in_workers
-        present = [pk for pk, task_id, _n, _o, missing, _p in candidates if task_id in held and missing is not None]
-        absent = [(pk, missing) for pk, task_id, _n, _o, missing, _p in candidates if task_id not in held]
-        first_seen = [pk for pk, missing in absent if missing is None]
-        gone = [pk for pk, missing in absent if missing is not None and missing <= now - grace]
-        judged = {"missing_since__lte": now - grace}
-        if present:
-            store.jobs_seen(present)
-        if first_seen:
-            store.jobs_missing(first_seen, since=now)
-        result["missing"] = len(first_seen)
+        empty = candidates
+        held = (view.queued or set()) | in_workers
+    present = [pk for pk, task_id, _n, _o, missing, _p in empty if task_id in held and missing is not None]
+    absent = [(pk, missing) for pk, task_id, _n, _o, missing, _p in empty if task_id not in held]
+    first_seen = [pk for pk, missing in absent if missing is None]
+    gone = [pk for pk, missing in absent if missing is not None and missing <= now - grace]
+    judged = {"missing_since__lte": now - grace}
+    if present:
+        store.jobs_seen(present)
+    if first_seen:
+        store.jobs_missing(first_seen, since=now)
+    result["missing"] = len(first_seen)
     if gone:
         result["republished"] = _republish(gone, judged)
     return result

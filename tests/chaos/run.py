@@ -12,7 +12,9 @@ a backlog. As the jobs get done it injects its faults, spread over the run:
 
 - SIGKILL of a pool process running a job (`--kills` in all, whole workers included);
 - SIGKILL of a whole worker (its process group: the main process and its pool), then a new one;
-- the broker Redis stopped and started again, empty, on the same port (once);
+- the broker Redis stopped and started again, empty, on the same port (once); with
+  `--broker rabbitmq` (a vhost of its own on the local node, the site's Redis still a private
+  one) the vhost deleted and made again, which drops every message and closes every connection;
 - the database refusing every connection for `--refuse-seconds` (once): `ALTER DATABASE ...
   ALLOW_CONNECTIONS false` and `pg_terminate_backend` of its sessions, then back.
 
@@ -218,6 +220,69 @@ class RedisServer:
                 if attempt == 19:
                     raise
                 time.sleep(0.2)
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------------
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class RabbitVhost:
+    """A virtual host of its own on the machine's RabbitMQ node (`--broker rabbitmq`): the node is
+    shared, so the run never restarts it; "restarted empty" deletes the vhost (every queue and
+    message in it, every connection to it closed) and makes it again."""
+
+    def __init__(self, base_url: str = RABBITMQ_URL) -> None:
+        self.name = f"jobs-chaos-{uuid.uuid4().hex[:8]}"
+        self.base_url = base_url.rstrip("/") + "/"
+        self.made = False
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.name
+
+    def _ctl(self, *args: str) -> None:
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {(done.stderr or done.stdout).strip()[:300]}")
+
+    def start(self) -> RabbitVhost:
+        self._ctl("add_vhost", self.name)
+        self.made = True
+        self._ctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+        return self
+
+    def stop(self) -> None:
+        if self.made:
+            self._ctl("delete_vhost", self.name)
+            self.made = False
+
+    def restart_empty(self) -> None:
+        self.stop()
+        self.start()
+
+    def queued(self) -> int:
+        """Messages ready in the run's queues (a passive declare per queue)."""
+        from kombu import Connection
+
+        total = 0
+        with contextlib.suppress(Exception), Connection(self.url, connect_timeout=2) as conn:
+            for queue in QUEUES:
+                channel = conn.channel()
+                with contextlib.suppress(Exception):
+                    total += int(channel.queue_declare(queue, passive=True)[1])
+        return total
+
+
+def rabbitmq_answers(url: str = RABBITMQ_URL) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0)
+    except Exception:  # noqa: BLE001 - any reason: it does not answer
+        return False
+    return shutil.which("rabbitmqctl") is not None
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -427,6 +492,7 @@ class Outcome:
     broker_restart_at: float | None = None
     refusal: tuple[float, float, int] | None = None
     not_accepted: int = 0
+    broker: str = "redis"
 
     @property
     def ok(self) -> bool:
@@ -455,6 +521,7 @@ class Outcome:
             "seconds": round(self.seconds, 1),
             "peak_backlog": self.peak_backlog,
             "not_accepted": self.not_accepted,
+            "broker": self.broker,
             "ok": self.ok,
         }
 
@@ -468,7 +535,8 @@ class ChaosRun:
         self.rng = random.Random(options.seed)  # noqa: S311 - chaos, not cryptography
         self.dir = Path(tempfile.mkdtemp(prefix="chaos-", dir=options.log_dir))
         self.database: Database | None = None
-        self.broker: RedisServer | None = None
+        self.broker: RedisServer | None = None  # the broker on Redis; the site's Redis on RabbitMQ
+        self.rabbit: RabbitVhost | None = None
         self.recorder_server: RedisServer | None = None
         self.workers: list[Worker] = []
         self.workers_lock = threading.Lock()
@@ -502,7 +570,7 @@ class ChaosRun:
             "DJANGO_SETTINGS_MODULE": SETTINGS,
             "DATABASE_URL": self.database.url,
             "REDIS_URL": self.broker.url,
-            "CELERY_BROKER_URL": self.broker.url,
+            "CELERY_BROKER_URL": self.rabbit.url if self.rabbit else self.broker.url,
             keys.RECORD_URL: self.recorder_server.url,
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
@@ -521,7 +589,10 @@ class ChaosRun:
         say(f"chaos: logs in {self.dir}")
         self.database = Database(postgres_admin_url()).create()
         say(f"chaos: database {self.database.name}")
-        self.broker = RedisServer("broker", self.dir).start()
+        self.broker = RedisServer("broker" if self.options.broker == "redis" else "site", self.dir).start()
+        if self.options.broker == "rabbitmq":
+            self.rabbit = RabbitVhost().start()
+            say(f"chaos: broker RabbitMQ, vhost {self.rabbit.name}")
         self.recorder_server = RedisServer("recorder", self.dir).start()
         self.recorder = self.recorder_server.client(timeout=10)
         env = self.env()
@@ -581,7 +652,7 @@ class ChaosRun:
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 worker.stop()
-        for server in (self.broker, self.recorder_server):
+        for server in (self.broker, self.recorder_server, self.rabbit):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()
@@ -752,7 +823,7 @@ class ChaosRun:
         assert self.broker is not None
         queued = self.queued()
         started = time.time()
-        self.broker.restart_empty()
+        (self.rabbit or self.broker).restart_empty()
         self.broker_restart_at = started
         self.last_fault = time.time()
         say(
@@ -771,6 +842,8 @@ class ChaosRun:
 
     def queued(self) -> int:
         assert self.broker is not None
+        if self.rabbit is not None:
+            return self.rabbit.queued()
         client = self.broker.client(timeout=2)
         total = 0
         with contextlib.suppress(redis.RedisError):
@@ -870,7 +943,7 @@ class ChaosRun:
 
         connection.close()  # whatever the refusal left of it
 
-        outcome = Outcome(seconds=seconds, peak_backlog=self.peak_backlog)
+        outcome = Outcome(seconds=seconds, peak_backlog=self.peak_backlog, broker=self.options.broker)
         outcome.broker_restart_at = self.broker_restart_at
         outcome.refusal = self.refusal
         done = {member.decode() for member in self.recorder.smembers(keys.DONE_KEY)}
@@ -1030,7 +1103,8 @@ class ChaosRun:
         lines = [
             "",
             f"Kill-chaos run: {outcome.jobs} jobs, {self.options.workers} workers x {self.options.concurrency} "
-            f"pool processes, lease {self.options.lease:g} s, visibility timeout 3600 s, seed {self.options.seed}",
+            f"pool processes, broker {'RabbitMQ' if self.rabbit else 'Redis'}, lease {self.options.lease:g} s, "
+            f"visibility timeout 3600 s, seed {self.options.seed}",
             f"code: {self.code}",
             "",
             "| jobs | kills | lost | started twice without a kill | re-runs per kill | slowest reclaim |",
@@ -1049,7 +1123,12 @@ class ChaosRun:
                 "process ran and any whose end that process had not written yet"
             )
         if outcome.broker_restart_at is not None:
-            lines.append(f"- broker Redis restarted empty once, at +{outcome.broker_restart_at - self.t0:.1f} s")
+            what = (
+                "broker RabbitMQ's vhost deleted and made again (every message dropped, every connection closed)"
+                if self.rabbit
+                else "broker Redis restarted empty"
+            )
+            lines.append(f"- {what} once, at +{outcome.broker_restart_at - self.t0:.1f} s")
         if outcome.refusal is not None:
             start, end, cut = outcome.refusal
             lines.append(
@@ -1103,6 +1182,8 @@ class ChaosRun:
 
     def held_by_broker(self, task_id: str) -> list[str]:
         assert self.broker is not None
+        if self.rabbit is not None:
+            return ["(RabbitMQ: a queue cannot be read without taking its messages)"]
         client = self.broker.client(timeout=2)
         where = []
         with contextlib.suppress(redis.RedisError):
@@ -1123,6 +1204,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1500)
     parser.add_argument("--kills", type=int, default=8, help="SIGKILLs in all, whole workers included")
     parser.add_argument("--worker-kills", type=int, default=1, help="of those, whole workers (then replaced)")
+    parser.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default="redis",
+        help="the broker (RabbitMQ: a vhost of its own on the local node, 127.0.0.1:5672 guest/guest)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--lease", type=float, default=3.0, help="JOBS_LEASE_SECONDS")
@@ -1150,6 +1237,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     if not postgres_answers():
         say(f"chaos: no PostgreSQL answers at {postgres_admin_url()} (the run refuses its database: it needs one)")
+        return 2
+    if options.broker == "rabbitmq" and not rabbitmq_answers():
+        say(f"chaos: no RabbitMQ answers at {RABBITMQ_URL} or rabbitmqctl is missing (--broker rabbitmq needs both)")
         return 2
     chaos = ChaosRun(options)
     signal.signal(signal.SIGTERM, _terminate)

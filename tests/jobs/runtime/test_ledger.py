@@ -176,21 +176,32 @@ def test_young_jobs_are_not_judged(redis_client, settings):
     assert ledger_sweep() == {"reclaimed": 0, "candidates": 0, "missing": 0, "republished": 0}
 
 
-def test_without_a_readable_broker_only_empty_queues_and_the_visibility_timeout_count(
+def test_without_a_readable_broker_only_empty_queues_are_judged_and_no_visibility_timeout_waited(
     redis_client, settings, rabbitmq_broker
 ):
-    """RabbitMQ's queues cannot be read without consuming: a job is republished only once it is
-    older than anything the broker could legitimately still hold, no worker holds it, and its
-    queue has no message waiting (else a long backlog would be republished again and again)."""
-    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 100}
+    """RabbitMQ's queues cannot be read without consuming: a queue with a message ready is not
+    judged (else a long backlog would be republished again and again); in an empty one, a job no
+    live worker holds is lost once seen so twice, the grace apart. It used to wait for the
+    visibility timeout plus a minute, which RabbitMQ does not use: an hour as shipped (found by the
+    kill-chaos run on RabbitMQ, whose deleted vhost's jobs did not come back)."""
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "visibility_timeout": 3600}
+    settings.JOBS_LIVENESS_INTERVAL = 1
     _published("old-1", ago=200)
-    _published("recent-1", ago=120)
     _published("held-2", ago=200)
     worker_reserved_publish("worker-b@host", ["held-2"])
+    assert ledger_sweep() == {"reclaimed": 0, "candidates": 2, "missing": 1, "republished": 0}
+    _age_missing("old-1", seconds=5)  # JOBS_LEDGER_MISSING_GRACE is 10 s: not yet
+    assert ledger_sweep()["republished"] == 0
+    _age_missing("old-1")
     assert ledger_sweep()["republished"] == 1
     assert _queued_ids(redis_client) == ["old-1"]
-    OutboxMessage.objects.update(published_at=timezone.now() - timedelta(seconds=500))
-    assert ledger_sweep()["republished"] == 0  # `low` now holds a message: it may be any of them
+    assert OutboxMessage.objects.get(task_id="held-2").missing_since is None
+
+    _published("lost-3", ago=200, missing_since=timezone.now() - timedelta(hours=1))
+    assert ledger_sweep()["republished"] == 0  # `low` now holds a message: it may be this one
+    redis_client.delete("low")
+    assert ledger_sweep()["republished"] == 1  # lost-3 (old-1 was just published again: too young)
+    assert _queued_ids(redis_client) == ["lost-3"]
 
 
 def test_a_finished_job_is_forgotten():
