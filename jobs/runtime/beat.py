@@ -374,7 +374,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             self._stand_down(fenced)
         if not batch:
             return
-        published, _failed, unpublishable = publish_claimed(rows)
+        published, _failed, unpublishable = publish_claimed(rows, batch_events=True)
         sent_outside = sum(
             self._send_outside_ledger(entry, row, reason=outside[id(row)]) for entry, row in batch if id(row) in outside
         )

@@ -129,3 +129,41 @@ def test_a_long_countdown_waits_in_the_table_and_a_bad_one_is_refused(redis_clie
         with pytest.raises(error, match="countdown"):
             enqueue(ping, countdown=bad)
     assert OutboxMessage.objects.count() == 1
+
+
+@pytest.fixture
+def sent_events():
+    from celery import current_app
+
+    before = current_app.conf.task_send_sent_event
+    current_app.conf.task_send_sent_event = True
+    yield
+    current_app.conf.task_send_sent_event = before
+
+
+def test_a_batch_sends_its_task_sent_events_together_and_its_messages_one_each(redis_client, sent_events):
+    """Beat's burst: one `task.multi` message for the batch's task-sent events, read by a real
+    subscriber, where Celery sends one message per event."""
+    import base64
+
+    from jobs.runtime.outbox import ledger_claim, publish_claimed
+
+    for n in range(3):
+        OutboxMessage.objects.create(task_name="jobs.ping", task_id=f"beat-{n}", options={"queue": "low"})
+    _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=10)
+    subscriber = redis_client.pubsub()
+    subscriber.psubscribe("*celeryev*")
+    subscriber.get_message(timeout=1)  # the subscription's confirmation
+    assert publish_claimed(rows, batch_events=True) == (3, 0, 0)
+    queued = [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange("low", 0, -1)]
+    assert queued == ["beat-2", "beat-1", "beat-0"]
+
+    received = []
+    while (message := subscriber.get_message(timeout=1)) is not None:
+        received.append(message)
+    subscriber.close()
+    assert len(received) == 1, received
+    envelope = json.loads(received[0]["data"])
+    assert received[0]["channel"].endswith(b"task.multi"), (received[0]["channel"], envelope.keys())
+    events = json.loads(base64.b64decode(envelope["body"]))
+    assert [(e["type"], e["uuid"]) for e in events] == [("task-sent", f"beat-{n}") for n in range(3)]
