@@ -14,6 +14,7 @@ cannot run, a revoke, a message the broker cannot take), `job_gave_up()`:
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,11 +69,14 @@ class Job:
 
 
 def run_token(task_id: str, hostname: str, pid: int) -> str:
-    """Names one run of a job: the job, the process that runs it, its worker (at most 64
-    characters: the job and the process always fit). Two runs of one job in two processes (a run
-    reclaimed from a host cut off, not dead) never share it; the worker's main process computes
-    the same token for the pool process it lost."""
-    return f"{task_id}:{pid}:{hostname}"[:64]
+    """Names one run of a job: the job (its id, up to 40 characters) and a digest of the process
+    that runs it (its worker's name and its pid), 61 characters at most. Two runs of one job in
+    two processes (a run reclaimed from a host cut off, not dead) never share it, also where the
+    workers' names differ only at their end and their pids agree (replicas of one deployment, each
+    with Celery as PID 1); the worker's main process computes the same token for the pool process
+    it lost."""
+    process = hashlib.blake2b(f"{hostname}\x00{pid}".encode(), digest_size=10).hexdigest()
+    return f"{task_id[:40]}:{process}"
 
 
 def job_gave_up(

@@ -318,7 +318,8 @@ def email_send(*, email: Email | int, attempt: str = "") -> Email:
     A worker lost between 2 and 3 leaves the email in `sending`; after the lease (or at once, when
     the worker's main process saw its pool process die: `email_release`) it is sent again with the
     same Message-ID, as an SMTP client must do when the server's final reply never came.
-    `attempt` (the task id) names the claim's holder.
+    `attempt` (the run's token, `JobTask.run_token()`: the job and the process running it) names
+    the claim's holder.
 
     The common case, a queued email sent at its first attempt, costs one cache read and two
     statements: the claim (which returns the row) and the record (a mail queue drains hundreds

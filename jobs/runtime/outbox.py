@@ -272,6 +272,16 @@ def _tick_expired(message: OutboxMessage, now: datetime) -> bool:
     return deadline <= now
 
 
+def _sent_events(producer: Any) -> SentEvents | None:
+    """A collector on the producer's channel, or None (each event then goes out on its own, as
+    Celery sends it) when it cannot be made."""
+    try:
+        return SentEvents(producer)
+    except Exception as exc:  # noqa: BLE001 - the publishes below meet the same broker and say why
+        logger.info("outbox.sent_events_unbatched", extra={"error": _describe(exc)})
+        return None
+
+
 def publish_claimed(
     rows: list[OutboxMessage], *, republish: bool = False, batch_events: bool = False
 ) -> tuple[int, int, int]:
@@ -287,9 +297,15 @@ def publish_claimed(
         return 0, 0, 0
     published: list[int] = []
     failed = unpublishable = 0
+    batch_events = batch_events and bool(current_app.conf.task_send_sent_event)
+    events: SentEvents | None = None
     with current_app.producer_or_acquire() as producer:
-        events = SentEvents(producer) if batch_events and current_app.conf.task_send_sent_event else None
         for message in rows:
+            if batch_events and events is None and published:
+                # After a first publish went through (its event on its own, as Celery sends it):
+                # the channel is connected by then, and a broker that is down failed that publish
+                # inside its own error handling instead of here.
+                events = _sent_events(producer)
             try:
                 publish(message, producer=producer, event_dispatcher=events)
             except UNPUBLISHABLE_ERRORS as exc:

@@ -107,7 +107,12 @@ def _async_commit() -> tuple[str, str]:
     lost finish leaves it `executing` under a lease nobody renews, so the job runs again, once,
     after that crash. The producer's INSERT and every other transition stay synchronous: nothing
     accepted is ever lost this way. It saves one WAL flush (an fsync) per start and per finish."""
-    if connection.vendor != "postgresql" or connection.in_atomic_block or not jobs_settings.LEASE_ASYNC_COMMIT:
+    if (
+        connection.vendor != "postgresql"
+        or connection.in_atomic_block
+        or not connection.get_autocommit()
+        or not jobs_settings.LEASE_ASYNC_COMMIT
+    ):
         return "", ""
     return "WITH jobs_async AS (SELECT set_config('synchronous_commit', 'off', true)) ", "jobs_async"
 

@@ -478,4 +478,7 @@ def test_the_body_claims_under_the_token_the_worker_computes_for_its_process(smt
     # Celery's request.hostname: the worker's name in a worker (JobRequest.hostname in its main
     # process), this host's name for apply().
     assert seen == [run_token("task-9", socket.gethostname(), os.getpid())]
-    assert len(run_token("t" * 36, "h" * 200, 4194304)) == 64
+    assert len(run_token("t" * 64, "h" * 200, 4194304)) <= 64
+    # Replicas of one deployment: names that differ only at their end, Celery as PID 1 in each.
+    replica = "high@worker-high-7c9d8f6b5d-"
+    assert run_token("t" * 36, replica + "abcde", 8) != run_token("t" * 36, replica + "fghij", 8)
