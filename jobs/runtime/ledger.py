@@ -322,6 +322,10 @@ def ledger_sweep(*, limit: int = 1000, reclaim: bool = True) -> dict[str, int]:
         # dead) costs a copy, which the start lease skips.
         depths = view.depths or {}
         empty = [row for row in candidates if depths.get(_queue_of(row[2], row[3]), 1) == 0]
+        # A job of a queue with a backlog may be in it: a look that found it missing before
+        # no longer counts (two looks in a row, with its queue empty, judge it).
+        if unseen := [row[0] for row in candidates if row not in empty and row[4] is not None]:
+            store.jobs_seen(unseen)
         held = in_workers
         grace = max(grace, timedelta(seconds=2 * jobs_settings.LIVENESS_INTERVAL))
     else:

@@ -199,8 +199,11 @@ def test_without_a_readable_broker_only_empty_queues_are_judged_and_no_visibilit
 
     _published("lost-3", ago=200, missing_since=timezone.now() - timedelta(hours=1))
     assert ledger_sweep()["republished"] == 0  # `low` now holds a message: it may be this one
+    assert OutboxMessage.objects.get(task_id="lost-3").missing_since is None  # that look no longer counts
     redis_client.delete("low")
-    assert ledger_sweep()["republished"] == 1  # lost-3 (old-1 was just published again: too young)
+    assert ledger_sweep() == {"reclaimed": 0, "candidates": 2, "missing": 1, "republished": 0}  # old-1 too young
+    _age_missing("lost-3")
+    assert ledger_sweep()["republished"] == 1
     assert _queued_ids(redis_client) == ["lost-3"]
 
 
