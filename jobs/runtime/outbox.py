@@ -156,8 +156,13 @@ class SentEvents:
     def __init__(self, producer: Any) -> None:
         from celery import current_app
 
+        # Not buffered while offline: a flush the broker refuses raises (and is logged) instead
+        # of waiting in a buffer this short-lived dispatcher never flushes again.
         self.dispatcher = current_app.events.Dispatcher(
-            channel=producer.channel, buffer_group=["task"], buffer_limit=SENT_EVENTS_PER_MESSAGE
+            channel=producer.channel,
+            buffer_group=["task"],
+            buffer_limit=SENT_EVENTS_PER_MESSAGE,
+            buffer_while_offline=False,
         )
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any, **_options: Any) -> None:
@@ -301,7 +306,8 @@ def publish_claimed(
     events: SentEvents | None = None
     with current_app.producer_or_acquire() as producer:
         for message in rows:
-            if batch_events and events is None and published:
+            if batch_events and published:
+                batch_events = False  # one try
                 # After a first publish went through (its event on its own, as Celery sends it):
                 # the channel is connected by then, and a broker that is down failed that publish
                 # inside its own error handling instead of here.
