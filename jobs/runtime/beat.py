@@ -55,7 +55,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, transacti
 from django.db.models import F
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
-from django_celery_beat.schedulers import DatabaseScheduler
+from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 from jobs.conf import jobs_settings
 from jobs.heartbeat import heartbeat_write, liveness_touch
@@ -313,8 +313,21 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
     def reserve(self, entry: Any) -> Any:
         """The entry's next run, in memory only: `_send` writes it together with its message.
         (django-celery-beat notes it for `sync()`, which would save a run time whose message was
-        never written.)"""
-        return next(entry)
+        never written.) What django-celery-beat's `ModelEntry.__next__` does, but the next entry
+        is a copy with the new run, not one built again from the row: that parsed the arguments,
+        keyword arguments and headers from JSON again for every send (a tenth of beat's CPU in a
+        burst of thousands)."""
+        model = getattr(entry, "model", None)
+        if model is None or type(entry).__next__ is not ModelEntry.__next__:
+            return next(entry)
+        model.last_run_at = entry._default_now()
+        model.total_run_count += 1
+        model.no_changes = True
+        following = object.__new__(type(entry))  # (copy.copy goes through Celery's __reduce__)
+        following.__dict__.update(entry.__dict__)
+        following.last_run_at = model.last_run_at
+        following.total_run_count = model.total_run_count
+        return following
 
     def sync(self) -> None:
         """Nothing to save: every run time is written with its message, by `_send`."""

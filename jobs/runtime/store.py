@@ -26,6 +26,7 @@ takes a finished job for a crashed one.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import socket
@@ -409,8 +410,51 @@ def job_add(
 
 
 def jobs_add(rows: list[OutboxMessage]) -> list[OutboxMessage]:
-    """Accepted jobs built by the caller (beat's ticks, requeued dead letters), in one INSERT."""
-    return OutboxMessage.objects.bulk_create(rows) if rows else []
+    """Accepted jobs built by the caller (beat's ticks, requeued dead letters), in one INSERT.
+    On PostgreSQL one `INSERT ... SELECT FROM unnest(...)` of column arrays, the rows' ids set from
+    its RETURNING: Django's `bulk_create` compiles a placeholder and prepares a value per field
+    and row (65 us a row, most of the cost of recording a burst of 10 000 schedules)."""
+    if not rows:
+        return []
+    if connection.vendor != "postgresql":
+        return OutboxMessage.objects.bulk_create(rows)
+    fields = [field for field in OutboxMessage._meta.concrete_fields if not field.primary_key]
+    arrays: list[list[Any]] = []
+    for field in fields:
+        values = [getattr(row, field.attname) for row in rows]
+        if field.get_internal_type() == "JSONField":
+            values = [json.dumps(value) for value in values]  # as JSONField stores it (no encoder)
+        elif field.get_internal_type() == "DateTimeField":
+            values = [field.get_db_prep_save(value, connection) for value in values]
+        arrays.append(values)
+    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(str(field.column)) for field in fields)
+    arrays_sql = ", ".join(f"%s::{_array_type(field)}" for field in fields)
+    names = ", ".join(f"c{n}" for n in range(len(fields)))
+    selected = ", ".join(
+        f"c{n}::jsonb" if field.get_internal_type() == "JSONField" else f"c{n}" for n, field in enumerate(fields)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({columns}) SELECT {selected} FROM unnest({arrays_sql}) AS u({names}) "  # noqa: S608
+            "RETURNING id, task_id",
+            arrays,
+        )
+        ids = {task_id: pk for pk, task_id in cursor.fetchall()}
+    for row in rows:
+        row.pk = ids[row.task_id]
+        row._state.adding = False
+        row._state.db = connection.alias
+    return rows
+
+
+def _array_type(field: Any) -> str:
+    """The PostgreSQL array type of a column's values as `jobs_add` passes them (JSON as text,
+    cast to jsonb by the column)."""
+    kind = field.get_internal_type()
+    if kind == "JSONField":
+        return "text[]"
+    return f"{field.db_type(connection).split('(')[0]}[]"
 
 
 def job_published(pk: int) -> None:
