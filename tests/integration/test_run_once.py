@@ -74,6 +74,34 @@ def test_a_plain_task_killed_by_its_hard_limit_ends_and_never_starts_again(start
     assert _starts(redis_client, key) == 1
 
 
+def test_on_rabbitmq_a_plain_task_killed_by_its_hard_limit_ends_and_never_starts_again(
+    start_worker, redis_client, rabbitmq_vhost
+):
+    """The same on RabbitMQ, where the hard limit's ack and the sweeper's rule (only empty queues
+    judged) differ from Redis's: the job is published by the worker's relay (the test process
+    publishes to its own Redis only)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    key = f"k-{uuid.uuid4().hex}"
+    env = {**FAST, "CELERY_BROKER_URL": rabbitmq_vhost, "JOBS_REDIS_URL": os.environ["REDIS_URL"]}
+    task_id = f"rabbit-limit-{uuid.uuid4().hex[:6]}"
+    OutboxMessage.objects.create(
+        task_name=tasks.plain_swallows_soft_limit.name,
+        task_id=task_id,
+        args=[key],
+        options={"queue": "normal", "headers": {"jobs_ledger": 1}},
+        created_at=timezone.now() - timedelta(minutes=5),
+        attempts=1,
+    )
+    start_worker(concurrency=1, extra_env=env)
+    wait_for(lambda: _starts(redis_client, key) == 1)
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists(), timeout=20)
+    time.sleep(5)  # several sweeps
+    assert _starts(redis_client, key) == 1
+
+
 def _kill_tree(process) -> None:
     """SIGKILL a worker and its pool processes at once: an OOM kill of the container, a lost node."""
     parent = psutil.Process(process.pid)
