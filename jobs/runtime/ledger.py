@@ -321,10 +321,15 @@ def ledger_sweep(*, limit: int = 1000, reclaim: bool = True) -> dict[str, int]:
         # apart. A message wrongly judged lost (held by a connection RabbitMQ has not yet found
         # dead) costs a copy, which the start lease skips.
         depths = view.depths or {}
-        empty = [row for row in candidates if depths.get(_queue_of(row[2], row[3]), 1) == 0]
-        # A job of a queue with a backlog may be in it: a look that found it missing before
-        # no longer counts (two looks in a row, with its queue empty, judge it).
-        if unseen := [row[0] for row in candidates if row not in empty and row[4] is not None]:
+        empty, unseen = [], []
+        for row in candidates:
+            if depths.get(_queue_of(row[2], row[3]), 1) == 0:
+                empty.append(row)
+            elif row[4] is not None:
+                # A job of a queue with a backlog may be in it: a look that found it missing
+                # before no longer counts (two looks in a row, with its queue empty, judge it).
+                unseen.append(row[0])
+        if unseen:
             store.jobs_seen(unseen)
         held = in_workers
         grace = max(grace, timedelta(seconds=2 * jobs_settings.LIVENESS_INTERVAL))
