@@ -56,6 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psutil
 import redis
 
+from devtools.localrabbitmq import RABBITMQ_URL, RabbitVhost, rabbitmq_answers
 from devtools.localredis import free_port, redis_server_binary
 from tests.chaos import keys
 
@@ -223,67 +224,6 @@ class RedisServer:
 
 
 # --- RabbitMQ ---------------------------------------------------------------------------------
-
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-class RabbitVhost:
-    """A virtual host of its own on the machine's RabbitMQ node (`--broker rabbitmq`): the node is
-    shared, so the run never restarts it; "restarted empty" deletes the vhost (every queue and
-    message in it, every connection to it closed) and makes it again."""
-
-    def __init__(self, base_url: str = RABBITMQ_URL) -> None:
-        self.name = f"jobs-chaos-{uuid.uuid4().hex[:8]}"
-        self.base_url = base_url.rstrip("/") + "/"
-        self.made = False
-
-    @property
-    def url(self) -> str:
-        return self.base_url + self.name
-
-    def _ctl(self, *args: str) -> None:
-        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {(done.stderr or done.stdout).strip()[:300]}")
-
-    def start(self) -> RabbitVhost:
-        self._ctl("add_vhost", self.name)
-        self.made = True
-        self._ctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
-        return self
-
-    def stop(self) -> None:
-        if self.made:
-            self._ctl("delete_vhost", self.name)
-            self.made = False
-
-    def restart_empty(self) -> None:
-        self.stop()
-        self.start()
-
-    def queued(self) -> int:
-        """Messages ready in the run's queues (a passive declare per queue)."""
-        from kombu import Connection
-
-        total = 0
-        with contextlib.suppress(Exception), Connection(self.url, connect_timeout=2) as conn:
-            for queue in QUEUES:
-                channel = conn.channel()
-                with contextlib.suppress(Exception):
-                    total += int(channel.queue_declare(queue, passive=True)[1])
-        return total
-
-
-def rabbitmq_answers(url: str = RABBITMQ_URL) -> bool:
-    from kombu import Connection
-
-    try:
-        with Connection(url, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=0)
-    except Exception:  # noqa: BLE001 - any reason: it does not answer
-        return False
-    return shutil.which("rabbitmqctl") is not None
-
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 
@@ -591,7 +531,7 @@ class ChaosRun:
         say(f"chaos: database {self.database.name}")
         self.broker = RedisServer("broker" if self.options.broker == "redis" else "site", self.dir).start()
         if self.options.broker == "rabbitmq":
-            self.rabbit = RabbitVhost().start()
+            self.rabbit = RabbitVhost("jobs-chaos").start()
             say(f"chaos: broker RabbitMQ, vhost {self.rabbit.name}")
         self.recorder_server = RedisServer("recorder", self.dir).start()
         self.recorder = self.recorder_server.client(timeout=10)
@@ -843,7 +783,7 @@ class ChaosRun:
     def queued(self) -> int:
         assert self.broker is not None
         if self.rabbit is not None:
-            return self.rabbit.queued()
+            return self.rabbit.queued(QUEUES)
         client = self.broker.client(timeout=2)
         total = 0
         with contextlib.suppress(redis.RedisError):

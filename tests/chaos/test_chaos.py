@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from config.env import BASE_DIR
-from tests.chaos.run import RABBITMQ_URL, postgres_admin_url, postgres_answers, rabbitmq_answers
+from devtools.localrabbitmq import RABBITMQ_URL, rabbitmq_answers
+from tests.chaos.run import postgres_admin_url, postgres_answers
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

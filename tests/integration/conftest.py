@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from django.db import connection
 from kombu import Connection
 
 from config.env import BASE_DIR
+from devtools.localrabbitmq import RabbitVhost
 
 
 def database_url() -> str:
@@ -206,18 +208,14 @@ def rabbitmq_vhost():
             conn.ensure_connection(max_retries=0)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"no RabbitMQ answers on 127.0.0.1:5672 ({type(exc).__name__})")
-    vhost = f"jobs-test-{uuid.uuid4().hex[:8]}"
-    created = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True, timeout=60)
-    if created.returncode != 0:
-        pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
-    subprocess.run(
-        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    yield RABBIT + vhost
-    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
+    vhost = RabbitVhost("jobs-test", RABBIT)
+    try:
+        vhost.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot create a RabbitMQ vhost: {exc}"[:240])
+    yield vhost.url
+    with contextlib.suppress(RuntimeError, OSError, subprocess.SubprocessError):
+        vhost.stop()
 
 
 # --- a real browser -------------------------------------------------------------------------
