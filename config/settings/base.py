@@ -339,6 +339,9 @@ JOBS_LEDGER_REPUBLISH_LIMIT = env.int("JOBS_LEDGER_REPUBLISH_LIMIT", default=5)
 # for twice this long is a crash and the job runs again. Waits (retries, countdowns) longer than
 # HOLD_IN_BROKER_MAX seconds are kept in the job table and published when due (polled this often).
 JOBS_LEASE_SECONDS = env.float("JOBS_LEASE_SECONDS", default=20.0)
+# A run's start and finish commit without waiting for PostgreSQL's WAL flush (only a database crash
+# can lose one; the job then runs again): False makes them wait like every other write.
+JOBS_LEASE_ASYNC_COMMIT = env.bool("JOBS_LEASE_ASYNC_COMMIT", default=True)
 JOBS_HOLD_IN_BROKER_MAX = env.float("JOBS_HOLD_IN_BROKER_MAX", default=5.0)
 JOBS_SCHEDULE_POLL_INTERVAL = env.float("JOBS_SCHEDULE_POLL_INTERVAL", default=1.0)
 # Task history (jobs/runtime/results.py): a pool process writes its tasks' results this often, in one
