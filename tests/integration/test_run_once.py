@@ -235,7 +235,7 @@ def test_a_job_that_rejects_its_message_ends_as_a_dead_letter(start_worker, redi
     assert _starts(redis_client, key) == 1
 
 
-def test_on_rabbitmq_a_batch_reaches_a_queue_no_worker_declared_yet(redis_client, rabbitmq_vhost):
+def test_on_rabbitmq_a_batch_reaches_a_queue_no_worker_declared_yet(redis_client, rabbitmq_vhost, monkeypatch):
     """A batch of publishes (beat's burst, the relay), its task-sent events collected, on a fresh
     vhost where the queue does not exist yet: every message arrives (a publish that skipped the
     queue's declaration would be dropped by RabbitMQ as unroutable)."""
@@ -247,15 +247,18 @@ def test_on_rabbitmq_a_batch_reaches_a_queue_no_worker_declared_yet(redis_client
     for n in range(5):
         OutboxMessage.objects.create(task_name="jobs.ping", task_id=f"declared-{n}", options={"queue": "low"})
     _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=10)
-    urls = current_app.conf.broker_url, current_app.conf.broker_write_url
-    current_app.conf.broker_url = current_app.conf.broker_write_url = rabbitmq_vhost
+    # Celery reads the environment before its configuration (and the suite's Redis is set in the
+    # configuration): the app publishes to the vhost until monkeypatch takes the variable back.
+    # (Setting conf.broker_write_url instead outlived the test and sent a later test's /readyz
+    # to the suite's Redis.)
     reset_broker_pools()
+    monkeypatch.setenv("CELERY_BROKER_WRITE_URL", rabbitmq_vhost)
     try:
         with current_app.connection_for_write() as connection:
             assert connection.transport_cls == "amqp", connection.as_uri()
         assert publish_claimed(rows, batch_events=True) == (5, 0, 0)
     finally:
-        current_app.conf.broker_url, current_app.conf.broker_write_url = urls
+        monkeypatch.undo()
         reset_broker_pools()
     with Connection(rabbitmq_vhost, connect_timeout=5) as conn:
         assert conn.default_channel.queue_declare("low", passive=True).message_count == 5
