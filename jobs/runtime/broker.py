@@ -15,6 +15,8 @@ new pool and with it a new client. The consumer's asynchronous client is left as
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _installed = False
@@ -48,3 +50,40 @@ def reuse_redis_clients() -> None:
         _create_client.__wrapped__ = build  # type: ignore[attr-defined]  # for a reader (and the test)
         channel._create_client = _create_client
         _installed = True
+
+
+#: Below this many messages a batch is not worth a connection of its own.
+PIPELINE_MIN_MESSAGES = 8
+
+
+@contextmanager
+def producer_for(app: Any, count: int) -> Iterator[tuple[Any, Any]]:
+    """A producer for `count` publishes of ledger jobs, and the kombu publish batch they go into
+    (None: each publish is sent at once, as Celery sends it).
+
+    kombu pipelines a Redis producer's publishes inside `Producer.batch()` (one round trip for
+    the lot, where each LPUSH otherwise waits for its own answer), but only on a connection
+    whose client never retries a command: a pipeline retried after a timeout may have run
+    already, and its messages would go out twice. The site's broker options retry on timeout
+    (`retry_on_timeout`), so a batch of many gets a connection of its own without that retry.
+    A copy a failed flush may still have delivered is harmless here: a ledger job starts once
+    whatever number of copies reach the workers (its start lease), and a flush that fails
+    leaves its rows unpublished for the relay. Other transports (RabbitMQ: a publish does not
+    wait for an answer) and small counts use the app's pooled producer, no batch."""
+    if count >= PIPELINE_MIN_MESSAGES:
+        connection = app.connection_for_write(transport_options={"retry_on_timeout": False})
+        try:
+            pipelines = bool(getattr(connection.transport.implements, "batch_publish", False))
+            if pipelines:
+                producer = app.amqp.Producer(connection, auto_declare=False)
+                pipelines = producer.supports_batch_publish
+            if pipelines:
+                # No automatic flush in between: the caller's flush (the batch's exit) is where
+                # the broker's answer, and with it each row's fate, is known.
+                with producer.batch(max_size=1_000_000) as batch:
+                    yield producer, batch
+                return
+        finally:
+            connection.release()
+    with app.producer_or_acquire() as producer:
+        yield producer, None

@@ -27,6 +27,7 @@ from jobs.context import get_request_id
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.outcomes import LEDGER_HEADER
 from jobs.runtime import store
+from jobs.runtime.broker import producer_for
 
 if TYPE_CHECKING:
     from jobs.outcomes import Job
@@ -110,9 +111,10 @@ def ledger_add(
     return message.task_id
 
 
-def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: Any = None) -> None:
+def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: Any = None, retry: bool = True) -> None:
     """Sends the ledger row's message (same task id, its retries so far). Raises what the broker
-    raised. `event_dispatcher`: where its task-sent event goes (Celery's default: one publish)."""
+    raised. `event_dispatcher`: where its task-sent event goes (Celery's default: one publish).
+    `retry`: False inside a publish batch, which only buffers (the batch's flush meets the broker)."""
     from celery import current_app
 
     from jobs.runtime.task import POSTPONED_HEADER
@@ -135,7 +137,7 @@ def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: A
         task_id=message.task_id,
         headers=headers,
         retries=message.retries,
-        retry=True,
+        retry=retry,
         retry_policy=PUBLISH_RETRY_POLICY,
         producer=producer,
         **({"event_dispatcher": event_dispatcher} if event_dispatcher is not None else {}),
@@ -304,27 +306,40 @@ def publish_claimed(
     failed = unpublishable = 0
     batch_events = batch_events and bool(current_app.conf.task_send_sent_event)
     events: SentEvents | None = None
-    with current_app.producer_or_acquire() as producer:
-        for message in rows:
-            if batch_events and published:
-                batch_events = False  # one try
-                # After a first publish went through (its event on its own, as Celery sends it):
-                # the channel is connected by then, and a broker that is down failed that publish
-                # inside its own error handling instead of here.
-                events = _sent_events(producer)
-            try:
-                publish(message, producer=producer, event_dispatcher=events)
-            except UNPUBLISHABLE_ERRORS as exc:
-                unpublishable += 1
-                _unpublishable(message, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - the broker is down, full or paused: stop here
-                failed += 1
-                _publish_failed(message, exc)
-                break
-            published.append(message.pk)
-        if events is not None:
-            events.flush()
+    flushing = False
+    try:
+        with producer_for(current_app, len(rows)) as (producer, batch):
+            for message in rows:
+                if batch_events and published:
+                    batch_events = False  # one try
+                    # After a first publish went through (its event on its own, as Celery sends
+                    # it): the channel is connected by then, and a broker that is down failed that
+                    # publish inside its own error handling instead of here.
+                    events = _sent_events(producer)
+                try:
+                    publish(message, producer=producer, event_dispatcher=events, retry=batch is None)
+                except UNPUBLISHABLE_ERRORS as exc:
+                    unpublishable += 1
+                    _unpublishable(message, exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the broker is down, full or paused: stop here
+                    failed += 1
+                    _publish_failed(message, exc)
+                    break
+                published.append(message.pk)
+            flushing = True
+            if batch is not None:
+                batch.flush()  # the messages first, then their events
+            if events is not None:
+                events.flush()
+    except Exception as exc:
+        if not flushing or not published:
+            raise
+        # The batch's flush failed: which of its messages arrived is unknown. None counts as
+        # published, the relay sends them all again (a copy that did arrive starts once: the lease).
+        failed += len(published)
+        _publish_failed(next(row for row in rows if row.pk == published[0]), exc)
+        published = []
     store.jobs_published(
         published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim}, republish=republish
     )

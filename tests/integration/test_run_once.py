@@ -241,12 +241,14 @@ def test_on_rabbitmq_a_batch_reaches_a_queue_no_worker_declared_yet(redis_client
     queue's declaration would be dropped by RabbitMQ as unroutable)."""
     from kombu import Connection
 
+    from jobs.runtime.broker import PIPELINE_MIN_MESSAGES
     from jobs.runtime.outbox import ledger_claim, publish_claimed
     from tests.conftest import reset_broker_pools
 
-    for n in range(5):
+    count = PIPELINE_MIN_MESSAGES + 2  # enough for Redis's pipelined batch, which AMQP goes without
+    for n in range(count):
         OutboxMessage.objects.create(task_name="jobs.ping", task_id=f"declared-{n}", options={"queue": "low"})
-    _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=10)
+    _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=count)
     # Celery reads the environment before its configuration (and the suite's Redis is set in the
     # configuration): the app publishes to the vhost until monkeypatch takes the variable back.
     # (Setting conf.broker_write_url instead outlived the test and sent a later test's /readyz
@@ -256,9 +258,9 @@ def test_on_rabbitmq_a_batch_reaches_a_queue_no_worker_declared_yet(redis_client
     try:
         with current_app.connection_for_write() as connection:
             assert connection.transport_cls == "amqp", connection.as_uri()
-        assert publish_claimed(rows, batch_events=True) == (5, 0, 0)
+        assert publish_claimed(rows, batch_events=True) == (count, 0, 0)
     finally:
         monkeypatch.undo()
         reset_broker_pools()
     with Connection(rabbitmq_vhost, connect_timeout=5) as conn:
-        assert conn.default_channel.queue_declare("low", passive=True).message_count == 5
+        assert conn.default_channel.queue_declare("low", passive=True).message_count == count

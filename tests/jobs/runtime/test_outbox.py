@@ -181,3 +181,92 @@ def test_a_batch_meeting_a_dead_broker_fails_its_first_publish_and_gives_its_cla
     _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=10)
     assert publish_claimed(rows, batch_events=True) == (0, 1, 0)
     assert list(OutboxMessage.objects.values_list("claim", "published_at")) == [("", None), ("", None)]
+
+
+@pytest.fixture
+def flushes(monkeypatch):
+    """What each flush of kombu's Redis publish batch held (`jobs.runtime.broker.producer_for`),
+    with `before` run ahead of the flush when set."""
+    from kombu.transport import redis as kombu_redis
+
+    seen: list[int] = []
+    flush = kombu_redis.PublishBatch.flush
+    hooks: dict[str, object] = {}
+
+    def recording(self):
+        if self._buffered:
+            seen.append(self._buffered)
+            if callable(hooks.get("before")):
+                hooks.pop("before")()
+        return flush(self)
+
+    monkeypatch.setattr(kombu_redis.PublishBatch, "flush", recording)
+    return seen, hooks
+
+
+def _claimed_rows(count: int, prefix: str):
+    from jobs.runtime.outbox import ledger_claim
+
+    for n in range(count):
+        OutboxMessage.objects.create(task_name="jobs.ping", task_id=f"{prefix}-{n}", options={"queue": "low"})
+    return ledger_claim(OutboxMessage.objects.all(), limit=count)[1]
+
+
+def test_a_batch_of_many_reaches_redis_in_one_pipeline_and_each_in_order(redis_client, flushes, sent_events):
+    """The relay's, the sweeper's and beat's batches: one round trip for the messages where each
+    LPUSH waited for its own answer, then their events."""
+    from jobs.runtime.broker import PIPELINE_MIN_MESSAGES
+    from jobs.runtime.outbox import publish_claimed
+
+    seen, _hooks = flushes
+    count = PIPELINE_MIN_MESSAGES + 4
+    rows = _claimed_rows(count, "piped")
+    assert publish_claimed(rows, batch_events=True) == (count, 0, 0)
+    # The first message's task-sent event rides in the same pipeline (it is published through
+    # the batch's producer); the rest go out together afterwards.
+    assert seen == [count + 1]
+    queued = [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange("low", 0, -1)]
+    assert queued == [f"piped-{n}" for n in reversed(range(count))]
+    assert not OutboxMessage.objects.filter(published_at__isnull=True).exists()
+    assert set(OutboxMessage.objects.values_list("claim", flat=True)) == {""}
+
+
+def test_a_few_are_sent_one_by_one_on_the_pooled_producer(redis_client, flushes):
+    from jobs.runtime.broker import PIPELINE_MIN_MESSAGES
+    from jobs.runtime.outbox import publish_claimed
+
+    seen, _hooks = flushes
+    rows = _claimed_rows(PIPELINE_MIN_MESSAGES - 1, "few")
+    assert publish_claimed(rows) == (PIPELINE_MIN_MESSAGES - 1, 0, 0)
+    assert seen == []
+    assert redis_client.llen("low") == PIPELINE_MIN_MESSAGES - 1
+
+
+def test_a_batch_whose_flush_meets_a_dead_broker_counts_none_published(monkeypatch, flushes):
+    """The broker goes away between the buffered publishes and their flush: which of them
+    arrived is unknown, so none is marked published and the relay sends them all again (a copy
+    that did arrive starts once: the lease)."""
+    from devtools.localredis import LocalRedis
+    from jobs.runtime.broker import PIPELINE_MIN_MESSAGES
+    from jobs.runtime.outbox import publish_claimed
+
+    seen, hooks = flushes
+    broker = LocalRedis().start()
+    try:
+        reset_broker_pools()
+        monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
+        rows = _claimed_rows(PIPELINE_MIN_MESSAGES, "lost")
+        hooks["before"] = broker.stop
+        published, failed, unpublishable = publish_claimed(rows)
+    finally:
+        broker.stop()
+        monkeypatch.undo()
+        reset_broker_pools()
+    assert len(seen) == 1
+    assert seen[0] >= PIPELINE_MIN_MESSAGES  # (with their task-sent events)
+    assert (published, failed, unpublishable) == (0, PIPELINE_MIN_MESSAGES, 0)
+    assert not OutboxMessage.objects.filter(published_at__isnull=False).exists()
+    assert set(OutboxMessage.objects.values_list("claim", flat=True)) == {""}  # for the relay now
+    first = OutboxMessage.objects.get(task_id="lost-0")
+    assert first.attempts == 1
+    assert "delivery is uncertain" in first.last_error
