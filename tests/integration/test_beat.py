@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import time
+import uuid
 
 import pytest
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -91,6 +94,51 @@ def test_two_beats_send_each_tick_once_and_the_standby_takes_over(start_worker, 
     wait_for(lambda: '"beat.leading"' in standby.log(), timeout=20)
     before = pings()
     wait_for(lambda: pings() >= before + 2, timeout=20)
+
+
+def test_on_rabbitmq_beat_sends_each_tick_once_even_beside_a_tagged_entry(
+    start_worker, start_service, redis_client, rabbitmq_vhost
+):
+    """Issue 25, with RabbitMQ as the broker: kwargs an admin typed in kombu's tagged form (read by
+    django-celery-beat as a Decimal, which the ledger's JSON column cannot hold) beside a plain
+    schedule. Every tick failed (`beat.tick_failed`) and beat sent nothing at all. Both must keep
+    running, each tick run once: the plain one through the ledger, the tagged one straight to the
+    broker. Worker and beat use the test's vhost; beat's lock and the cache stay on its Redis."""
+    env = {"CELERY_BROKER_URL": rabbitmq_vhost, "JOBS_REDIS_URL": os.environ["REDIS_URL"]}
+    key = f"k-{uuid.uuid4().hex}"
+    keys = {"test: plain": f"{key}-plain", "test: tagged": f"{key}-tagged"}
+    for name in keys.values():
+        redis_client.set(f"{name}:healed", 1)  # `tests.permanent` then only counts its run, and takes any kwarg
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name="test: plain", task="tests.permanent", interval=interval, kwargs=json.dumps({"key": keys["test: plain"]})
+    )
+    tagged = {"key": keys["test: tagged"], "ms": {"__type__": "decimal", "__value__": "1"}}
+    PeriodicTask.objects.create(
+        name="test: tagged", task="tests.permanent", interval=interval, kwargs=json.dumps(tagged)
+    )
+
+    def runs() -> dict[str, int]:
+        return {name: int(redis_client.get(k) or 0) for name, k in keys.items()}
+
+    start_worker(extra_env=env)
+    beat = start_service(BEAT, extra_env={**FAST_BEAT, **env})
+    wait_for(lambda: min(runs().values()) >= 3, timeout=30)
+    beat.stop()
+
+    # What beat recorded as sent, each run with its message; every send is run, none twice.
+    sent = dict(PeriodicTask.objects.filter(name__in=keys).values_list("name", "total_run_count"))
+    with contextlib.suppress(AssertionError):  # the sends still in flight land
+        wait_for(lambda: runs() == sent, timeout=10)
+    time.sleep(2)  # a second run of a tick would land meanwhile
+    assert runs() == sent
+    # The worker got the Decimal the admin meant, not the tagged mapping.
+    results = TaskResult.objects.filter(task_name="tests.permanent", task_kwargs__contains=keys["test: tagged"])
+    wait_for(lambda: results.count() == sent["test: tagged"])
+    assert all("'ms': Decimal('1')" in kwargs for kwargs in results.values_list("task_kwargs", flat=True))
+    log = beat.log()
+    assert '"beat.tick_failed"' not in log
+    assert log.count('"beat.entry_sent_outside_ledger"') == sent["test: tagged"]
 
 
 def test_housekeeping_tasks_run_on_a_real_worker(start_worker, tmp_path, settings):
