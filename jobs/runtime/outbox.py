@@ -111,10 +111,18 @@ def ledger_add(
     return message.task_id
 
 
-def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: Any = None, retry: bool = True) -> None:
+def publish(
+    message: OutboxMessage,
+    *,
+    producer: Any = None,
+    event_dispatcher: Any = None,
+    retry: bool = True,
+    declare: list[Any] | None = None,
+) -> None:
     """Sends the ledger row's message (same task id, its retries so far). Raises what the broker
     raised. `event_dispatcher`: where its task-sent event goes (Celery's default: one publish).
-    `retry`: False inside a publish batch, which only buffers (the batch's flush meets the broker)."""
+    `retry`: False inside a publish batch, which only buffers (the batch's flush meets the broker).
+    `declare`: what to declare first (Celery's default: the queue it routes to)."""
     from celery import current_app
 
     from jobs.runtime.task import POSTPONED_HEADER
@@ -130,6 +138,10 @@ def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: A
         # Published before and lost: only what is left of the original countdown.
         due = message.created_at + timedelta(seconds=float(options["countdown"]))
         options["countdown"] = max((due - timezone.now()).total_seconds(), 0)
+    if event_dispatcher is not None:
+        options["event_dispatcher"] = event_dispatcher
+    if declare is not None:
+        options["declare"] = declare
     current_app.send_task(
         message.task_name,
         args=message.args,
@@ -140,7 +152,6 @@ def publish(message: OutboxMessage, *, producer: Any = None, event_dispatcher: A
         retry=retry,
         retry_policy=PUBLISH_RETRY_POLICY,
         producer=producer,
-        **({"event_dispatcher": event_dispatcher} if event_dispatcher is not None else {}),
         **options,
     )
 
@@ -306,6 +317,7 @@ def publish_claimed(
     failed = unpublishable = 0
     batch_events = batch_events and bool(current_app.conf.task_send_sent_event)
     events: SentEvents | None = None
+    declared: set[str] = set()  # queues this batch's connection has declared
     flushing = False
     try:
         with producer_for(current_app, len(rows)) as (producer, batch):
@@ -316,8 +328,15 @@ def publish_claimed(
                     # it): the channel is connected by then, and a broker that is down failed that
                     # publish inside its own error handling instead of here.
                     events = _sent_events(producer)
+                queue = _declared_queue(message) if batch is not None else None
                 try:
-                    publish(message, producer=producer, event_dispatcher=events, retry=batch is None)
+                    publish(
+                        message,
+                        producer=producer,
+                        event_dispatcher=events,
+                        retry=batch is None,
+                        declare=[] if queue in declared else None,
+                    )
                 except UNPUBLISHABLE_ERRORS as exc:
                     unpublishable += 1
                     _unpublishable(message, exc)
@@ -327,6 +346,8 @@ def publish_claimed(
                     _publish_failed(message, exc)
                     break
                 published.append(message.pk)
+                if queue:
+                    declared.add(queue)
             flushing = True
             if batch is not None:
                 batch.flush()  # the messages first, then their events
@@ -344,6 +365,18 @@ def publish_claimed(
         published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim}, republish=republish
     )
     return len(published), failed, unpublishable
+
+
+def _declared_queue(message: OutboxMessage) -> str | None:
+    """The queue a batch's publish of `message` declares once for the batch: its own, when it names
+    one and nothing can send it elsewhere (a countdown may, under native delayed delivery). kombu
+    checks its own record of declarations on every publish otherwise (30 us each: it copies the
+    queue to bind it), a new connection's record starting empty like `declared`."""
+    options = message.options or {}
+    queue = options.get("queue")
+    if not isinstance(queue, str) or options.get("countdown") or options.get("eta"):
+        return None
+    return queue
 
 
 def ledger_publish_now(task_ids: list[str]) -> tuple[int, str]:

@@ -337,3 +337,41 @@ def test_the_next_run_is_the_entry_django_celery_beat_would_build_again_from_its
     assert following.last_run_at > entry.last_run_at
     assert following.model is task
     assert task.total_run_count == 1
+
+
+def test_a_send_keeps_celerys_settings_at_hand_and_gives_them_back(settings):
+    """The reads of each send come from Celery's first map for the length of a batch, with the
+    values the site set; afterwards a changed Django setting is read again, and what the app had
+    set on its own configuration before is still there."""
+    from config.celery import app
+    from jobs.runtime.beat import SEND_SETTINGS, _send_settings_at_hand
+
+    changes = app.conf.changes
+    had = {key: changes[key] for key in SEND_SETTINGS if key in changes}
+    changes["task_repr_maxlevels"] = 7
+    try:
+        with _send_settings_at_hand(app.conf):
+            assert set(SEND_SETTINGS) <= set(changes)
+            assert changes["task_repr_maxlevels"] == 7
+            assert changes["broker_pool_acquire_timeout"] == app.conf.broker_pool_acquire_timeout
+        assert changes["task_repr_maxlevels"] == 7
+        assert "broker_pool_acquire_timeout" not in changes or "broker_pool_acquire_timeout" in had
+        settings.CELERY_TASK_SEND_SENT_EVENT = not app.conf.task_send_sent_event
+        assert app.conf.task_send_sent_event is settings.CELERY_TASK_SEND_SENT_EVENT
+    finally:
+        changes.pop("task_repr_maxlevels", None)
+        changes.update(had)
+
+
+def test_after_a_full_batch_the_next_tick_follows_at_once(scheduler, redis_client, monkeypatch):
+    """A burst bigger than a tick's batch goes out batch after batch with no pause in between
+    (a pause of TICK_SPACING per batch held a burst of 10 000 back 2 s); the last batch, not full,
+    waits for the next due entry as before."""
+    monkeypatch.setattr(beat, "BATCH", 4)
+    schedules(10, due=True)
+    schedules(1, due=False, prefix="later")
+    assert scheduler.tick() == 0
+    assert scheduler.tick() == 0
+    assert len(queued(redis_client)) == 8
+    assert beat.TICK_SPACING <= scheduler.tick() <= scheduler.max_interval  # the last two
+    assert len(queued(redis_client)) == 10

@@ -270,3 +270,30 @@ def test_a_batch_whose_flush_meets_a_dead_broker_counts_none_published(monkeypat
     first = OutboxMessage.objects.get(task_id="lost-0")
     assert first.attempts == 1
     assert "delivery is uncertain" in first.last_error
+
+
+def test_a_batch_declares_each_queue_once_even_on_a_redis_that_lost_its_bindings(redis_client, monkeypatch):
+    """A Redis restarted empty has no queue bindings: the first message of each queue in a batch
+    declares it (else kombu cannot route the rest), the others skip kombu's per-publish check."""
+    from kombu import messaging
+
+    from jobs.runtime.broker import PIPELINE_MIN_MESSAGES
+    from jobs.runtime.outbox import ledger_claim, publish_claimed
+
+    declared = []
+    declare = messaging.Producer.maybe_declare
+
+    def counting(self, entity, *args, **kwargs):
+        declared.append(entity.name)
+        return declare(self, entity, *args, **kwargs)
+
+    monkeypatch.setattr(messaging.Producer, "maybe_declare", counting)
+    redis_client.flushdb()
+    count = PIPELINE_MIN_MESSAGES + 2
+    for n in range(count):
+        queue = ("low", "high")[n % 2]
+        OutboxMessage.objects.create(task_name="jobs.ping", task_id=f"q-{n}", options={"queue": queue})
+    _claim, rows = ledger_claim(OutboxMessage.objects.all(), limit=count)
+    assert publish_claimed(rows) == (count, 0, 0)
+    assert sorted(name for name in declared if name != "celeryev") == ["high", "low"]  # (task-sent events)
+    assert redis_client.llen("low") == redis_client.llen("high") == count // 2
