@@ -115,8 +115,8 @@ def run_side(side: str, count: int, interval: int, lead: float, log_dir: Path, *
                 sending = (sum(beat.cpu_times()[:2]) - cpu_start, time.monotonic() - wall_start)
                 if not burst:
                     break
-            if sending is not None and time.time() >= until:
-                break
+            if (sending is not None or burst) and time.time() >= until:
+                break  # a burst: the same interval for both sides, whether all went out or not
         cpu = sum(beat.cpu_times()[:2]) - cpu_start
         wall = time.monotonic() - wall_start
         sending = sending or (cpu, wall)

@@ -320,7 +320,7 @@ def publish_claimed(
     declared: set[str] = set()  # queues this batch's connection has declared
     flushing = False
     try:
-        with producer_for(current_app, len(rows)) as (producer, batch):
+        with producer_for(current_app, len(rows), retry_policy=PUBLISH_RETRY_POLICY) as (producer, batch):
             for message in rows:
                 if batch_events and published:
                     batch_events = False  # one try
@@ -359,7 +359,8 @@ def publish_claimed(
         # The batch's flush failed: which of its messages arrived is unknown. None counts as
         # published, the relay sends them all again (a copy that did arrive starts once: the lease).
         failed += len(published)
-        _publish_failed(next(row for row in rows if row.pk == published[0]), exc)
+        store.jobs_publish_failed(published, error=_describe(exc))
+        logger.warning("outbox.batch_publish_failed", extra={"count": len(published), "error": _describe(exc)})
         published = []
     store.jobs_published(
         published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim}, republish=republish

@@ -476,6 +476,11 @@ def job_publish_failed(pk: int, *, attempts: int, error: str) -> None:
     OutboxMessage.objects.filter(pk=pk).update(attempts=attempts, last_error=error)
 
 
+def jobs_publish_failed(pks: list[int], *, error: str) -> None:
+    """A batch of the jobs' messages may not have reached the broker: the relay tries them again."""
+    OutboxMessage.objects.filter(pk__in=pks).update(attempts=F("attempts") + 1, last_error=error)
+
+
 def jobs_claim(rows: QuerySet[OutboxMessage], *, limit: int, ttl: timedelta) -> tuple[str, list[OutboxMessage]]:
     """Claims up to `limit` rows of `rows` for one run of the relay or the sweeper, without a
     transaction held open: one conditional UPDATE takes only rows no other run holds."""

@@ -120,11 +120,15 @@ def test_jobs_of_a_worker_killed_outright_run_again_within_the_lease_once(start_
     wait_for(lambda: _starts(redis_client, key) == 2)
     _kill_tree(first.process)
     killed_at = time.monotonic()
+    # Under load the second job may start after the first has ended: only a job the kill cut
+    # short runs again (seen in CI: 3 starts, one job had finished before the kill).
+    killed = 2 - int(redis_client.get(f"{key}:ends") or 0)
+    assert killed >= 1
 
     start_worker(concurrency=2, extra_env=FAST)
     wait_for(lambda: redis_client.get(f"{key}:ends") == b"2", timeout=40)
     assert time.monotonic() - killed_at < 30
-    assert _starts(redis_client, key) == 4  # each job: its first run, and one more for the crash
+    assert _starts(redis_client, key) == 2 + killed  # each job: its first run, and one more for the crash
     wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
     assert not DeadLetter.objects.exists()
 
@@ -152,9 +156,11 @@ def test_on_rabbitmq_a_killed_workers_jobs_run_again_once(start_worker, redis_cl
     first = start_worker(concurrency=2, extra_env=env)
     wait_for(lambda: _starts(redis_client, key) == 2)
     _kill_tree(first.process)
+    killed = 2 - int(redis_client.get(f"{key}:ends") or 0)  # (one may have ended first, under load)
+    assert killed >= 1
     start_worker(concurrency=2, extra_env=env)
     wait_for(lambda: redis_client.get(f"{key}:ends") == b"2", timeout=40)
-    assert _starts(redis_client, key) == 4
+    assert _starts(redis_client, key) == 2 + killed
     wait_for(lambda: not OutboxMessage.objects.filter(task_id__in=ids).exists())
     assert not DeadLetter.objects.exists()
 
