@@ -77,8 +77,9 @@ SEND_SETTINGS = ("task_always_eager", "task_send_sent_event", "task_repr_maxleve
 #: Due entries one tick sends at most (one transaction; after a full one the next tick follows at once).
 BATCH = 500
 #: Seconds between two ticks at least: what came due meanwhile goes out together (a tick costs a
-#: transaction), at most this late.
-TICK_SPACING = 0.1
+#: transaction, a lock renewal and a fencing check), at most this late. 10 000 schedules a minute
+#: spread over it (2026-12-07): 0.1 s cost beat 0.53 core, lag p99 0.29 s; 0.25 s 0.35 core, 0.43 s.
+TICK_SPACING = 0.25
 #: Seconds between two looks at whether the schedules were edited (one query each).
 CHANGE_CHECK_INTERVAL = 1.0
 #: The primary key of the one `BeatFence` row.
