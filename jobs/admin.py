@@ -433,7 +433,16 @@ class OutboxMessageAdmin(_OutboxMessageAdmin):
     def short_error(self, obj: OutboxMessage) -> str:
         return obj.last_error[:80]
 
-    @admin.action(description="Publish selected again now", permissions=["view"])
+    def has_delete_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
+        # A row is the only record of a job that has not finished: deleting one in flight drops
+        # the promise that nothing accepted is lost (its message may be gone from the broker).
+        return False
+
+    def has_publish_permission(self, request: HttpRequest) -> bool:
+        """Publishing again changes what runs: `jobs.change_outboxmessage`, not the view."""
+        return request.user.has_perm("jobs.change_outboxmessage")
+
+    @admin.action(description="Publish selected again now", permissions=["publish"])
     def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         from jobs.runtime.outbox import ledger_publish_now
         from jobs.runtime.store import jobs_publish_again

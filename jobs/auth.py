@@ -151,3 +151,21 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
         return view(request, *args, **kwargs)
 
     return wrapper
+
+
+def permission_required(*permissions: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Under `staff_required`: 403, naming what is missing, for a staff user without each of
+    `permissions` (`"app_label.codename"`), so that a view-only staff member reads and changes
+    nothing beyond the model permissions the admin gives them."""
+
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            for permission in permissions:
+                if not request.user.has_perm(permission):
+                    return json_error(f"permission {permission} required", 403, permission=permission)
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorate

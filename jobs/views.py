@@ -6,7 +6,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from jobs.auth import staff_required
+from jobs.auth import permission_required, staff_required
 from jobs.health import jobs_health_report, jobs_stats_report, readiness
 
 
@@ -51,6 +51,7 @@ def jobs_health(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 @staff_required
+@permission_required("jobs.view_deadletter", "django_celery_results.view_taskresult")
 def jobs_stats(request: HttpRequest) -> JsonResponse:
     """Queue lengths, task counts by state over the last 24 h, dead letters by status."""
     return JsonResponse(jobs_stats_report())

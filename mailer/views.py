@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from jobs.auth import staff_required
+from jobs.auth import permission_required, staff_required
 from jobs.http import json_error, json_object
 from jobs.tasks_compat import TaskResultDoesNotExist, TaskResultMismatch, TaskResultStatus
 from mailer.exceptions import EmailRefused
@@ -36,6 +36,7 @@ def _email_json(email: Email) -> dict:
 
 @require_POST
 @staff_required
+@permission_required("mailer.add_email")
 def email_create(request: HttpRequest) -> HttpResponse:
     body = json_object(request, '{"template", "to", "context"}')
     if isinstance(body, HttpResponse):
@@ -56,6 +57,7 @@ def email_create(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @staff_required
+@permission_required("mailer.view_email")
 def email_detail(request: HttpRequest, email_id: int) -> HttpResponse:
     email = Email.objects.filter(pk=email_id).first()
     if email is None:
@@ -85,6 +87,7 @@ def _purge_json(result: Any) -> dict[str, Any]:
 
 @require_POST
 @staff_required
+@permission_required("mailer.delete_email")
 def purge_create(request: HttpRequest) -> HttpResponse:
     """Enqueues `mailer.tasks.purge_sent_emails` (Django's Tasks API): 202 with its result's id."""
     body = json_object(request, '{"older_than_days": 90}')
@@ -103,6 +106,7 @@ def purge_create(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @staff_required
+@permission_required("mailer.view_email")
 def purge_detail(request: HttpRequest, result_id: str) -> HttpResponse:
     """What `get_result` says of a purge: status, how many went, attempts, errors, times."""
     try:

@@ -15,6 +15,26 @@ from django.test import override_settings
 
 from devtools.localredis import LocalRedis
 
+#: What the site's operators hold for the staff API: queue and read emails, purge them, read the stats.
+OPERATOR_PERMISSIONS = (
+    "mailer.add_email",
+    "mailer.view_email",
+    "mailer.delete_email",
+    "jobs.view_deadletter",
+    "django_celery_results.view_taskresult",
+)
+
+
+def grant(user, *permissions: str):
+    """Gives `user` the model permissions named `"app_label.codename"` (default: an operator's) and
+    returns it reloaded (Django caches a user's permissions on the object)."""
+    from django.contrib.auth.models import Permission
+
+    for name in permissions or OPERATOR_PERMISSIONS:
+        app_label, codename = name.split(".", 1)
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return type(user)._default_manager.get(pk=user.pk)
+
 
 def results_table(response) -> str:
     """The HTML of an admin changelist's result table ("" when the list is empty)."""

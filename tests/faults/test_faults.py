@@ -28,7 +28,7 @@ from config.celery import app
 from jobs import crashloop
 from jobs.models import DeadLetter, OutboxMessage
 from mailer.models import Email
-from tests.conftest import reset_broker_pools
+from tests.conftest import grant, reset_broker_pools
 from tests.faults.pool_killer import POISON_KEY, POISON_LOG_KEY
 from tests.faults.stack import ExpectedDeadLetter
 
@@ -318,7 +318,7 @@ def test_beat_killed(stack):
 
 def test_cross_site_form_post_with_basic_credentials(stack):
     stack.fault = "cross-site form post with Basic credentials"
-    get_user_model().objects.create_user("ops", password="s3cret-ops-pass", is_staff=True)
+    grant(get_user_model().objects.create_user("ops", password="s3cret-ops-pass", is_staff=True))
     stack.start_worker()
     _web, base = stack.start_web()
     auth = ("ops", "s3cret-ops-pass")

@@ -10,6 +10,7 @@ from jobs.services import dead_letters_requeue
 from mailer.models import Email
 from mailer.services import Attachment, email_queue
 from mailer.tasks import send_email
+from tests.conftest import grant
 from tests.integration.conftest import wait_for
 from tests.mailer.smtp_server import SMTPServer
 from tests.mailer.test_queue import PDF, PNG
@@ -279,7 +280,7 @@ def test_a_purge_enqueued_through_the_api_runs_on_the_low_queue_and_reports_its_
     fields = {"from_email": "site@example.com", "template": "welcome", "subject": "Hi", "to": ["a@example.com"]}
     Email.objects.create(**fields, status=Email.Status.SENT, sent_at=timezone.now() - timedelta(days=200))
     Email.objects.create(**fields, status=Email.Status.SENT, sent_at=timezone.now())
-    django_user_model.objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+    grant(django_user_model.objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True))
     auth = basic("staff", "s3cret-pass")
 
     created = client.post("/api/emails/purge/", data='{"older_than_days": 90}', content_type="application/json", **auth)

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from jobs.models import ApiToken
 from jobs.services import api_token_create, api_token_hash
+from tests.conftest import grant
 
 pytestmark = pytest.mark.django_db
 
@@ -19,7 +20,7 @@ STATS = "/api/jobs/stats/"
 
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user("ops", "ops@example.com", "pw", is_staff=True)
+    return grant(django_user_model.objects.create_user("ops", "ops@example.com", "pw", is_staff=True))
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from django.test import Client, RequestFactory
 from jobs.http import json_object
 from jobs.models import DeadLetter, OutboxMessage
 from mailer.models import Email
+from tests.conftest import grant
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -60,7 +61,7 @@ STAFF = basic("staff", "s3cret-pass")
 
 @pytest.fixture
 def staff_user():
-    return get_user_model().objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+    return grant(get_user_model().objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True))
 
 
 @pytest.fixture

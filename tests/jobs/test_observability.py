@@ -19,6 +19,7 @@ from config.flower import FlowerConfigError, flower_options
 from jobs.heartbeat import heartbeat_write, liveness_touch
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.runtime import beat
+from tests.conftest import grant
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -53,7 +54,7 @@ def test_stats_needs_staff(client, django_user_model):
     assert response.status_code == 401
     assert response["WWW-Authenticate"].startswith("Basic")
     django_user_model.objects.create_user("plain", password="pw")
-    django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    grant(django_user_model.objects.create_user("ops", password="pw", is_staff=True))
     assert client.get("/api/jobs/stats/", **basic("plain", "pw")).status_code == 403
     assert client.get("/api/jobs/stats/", **basic("ops", "wrong")).status_code == 401
     assert client.get("/api/jobs/stats/", HTTP_AUTHORIZATION="Basic !!!").status_code == 401

@@ -10,6 +10,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from mailer.models import Email
+from tests.conftest import grant
 
 pytestmark = pytest.mark.django_db
 
@@ -24,7 +25,7 @@ def basic(username: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 def staff_user():
-    return get_user_model().objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+    return grant(get_user_model().objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True))
 
 
 @pytest.fixture
@@ -220,3 +221,46 @@ def test_a_context_without_what_the_template_needs_is_a_400_naming_it(client, st
     assert body["code"] == "missing_context"
     assert "name" in body["error"]
     assert not Email.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "needed"),
+    [
+        (
+            "post",
+            "/api/emails/",
+            {"template": "welcome", "to": ["a@example.com"], "context": {"name": "A"}},
+            "mailer.add_email",
+        ),
+        ("get", "/api/emails/{email}/", None, "mailer.view_email"),
+        ("post", "/api/emails/purge/", {"older_than_days": 90}, "mailer.delete_email"),
+        ("get", "/api/emails/purge/00000000-0000-0000-0000-000000000000/", None, "mailer.view_email"),
+        ("get", "/api/jobs/stats/", None, "jobs.view_deadletter"),
+    ],
+)
+def test_staff_without_the_model_permission_is_refused_and_nothing_changes(client, method, path, body, needed):
+    """`is_staff` alone opens no endpoint: each needs the model permission of what it reads or
+    changes (CONTRACT: a view-only staff member changes nothing anywhere)."""
+    email = Email.objects.create(from_email="s@example.com", template="welcome", subject="Hi", to=["a@example.com"])
+    plain = get_user_model().objects.create_user("plain", password="plain-pass-1", is_staff=True)
+    client.force_login(plain)
+    kwargs = {"data": json.dumps(body), "content_type": "application/json"} if body is not None else {}
+    response = getattr(client, method)(path.format(email=email.pk), **kwargs)
+    assert response.status_code == 403
+    assert response.json() == {"error": f"permission {needed} required", "permission": needed}
+    assert Email.objects.count() == 1
+
+
+def test_a_view_only_staff_user_reads_emails_but_queues_and_purges_none(client):
+    email = Email.objects.create(from_email="s@example.com", template="welcome", subject="Hi", to=["a@example.com"])
+    viewer = grant(
+        get_user_model().objects.create_user("viewer", password="view-pass-1", is_staff=True), "mailer.view_email"
+    )
+    client.force_login(viewer)
+    assert client.get(f"/api/emails/{email.pk}/").status_code == 200
+    body = {"template": "welcome", "to": ["b@example.com"], "context": {"name": "B"}}
+    queued = client.post("/api/emails/", data=json.dumps(body), content_type="application/json")
+    assert (queued.status_code, queued.json()["permission"]) == (403, "mailer.add_email")
+    purge = client.post("/api/emails/purge/", data='{"older_than_days": 1}', content_type="application/json")
+    assert (purge.status_code, purge.json()["permission"]) == (403, "mailer.delete_email")
+    assert list(Email.objects.values_list("pk", flat=True)) == [email.pk]

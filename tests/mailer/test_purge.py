@@ -16,6 +16,7 @@ from jobs.models import OutboxMessage
 from mailer.models import Email, EmailAttachment
 from mailer.services import emails_purge
 from mailer.tasks import purge_sent_emails
+from tests.conftest import grant
 from tests.mailer.test_api import basic
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -31,7 +32,7 @@ def email(status: str, sent_days_ago: float | None) -> Email:
 
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True)
+    return grant(django_user_model.objects.create_user("staff", "staff@example.com", "s3cret-pass", is_staff=True))
 
 
 def test_only_sent_emails_older_than_the_cutoff_go_with_their_files():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from jobs.exceptions import InvalidTaskArguments
 from mailer.tasks import send_email
+from tests.conftest import grant
 from thumbnails.tasks import generate
 
 pytestmark = pytest.mark.django_db
@@ -28,7 +29,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture
 def staff_auth(django_user_model):
-    django_user_model.objects.create_user("fuzz", password="fuzz-pass", is_staff=True)
+    grant(django_user_model.objects.create_user("fuzz", password="fuzz-pass", is_staff=True))
     return {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"fuzz:fuzz-pass").decode()}
 
 

@@ -447,3 +447,31 @@ def test_the_ledger_command_says_so_when_another_process_sweeps(redis_client):
     out = StringIO()
     call_command("ledger", "--sweep", stdout=out)
     assert "Another process sweeps now" in out.getvalue()
+
+
+def test_a_view_only_staff_user_sees_the_ledger_but_cannot_publish_or_delete(client, django_user_model, redis_client):
+    """Publishing again changes what runs: it takes `jobs.change_outboxmessage`, not the view
+    (it had `permissions=["view"]`); and nobody deletes an unfinished job's row from the admin."""
+    from tests.conftest import grant
+
+    row = _published("perm-1")
+    viewer = grant(
+        django_user_model.objects.create_user("viewer", password="pw", is_staff=True), "jobs.view_outboxmessage"
+    )
+    client.force_login(viewer)
+    page = client.get("/admin/jobs/outboxmessage/")
+    assert page.status_code == 200
+    assert "perm-1" in page.content.decode()
+    assert 'value="publish_now"' not in page.content.decode()
+    client.post("/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]})
+    assert _queued_ids(redis_client) == []
+
+    operator = grant(viewer, "jobs.change_outboxmessage", "jobs.delete_outboxmessage")
+    client.force_login(operator)
+    page = client.get("/admin/jobs/outboxmessage/").content.decode()
+    assert 'value="publish_now"' in page
+    assert 'value="delete_selected"' not in page
+    assert client.get(f"/admin/jobs/outboxmessage/{row.pk}/delete/").status_code == 403
+    client.post("/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]})
+    assert _queued_ids(redis_client) == ["perm-1"]
+    assert OutboxMessage.objects.filter(pk=row.pk).exists()
