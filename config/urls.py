@@ -9,6 +9,7 @@ from jobs import views as jobs_views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("favicon.ico", views.favicon, name="favicon"),
     path("healthz", jobs_views.healthz, name="healthz"),
     path("readyz", jobs_views.readyz, name="readyz"),
     path("admin/", admin.site.urls),

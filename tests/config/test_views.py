@@ -46,3 +46,17 @@ def test_the_admin_carries_the_sites_name(admin_client):
     assert "jobsite administration" in html
     assert "Django administration" not in html
     assert 'href="/"' in html  # "View site" leads to the front page, which exists
+
+
+def test_the_favicon_is_an_icon_not_a_404(client):
+    import io
+
+    from PIL import Image
+
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "image/x-icon"
+    assert "max-age=86400" in response["Cache-Control"]
+    with Image.open(io.BytesIO(response.content)) as icon:
+        assert (icon.format, icon.size) == ("ICO", (32, 32))
+    assert client.post("/favicon.ico").status_code == 405
