@@ -29,7 +29,7 @@ ENDPOINTS = (
     ("GET /api/jobs/health/", "anyone", "worker and beat heartbeats; 503 when one is missing"),
     (
         "GET /api/jobs/stats/",
-        "staff, jobs.view_deadletter",
+        "staff, jobs.view_deadletter, django_celery_results.view_taskresult",
         "queue lengths, tasks by state over 24 h, dead letters, outbox backlog",
     ),
     (

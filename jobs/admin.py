@@ -15,6 +15,8 @@ from django.shortcuts import render
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
+from django_celery_beat.admin import PeriodicTaskAdmin as BeatPeriodicTaskAdmin
+from django_celery_beat.models import PeriodicTask
 
 from jobs.links import dead_letters_of, job_object
 from jobs.models import ApiToken, DailyReport, Dashboard, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
@@ -575,3 +577,24 @@ class DashboardAdmin(_DashboardAdmin):
             self.message_user(request, f"Discarded {_plural(count)}.", messages.SUCCESS)
         else:
             self.message_user(request, "Nothing done: unknown action.", messages.ERROR)
+
+
+class PeriodicTaskAdmin(BeatPeriodicTaskAdmin):  # type: ignore[misc]  # django-celery-beat has no types
+    """django-celery-beat's admin, whose actions (enable, disable, toggle, run now) declare no
+    permission, so Django offers them to anyone who may see the list: a view-only staff member
+    could run or stop schedules. Here they take the change permission."""
+
+    CHANGING_ACTIONS = ("enable_tasks", "disable_tasks", "toggle_tasks", "run_tasks")
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions: dict[str, Any] = super().get_actions(request)
+        if not self.has_change_permission(request):
+            for name in self.CHANGING_ACTIONS:
+                actions.pop(name, None)
+        return actions
+
+
+# django-celery-beat registered its own (imported above, whatever the order of INSTALLED_APPS).
+if admin.site.is_registered(PeriodicTask):
+    admin.site.unregister(PeriodicTask)
+admin.site.register(PeriodicTask, PeriodicTaskAdmin)

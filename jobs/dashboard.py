@@ -484,6 +484,7 @@ def ledger_due_times(task_ids: Iterable[str]) -> dict[str, datetime]:
 PERMISSIONS = {
     "dead_letters": ("jobs.view_deadletter", "dead letters"),
     "schedules": ("django_celery_beat.view_periodictask", "periodic tasks"),
+    "ledger": ("jobs.view_outboxmessage", "unfinished jobs"),
 }
 
 

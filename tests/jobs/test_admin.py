@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from jobs.models import DeadLetter
-from tests.conftest import results_table
+from tests.conftest import grant, results_table
 from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = pytest.mark.django_db
@@ -193,3 +193,29 @@ def test_a_dead_letter_links_the_row_its_job_was_about_and_that_row_links_back(s
     assert (
         "The job&#x27;s object" in staff.get(reverse("admin:jobs_deadletter_change", args=[other.pk])).content.decode()
     )
+
+
+def test_a_view_only_staff_user_cannot_run_or_stop_schedules(client, django_user_model):
+    """django-celery-beat's actions (enable, disable, toggle, run now) declare no permission, so
+    Django offered them to anyone who could see the list: here they take the change permission."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every, _ = IntervalSchedule.objects.get_or_create(every=60, period=IntervalSchedule.SECONDS)
+    task = PeriodicTask.objects.create(name="nightly", task="jobs.ping", interval=every)
+    viewer = grant(
+        django_user_model.objects.create_user("schedules", password="pw", is_staff=True),
+        "django_celery_beat.view_periodictask",
+    )
+    client.force_login(viewer)
+    url = "/admin/django_celery_beat/periodictask/"
+    page = client.get(url)
+    assert page.status_code == 200
+    assert "nightly" in page.content.decode()
+    assert 'value="disable_tasks"' not in page.content.decode()
+    client.post(url, {"action": "disable_tasks", ACTION_CHECKBOX_NAME: [task.pk]})
+    assert PeriodicTask.objects.get(pk=task.pk).enabled
+
+    client.force_login(grant(viewer, "django_celery_beat.change_periodictask"))
+    assert 'value="disable_tasks"' in client.get(url).content.decode()
+    client.post(url, {"action": "disable_tasks", ACTION_CHECKBOX_NAME: [task.pk]})
+    assert not PeriodicTask.objects.get(pk=task.pk).enabled

@@ -264,3 +264,29 @@ def test_a_view_only_staff_user_reads_emails_but_queues_and_purges_none(client):
     purge = client.post("/api/emails/purge/", data='{"older_than_days": 1}', content_type="application/json")
     assert (purge.status_code, purge.json()["permission"]) == (403, "mailer.delete_email")
     assert list(Email.objects.values_list("pk", flat=True)) == [email.pk]
+
+
+def test_the_stats_need_the_task_results_permission_as_well(client):
+    viewer = grant(
+        get_user_model().objects.create_user("half", password="half-pass-1", is_staff=True), "jobs.view_deadletter"
+    )
+    client.force_login(viewer)
+    response = client.get("/api/jobs/stats/")
+    assert (response.status_code, response.json()["permission"]) == (403, "django_celery_results.view_taskresult")
+
+
+def test_an_api_token_carries_its_users_permissions_only(client):
+    """A token lets its staff user in without a password; what the user may not do, the token may
+    not either."""
+    from jobs.services import api_token_create
+
+    viewer = grant(
+        get_user_model().objects.create_user("tok", password="tok-pass-1", is_staff=True), "mailer.view_email"
+    )
+    _row, token = api_token_create(user=viewer, name="script")
+    body = {"template": "welcome", "to": ["b@example.com"], "context": {"name": "B"}}
+    response = client.post(
+        "/api/emails/", data=json.dumps(body), content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}"
+    )
+    assert (response.status_code, response.json()["permission"]) == (403, "mailer.add_email")
+    assert not Email.objects.exists()
