@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.exceptions import NotRegistered
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -594,7 +595,18 @@ class PeriodicTaskAdmin(BeatPeriodicTaskAdmin):  # type: ignore[misc]  # django-
         return actions
 
 
-# django-celery-beat registered its own (imported above, whatever the order of INSTALLED_APPS).
-if admin.site.is_registered(PeriodicTask):
-    admin.site.unregister(PeriodicTask)
-admin.site.register(PeriodicTask, PeriodicTaskAdmin)
+def _guard_schedule_actions() -> None:
+    """Puts `PeriodicTaskAdmin` in place of django-celery-beat's own (registered when this module
+    imported it, whatever the order of INSTALLED_APPS), but never over a host's own admin."""
+    try:
+        registered = admin.site.get_model_admin(PeriodicTask)
+    except NotRegistered:
+        registered = None
+    if registered is not None and type(registered) is not BeatPeriodicTaskAdmin:
+        return  # the host's: its actions are its own business
+    if registered is not None:
+        admin.site.unregister(PeriodicTask)
+    admin.site.register(PeriodicTask, PeriodicTaskAdmin)
+
+
+_guard_schedule_actions()
