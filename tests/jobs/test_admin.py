@@ -219,3 +219,23 @@ def test_a_view_only_staff_user_cannot_run_or_stop_schedules(client, django_user
     assert 'value="disable_tasks"' in client.get(url).content.decode()
     client.post(url, {"action": "disable_tasks", ACTION_CHECKBOX_NAME: [task.pk]})
     assert not PeriodicTask.objects.get(pk=task.pk).enabled
+
+
+def test_a_hosts_own_schedules_admin_is_left_in_place():
+    from django.contrib import admin
+    from django_celery_beat.models import PeriodicTask
+
+    from jobs.admin import PeriodicTaskAdmin, _guard_schedule_actions
+
+    class HostAdmin(admin.ModelAdmin):
+        pass
+
+    assert type(admin.site.get_model_admin(PeriodicTask)) is PeriodicTaskAdmin
+    admin.site.unregister(PeriodicTask)
+    admin.site.register(PeriodicTask, HostAdmin)
+    try:
+        _guard_schedule_actions()
+        assert type(admin.site.get_model_admin(PeriodicTask)) is HostAdmin
+    finally:
+        admin.site.unregister(PeriodicTask)
+        admin.site.register(PeriodicTask, PeriodicTaskAdmin)
