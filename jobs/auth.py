@@ -34,16 +34,17 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from jobs.conf import jobs_settings
 from jobs.http import json_error, not_json
 
-REALM = 'Basic realm="jobsite API", charset="UTF-8"'
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 SAME_ORIGIN_FETCH_SITES = frozenset({"same-origin", "none"})  # `none`: typed or bookmarked by the user
 
 
 def _unauthorized(message: str) -> JsonResponse:
     response = json_error(message, 401)
-    response["WWW-Authenticate"] = REALM
+    realm = "".join(c for c in str(jobs_settings.API_REALM) if c.isprintable() and c not in '"\\')
+    response["WWW-Authenticate"] = f'Basic realm="{realm}", charset="UTF-8"'
     return response
 
 

@@ -71,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
     "SHUTDOWN_TIMEOUT": 30.0,
     # The worker's own Prometheus endpoint (0: off).
     "WORKER_METRICS_PORT": 9808,
+    # What a client's password prompt names for the staff API (`WWW-Authenticate: Basic realm=...`).
+    "API_REALM": "jobs API",
     # The hourly clean-up: files older than this many hours under TEMP_ROOT (None: nothing of its
     # own) and FILE_UPLOAD_TEMP_DIR.
     "CLEANUP_MAX_AGE_HOURS": 24.0,

@@ -317,6 +317,7 @@ JOBS_TASK_MAX_RETRIES = env.int("TASK_MAX_RETRIES", default=5)
 CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)
 CELERY_SHUTDOWN_TIMEOUT = env.float("CELERY_SHUTDOWN_TIMEOUT", default=30.0)
 JOBS_WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
+JOBS_API_REALM = "jobsite API"  # the staff API's name in a client's password prompt
 FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
 # A task whose worker died under it this many times in a row is dead-lettered (crash loop).
 JOBS_WORKER_LOST_LIMIT = env.int("JOBS_WORKER_LOST_LIMIT", default=3)

@@ -49,6 +49,15 @@ def test_jobs_health_reflects_heartbeats(client, redis_client):
     assert body["beat"]["last_tick"].endswith("+00:00")
 
 
+def test_the_password_prompt_names_the_hosts_realm(client, settings):
+    """`jobs` names no site: the realm is the host's setting (default "jobs API"), kept to what a
+    quoted header value can hold."""
+    del settings.JOBS_API_REALM
+    assert client.get("/api/jobs/stats/")["WWW-Authenticate"] == 'Basic realm="jobs API", charset="UTF-8"'
+    settings.JOBS_API_REALM = 'Shop "ops"\r\nX-Injected: 1'
+    assert client.get("/api/jobs/stats/")["WWW-Authenticate"] == 'Basic realm="Shop opsX-Injected: 1", charset="UTF-8"'
+
+
 def test_stats_needs_staff(client, django_user_model):
     response = client.get("/api/jobs/stats/")
     assert response.status_code == 401
