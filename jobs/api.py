@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from jobs.auth import staff_required
+from jobs.auth import permission_required, staff_required
 from jobs.http import json_error, json_object
 from jobs.ids import MAX_ROW_ID, is_row_id
 from jobs.models import DeadLetter
@@ -42,17 +42,17 @@ class BadRequest(ValueError):
 
 
 def _permission(codename: str) -> Callable[[_ViewFunction], _ViewFunction]:
+    """`jobs.<codename>` required (`jobs.auth.permission_required`), and a `BadRequest` answered 400."""
+
     def decorate(view: _ViewFunction) -> _ViewFunction:
         @wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            if not request.user.has_perm(f"jobs.{codename}"):
-                return json_error(f"permission jobs.{codename} required", 403)
             try:
                 return view(request, *args, **kwargs)
             except BadRequest as exc:
                 return json_error(str(exc), 400, field=exc.field)
 
-        return wrapper
+        return permission_required(f"jobs.{codename}")(wrapper)
 
     return decorate
 
