@@ -313,41 +313,13 @@ def publish_claimed(
     rows = drop_expired_ticks(rows)
     if not rows:
         return 0, 0, 0
+    batch_events = batch_events and bool(current_app.conf.task_send_sent_event)
     published: list[int] = []
     failed = unpublishable = 0
-    batch_events = batch_events and bool(current_app.conf.task_send_sent_event)
-    events: SentEvents | None = None
-    declared: set[str] = set()  # queues this batch's connection has declared
     flushing = False
     try:
         with producer_for(current_app, len(rows), retry_policy=PUBLISH_RETRY_POLICY) as (producer, batch):
-            for message in rows:
-                if batch_events and published:
-                    batch_events = False  # one try
-                    # After a first publish went through (its event on its own, as Celery sends
-                    # it): the channel is connected by then, and a broker that is down failed that
-                    # publish inside its own error handling instead of here.
-                    events = _sent_events(producer)
-                queue = _declared_queue(message) if batch is not None else None
-                try:
-                    publish(
-                        message,
-                        producer=producer,
-                        event_dispatcher=events,
-                        retry=batch is None,
-                        declare=[] if queue in declared else None,
-                    )
-                except UNPUBLISHABLE_ERRORS as exc:
-                    unpublishable += 1
-                    _unpublishable(message, exc)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - the broker is down, full or paused: stop here
-                    failed += 1
-                    _publish_failed(message, exc)
-                    break
-                published.append(message.pk)
-                if queue:
-                    declared.add(queue)
+            published, failed, unpublishable, events = _publish_each(rows, producer, batch, batch_events=batch_events)
             flushing = True
             if batch is not None:
                 batch.flush()  # the messages first, then their events
@@ -366,6 +338,46 @@ def publish_claimed(
         published, [row.pk for row in rows], claims={row.claim for row in rows if row.claim}, republish=republish
     )
     return len(published), failed, unpublishable
+
+
+def _publish_each(
+    rows: list[OutboxMessage], producer: Any, batch: Any, *, batch_events: bool
+) -> tuple[list[int], int, int, SentEvents | None]:
+    """`publish_claimed`'s sends, on `producer` (into `batch` when there is one), until the first
+    broker error. Returns the ids sent (buffered, with a batch), the failed and unpublishable
+    counts, and the collector of their task-sent events, not flushed yet."""
+    published: list[int] = []
+    failed = unpublishable = 0
+    events: SentEvents | None = None
+    declared: set[str] = set()  # queues this batch's connection has declared
+    for message in rows:
+        if batch_events and published:
+            batch_events = False  # one try
+            # After a first publish went through (its event on its own, as Celery sends it): the
+            # channel is connected by then, and a broker that is down failed that publish inside
+            # its own error handling instead of here.
+            events = _sent_events(producer)
+        queue = _declared_queue(message) if batch is not None else None
+        try:
+            publish(
+                message,
+                producer=producer,
+                event_dispatcher=events,
+                retry=batch is None,
+                declare=[] if queue in declared else None,
+            )
+        except UNPUBLISHABLE_ERRORS as exc:
+            unpublishable += 1
+            _unpublishable(message, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - the broker is down, full or paused: stop here
+            failed += 1
+            _publish_failed(message, exc)
+            break
+        published.append(message.pk)
+        if queue:
+            declared.add(queue)
+    return published, failed, unpublishable, events
 
 
 def _declared_queue(message: OutboxMessage) -> str | None:
