@@ -1,7 +1,9 @@
-"""The dead-letter API, for staff: list, show, requeue and discard, by id or by filter.
+"""The staff API of jobs and dead letters.
 
-Reads need the `jobs.view_deadletter` permission, writes `jobs.change_deadletter` (the same as the
-admin's actions). Authentication is `jobs.auth.staff_required`: a session (writes carry the CSRF
+Jobs (`jobs.view_job` to read, `jobs.change_job` to act): list by state and filter, one job with
+its attempts, cancel, run now, retry; queues: list, pause, resume. Dead letters
+(`jobs.view_deadletter`, `jobs.change_deadletter`, as the admin's actions): list, show, requeue
+and discard, by id or by filter. Authentication is `jobs.auth.staff_required`: a session (writes carry the CSRF
 token) or HTTP basic auth; writes must be JSON from the same site, whatever the authentication.
 Every write goes through `jobs.services`, like the admin and `manage.py requeue_dead`, so it is
 recorded with its actor (`api:<username>`) on the row's trail.
@@ -21,9 +23,36 @@ from django.views.decorators.http import require_GET, require_POST
 from jobs.auth import permission_required, staff_required
 from jobs.http import json_error, json_object
 from jobs.ids import MAX_ROW_ID, is_row_id
-from jobs.models import DeadLetter
-from jobs.selectors import dead_letter_groups, dead_letters_select, parse_moment
-from jobs.services import dead_letters_discard, dead_letters_requeue
+from jobs.models import DeadLetter, JobAttempt, OutboxMessage
+from jobs.redaction import redact
+from jobs.selectors import (
+    JobState,
+    dead_letter_groups,
+    dead_letters_select,
+    job_attempts,
+    job_counts,
+    job_dead_letter,
+    job_max_attempts,
+    job_queue,
+    job_request_id,
+    job_state,
+    job_worker,
+    jobs_select,
+    parse_moment,
+    paused_queues,
+    queue_names,
+)
+from jobs.services import (
+    JobsResult,
+    UnknownQueue,
+    dead_letters_discard,
+    dead_letters_requeue,
+    jobs_cancel,
+    jobs_retry,
+    jobs_run_now,
+    queue_pause,
+    queue_resume,
+)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -259,3 +288,288 @@ def dead_letter_requeue_many(request: HttpRequest) -> HttpResponse:
     if not chosen:
         return json_error("no pending dead letters match; nothing was requeued", 404)
     return _requeue(request, DeadLetter.objects.filter(pk__in=chosen))
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+JOB_SELECTORS = ("queue", "task", "request_id", "q")
+
+
+def _moment(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _latest_errors(task_ids: list[str]) -> dict[str, str]:
+    """The error of each job's latest failed attempt, in one query."""
+    errors: dict[str, str] = {}
+    for task_id, error in (
+        JobAttempt.objects.filter(task_id__in=task_ids).order_by("finished_at", "pk").values_list("task_id", "error")
+    ):
+        errors[task_id] = error
+    return errors
+
+
+def _job(row: OutboxMessage, errors: dict[str, str]) -> dict[str, Any]:
+    state = job_state(row)
+    waiting = state in (JobState.SCHEDULED, JobState.RETRYING)
+    return {
+        "id": row.task_id,
+        "task": row.task_name,
+        "state": state,
+        "queue": job_queue(row),
+        "attempt": row.retries + 1,
+        "max_attempts": job_max_attempts(row.task_name),
+        "created_at": _moment(row.created_at),
+        "due_at": _moment(row.not_before) if waiting else None,
+        "started_at": _moment(row.started_at) if state == JobState.RUNNING else None,
+        "lease_until": _moment(row.lease_until) if state == JobState.RUNNING else None,
+        "worker": job_worker(row) or None,
+        "last_error": (errors.get(row.task_id) or row.last_error or None),
+        "request_id": job_request_id(row) or None,
+    }
+
+
+def _dead_job(row: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": row.task_id,
+        "task": row.task_name,
+        "state": JobState.DEAD,
+        "queue": row.queue,
+        "attempt": row.retries + 1,
+        "max_attempts": job_max_attempts(row.task_name),
+        "created_at": _moment(row.first_failed_at),
+        "due_at": None,
+        "started_at": None,
+        "lease_until": None,
+        "worker": row.worker or None,
+        "last_error": f"{row.exception_type}: {row.exception_message}"[:2000],
+        "request_id": row.request_id or None,
+        "dead_letter_id": row.pk,
+    }
+
+
+def _job_selection(values: dict[str, Any]) -> dict[str, Any]:
+    selection: dict[str, Any] = {}
+    for name in JOB_SELECTORS:
+        value = values.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str) or len(value) > 200 or "\x00" in value:
+            raise BadRequest(f"{name} must be a string of at most 200 characters", name)
+        selection["search" if name == "q" else name] = value
+    return selection
+
+
+def _next(request: HttpRequest, before: int) -> str:
+    params = request.GET.copy()
+    params["before"] = str(before)
+    return f"{request.path}?{params.urlencode()}"
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_job")
+def job_list(request: HttpRequest) -> HttpResponse:
+    """`?state=&queue=&task=&request_id=&q=&limit=&before=`: newest first, `next` the URL of the
+    following page (keyset: stable while jobs come and go). `state=dead`: the pending dead letters."""
+    query = request.GET
+    state = query.get("state") or None
+    if state is not None and state not in JobState.__members__.values():
+        raise BadRequest(f"state must be one of {', '.join(JobState)}", "state")
+    limit = _int(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    before = _int(query, "before", None, 1, MAX_ROW_ID)
+    selection = _job_selection(query)
+    if state == JobState.DEAD:
+        letters = dead_letters_select(
+            status=DeadLetter.Status.PENDING,
+            queue=selection.get("queue"),
+            task=selection.get("task"),
+            request_id=selection.get("request_id"),
+        )
+        if "search" in selection:
+            letters = letters.filter(task_id=selection["search"])
+        letters = letters.order_by("-pk")
+        if before is not None:
+            letters = letters.filter(pk__lt=before)
+        dead = list(letters[: limit + 1])
+        more = len(dead) > limit
+        dead = dead[:limit]
+        return JsonResponse(
+            {"results": [_dead_job(row) for row in dead], "next": _next(request, dead[-1].pk) if more else None}
+        )
+    rows = jobs_select(state=state, **selection).order_by("-pk")
+    if before is not None:
+        rows = rows.filter(pk__lt=before)
+    page = list(rows[: limit + 1])
+    more = len(page) > limit
+    page = page[:limit]
+    errors = _latest_errors([row.task_id for row in page])
+    return JsonResponse(
+        {"results": [_job(row, errors) for row in page], "next": _next(request, page[-1].pk) if more else None}
+    )
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_job")
+def job_counts_view(request: HttpRequest) -> HttpResponse:
+    """Jobs per state, each counted up to a cap (`more_than` names it)."""
+    from jobs.selectors import COUNT_CAP
+
+    return JsonResponse({"counts": job_counts(), "more_than": COUNT_CAP})
+
+
+def _attempt(attempt: JobAttempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt + 1,
+        "started_at": _moment(attempt.started_at),
+        "finished_at": _moment(attempt.finished_at),
+        "worker": attempt.worker or None,
+        "outcome": attempt.outcome,
+        "error": attempt.error or None,
+    }
+
+
+def _valid_task_id(task_id: str) -> bool:
+    return 0 < len(task_id) <= 64 and task_id.isprintable()
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_job")
+def job_detail(request: HttpRequest, task_id: str) -> HttpResponse:
+    """One job (of the table, or dead) with its arguments, redacted, and its attempts."""
+    row = OutboxMessage.objects.filter(task_id=task_id).first() if _valid_task_id(task_id) else None
+    letter = job_dead_letter(task_id) if _valid_task_id(task_id) else None
+    if row is not None:
+        body = _job(row, _latest_errors([task_id]))
+        args, _ = redact(list(row.args or ()))
+        kwargs, _ = redact(dict(row.kwargs or {}))
+    elif letter is not None and letter.status == DeadLetter.Status.PENDING:
+        body = _dead_job(letter)
+        args, kwargs = letter.args, letter.kwargs
+    else:
+        return json_error("job not found (finished, cancelled, or never accepted)", 404)
+    attempts = [_attempt(attempt) for attempt in job_attempts(task_id)]
+    return JsonResponse(
+        {
+            **body,
+            "args": args,
+            "kwargs": kwargs,
+            "attempts": attempts,
+            "dead_letter_id": letter.pk if letter is not None else None,
+        }
+    )
+
+
+def _acted(task_id: str, result: JobsResult) -> HttpResponse:
+    if task_id in result.done or task_id in result.stopping:
+        return JsonResponse({})  # filled in by the caller
+    why = dict(result.refused).get(task_id, "not done")
+    status = 404 if why.startswith("no such job") else 409
+    return json_error(f"job {task_id}: {why}", status)
+
+
+def _job_action(
+    task_id: str, act: Callable[[list[str]], JobsResult], state: Callable[[JobsResult], str]
+) -> HttpResponse:
+    if not _valid_task_id(task_id):
+        return json_error("job not found", 404)
+    result = act([task_id])
+    answer = _acted(task_id, result)
+    if answer.status_code != 200:
+        return answer
+    body: dict[str, Any] = {"id": task_id, "state": state(result)}
+    if result.error:
+        body["warning"] = result.error
+    return JsonResponse(body)
+
+
+@require_POST
+@staff_required
+@_permission("change_job")
+def job_cancel(request: HttpRequest, task_id: str) -> HttpResponse:
+    """The job never starts (kept as a discarded dead letter, `cancelled`); a running one is asked
+    to stop (`state` stays `running` until it has)."""
+    return _job_action(
+        task_id,
+        lambda ids: jobs_cancel(task_ids=ids, actor=_actor(request)),
+        lambda result: "running" if result.stopping else "cancelled",
+    )
+
+
+@require_POST
+@staff_required
+@_permission("change_job")
+def job_run_now(request: HttpRequest, task_id: str) -> HttpResponse:
+    return _job_action(task_id, lambda ids: jobs_run_now(task_ids=ids, actor=_actor(request)), lambda _r: "queued")
+
+
+@require_POST
+@staff_required
+@_permission("change_job")
+def job_retry(request: HttpRequest, task_id: str) -> HttpResponse:
+    """A dead job runs again (its dead letter requeued, under a new task id: `new_id`)."""
+    if not _valid_task_id(task_id):
+        return json_error("job not found", 404)
+    result, requeue = jobs_retry(task_ids=[task_id], actor=_actor(request))
+    answer = _acted(task_id, result)
+    if answer.status_code != 200:
+        if requeue.error:
+            return json_error(requeue.error, 503)
+        return answer
+    body = {"id": task_id, "state": "queued", "new_id": requeue.requeued[0][1] if requeue.requeued else None}
+    if requeue.error:
+        body["warning"] = requeue.error
+    return JsonResponse(body)
+
+
+# --- queues ---------------------------------------------------------------------------------------
+
+
+@never_cache
+@require_GET
+@staff_required
+@_permission("view_job")
+def queue_list(request: HttpRequest) -> HttpResponse:
+    paused = paused_queues()
+    return JsonResponse(
+        {
+            "queues": [
+                {
+                    "queue": name,
+                    "paused": name in paused,
+                    "paused_by": paused[name].paused_by if name in paused else None,
+                    "paused_at": _moment(paused[name].paused_at) if name in paused else None,
+                }
+                for name in queue_names()
+            ]
+        }
+    )
+
+
+def _queue_action(request: HttpRequest, queue: str, pause: bool) -> HttpResponse:
+    act = queue_pause if pause else queue_resume
+    try:
+        act(queue=queue, actor=_actor(request))
+    except UnknownQueue as exc:
+        return json_error(str(exc), 404)
+    return JsonResponse({"queue": queue, "paused": pause})
+
+
+@require_POST
+@staff_required
+@_permission("change_job")
+def queue_pause_view(request: HttpRequest, queue: str) -> HttpResponse:
+    """No worker takes the queue's jobs (within `JOBS_PAUSE_SYNC_SECONDS`); they wait in it."""
+    return _queue_action(request, queue, True)
+
+
+@require_POST
+@staff_required
+@_permission("change_job")
+def queue_resume_view(request: HttpRequest, queue: str) -> HttpResponse:
+    return _queue_action(request, queue, False)

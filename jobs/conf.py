@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "SHUTDOWN_TIMEOUT": 30.0,
     # The worker's own Prometheus endpoint (0: off).
     "WORKER_METRICS_PORT": 9808,
+    # Paused queues (jobs.models.PausedQueue): how often every worker reads them and stops or
+    # starts consuming; and how long the attempts of retried or crashed jobs are kept.
+    "PAUSE_SYNC_SECONDS": 2.0,
+    "ATTEMPT_RETENTION_DAYS": 14,
     # What a client's password prompt names for the staff API (`WWW-Authenticate: Basic realm=...`).
     "API_REALM": "jobs API",
     # The hourly clean-up: files older than this many hours under TEMP_ROOT (None: nothing of its

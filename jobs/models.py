@@ -28,6 +28,7 @@ class DeadLetter(models.Model):
         REVOKED = "revoked", "Revoked"
         REJECTED = "rejected", "Rejected by the task"
         LOST_REPEATEDLY = "lost_repeatedly", "Lost by the broker too many times"
+        CANCELLED = "cancelled", "Cancelled by an operator"
 
     task_name = models.CharField(max_length=200, db_index=True, help_text="The task's registered name.")
     task_id = models.CharField(max_length=64, db_index=True, help_text="Id of the latest attempt that failed.")
@@ -198,6 +199,9 @@ class OutboxMessage(models.Model):
     crashes = models.PositiveIntegerField(
         default=0, db_default=0, editable=False, help_text="Runs whose lease lapsed (the process running it died)."
     )
+    queue = models.CharField(
+        max_length=64, blank=True, default="", db_default="", editable=False, help_text="The queue it goes to."
+    )
 
     class Meta:
         ordering = ["created_at", "id"]
@@ -207,6 +211,7 @@ class OutboxMessage(models.Model):
             models.Index(fields=["published_at"], name="outbox_published_at"),
             models.Index(fields=["state", "not_before"], name="job_state_due"),
             models.Index(fields=["state", "lease_until"], name="job_state_lease"),
+            models.Index(fields=["queue", "state"], name="job_queue_state"),
         ]
 
     def __str__(self) -> str:
@@ -221,6 +226,93 @@ class OutboxMessage(models.Model):
                 return "retrying" if self.state == self.State.RETRYABLE else "waiting for its time"
             return "waiting to be published"
         return "missing from the broker" if self.missing_since else "published"
+
+
+class Job(OutboxMessage):
+    """The job table as operators see it (`/admin/jobs/job/`, `/api/jobs/jobs/`): the same rows,
+    with the permissions an operator is given, `jobs.view_job` to look and `jobs.change_job` to
+    cancel, run now, retry and pause queues. Its `job_state` is what the row means to them (see
+    `jobs.selectors.JobState`)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "job"
+        verbose_name_plural = "jobs"
+
+
+class JobAttempt(models.Model):
+    """One attempt of a job that did not end it well: it failed and was retried, or the process
+    running it died. (A job's last attempt is its end: its result, or its dead letter.) Written by
+    `jobs.runtime.store` with the transition; kept `JOBS_ATTEMPT_RETENTION_DAYS`."""
+
+    class Outcome(models.TextChoices):
+        RETRIED = "retried", "Failed, retried"
+        CRASHED = "crashed", "Its process died"
+        STOPPED = "stopped", "Stopped (shutdown or revoke), given back"
+
+    task_id = models.CharField(max_length=64, db_index=True)
+    task_name = models.CharField(max_length=200)
+    attempt = models.PositiveIntegerField(help_text="Retries the job had used when this attempt ran (0: the first).")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(default=timezone.now, db_index=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="The run that held the lease: worker, process.")
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["finished_at", "id"]
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] attempt {self.attempt}: {self.outcome}"
+
+
+class JobAction(models.Model):
+    """The audit log of what operators did to jobs and queues: who, when, what, how many."""
+
+    class Action(models.TextChoices):
+        CANCEL = "cancel", "Cancel"
+        RUN_NOW = "run_now", "Run now"
+        RETRY = "retry", "Retry"
+        PAUSE_QUEUE = "pause_queue", "Pause queue"
+        RESUME_QUEUE = "resume_queue", "Resume queue"
+        PAUSE_SCHEDULE = "pause_schedule", "Pause schedule"
+        RESUME_SCHEDULE = "resume_schedule", "Resume schedule"
+        RUN_SCHEDULE = "run_schedule", "Run schedule now"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=150, help_text="Who: admin:<user>, api:<user>, a command.")
+    action = models.CharField(max_length=20, choices=Action.choices, db_index=True)
+    count = models.PositiveIntegerField(default=0, help_text="How many it changed.")
+    target = models.CharField(max_length=200, blank=True, help_text="The queue or schedule acted on.")
+    task_ids = models.JSONField(default=list, blank=True, help_text="The jobs it changed (the first 1000).")
+    note = models.TextField(blank=True, help_text="What was asked and what was refused.")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        default_permissions = ("view",)
+        verbose_name = "job action (audit)"
+        verbose_name_plural = "job actions (audit)"
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class PausedQueue(models.Model):
+    """A queue no worker takes jobs from (`jobs.services.queue_pause`): its jobs stay queued.
+    Every worker reads these rows every `JOBS_PAUSE_SYNC_SECONDS` and stops or starts consuming
+    the queue; one that starts later reads them before it takes anything."""
+
+    queue = models.CharField(max_length=64, unique=True)
+    paused_at = models.DateTimeField(default=timezone.now)
+    paused_by = models.CharField(max_length=150)
+
+    class Meta:
+        ordering = ["queue"]
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return f"{self.queue} (paused by {self.paused_by})"
 
 
 class ApiToken(models.Model):

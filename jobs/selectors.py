@@ -1,16 +1,133 @@
-"""Reads of dead letters, shared by the admin, the commands, the API and the metrics."""
+"""Reads of jobs and dead letters, shared by the admin, the commands, the API and the metrics."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, Max, Min, QuerySet
+from django.db.models import Count, Max, Min, Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from jobs.models import DeadLetter
+from jobs.models import DeadLetter, Job, JobAttempt, OutboxMessage, PausedQueue
+
+
+class JobState(enum.StrEnum):
+    """A job's state as operators see it (the job table's own, in their words); a dead job is no
+    row of the table any more but its dead letter."""
+
+    SCHEDULED = "scheduled"  # waits in the table for its time (`due_at`)
+    QUEUED = "queued"  # available: in its queue, or on its way there
+    RUNNING = "running"  # a run holds its start lease
+    RETRYING = "retrying"  # failed, waits in the table for its next attempt
+    DEAD = "dead"  # given up: its pending dead letter
+
+
+ROW_STATES: dict[JobState, str] = {
+    JobState.SCHEDULED: OutboxMessage.State.SCHEDULED,
+    JobState.QUEUED: OutboxMessage.State.AVAILABLE,
+    JobState.RUNNING: OutboxMessage.State.EXECUTING,
+    JobState.RETRYING: OutboxMessage.State.RETRYABLE,
+}
+_JOB_STATES = {row_state: state for state, row_state in ROW_STATES.items()}
+#: Counts stop here: a state or queue holding more shows "more than" (no full count of a big table).
+COUNT_CAP = 10_000
+
+
+def job_state(row: OutboxMessage) -> JobState:
+    return _JOB_STATES.get(row.state, JobState.QUEUED)
+
+
+def job_queue(row: OutboxMessage) -> str:
+    """The queue of a job (a row written before the column was: its options' or its route's)."""
+    if row.queue:
+        return row.queue
+    from jobs.runtime.store import queue_of
+
+    return queue_of(row.task_name, row.options)
+
+
+def job_request_id(row: OutboxMessage) -> str:
+    return str(((row.options or {}).get("headers") or {}).get("request_id") or "")
+
+
+def job_max_attempts(task_name: str) -> int | None:
+    """How many attempts the job's task allows (its retries plus the first), None when unknown."""
+    from celery import current_app
+
+    task = current_app.tasks.get(task_name)
+    if task is None:
+        return None
+    allowed = getattr(task, "retries_allowed", None)
+    retries = allowed() if callable(allowed) else getattr(task, "max_retries", None)
+    return None if retries is None else int(retries) + 1
+
+
+def job_worker(row: OutboxMessage) -> str:
+    """The worker (and process) whose run holds the job's lease: `host:pid`."""
+    if row.state != OutboxMessage.State.EXECUTING or not row.lease_owner:
+        return ""
+    return row.lease_owner.rsplit(":", 1)[0]
+
+
+def jobs_select(
+    *,
+    state: str | None = None,
+    queue: str | None = None,
+    task: str | None = None,
+    request_id: str | None = None,
+    search: str | None = None,
+) -> QuerySet[Job]:
+    """Jobs of the table by state (not `dead`: see `dead_letters_select`), queue, task, request id,
+    and a text searched for in the task id and the arguments."""
+    rows = Job.objects.all()
+    if state:
+        rows = rows.filter(state=ROW_STATES[JobState(state)])
+    if queue:
+        rows = rows.filter(queue=queue)
+    if task:
+        rows = rows.filter(task_name=task)
+    if request_id:
+        rows = rows.filter(options__headers__request_id=request_id)
+    if search:
+        rows = rows.filter(Q(task_id=search) | Q(args__icontains=search) | Q(kwargs__icontains=search))
+    return rows
+
+
+def _capped(rows: QuerySet[Any]) -> int:
+    return rows[: COUNT_CAP + 1].count()
+
+
+def job_counts() -> dict[str, int]:
+    """Jobs per state (the table's, and `dead`: pending dead letters), each counted up to
+    `COUNT_CAP + 1` by its index: a page reads them at a million rows too."""
+    counts = {str(state): _capped(Job.objects.filter(state=row_state)) for state, row_state in ROW_STATES.items()}
+    counts[JobState.DEAD] = _capped(DeadLetter.objects.filter(status=DeadLetter.Status.PENDING))
+    return counts
+
+
+def job_counts_by_queue(queues: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Jobs per queue and state (of the table), each counted up to `COUNT_CAP + 1`."""
+    states = ROW_STATES.items()
+    return {
+        queue: {str(state): _capped(Job.objects.filter(queue=queue, state=row_state)) for state, row_state in states}
+        for queue in queues
+    }
+
+
+def job_attempts(task_id: str) -> list[JobAttempt]:
+    return list(JobAttempt.objects.filter(task_id=task_id).order_by("finished_at", "pk")[:100])
+
+
+def job_dead_letter(task_id: str) -> DeadLetter | None:
+    """The dead letter of a job that was given up (its latest)."""
+    return DeadLetter.objects.filter(task_id=task_id).order_by("-failed_at", "-pk").first()
+
+
+def paused_queues() -> dict[str, PausedQueue]:
+    return {row.queue: row for row in PausedQueue.objects.all()}
 
 
 def parse_moment(value: str) -> datetime | None:

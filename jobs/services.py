@@ -1,7 +1,8 @@
-"""Dead-letter services: record, requeue, discard, purge.
+"""Operator writes: dead letters (record, requeue, discard, purge), jobs of the table (cancel,
+run now, retry), queues (pause, resume), API tokens.
 
 The admin actions, `manage.py requeue_dead`, `manage.py dead_letters` and the API are thin
-callers of these functions.
+callers of these functions; each write to jobs or queues is audited (`JobAction`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from django.utils import timezone
 
 from jobs.context import get_request_id
 from jobs.db import with_fresh_connection
-from jobs.models import ApiToken, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
+from jobs.models import (
+    ApiToken,
+    DeadLetter,
+    DeadLetterEvent,
+    DeadLetterPurge,
+    JobAction,
+    OutboxMessage,
+    PausedQueue,
+)
 from jobs.redaction import redact
 from jobs.signals import dead_letter_created
 
@@ -401,3 +410,187 @@ def api_token_user(raw: str) -> Any | None:
 
 def api_tokens_revoke(*, tokens: QuerySet[ApiToken]) -> int:
     return tokens.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+# --- jobs of the table and queues -----------------------------------------------------------------
+
+#: Task ids an audit row lists (it counts them all).
+AUDIT_IDS = 1000
+
+
+@dataclass
+class JobsResult:
+    """What an operator's action on jobs did: the ids it changed, and why the others were left."""
+
+    done: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (task id, why)
+    stopping: list[str] = field(default_factory=list)  # cancel: running, asked to stop
+    error: str = ""  # the broker refused: the rest go out with the relay
+
+
+def job_action_audit(
+    *, action: str, actor: str, task_ids: Iterable[str] = (), count: int = 0, target: str = "", note: str = ""
+) -> JobAction:
+    """One line of the operators' audit log."""
+    ids = list(task_ids)
+    return JobAction.objects.create(
+        action=action,
+        actor=actor[:150],
+        count=count or len(ids),
+        target=target[:200],
+        task_ids=ids[:AUDIT_IDS],
+        note=note,
+    )
+
+
+def _refusals(task_ids: list[str], done: set[str], allowed: str) -> list[tuple[str, str]]:
+    """Why each id not in `done` was left: its state (`allowed` says which would do), or unknown."""
+    from jobs.selectors import JobState, job_state
+
+    left = [task_id for task_id in task_ids if task_id not in done]
+    rows = {row.task_id: row for row in OutboxMessage.objects.filter(task_id__in=left).only("task_id", "state")}
+    dead = set(
+        DeadLetter.objects.filter(task_id__in=left, status=DeadLetter.Status.PENDING).values_list("task_id", flat=True)
+    )
+    refused = []
+    for task_id in left:
+        row = rows.get(task_id)
+        state = job_state(row) if row is not None else (JobState.DEAD if task_id in dead else None)
+        why = f"the job is {state}, not {allowed}" if state else "no such job (finished, or never accepted)"
+        refused.append((task_id, why))
+    return refused
+
+
+def _note(result: JobsResult) -> str:
+    lines = [f"{task_id}: {why}" for task_id, why in result.refused[:50]]
+    if result.stopping:
+        lines.insert(0, f"asked to stop {len(result.stopping)} running")
+    if result.error:
+        lines.append(result.error)
+    return "\n".join(lines)
+
+
+def jobs_cancel(*, task_ids: Iterable[str], actor: str) -> JobsResult:
+    """Cancels jobs: a scheduled, queued or retrying one never runs (its row is gone, kept as a
+    discarded dead letter, `cancelled`, that can be requeued); a running one is asked to stop (a
+    revoke that terminates its process: it ends as a dead letter `revoked`). Audited."""
+    from jobs.runtime import store
+    from jobs.runtime.outbox import job_of_row
+
+    ids = list(dict.fromkeys(task_ids))
+    result = JobsResult()
+    now = timezone.now()
+    with transaction.atomic():
+        cancelled, running = store.jobs_cancel(ids)
+        for row in cancelled:
+            job = job_of_row(row, queue=row.queue or None)
+            safe_args, args_redacted = redact(list(job.args))
+            safe_kwargs, kwargs_redacted = redact(dict(job.kwargs))
+            letter = DeadLetter.objects.create(
+                task_name=row.task_name[:200],
+                task_id=row.task_id,
+                queue=job.queue[:64],
+                args=safe_args,
+                kwargs=safe_kwargs,
+                redacted=args_redacted or kwargs_redacted,
+                exception_type="Cancelled",
+                exception_message=f"cancelled by {actor} before it ran ({row.state})",
+                retries=row.retries,
+                reason=DeadLetter.Reason.CANCELLED,
+                request_id=job.request_id[:128],
+                status=DeadLetter.Status.DISCARDED,
+                failed_at=now,
+                discarded_at=now,
+                discarded_by=actor[:150],
+            )
+            DeadLetterEvent.objects.create(
+                dead_letter=letter, action=DeadLetterEvent.Action.DISCARDED, actor=actor[:150], at=now, note="cancelled"
+            )
+        result.done = [row.task_id for row in cancelled]
+        result.stopping = running
+        result.refused = _refusals(ids, set(result.done) | set(running), "scheduled, queued, retrying or running")
+        if running:
+            transaction.on_commit(lambda: _stop_running(running, result))
+        audit = job_action_audit(
+            action=JobAction.Action.CANCEL, actor=actor, task_ids=result.done + running, note=_note(result)
+        )
+    if result.error:
+        JobAction.objects.filter(pk=audit.pk).update(note=_note(result))
+    logger.warning("jobs.cancelled", extra={"count": len(result.done), "stopping": len(running), "actor": actor})
+    return result
+
+
+def _stop_running(task_ids: list[str], result: JobsResult) -> None:
+    from celery import current_app
+
+    try:
+        current_app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+    except Exception as exc:  # noqa: BLE001 - the broker is away: say so, the job runs on
+        result.error = f"could not ask the running jobs to stop: {type(exc).__name__}: {exc}"[:500]
+
+
+def jobs_run_now(*, task_ids: Iterable[str], actor: str) -> JobsResult:
+    """Runs scheduled or retrying jobs now (the next attempt keeps its number): each is published
+    at once, or by the relay when the broker does not take it now. Audited."""
+    from jobs.runtime import store
+    from jobs.runtime.outbox import ledger_publish_now
+
+    ids = list(dict.fromkeys(task_ids))
+    result = JobsResult()
+    result.done = store.jobs_run_now(ids)
+    result.refused = _refusals(ids, set(result.done), "scheduled or retrying")
+    if result.done:
+        _published, result.error = ledger_publish_now(result.done)
+    job_action_audit(action=JobAction.Action.RUN_NOW, actor=actor, task_ids=result.done, note=_note(result))
+    logger.info("jobs.run_now", extra={"count": len(result.done), "actor": actor})
+    return result
+
+
+def jobs_retry(*, task_ids: Iterable[str], actor: str) -> tuple[JobsResult, RequeueResult]:
+    """Retries dead jobs (their pending dead letters, requeued: see `dead_letters_requeue`).
+    Audited."""
+    ids = list(dict.fromkeys(task_ids))
+    letters = DeadLetter.objects.filter(task_id__in=ids, status=DeadLetter.Status.PENDING)
+    chosen = dict(letters.values_list("pk", "task_id"))
+    requeue = dead_letters_requeue(dead_letters=letters, actor=actor)
+    result = JobsResult(done=[chosen[pk] for pk, _new in requeue.requeued], error=requeue.error)
+    result.refused = _refusals(ids, set(result.done), "dead")
+    job_action_audit(action=JobAction.Action.RETRY, actor=actor, task_ids=result.done, note=_note(result))
+    return result, requeue
+
+
+class UnknownQueue(ValueError):
+    """A queue the project does not declare."""
+
+
+def _known_queue(queue: str) -> str:
+    from jobs.selectors import queue_names
+
+    if queue not in queue_names():
+        raise UnknownQueue(f"unknown queue {queue!r}; the queues are {', '.join(queue_names())}")
+    return queue
+
+
+def queue_pause(*, queue: str, actor: str) -> bool:
+    """Pauses a queue: no worker takes its jobs (within `JOBS_PAUSE_SYNC_SECONDS`), which wait
+    in it. Audited; False when it was paused already."""
+    _known_queue(queue)
+    with transaction.atomic():
+        _row, created = PausedQueue.objects.get_or_create(queue=queue, defaults={"paused_by": actor[:150]})
+        if created:
+            job_action_audit(action=JobAction.Action.PAUSE_QUEUE, actor=actor, target=queue)
+    if created:
+        logger.warning("queue.paused", extra={"queue": queue, "actor": actor})
+    return created
+
+
+def queue_resume(*, queue: str, actor: str) -> bool:
+    """Resumes a paused queue. Audited; False when it was not paused."""
+    _known_queue(queue)
+    with transaction.atomic():
+        deleted, _ = PausedQueue.objects.filter(queue=queue).delete()
+        if deleted:
+            job_action_audit(action=JobAction.Action.RESUME_QUEUE, actor=actor, target=queue)
+    if deleted:
+        logger.warning("queue.resumed", extra={"queue": queue, "actor": actor})
+    return bool(deleted)

@@ -38,14 +38,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, connection
+from django.db import DatabaseError, InterfaceError, connection, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
-from jobs.models import OutboxMessage
+from jobs.models import JobAttempt, OutboxMessage
 
 logger = logging.getLogger("jobs.runtime.store")
 
@@ -239,8 +239,10 @@ def job_retry(
     delay: float,
     headers: dict[str, Any] | None = None,
     owner: str | None = None,
+    error: str = "",
 ) -> bool:
-    """The run failed and the job runs again after `delay` seconds, as attempt `retries`.
+    """The run failed (`error`) and the job runs again after `delay` seconds, as attempt `retries`.
+    The attempt that failed is kept (`JobAttempt`) in the same transaction.
     Returns True when the job waits in the table (`retryable`, published by the relay once due):
     no message is sent now. False: the row is `available` for a message the caller publishes now
     with `delay` as its countdown (a delay of at most `JOBS_HOLD_IN_BROKER_MAX`). When the
@@ -264,13 +266,16 @@ def job_retry(
         else:
             fields.update(state=State.AVAILABLE, not_before=None, published_at=Now())
         rows = _owned(task_id, owner)
-        if headers:
-            row = rows.only("options").first()
-            if row is not None:
+        with transaction.atomic():
+            row = rows.only("options", "task_name", "retries", "started_at", "lease_owner").first()
+            if row is None:
+                return
+            if headers:
                 options = dict(row.options or {})
                 options["headers"] = {**(options.get("headers") or {}), **headers}
                 fields["options"] = options
-        rows.update(**fields)
+            if rows.update(**fields):
+                _attempts_add([row], JobAttempt.Outcome.RETRIED, error)
 
     from jobs.db import with_fresh_connection
 
@@ -290,16 +295,20 @@ def job_release(task_id: str, *, owner_prefix: str, crashed: bool = False) -> in
     the broker hands out again; `crashed` counts it among the job's crashes. Returns the job's
     crashes after this, or None when no run of that process held the row."""
     rows = OutboxMessage.objects.filter(task_id=task_id, state=State.EXECUTING, lease_owner__startswith=owner_prefix)
-    released = rows.update(
-        state=State.AVAILABLE,
-        lease_owner="",
-        lease_until=None,
-        claim="",
-        claimed_until=None,
-        crashes=F("crashes") + (1 if crashed else 0),
-    )
-    if not released:
-        return None
+    with transaction.atomic():
+        held = list(rows.only("task_id", "task_name", "retries", "started_at", "lease_owner"))
+        released = rows.update(
+            state=State.AVAILABLE,
+            lease_owner="",
+            lease_until=None,
+            claim="",
+            claimed_until=None,
+            crashes=F("crashes") + (1 if crashed else 0),
+        )
+        if not released:
+            return None
+        outcome = JobAttempt.Outcome.CRASHED if crashed else JobAttempt.Outcome.STOPPED
+        _attempts_add(held, outcome, "its process died" if crashed else "stopped before its end, given back")
     return int(OutboxMessage.objects.filter(task_id=task_id).values_list("crashes", flat=True).first() or 0)
 
 
@@ -365,15 +374,38 @@ def holder_beat(prefix: str) -> None:
 def jobs_reclaim(ids: list[int], *, claim: str, claimed_until: Any) -> int:
     """Makes lapsed runs' rows `available` again (unpublished: the caller publishes them under
     `claim`), counting a crash each; only rows still lapsed now."""
-    return OutboxMessage.objects.filter(pk__in=ids, state=State.EXECUTING, lease_until__lt=lapsed_before()).update(
-        state=State.AVAILABLE,
-        crashes=F("crashes") + 1,
-        lease_owner="",
-        lease_until=None,
-        published_at=None,
-        missing_since=None,
-        claim=claim,
-        claimed_until=claimed_until,
+    lapsed = OutboxMessage.objects.filter(pk__in=ids, state=State.EXECUTING, lease_until__lt=lapsed_before())
+    with transaction.atomic():
+        rows = list(lapsed.select_for_update().only("task_id", "task_name", "retries", "started_at", "lease_owner"))
+        reclaimed = lapsed.filter(pk__in=[row.pk for row in rows]).update(
+            state=State.AVAILABLE,
+            crashes=F("crashes") + 1,
+            lease_owner="",
+            lease_until=None,
+            published_at=None,
+            missing_since=None,
+            claim=claim,
+            claimed_until=claimed_until,
+        )
+        _attempts_add(rows, JobAttempt.Outcome.CRASHED, "its lease lapsed: the process running it was gone")
+    return reclaimed
+
+
+def _attempts_add(rows: list[OutboxMessage], outcome: str, error: str) -> None:
+    """The attempts these rows' runs made, ended with `outcome` now."""
+    now = timezone.now()
+    JobAttempt.objects.bulk_create(
+        JobAttempt(
+            task_id=row.task_id,
+            task_name=row.task_name,
+            attempt=row.retries,
+            started_at=row.started_at,
+            finished_at=now,
+            worker=_holder_of(row.lease_owner).rstrip(":"),
+            outcome=outcome,
+            error=error[:2000],
+        )
+        for row in rows
     )
 
 
@@ -397,6 +429,7 @@ def job_add(
     if state is None:
         state = State.AVAILABLE if not_before is None else State.SCHEDULED
     return OutboxMessage.objects.create(
+        queue=queue_of(task_name, options),
         task_name=task_name,
         task_id=task_id,
         state=state,
@@ -409,6 +442,24 @@ def job_add(
     )
 
 
+_routes: dict[str, str] = {}
+
+
+def queue_of(task_name: str, options: dict[str, Any] | None) -> str:
+    """The queue a job goes to: its publish options' own, else where Celery routes its task (the
+    route of a task name is looked up once per process)."""
+    queue = (options or {}).get("queue")
+    if queue:
+        return str(getattr(queue, "name", queue))[:64]
+    routed = _routes.get(task_name)
+    if routed is None:
+        from celery import current_app
+
+        route = current_app.amqp.router.route({}, task_name).get("queue")
+        routed = _routes[task_name] = str(getattr(route, "name", route) or jobs_settings.default_queue)[:64]
+    return routed
+
+
 def jobs_add(rows: list[OutboxMessage]) -> list[OutboxMessage]:
     """Accepted jobs built by the caller (beat's ticks, requeued dead letters), in one INSERT.
     On PostgreSQL one `INSERT ... SELECT FROM unnest(...)` of column arrays, the rows' ids set from
@@ -416,6 +467,8 @@ def jobs_add(rows: list[OutboxMessage]) -> list[OutboxMessage]:
     and row (65 us a row, most of the cost of recording a burst of 10 000 schedules)."""
     if not rows:
         return []
+    for row in rows:
+        row.queue = row.queue or queue_of(row.task_name, row.options)
     if connection.vendor != "postgresql":
         return OutboxMessage.objects.bulk_create(rows)
     fields = [field for field in OutboxMessage._meta.concrete_fields if not field.primary_key]
@@ -578,6 +631,35 @@ def job_defer_retry(
         claim="",
         claimed_until=None,
     )
+
+
+def jobs_cancel(task_ids: list[str]) -> tuple[list[OutboxMessage], list[str]]:
+    """An operator cancels these jobs: the rows no run holds are deleted (a message of theirs
+    still in the broker then finds nothing and does nothing), locked against a start meanwhile.
+    Returns (the deleted rows, the ids of those a run holds: the caller asks those to stop).
+    Call it in the transaction that records what was cancelled."""
+    rows = OutboxMessage.objects.filter(task_id__in=task_ids)
+    cancelled = list(rows.exclude(state=State.EXECUTING).select_for_update())
+    OutboxMessage.objects.filter(pk__in=[row.pk for row in cancelled]).delete()
+    running = list(rows.filter(state=State.EXECUTING).values_list("task_id", flat=True))
+    return cancelled, running
+
+
+#: What "run now" applies to: jobs waiting in the table for their time.
+RUN_NOW_STATES = (State.SCHEDULED, State.RETRYABLE)
+
+
+def jobs_run_now(task_ids: list[str]) -> list[str]:
+    """An operator asks these jobs, waiting for their time (scheduled, or retrying), to run now:
+    each is `available` and unpublished (the caller publishes it, else the relay does); the next
+    attempt keeps its number. Returns the ids it changed."""
+    rows = OutboxMessage.objects.filter(task_id__in=task_ids, state__in=RUN_NOW_STATES)
+    with transaction.atomic():
+        chosen = list(rows.select_for_update().values_list("task_id", flat=True))
+        OutboxMessage.objects.filter(task_id__in=chosen, state__in=RUN_NOW_STATES).update(
+            state=State.AVAILABLE, not_before=None, published_at=None, missing_since=None, claim="", claimed_until=None
+        )
+    return chosen
 
 
 def jobs_publish_again(task_ids: list[str]) -> list[str]:

@@ -101,6 +101,12 @@ def lease_take(request: Any) -> None:
         return
     if getattr(request, RUN_ATTRIBUTE, None) is not None or getattr(request, SKIP_ATTRIBUTE, None) is not None:
         return
+    from jobs.runtime.pause import is_paused
+
+    if is_paused(str((request.delivery_info or {}).get("routing_key") or "")):
+        # Taken before its worker stopped consuming the queue: back to the queue, where it waits.
+        setattr(request, SKIP_ATTRIBUTE, "paused")
+        return
     try:
         outcome = job_start_waiting(request.id, retries=int(request.retries or 0), hostname=request.hostname or "")
     except Exception as exc:  # noqa: BLE001 - fail closed: Celery would log a raise and run the body unleased
@@ -122,7 +128,7 @@ def skip_copy(request: Any) -> None:
         return
     from jobs import metrics
 
-    if skip in {"database", Skip.EARLY}:
+    if skip in {"database", "paused", Skip.EARLY}:
         import time
 
         time.sleep(1.0)  # not a hot loop of deliveries while the database is away
@@ -326,7 +332,13 @@ class JobTask(MeteredTask):
             # one is published now with its countdown. Either way the row says which attempt is next.
             request.jobs_retry_written = True
             if job_retry(
-                request.id, retries=attempt, postponed=postponed, delay=delay, headers=carried, owner=run.owner
+                request.id,
+                retries=attempt,
+                postponed=postponed,
+                delay=delay,
+                headers=carried,
+                owner=run.owner,
+                error=f"{type(exc).__name__}: {exc}",
             ):
                 raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]  # Celery takes a float (celery-types: Real)
         try:

@@ -472,6 +472,8 @@ class LivenessStep(bootsteps.StartStopStep):
         connection = parent.connection
         task_consumer = parent.task_consumer
         queues = [q.name for q in getattr(task_consumer, "queues", None) or []]
+        # Queues an operator paused count as consumed: a worker idle by choice is alive.
+        queues += sorted(getattr(parent, "jobs_paused_queues", ()))
         if connection is None or not connection.connected or not queues:
             return
         try:
@@ -484,6 +486,37 @@ class LivenessStep(bootsteps.StartStopStep):
             worker_reserved_publish(parent.hostname, held_task_ids(), client=self.client)
         except Exception as exc:  # noqa: BLE001 - Redis paused or full: the sweeper then waits longer
             logger.warning("worker.reserved_write_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+
+
+class QueuePauseStep(bootsteps.StartStopStep):
+    """Applies the paused queues (`jobs.runtime.pause`): read once before the consumer takes
+    anything, then by a thread every `JOBS_PAUSE_SYNC_SECONDS`, applied from the event loop."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sync: Any = None
+        self.tref: Entry | None = None
+
+    def start(self, parent: Any) -> None:
+        from jobs.runtime.pause import PauseSync
+
+        self.sync = PauseSync(parent)
+        parent.jobs_paused_queues = self.sync.paused
+        self.sync.refresh()
+        self.sync.apply()
+        self.sync.start()
+        interval = float(jobs_settings.PAUSE_SYNC_SECONDS)
+        self.tref = parent.timer.call_repeatedly(interval, self.sync.apply, priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
 
 
 def held_task_ids() -> set[str]:
@@ -568,6 +601,6 @@ def install_worker(worker: Any) -> None:
 
     worker.app.steps["worker"].update({ZeroIsNoLimitStep, ShutdownLogStep, LedgerStep})
     guard_plain_tasks(worker.app)
-    worker.app.steps["consumer"].add(LivenessStep)
+    worker.app.steps["consumer"].update({LivenessStep, QueuePauseStep})
     if symbol_by_name(worker.consumer_cls) is Consumer:
         worker.consumer_cls = JobConsumer
