@@ -253,7 +253,9 @@ def queues_overview(now: datetime) -> dict[str, Any]:
             title=f"Jobs of {row.name} finished per minute, last {THROUGHPUT_MINUTES} minutes",
         )
     ordered = [rows[name] for name in names] + [row for name, row in rows.items() if name not in names]
-    return {"rows": ordered, "broker_error": broker.error, "minutes": THROUGHPUT_MINUTES}
+    from jobs.selectors import paused_queues
+
+    return {"rows": ordered, "broker_error": broker.error, "minutes": THROUGHPUT_MINUTES, "paused": paused_queues()}
 
 
 def workers_overview() -> list[dict[str, Any]]:
@@ -454,11 +456,14 @@ def ledger_overview() -> dict[str, Any]:
     oldest job due."""
     from jobs.runtime.ledger import ledger_counts, ledger_oldest_age
     from jobs.runtime.outbox import outbox_backlog
+    from jobs.selectors import ROW_STATES, job_counts
 
     counts = ledger_counts()
     backlog = outbox_backlog()
+    states = job_counts()
     return {
         **counts,
+        "states": [(str(state), states[str(state)]) for state in ROW_STATES],
         "total": sum(counts.values()),
         "backlog": backlog,
         "waiting_for_time": counts["unpublished"] - backlog,  # not published, and not due yet
@@ -484,7 +489,7 @@ def ledger_due_times(task_ids: Iterable[str]) -> dict[str, datetime]:
 PERMISSIONS = {
     "dead_letters": ("jobs.view_deadletter", "dead letters"),
     "schedules": ("django_celery_beat.view_periodictask", "periodic tasks"),
-    "ledger": ("jobs.view_outboxmessage", "unfinished jobs"),
+    "ledger": ("jobs.view_job", "jobs"),
 }
 
 

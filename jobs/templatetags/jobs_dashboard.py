@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import template
 
 register = template.Library()
@@ -29,3 +31,9 @@ def duration(seconds: float | str | None) -> str:
 def sum_of(values: list[int] | None) -> int:
     """The sum of a list of counts (a chart's bars)."""
     return sum(values or ())
+
+
+@register.filter
+def get(mapping: dict[str, Any] | None, key: str) -> Any:
+    """`mapping[key]`, or None (a template cannot index a dict by a variable)."""
+    return (mapping or {}).get(key)

@@ -53,3 +53,55 @@ def test_requeue_and_discard_through_the_admin(browser, live_server, django_user
     page.wait_for_selector("text=Discarded 1 dead letter.")
     fourth.refresh_from_db()
     assert fourth.status == DeadLetter.Status.DISCARDED
+
+
+def test_the_jobs_page_cancels_with_confirmation_and_the_dashboard_pauses_a_queue(
+    browser, live_server, django_user_model
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import JobAction, JobAttempt, OutboxMessage, PausedQueue
+    from tests.integration.test_console_browser import screenshot
+    from tests.jobs.test_job_api import add
+
+    user = django_user_model.objects.create_user("op", password="a-long-password-1", is_staff=True)
+    from tests.conftest import grant
+
+    grant(user, "jobs.view_job", "jobs.change_job")
+    now = timezone.now()
+    add("invoice-42", OutboxMessage.State.SCHEDULED, not_before=now + timedelta(hours=3), args=[42])
+    add("mail-7", OutboxMessage.State.RETRYABLE, not_before=now + timedelta(minutes=4), retries=2)
+    JobAttempt.objects.create(
+        task_id="mail-7", task_name="mailer.send_email", attempt=1, outcome="retried", error="SMTPServerDisconnected"
+    )
+    add("thumb-3", task_name="thumbnails.generate", options={"queue": "normal", "headers": {}})
+    add("report-1", OutboxMessage.State.EXECUTING, task_name="jobs.daily_report", lease_owner="worker1@web-2:311:a1")
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(30_000)
+    admin_login(page, live_server, "/admin/jobs/job/", "op", "a-long-password-1")
+    page.wait_for_selector("#result_list")
+    assert "SMTPServerDisconnected" in page.inner_text("#result_list")
+    screenshot(page, "jobs")
+
+    row = OutboxMessage.objects.get(task_id="invoice-42")
+    page.check(f"input[name=_selected_action][value='{row.pk}']")
+    page.select_option("select[name=action]", "cancel_selected")
+    page.click("button[name=index]")
+    page.wait_for_selector("text=Cancel 1 job?")
+    assert OutboxMessage.objects.filter(task_id="invoice-42").exists()
+    page.click("input[value='Yes, cancel']")
+    page.wait_for_selector("text=Cancelled: 1 job.")
+    assert not OutboxMessage.objects.filter(task_id="invoice-42").exists()
+    assert JobAction.objects.get().actor == "admin:op"
+
+    page.goto(f"{live_server.url}/admin/jobs/job/{OutboxMessage.objects.get(task_id='mail-7').pk}/change/")
+    page.wait_for_selector("text=SMTPServerDisconnected")
+    screenshot(page, "job")
+
+    page.goto(f"{live_server.url}/admin/jobs/dashboard/")
+    page.click("#pause-low")
+    page.wait_for_selector("text=Queue low paused")
+    assert PausedQueue.objects.get().queue == "low"

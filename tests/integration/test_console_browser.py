@@ -107,7 +107,7 @@ def test_the_admin_lists_fit_a_1400_pixel_screen(browser, live_server, django_us
         "/admin/thumbnails/image/",
         "/admin/django_celery_results/taskresult/",
         "/admin/django_celery_beat/periodictask/",
-        "/admin/jobs/outboxmessage/",
+        "/admin/jobs/job/",
     ):
         page.goto(f"{live_server.url}{path}")
         page.wait_for_selector("#content-main")

@@ -38,7 +38,7 @@ def staff(django_user_model, client):
     logged in."""
     user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
     user.user_permissions.add(
-        *Permission.objects.filter(codename__in=["view_deadletter", "view_periodictask", "view_outboxmessage"]),
+        *Permission.objects.filter(codename__in=["view_deadletter", "view_periodictask", "view_job"]),
     )
     client.force_login(user)
     return user
@@ -118,7 +118,7 @@ def test_a_staff_member_sees_dead_letters_and_schedules_only_with_the_permission
     assert "tests.permanent" not in html
     assert "Pending dead letters" not in section(html, "health")
     assert "takes the permission django_celery_beat.view_periodictask" in section(html, "schedules")
-    assert "takes the permission jobs.view_outboxmessage" in section(html, "ledger")
+    assert "takes the permission jobs.view_job" in section(html, "ledger")
     assert "Unfinished jobs" not in section(html, "health")
     assert "<table" in section(html, "queues")  # the operator's counts stay
 

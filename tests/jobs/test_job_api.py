@@ -64,11 +64,14 @@ def test_jobs_by_state_newest_first_with_filters_and_keyset_pages(client, ops):
     everything = client.get(BASE, **ops).json()
     assert [job["id"] for job in everything["results"]] == ["t-1", "r-1", "q-2", "q-1", "s-1"]
     by_id = {job["id"]: job for job in everything["results"]}
-    assert by_id["s-1"]["state"] == "scheduled" and by_id["s-1"]["due_at"] == due.isoformat()
-    assert by_id["r-1"]["state"] == "running" and by_id["r-1"]["worker"] == "w1@host:41"
+    assert by_id["s-1"]["state"] == "scheduled"
+    assert by_id["s-1"]["due_at"] == due.isoformat()
+    assert by_id["r-1"]["state"] == "running"
+    assert by_id["r-1"]["worker"] == "w1@host:41"
     assert (by_id["t-1"]["state"], by_id["t-1"]["attempt"], by_id["t-1"]["last_error"]) == ("retrying", 3, "E: x")
     assert by_id["t-1"]["max_attempts"] == 6  # the email task's 5 retries and the first
-    assert by_id["q-2"]["queue"] == "low" and by_id["q-1"]["request_id"] == "req-1"
+    assert by_id["q-2"]["queue"] == "low"
+    assert by_id["q-1"]["request_id"] == "req-1"
 
     queued = client.get(BASE, {"state": "queued", "limit": 1}, **ops).json()
     assert [job["id"] for job in queued["results"]] == ["q-2"]
@@ -96,7 +99,8 @@ def test_a_job_shows_its_arguments_redacted_and_its_attempts(client, ops):
     add("j-1", State.RETRYABLE, kwargs={"password": "hunter2", "to": "a@example.com"}, retries=1)
     JobAttempt.objects.create(task_id="j-1", task_name="mailer.send_email", attempt=0, outcome="retried", error="E1")
     body = client.get(BASE + "j-1/", **ops).json()
-    assert body["kwargs"]["password"] != "hunter2" and body["kwargs"]["to"] == "a@example.com"
+    assert body["kwargs"]["password"] != "hunter2"
+    assert body["kwargs"]["to"] == "a@example.com"
     assert [(a["attempt"], a["outcome"], a["error"]) for a in body["attempts"]] == [(1, "retried", "E1")]
     assert client.get(BASE + "nope/", **ops).status_code == 404
 
@@ -133,7 +137,8 @@ def test_actions_a_state_does_not_allow_are_409_naming_it(client, ops):
     assert run_now.status_code == 409
     assert run_now.json()["error"] == "job q-1: the job is queued, not scheduled or retrying"
     retry = post(client, BASE + "q-1/retry/", **ops)
-    assert retry.status_code == 409 and "not dead" in retry.json()["error"]
+    assert retry.status_code == 409
+    assert "not dead" in retry.json()["error"]
     assert OutboxMessage.objects.get(task_id="q-1").state == State.AVAILABLE
 
 
@@ -152,7 +157,8 @@ def test_retry_requeues_a_dead_job(client, ops, redis_client):
     response = post(client, BASE + "d-1/retry/", **ops)
     assert response.status_code == 200, response.content
     body = response.json()
-    assert body["state"] == "queued" and body["new_id"]
+    assert body["state"] == "queued"
+    assert body["new_id"]
     assert DeadLetter.objects.get(task_id="d-1").status == DeadLetter.Status.REQUEUED
     assert JobAction.objects.get().task_ids == ["d-1"]
 
@@ -165,7 +171,8 @@ def test_a_view_only_user_changes_nothing(client, viewer):
         assert response.status_code == 403
         assert response.json()["permission"] == "jobs.change_job"
     assert post(client, "/api/jobs/queues/normal/pause/", **viewer).status_code == 403
-    assert OutboxMessage.objects.filter(task_id="v-1").exists() and not PausedQueue.objects.exists()
+    assert OutboxMessage.objects.filter(task_id="v-1").exists()
+    assert not PausedQueue.objects.exists()
     assert not JobAction.objects.exists()
 
 
@@ -181,7 +188,8 @@ def test_pause_and_resume_a_queue_audited(client, ops):
     assert paused.json() == {"queue": "low", "paused": True}
     assert PausedQueue.objects.get().paused_by == "api:ops"
     listed = {q["queue"]: q for q in client.get("/api/jobs/queues/", **ops).json()["queues"]}
-    assert listed["low"]["paused"] and not listed["high"]["paused"]
+    assert listed["low"]["paused"]
+    assert not listed["high"]["paused"]
     assert post(client, "/api/jobs/queues/low/resume/", **ops).json() == {"queue": "low", "paused": False}
     assert not PausedQueue.objects.exists()
     assert list(JobAction.objects.order_by("pk").values_list("action", "target")) == [
@@ -189,7 +197,8 @@ def test_pause_and_resume_a_queue_audited(client, ops):
         ("resume_queue", "low"),
     ]
     unknown = post(client, "/api/jobs/queues/nope/pause/", **ops)
-    assert unknown.status_code == 404 and "unknown queue" in unknown.json()["error"]
+    assert unknown.status_code == 404
+    assert "unknown queue" in unknown.json()["error"]
 
 
 def test_a_cross_site_cancel_is_refused_and_nothing_done(client, ops):

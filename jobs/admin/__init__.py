@@ -1,4 +1,6 @@
-"""Admin for dead letters: filter, search, read, requeue, discard, and a grouped view."""
+"""The admin of `jobs`: dead letters (filter, search, read, requeue, discard, a grouped view), the
+jobs page and its audit log (`jobs.admin.job`), API tokens, the dashboard, and django-celery-beat's
+schedules with their actions behind the change permission."""
 
 from __future__ import annotations
 
@@ -20,14 +22,17 @@ from django_celery_beat.admin import PeriodicTaskAdmin as BeatPeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 
 from jobs.links import dead_letters_of, job_object
-from jobs.models import ApiToken, DailyReport, Dashboard, DeadLetter, DeadLetterEvent, DeadLetterPurge, OutboxMessage
+from jobs.models import ApiToken, DailyReport, Dashboard, DeadLetter, DeadLetterEvent, DeadLetterPurge
 from jobs.selectors import dead_letter_groups
 from jobs.services import (
     RequeueResult,
+    UnknownQueue,
     api_token_create,
     api_tokens_revoke,
     dead_letters_discard,
     dead_letters_requeue,
+    queue_pause,
+    queue_resume,
 )
 
 if TYPE_CHECKING:
@@ -37,12 +42,11 @@ if TYPE_CHECKING:
     _DeadLetterAdmin = admin.ModelAdmin[DeadLetter]
     _DeadLetterPurgeAdmin = admin.ModelAdmin[DeadLetterPurge]
     _DailyReportAdmin = admin.ModelAdmin[DailyReport]
-    _OutboxMessageAdmin = admin.ModelAdmin[OutboxMessage]
     _ApiTokenAdmin = admin.ModelAdmin[ApiToken]
     _DashboardAdmin = admin.ModelAdmin[Dashboard]
 else:
     _DeadLetterEventInline = admin.TabularInline
-    _DeadLetterAdmin = _DeadLetterPurgeAdmin = _DailyReportAdmin = _OutboxMessageAdmin = admin.ModelAdmin
+    _DeadLetterAdmin = _DeadLetterPurgeAdmin = _DailyReportAdmin = admin.ModelAdmin
     _ApiTokenAdmin = _DashboardAdmin = admin.ModelAdmin
 
 
@@ -360,105 +364,6 @@ class DailyReportAdmin(_DailyReportAdmin):
         return format_html("<pre>{}</pre>", obj.text)
 
 
-class LedgerStateFilter(admin.SimpleListFilter):
-    title = "state"
-    parameter_name = "state"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin[OutboxMessage]) -> list[tuple[str, str]]:
-        return [
-            ("unpublished", "Waiting to be published"),
-            ("published", "Published, not finished"),
-            ("missing", "Missing from the broker"),
-        ]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> QuerySet[OutboxMessage]:
-        if self.value() == "unpublished":
-            return queryset.filter(published_at__isnull=True)
-        if self.value() == "published":
-            return queryset.filter(published_at__isnull=False, missing_since__isnull=True)
-        if self.value() == "missing":
-            return queryset.filter(missing_since__isnull=False)
-        return queryset
-
-
-@admin.register(OutboxMessage)
-class OutboxMessageAdmin(_OutboxMessageAdmin):
-    """The ledger: every accepted job not finished yet. Rows come and go by themselves; a row that
-    stays long is a job to look at (its state, publish errors, how often it was brought back)."""
-
-    list_display = (
-        "task_name",
-        "task_id",
-        "state",
-        "created_at",
-        "published_at",
-        "retries",
-        "republished",
-        "attempts",
-        "short_error",
-    )
-    list_filter = (LedgerStateFilter, "task_name")
-    search_fields = ("task_id", "task_name")
-    date_hierarchy = "created_at"
-    ordering = ("created_at", "id")
-    readonly_fields = (
-        "task_name",
-        "task_id",
-        "state",
-        "args",
-        "kwargs",
-        "options",
-        "created_at",
-        "published_at",
-        "not_before",
-        "retries",
-        "missing_since",
-        "republished",
-        "attempts",
-        "last_error",
-        "claimed_until",
-        "lease_owner",
-        "lease_until",
-        "started_at",
-        "runs",
-        "crashes",
-    )
-    fields = readonly_fields
-    actions = ("publish_now",)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
-        return False
-
-    @admin.display(description="last publish error")
-    def short_error(self, obj: OutboxMessage) -> str:
-        return obj.last_error[:80]
-
-    def has_delete_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
-        # A row is the only record of a job that has not finished: deleting one in flight drops
-        # the promise that nothing accepted is lost (its message may be gone from the broker).
-        return False
-
-    def has_publish_permission(self, request: HttpRequest) -> bool:
-        """Publishing again changes what runs: `jobs.change_outboxmessage`, not the view."""
-        return request.user.has_perm("jobs.change_outboxmessage")
-
-    @admin.action(description="Publish selected again now", permissions=["publish"])
-    def publish_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        from jobs.runtime.outbox import ledger_publish_now
-        from jobs.runtime.store import jobs_publish_again
-
-        # A job a run holds is not published again: its lease says it runs.
-        task_ids = jobs_publish_again(list(queryset.values_list("task_id", flat=True)))
-        published, error = ledger_publish_now(task_ids)
-        noun = "job" if published == 1 else "jobs"
-        self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)
-        if error:
-            self.message_user(request, f"Stopped: {error}. The rest go out with the relay.", messages.ERROR)
-
-
 @admin.register(ApiToken)
 class ApiTokenAdmin(_ApiTokenAdmin):
     """Tokens for the staff API: an admin creates one for a staff user (it is shown once) and
@@ -549,7 +454,13 @@ class DashboardAdmin(_DashboardAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         can_act = request.user.has_perm("jobs.change_deadletter")
+        can_pause = request.user.has_perm("jobs.change_job")
         if request.method == "POST":
+            if request.POST.get("action") in {"pause_queue", "resume_queue"}:
+                if not can_pause:
+                    raise PermissionDenied
+                self._pause(request)
+                return HttpResponseRedirect(request.path)
             if not can_act:
                 raise PermissionDenied
             self._act(request)
@@ -560,11 +471,27 @@ class DashboardAdmin(_DashboardAdmin):
             "is_nav_sidebar_enabled": False,  # the page needs the width
             "opts": self.model._meta,
             "can_act": can_act,
+            "can_pause": can_pause,
             "refresh_seconds": REFRESH_SECONDS,
             **snapshot(request.user),
         }
         template = "admin/jobs/dashboard/sections.html" if request.GET.get("part") else "admin/jobs/dashboard.html"
         return TemplateResponse(request, template, context)
+
+    def _pause(self, request: HttpRequest) -> None:
+        """Pauses or resumes one queue, audited."""
+        queue = request.POST.get("queue", "")
+        pause = request.POST.get("action") == "pause_queue"
+        try:
+            changed = (queue_pause if pause else queue_resume)(queue=queue, actor=_actor(request))
+        except UnknownQueue as exc:
+            self.message_user(request, f"Nothing done: {exc}.", messages.ERROR)
+            return
+        what = "paused: no worker takes its jobs, which wait in it" if pause else "resumed"
+        if changed:
+            self.message_user(request, f"Queue {queue} {what}.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Queue {queue} was {'paused' if pause else 'not paused'} already.")
 
     def _act(self, request: HttpRequest) -> None:
         """Requeue or discard the pending dead letters of one cause (task and exception type),
@@ -610,3 +537,6 @@ def _guard_schedule_actions() -> None:
 
 
 _guard_schedule_actions()
+
+
+from jobs.admin import job as _job  # noqa: E402, F401 - registers the jobs page and its audit log

@@ -1,0 +1,49 @@
+"""A paused queue, on real workers: its jobs wait in the broker, also one a worker had already
+taken, also from a worker started later; resumed, each runs once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from jobs.models import OutboxMessage
+from jobs.runtime.outbox import enqueue
+from jobs.services import queue_pause, queue_resume
+from tests.integration import tasks
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def ran(redis_client, key: str) -> list[str]:
+    return [item.decode() for item in redis_client.lrange(key, 0, -1)]
+
+
+def test_a_paused_queue_keeps_its_jobs_until_resumed(start_worker, redis_client):
+    key = f"pause-{uuid.uuid4().hex}"
+    first = start_worker(concurrency=1)
+    # Taken by the worker before the pause: it waits in the worker for its countdown.
+    held = enqueue(tasks.record_order, args=[key, "held"], queue="low", countdown=4)
+    wait_for(lambda: redis_client.llen("low") == 0 and OutboxMessage.objects.get(task_id=held).published_at)
+    queue_pause(queue="low", actor="test")
+    waiting = enqueue(tasks.record_order, args=[key, "waiting"], queue="low")
+    enqueue(tasks.record_order, args=[key, "high"], queue="high")
+    wait_for(lambda: "high" in ran(redis_client, key), timeout=15)
+    # The held one is given back when it would start; both wait in the broker, neither ran.
+    wait_for(lambda: redis_client.llen("low") == 2, timeout=20)
+    start_worker(concurrency=1)  # a worker started later does not take them either
+    time.sleep(3 * 2.0)  # three of the workers' reads of the paused queues
+    assert ran(redis_client, key) == ["high"]
+    assert redis_client.llen("low") == 2
+    assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {held, waiting}
+    assert first.process.poll() is None
+
+    queue_resume(queue="low", actor="test")
+    wait_for(lambda: len(ran(redis_client, key)) == 3, timeout=20)
+    time.sleep(1.0)
+    assert sorted(ran(redis_client, key)) == ["held", "high", "waiting"]
+    wait_for(lambda: not OutboxMessage.objects.exists(), timeout=10)
+    assert "pause.queue_paused" in first.log()
+    assert "pause.queue_resumed" in first.log()
