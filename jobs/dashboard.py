@@ -10,6 +10,7 @@ says why, the rest of the page stays.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any
 from django.db.models import Count, Q
 from django.db.models.functions import Coalesce, TruncHour, TruncMinute
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -393,26 +395,44 @@ def schedules_overview(now: datetime) -> dict[str, Any]:
     )
     rows = []
     for task in tasks[:MAX_ROWS]:
+        runs = [
+            _run(row)
+            # A bounded read: the history of a schedule that runs every few seconds is long.
+            for row in TaskResult.objects.filter(periodic_task_name=task.name, date_done__gte=now - LAST_RUNS_WINDOW)
+            .order_by("-date_done")
+            .values("status", "date_started", "date_done", "task_id", "meta")[:LAST_RUNS]
+        ]
         last = None
-        if task.last_run_at is not None:
-            # Its runs since shortly before the last one beat saved: a bounded read of its history.
-            last = (
-                TaskResult.objects.filter(
-                    periodic_task_name=task.name, date_done__gte=task.last_run_at - LAST_OUTCOME_SLACK
-                )
-                .order_by("-date_done")
-                .values("status", "date_done", "task_id")
-                .first()
-            )
+        if task.last_run_at is not None and runs and runs[0]["date_done"] >= task.last_run_at - LAST_OUTCOME_SLACK:
+            last = runs[0]  # the run beat saved last, not an older one
         rows.append(
             {
                 "task": task,
                 "schedule": _describe_schedule(task),
                 "next_run": _next_run(task, now),
                 "last_outcome": last,
+                "runs": runs,
             }
         )
     return {"rows": rows, "more": len(tasks) > MAX_ROWS}
+
+
+#: A schedule's runs the dashboard shows on its row, from its history of the last two days.
+LAST_RUNS = 3
+LAST_RUNS_WINDOW = timedelta(days=2)
+
+
+def _run(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of a schedule from its task history row, with its lateness: its start minus the
+    beat tick that found it due (`meta.due_at`, written by `jobs.runtime.beat`), None if unknown."""
+    lateness = None
+    try:
+        due = parse_datetime(str(json.loads(row.get("meta") or "{}").get("due_at") or ""))
+    except (ValueError, TypeError, AttributeError):
+        due = None
+    if due is not None and row.get("date_started") is not None:
+        lateness = max((row["date_started"] - due).total_seconds(), 0.0)
+    return {**row, "lateness": lateness}
 
 
 def _describe_schedule(task: Any) -> str:

@@ -8,6 +8,7 @@ callers of these functions; each write to jobs or queues is audited (`JobAction`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import secrets
@@ -594,3 +595,54 @@ def queue_resume(*, queue: str, actor: str) -> bool:
     if deleted:
         logger.warning("queue.resumed", extra={"queue": queue, "actor": actor})
     return bool(deleted)
+
+
+# --- schedules (django-celery-beat's) -------------------------------------------------------------
+
+
+def schedules_enable(*, schedules: QuerySet[Any], enabled: bool, actor: str) -> list[str]:
+    """Pauses (`enabled=False`) or resumes schedules; beat sees it at its next look at the table.
+    Returns the names it changed. Audited."""
+    from django_celery_beat.models import PeriodicTask, PeriodicTasks
+
+    with transaction.atomic():
+        names = list(schedules.exclude(enabled=enabled).values_list("name", flat=True))
+        # As django-celery-beat's own admin: a paused schedule forgets its last run.
+        extra = {} if enabled else {"last_run_at": None}
+        PeriodicTask.objects.filter(name__in=names).update(enabled=enabled, **extra)
+        PeriodicTasks.update_changed()
+        action = JobAction.Action.RESUME_SCHEDULE if enabled else JobAction.Action.PAUSE_SCHEDULE
+        for name in names:
+            job_action_audit(action=action, actor=actor, target=name, count=1)
+    return names
+
+
+def schedules_run_now(*, schedules: QuerySet[Any], actor: str) -> list[tuple[str, str]]:
+    """Runs schedules' tasks now, once, through the job table like beat's own runs (the schedule
+    itself is unchanged). Returns (name, task id) of each. Audited. Raises `LookupError` naming a
+    task this process does not know (nothing is sent then)."""
+    from celery import current_app
+
+    from jobs.context import get_request_id
+    from jobs.runtime.outbox import ledger_add
+
+    rows = list(schedules)
+    current_app.loader.import_default_modules()
+    unknown = sorted({row.task for row in rows if row.task not in current_app.tasks})
+    if unknown:
+        raise LookupError(f"unknown task {', '.join(unknown)}: nothing was run")
+    started = []
+    with transaction.atomic():
+        for row in rows:
+            options = {"queue": row.queue} if row.queue else {}
+            headers = {"periodic_task_name": row.name, "request_id": get_request_id() or ""}
+            task_id = ledger_add(
+                row.task,
+                args=json.loads(row.args or "[]"),
+                kwargs=json.loads(row.kwargs or "{}"),
+                headers={name: value for name, value in headers.items() if value},
+                **options,
+            )
+            started.append((row.name, task_id))
+            job_action_audit(action=JobAction.Action.RUN_SCHEDULE, actor=actor, target=row.name, task_ids=[task_id])
+    return started

@@ -33,6 +33,8 @@ from jobs.services import (
     dead_letters_requeue,
     queue_pause,
     queue_resume,
+    schedules_enable,
+    schedules_run_now,
 )
 
 if TYPE_CHECKING:
@@ -455,11 +457,17 @@ class DashboardAdmin(_DashboardAdmin):
             raise PermissionDenied
         can_act = request.user.has_perm("jobs.change_deadletter")
         can_pause = request.user.has_perm("jobs.change_job")
+        can_steer = request.user.has_perm("django_celery_beat.change_periodictask")
         if request.method == "POST":
             if request.POST.get("action") in {"pause_queue", "resume_queue"}:
                 if not can_pause:
                     raise PermissionDenied
                 self._pause(request)
+                return HttpResponseRedirect(request.path)
+            if request.POST.get("action") in {"pause_schedule", "resume_schedule", "run_schedule"}:
+                if not can_steer:
+                    raise PermissionDenied
+                self._steer(request)
                 return HttpResponseRedirect(request.path)
             if not can_act:
                 raise PermissionDenied
@@ -472,6 +480,7 @@ class DashboardAdmin(_DashboardAdmin):
             "opts": self.model._meta,
             "can_act": can_act,
             "can_pause": can_pause,
+            "can_steer": can_steer,
             "refresh_seconds": REFRESH_SECONDS,
             **snapshot(request.user),
         }
@@ -492,6 +501,27 @@ class DashboardAdmin(_DashboardAdmin):
             self.message_user(request, f"Queue {queue} {what}.", messages.SUCCESS)
         else:
             self.message_user(request, f"Queue {queue} was {'paused' if pause else 'not paused'} already.")
+
+    def _steer(self, request: HttpRequest) -> None:
+        """Pauses, resumes or runs now one schedule, audited."""
+        pk = request.POST.get("schedule", "")
+        rows = PeriodicTask.objects.filter(pk=int(pk)) if pk.isdigit() else PeriodicTask.objects.none()
+        name = rows.values_list("name", flat=True).first()
+        if name is None:
+            self.message_user(request, "Nothing done: no such schedule.", messages.ERROR)
+            return
+        action = request.POST.get("action")
+        if action == "run_schedule":
+            try:
+                schedules_run_now(schedules=rows, actor=_actor(request))
+            except LookupError as exc:
+                self.message_user(request, f"{exc}.", messages.ERROR)
+                return
+            self.message_user(request, f"Schedule {name} started now.", messages.SUCCESS)
+            return
+        enabled = action == "resume_schedule"
+        schedules_enable(schedules=rows, enabled=enabled, actor=_actor(request))
+        self.message_user(request, f"Schedule {name} {'resumed' if enabled else 'paused'}.", messages.SUCCESS)
 
     def _act(self, request: HttpRequest) -> None:
         """Requeue or discard the pending dead letters of one cause (task and exception type),
@@ -516,10 +546,32 @@ class PeriodicTaskAdmin(BeatPeriodicTaskAdmin):  # type: ignore[misc]  # django-
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions: dict[str, Any] = super().get_actions(request)
+        actions.pop("toggle_tasks", None)  # "pause" and "resume" say what they do; each is audited
         if not self.has_change_permission(request):
             for name in self.CHANGING_ACTIONS:
                 actions.pop(name, None)
         return actions
+
+    # Beat's own actions, audited (JobAction) and, for "run", through the job table.
+
+    @admin.action(description="Resume selected schedules")
+    def enable_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
+        names = schedules_enable(schedules=queryset, enabled=True, actor=_actor(request))
+        self.message_user(request, f"Resumed {_plural(len(names), 'schedule', 'schedules')}.", messages.SUCCESS)
+
+    @admin.action(description="Pause selected schedules")
+    def disable_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
+        names = schedules_enable(schedules=queryset, enabled=False, actor=_actor(request))
+        self.message_user(request, f"Paused {_plural(len(names), 'schedule', 'schedules')}.", messages.SUCCESS)
+
+    @admin.action(description="Run selected schedules now")
+    def run_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
+        try:
+            started = schedules_run_now(schedules=queryset, actor=_actor(request))
+        except LookupError as exc:
+            self.message_user(request, f"{exc}.", messages.ERROR)
+            return
+        self.message_user(request, f"Started {_plural(len(started), 'schedule', 'schedules')} now.", messages.SUCCESS)
 
 
 def _guard_schedule_actions() -> None:

@@ -501,6 +501,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
 
         options = dict(entry.options)
         headers = {**(options.pop("headers", None) or {}), "celery_beat_task": True, LEDGER_HEADER: 1}
+        # `meta` becomes the run's `request.meta`, which its task history row keeps: the dashboard
+        # reads each run's lateness from it (its start minus the tick that found it due).
+        headers["meta"] = {**(headers.get("meta") or {}), "due_at": now.isoformat()}
         expires = options.get("expires")
         if isinstance(expires, int | float):  # seconds from the tick, not from a later relay
             options["expires"] = (now + timedelta(seconds=expires)).isoformat()

@@ -84,6 +84,11 @@ def test_two_beats_send_each_tick_once_and_the_standby_takes_over(start_worker, 
     sent, elapsed = pings() - start, time.monotonic() - began
     assert sent <= elapsed + 1.5, f"{sent} sends in {elapsed:.1f} s: two beats sent"
     assert sent >= elapsed - 2.5
+    # Each run's history keeps the tick that found it due: the dashboard shows its lateness.
+    from jobs.dashboard import _run
+
+    runs = [_run(row) for row in TaskResult.objects.filter(task_name="jobs.ping").values("meta", "date_started")]
+    assert all(run["lateness"] is not None and run["lateness"] < 10 for run in runs), runs
 
     logs = first.log() + second.log()
     assert logs.count('"beat.leading"') == 1

@@ -47,3 +47,24 @@ def test_a_paused_queue_keeps_its_jobs_until_resumed(start_worker, redis_client)
     wait_for(lambda: not OutboxMessage.objects.exists(), timeout=10)
     assert "pause.queue_paused" in first.log()
     assert "pause.queue_resumed" in first.log()
+
+
+def test_cancelling_a_running_job_stops_it_and_keeps_it_as_a_dead_letter(start_worker, redis_client):
+    from jobs.models import DeadLetter
+    from jobs.services import jobs_cancel
+
+    key = f"cancel-{uuid.uuid4().hex}"
+    worker = start_worker(concurrency=1)
+    task_id = enqueue(tasks.slow, args=[key, 60], queue="normal")
+    wait_for(lambda: OutboxMessage.objects.filter(task_id=task_id, state="executing").exists(), timeout=15)
+    result = jobs_cancel(task_ids=[task_id], actor="test")
+    assert (result.done, result.stopping, result.error) == ([], [task_id], "")
+
+    letter = wait_for(lambda: DeadLetter.objects.filter(task_id=task_id).first(), timeout=15)
+    assert (letter.reason, letter.status) == (DeadLetter.Reason.REVOKED, DeadLetter.Status.PENDING)
+    wait_for(lambda: not OutboxMessage.objects.filter(task_id=task_id).exists(), timeout=10)
+    # The worker goes on with other work; the stopped job does not start again.
+    enqueue(tasks.record_order, args=[key + ":next", "next"], queue="normal")
+    wait_for(lambda: redis_client.llen(key + ":next") == 1, timeout=15)
+    assert int(redis_client.get(key)) == 1
+    assert worker.process.poll() is None

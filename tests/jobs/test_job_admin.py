@@ -152,3 +152,84 @@ def test_the_audit_log_is_read_only(client, operator, django_user_model):
     audit = client.get("/admin/jobs/jobaction/").content.decode()
     assert "admin:root" in audit
     assert client.get("/admin/jobs/jobaction/add/").status_code == 403
+
+
+@pytest.fixture
+def schedule():
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    return PeriodicTask.objects.create(name="ping often", task="jobs.ping", interval=every, queue="low")
+
+
+def test_schedules_are_paused_resumed_and_run_from_the_dashboard_audited(client, operator, schedule):
+    grant(operator, "django_celery_beat.view_periodictask", "django_celery_beat.change_periodictask")
+    page = client.get("/admin/jobs/dashboard/").content.decode()
+    assert f'id="pause-schedule-{schedule.pk}"' in page
+
+    client.post("/admin/jobs/dashboard/", {"action": "pause_schedule", "schedule": schedule.pk})
+    schedule.refresh_from_db()
+    assert schedule.enabled is False
+    client.post("/admin/jobs/dashboard/", {"action": "resume_schedule", "schedule": schedule.pk})
+    schedule.refresh_from_db()
+    assert schedule.enabled is True
+
+    client.post("/admin/jobs/dashboard/", {"action": "run_schedule", "schedule": schedule.pk})
+    job = OutboxMessage.objects.get(task_name="jobs.ping")  # through the job table, like beat's runs
+    assert job.queue == "low"
+    assert job.options["headers"]["periodic_task_name"] == "ping often"
+    audit = list(JobAction.objects.order_by("pk").values_list("action", "target", "actor"))
+    assert audit == [
+        ("pause_schedule", "ping often", "admin:op"),
+        ("resume_schedule", "ping often", "admin:op"),
+        ("run_schedule", "ping often", "admin:op"),
+    ]
+
+
+def test_a_schedule_viewer_cannot_steer_it(client, watcher, schedule):
+    grant(watcher, "django_celery_beat.view_periodictask")
+    assert "pause-schedule" not in client.get("/admin/jobs/dashboard/").content.decode()
+    response = client.post("/admin/jobs/dashboard/", {"action": "run_schedule", "schedule": schedule.pk})
+    assert response.status_code == 403
+    assert not OutboxMessage.objects.exists()
+
+
+def test_beats_own_run_action_goes_through_the_job_table_audited(client, django_user_model, schedule):
+    client.force_login(django_user_model.objects.create_superuser("root", password="pw"))
+    client.post(
+        "/admin/django_celery_beat/periodictask/",
+        {"action": "run_tasks", "index": 0, ACTION_CHECKBOX_NAME: [schedule.pk]},
+    )
+    assert OutboxMessage.objects.filter(task_name="jobs.ping").count() == 1
+    assert JobAction.objects.get().action == "run_schedule"
+    client.post(
+        "/admin/django_celery_beat/periodictask/",
+        {"action": "disable_tasks", "index": 0, ACTION_CHECKBOX_NAME: [schedule.pk]},
+    )
+    schedule.refresh_from_db()
+    assert schedule.enabled is False
+
+
+def test_each_schedule_shows_its_last_runs_and_how_late_each_started(client, operator, schedule):
+    import json
+
+    from django_celery_results.models import TaskResult
+
+    grant(operator, "django_celery_beat.view_periodictask")
+    now = timezone.now()
+    for n, late in enumerate((2, 75)):
+        TaskResult.objects.create(
+            task_id=f"run-{n}",
+            task_name="jobs.ping",
+            periodic_task_name="ping often",
+            status="SUCCESS",
+            meta=json.dumps({"due_at": (now - timedelta(minutes=n) - timedelta(seconds=late)).isoformat()}),
+            date_started=now - timedelta(minutes=n),
+            date_done=now - timedelta(minutes=n),
+        )
+    page = client.get("/admin/jobs/dashboard/").content.decode()
+    runs = page[page.index('class="runs"') :]
+    runs = runs[: runs.index("</td>")]
+    assert runs.count("success") == 2
+    assert "2 s" in runs
+    assert "1 min 15 s" in runs
