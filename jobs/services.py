@@ -560,6 +560,14 @@ def jobs_retry(*, task_ids: Iterable[str], actor: str) -> tuple[JobsResult, Requ
     return result, requeue
 
 
+def job_attempts_purge(*, older_than: timedelta) -> int:
+    """Deletes the attempts of jobs that ended before `older_than` ago; returns how many."""
+    from jobs.models import JobAttempt
+
+    deleted, _ = JobAttempt.objects.filter(finished_at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
 class UnknownQueue(ValueError):
     """A queue the project does not declare."""
 

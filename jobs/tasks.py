@@ -60,11 +60,13 @@ def cleanup_temp_files() -> dict[str, Any]:
 
 @shared_task(base=JobTask, name="jobs.dead_letter_retention")
 def dead_letter_retention() -> int:
-    """Purges requeued and discarded dead letters older than JOBS_DEAD_LETTER_RETENTION_DAYS (daily)."""
+    """Purges requeued and discarded dead letters older than JOBS_DEAD_LETTER_RETENTION_DAYS, and
+    jobs' attempts older than JOBS_ATTEMPT_RETENTION_DAYS (daily). Returns the dead letters purged."""
     from datetime import timedelta
 
-    from jobs.services import dead_letters_purge
+    from jobs.services import dead_letters_purge, job_attempts_purge
 
+    job_attempts_purge(older_than=timedelta(days=jobs_settings.ATTEMPT_RETENTION_DAYS))
     return dead_letters_purge(older_than=timedelta(days=jobs_settings.DEAD_LETTER_RETENTION_DAYS), actor="retention")
 
 

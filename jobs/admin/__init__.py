@@ -543,6 +543,7 @@ class PeriodicTaskAdmin(BeatPeriodicTaskAdmin):  # type: ignore[misc]  # django-
     could run or stop schedules. Here they take the change permission."""
 
     CHANGING_ACTIONS = ("enable_tasks", "disable_tasks", "toggle_tasks", "run_tasks")
+    change_form_template = "admin/jobs/periodictask/change_form.html"  # no "Translation: undefined"
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions: dict[str, Any] = super().get_actions(request)

@@ -105,3 +105,14 @@ def test_the_jobs_page_cancels_with_confirmation_and_the_dashboard_pauses_a_queu
     page.click("#pause-low")
     page.wait_for_selector("text=Queue low paused")
     assert PausedQueue.objects.get().queue == "low"
+
+    # The schedule form: a crontab's meaning under its field, and no "undefined" for the empty choice.
+    from django_celery_beat.models import CrontabSchedule
+
+    crontab = CrontabSchedule.objects.create(minute="0", hour="7")
+    grant(user, "django_celery_beat.add_periodictask", "django_celery_beat.view_periodictask")
+    page.goto(f"{live_server.url}/admin/django_celery_beat/periodictask/add/")
+    page.select_option("#id_crontab", str(crontab.pk))
+    page.wait_for_selector(".field-crontab .help >> text=Translation: At 07:00")
+    page.select_option("#id_crontab", "")
+    assert "undefined" not in page.inner_text(".field-crontab .help")

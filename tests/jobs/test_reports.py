@@ -133,3 +133,20 @@ def test_dead_letter_retention_task(settings):
     assert dead_letter_retention() == 2
     assert set(DeadLetter.objects.values_list("pk", flat=True)) == {row.pk for row in kept}
     assert DeadLetterPurge.objects.get().actor == "retention"
+
+
+@pytest.mark.django_db
+def test_the_retention_task_forgets_old_attempts_of_jobs(settings):
+    from jobs.models import JobAttempt
+
+    settings.JOBS_ATTEMPT_RETENTION_DAYS = 14
+    for task_id, age in (("old", 15), ("recent", 13)):
+        JobAttempt.objects.create(
+            task_id=task_id,
+            task_name="t",
+            attempt=0,
+            outcome="retried",
+            finished_at=timezone.now() - timedelta(days=age),
+        )
+    dead_letter_retention()
+    assert list(JobAttempt.objects.values_list("task_id", flat=True)) == ["recent"]

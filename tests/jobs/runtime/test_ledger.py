@@ -346,12 +346,12 @@ def test_the_ledger_command_reports_and_sweeps(redis_client):
 
 def test_the_admin_lists_the_ledger_and_publishes_again(admin_client, redis_client):
     row = _published("adm-1")
-    page = admin_client.get("/admin/jobs/outboxmessage/?state=published")
+    page = admin_client.get("/admin/jobs/job/?state=queued")
     assert page.status_code == 200
     assert "adm-1" in page.content.decode()
-    assert admin_client.get("/admin/jobs/outboxmessage/add/").status_code == 403
+    assert admin_client.get("/admin/jobs/job/add/").status_code == 403
     response = admin_client.post(
-        "/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]}, follow=True
+        "/admin/jobs/job/", {"action": "publish_again", "_selected_action": [row.pk]}, follow=True
     )
     assert "Published 1 job again" in response.content.decode()
     assert _queued_ids(redis_client) == ["adm-1"]
@@ -450,28 +450,26 @@ def test_the_ledger_command_says_so_when_another_process_sweeps(redis_client):
 
 
 def test_a_view_only_staff_user_sees_the_ledger_but_cannot_publish_or_delete(client, django_user_model, redis_client):
-    """Publishing again changes what runs: it takes `jobs.change_outboxmessage`, not the view
-    (it had `permissions=["view"]`); and nobody deletes an unfinished job's row from the admin."""
+    """Publishing again changes what runs: it takes `jobs.change_job`, not the view (it had
+    `permissions=["view"]`); and nobody deletes an unfinished job's row from the admin."""
     from tests.conftest import grant
 
     row = _published("perm-1")
-    viewer = grant(
-        django_user_model.objects.create_user("viewer", password="pw", is_staff=True), "jobs.view_outboxmessage"
-    )
+    viewer = grant(django_user_model.objects.create_user("viewer", password="pw", is_staff=True), "jobs.view_job")
     client.force_login(viewer)
-    page = client.get("/admin/jobs/outboxmessage/")
+    page = client.get("/admin/jobs/job/")
     assert page.status_code == 200
     assert "perm-1" in page.content.decode()
-    assert 'value="publish_now"' not in page.content.decode()
-    client.post("/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]})
+    assert 'value="publish_again"' not in page.content.decode()
+    client.post("/admin/jobs/job/", {"action": "publish_again", "_selected_action": [row.pk]})
     assert _queued_ids(redis_client) == []
 
-    operator = grant(viewer, "jobs.change_outboxmessage", "jobs.delete_outboxmessage")
+    operator = grant(viewer, "jobs.change_job", "jobs.delete_job")
     client.force_login(operator)
-    page = client.get("/admin/jobs/outboxmessage/").content.decode()
-    assert 'value="publish_now"' in page
+    page = client.get("/admin/jobs/job/").content.decode()
+    assert 'value="publish_again"' in page
     assert 'value="delete_selected"' not in page
-    assert client.get(f"/admin/jobs/outboxmessage/{row.pk}/delete/").status_code == 403
-    client.post("/admin/jobs/outboxmessage/", {"action": "publish_now", "_selected_action": [row.pk]})
+    assert client.get(f"/admin/jobs/job/{row.pk}/delete/").status_code == 403
+    client.post("/admin/jobs/job/", {"action": "publish_again", "_selected_action": [row.pk]})
     assert _queued_ids(redis_client) == ["perm-1"]
     assert OutboxMessage.objects.filter(pk=row.pk).exists()

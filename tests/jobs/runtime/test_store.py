@@ -202,6 +202,32 @@ def test_the_sweeper_reclaims_a_lapsed_lease_once_and_gives_up_after_the_limit(s
     assert DeadLetter.objects.get(task_id="crashed-often").reason == DeadLetter.Reason.WORKER_LOST
     assert _row("alive").state == State.EXECUTING
     assert ledger_reclaim() == 0  # once per crash
+    from jobs.models import JobAttempt
+
+    attempt = JobAttempt.objects.get(task_id="crashed")  # the job's page shows the crash
+    assert (attempt.outcome, attempt.worker) == (JobAttempt.Outcome.CRASHED, "w0:1")
+
+
+def test_each_failed_attempt_is_kept_with_its_worker_and_error(settings):
+    from jobs.models import JobAttempt
+
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    store.job_retry("job-1", retries=1, postponed=0, delay=600, owner=run.owner, error="SMTPServerDisconnected: bye")
+    second = store.job_start("job-1", retries=1, hostname="w2")
+    assert second is Skip.NOT_DUE  # waits in the table
+    OutboxMessage.objects.filter(task_id="job-1").update(not_before=timezone.now())
+    second = store.job_start("job-1", retries=1, hostname="w2")
+    assert store.job_release("job-1", owner_prefix=store.owner_prefix("w2"), crashed=True) == 1
+    attempts = list(JobAttempt.objects.order_by("pk").values_list("attempt", "outcome", "error"))
+    assert attempts == [
+        (0, "retried", "SMTPServerDisconnected: bye"),
+        (1, "crashed", "its process died"),
+    ]
+    assert JobAttempt.objects.first().worker == store.owner_prefix("w1").rstrip(":")
+    # A retry of a row the run no longer holds writes nothing.
+    store.job_retry("job-1", retries=2, postponed=0, delay=1, owner="someone-else")
+    assert JobAttempt.objects.count() == 2
 
 
 def test_nothing_but_the_store_writes_the_job_table():
@@ -216,7 +242,7 @@ def test_nothing_but_the_store_writes_the_job_table():
     writes = {"update", "delete", "create", "bulk_create", "bulk_update", "get_or_create", "update_or_create"}
 
     def mentions_model(node: ast.AST) -> bool:
-        return any(isinstance(n, ast.Name) and n.id == "OutboxMessage" for n in ast.walk(node))
+        return any(isinstance(n, ast.Name) and n.id in {"OutboxMessage", "Job"} for n in ast.walk(node))
 
     root = Path(jobs.__file__).parent
     found = []
