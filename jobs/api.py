@@ -415,10 +415,14 @@ def job_list(request: HttpRequest) -> HttpResponse:
 @staff_required
 @_permission("view_job")
 def job_counts_view(request: HttpRequest) -> HttpResponse:
-    """Jobs per state, each counted up to a cap (`more_than` names it)."""
-    from jobs.selectors import COUNT_CAP
-
-    return JsonResponse({"counts": job_counts(), "more_than": COUNT_CAP})
+    """Jobs per state: exact up to 1 000, else estimated (`estimated` names those states)."""
+    counts = job_counts()
+    return JsonResponse(
+        {
+            "counts": {state: value.count for state, value in counts.items()},
+            "estimated": sorted(state for state, value in counts.items() if value.estimated),
+        }
+    )
 
 
 def _attempt(attempt: JobAttempt) -> dict[str, Any]:

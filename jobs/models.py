@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.db.models.fields.json import KT
 from django.utils import timezone
 
 
@@ -212,6 +213,8 @@ class OutboxMessage(models.Model):
             models.Index(fields=["state", "not_before"], name="job_state_due"),
             models.Index(fields=["state", "lease_until"], name="job_state_lease"),
             models.Index(fields=["queue", "state"], name="job_queue_state"),
+            # `jobs.selectors.jobs_of_request` filters on the same expression.
+            models.Index(KT("options__headers__request_id"), name="job_request_id"),
         ]
 
     def __str__(self) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, Max, Min, Q, QuerySet
+from django.db.models.fields.json import KT
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
@@ -32,8 +36,41 @@ ROW_STATES: dict[JobState, str] = {
     JobState.RETRYING: OutboxMessage.State.RETRYABLE,
 }
 _JOB_STATES = {row_state: state for state, row_state in ROW_STATES.items()}
-#: Counts stop here: a state or queue holding more shows "more than" (no full count of a big table).
+#: Counts are exact up to this; a bigger one is the database planner's estimate (PostgreSQL), or
+#: "more than COUNT_CAP" (elsewhere): a page reads them in constant time at a million rows too.
+EXACT_UP_TO = 1_000
 COUNT_CAP = 10_000
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A count as the jobs page shows it: exact, or estimated (`estimated`) when it is large."""
+
+    count: int
+    estimated: bool = False
+
+    def __str__(self) -> str:
+        if not self.estimated:
+            return f"{self.count:,}"
+        return f"≈ {self.count:,}" if connection.vendor == "postgresql" else f"more than {COUNT_CAP:,}"
+
+
+def tally(rows: QuerySet[Any]) -> Tally:
+    """How many rows `rows` holds: counted exactly up to `EXACT_UP_TO` (bounded by index), else
+    PostgreSQL's estimate of the same query (no scan), else at most `COUNT_CAP + 1` counted."""
+    rows = rows.order_by()
+    exact = rows[: EXACT_UP_TO + 1].count()
+    if exact <= EXACT_UP_TO:
+        return Tally(exact)
+    if connection.vendor == "postgresql":
+        sql, params = rows.values("pk").query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+            plan = cursor.fetchone()[0]
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        return Tally(max(int(plan[0]["Plan"]["Plan Rows"]), EXACT_UP_TO + 1), estimated=True)
+    capped = rows[: COUNT_CAP + 1].count()
+    return Tally(capped, estimated=capped > COUNT_CAP)
 
 
 def job_state(row: OutboxMessage) -> JobState:
@@ -90,29 +127,34 @@ def jobs_select(
     if task:
         rows = rows.filter(task_name=task)
     if request_id:
-        rows = rows.filter(options__headers__request_id=request_id)
+        rows = jobs_of_request(rows, request_id)
     if search:
         rows = rows.filter(Q(task_id=search) | Q(args__icontains=search) | Q(kwargs__icontains=search))
     return rows
 
 
-def _capped(rows: QuerySet[Any]) -> int:
-    return rows[: COUNT_CAP + 1].count()
+def jobs_of_request(rows: QuerySet[Any], request_id: str) -> QuerySet[Any]:
+    """The jobs an HTTP request (or a job) started, by the index on their request id header."""
+    if connection.vendor != "postgresql":
+        # Django compiles the text of a key compared on SQLite into JSON_EXTRACT(<value>), which
+        # refuses a plain string; SQLite is not where a million jobs wait anyway.
+        return rows.filter(options__headers__request_id=request_id)
+    found: QuerySet[Any] = rows.alias(header_request_id=KT("options__headers__request_id"))
+    return found.filter(header_request_id=request_id)
 
 
-def job_counts() -> dict[str, int]:
-    """Jobs per state (the table's, and `dead`: pending dead letters), each counted up to
-    `COUNT_CAP + 1` by its index: a page reads them at a million rows too."""
-    counts = {str(state): _capped(Job.objects.filter(state=row_state)) for state, row_state in ROW_STATES.items()}
-    counts[JobState.DEAD] = _capped(DeadLetter.objects.filter(status=DeadLetter.Status.PENDING))
+def job_counts() -> dict[str, Tally]:
+    """Jobs per state (the table's, and `dead`: pending dead letters), see `tally`."""
+    counts = {str(state): tally(Job.objects.filter(state=row_state)) for state, row_state in ROW_STATES.items()}
+    counts[JobState.DEAD] = tally(DeadLetter.objects.filter(status=DeadLetter.Status.PENDING))
     return counts
 
 
-def job_counts_by_queue(queues: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Jobs per queue and state (of the table), each counted up to `COUNT_CAP + 1`."""
+def job_counts_by_queue(queues: Iterable[str]) -> dict[str, dict[str, Tally]]:
+    """Jobs per queue and state (of the table), see `tally`."""
     states = ROW_STATES.items()
     return {
-        queue: {str(state): _capped(Job.objects.filter(queue=queue, state=row_state)) for state, row_state in states}
+        queue: {str(state): tally(Job.objects.filter(queue=queue, state=row_state)) for state, row_state in states}
         for queue in queues
     }
 

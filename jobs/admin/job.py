@@ -3,8 +3,8 @@ queue at the top, a job's page with its attempts, and the operator's actions (ca
 publish again), each confirmed first and written to the audit log (`JobAction`, listed read-only).
 
 Looking takes `jobs.view_job`, acting `jobs.change_job`. Pages stay fast on a big table: counts
-stop at `COUNT_CAP` (read by index), the list is ordered by id, and the result count is never a
-full `COUNT(*)`.
+are exact up to a thousand and estimated beyond (`jobs.selectors.tally`), the list is ordered by
+id, its pages counted up to `COUNT_CAP`, and no page runs a full `COUNT(*)`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from jobs.selectors import (
     job_request_id,
     job_state,
     job_worker,
+    jobs_of_request,
     paused_queues,
     queue_names,
 )
@@ -64,17 +65,13 @@ def _actor(request: HttpRequest) -> str:
     return f"admin:{request.user.get_username()}"
 
 
-def _count(value: int) -> str:
-    return f"more than {COUNT_CAP:,}" if value > COUNT_CAP else f"{value:,}"
-
-
 class CappedPaginator(Paginator):  # type: ignore[type-arg]  # over a QuerySet, Django's admin paginates any
     """Counts up to `COUNT_CAP + 1` rows: the last pages of a bigger selection are not offered."""
 
     @cached_property
     def count(self) -> int:
-        rows: Any = self.object_list  # the changelist's QuerySet
-        return int(rows[: COUNT_CAP + 1].count())
+        rows: Any = self.object_list  # the changelist's QuerySet, its annotations left out of the count
+        return int(rows.order_by().values("pk")[: COUNT_CAP + 1].count())
 
 
 class StateFilter(admin.SimpleListFilter):
@@ -130,7 +127,8 @@ class RequestFilter(admin.SimpleListFilter):
         return [(value, value[:40])] if value else []
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset.filter(options__headers__request_id=self.value()) if self.value() else queryset
+        value = self.value()
+        return jobs_of_request(queryset, value) if value else queryset
 
 
 class BrokerFilter(admin.SimpleListFilter):
@@ -197,6 +195,16 @@ class JobAdmin(_JobAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
         latest = JobAttempt.objects.filter(task_id=OuterRef("task_id")).order_by("-finished_at", "-pk")
         return super().get_queryset(request).annotate(latest_error=Subquery(latest.values("error")[:1]))
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Job], search_term: str
+    ) -> tuple[QuerySet[Job], bool]:
+        """A task id is found by its index; only other text is looked for in the arguments (a
+        scan of the table)."""
+        term = search_term.strip()
+        if term and queryset.filter(task_id=term).exists():
+            return queryset.filter(task_id=term), False
+        return super().get_search_results(request, queryset, search_term)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -313,9 +321,9 @@ class JobAdmin(_JobAdmin):
         paused = paused_queues()
         by_queue = job_counts_by_queue(queue_names())
         context = {
-            "state_counts": [(state, _count(counts[str(state)])) for state in JobState],
+            "state_counts": [(state, str(counts[str(state)])) for state in JobState],
             "queue_counts": [
-                (name, [(state, _count(value)) for state, value in states.items()], paused.get(name))
+                (name, [(state, str(value)) for state, value in states.items()], paused.get(name))
                 for name, states in by_queue.items()
             ],
             "can_act": self.has_change_permission(request),
@@ -340,7 +348,7 @@ class JobAdmin(_JobAdmin):
             "verb": verb,
             "effect": effect,
             "action": f"{action}_selected",
-            "count": _count(total) if total <= MAX_ACTION else f"the first {MAX_ACTION:,} of more than {MAX_ACTION:,}",
+            "count": f"{total:,}" if total <= MAX_ACTION else f"the first {MAX_ACTION:,} of more than {MAX_ACTION:,}",
             "plural": total != 1,
             "sample": [(job.task_id, job.task_name, job_state(job)) for job in sample],
             "more": max(0, min(total, MAX_ACTION) - len(sample)),

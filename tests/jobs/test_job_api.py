@@ -80,6 +80,23 @@ def test_jobs_by_state_newest_first_with_filters_and_keyset_pages(client, ops):
     assert [j["id"] for j in client.get(BASE, {"request_id": "req-2"}, **ops).json()["results"]] == ["q-2"]
 
 
+def test_counts_are_exact_when_small_and_estimated_when_large(client, ops, monkeypatch):
+    from jobs import selectors
+
+    add("c-1")
+    add("c-2", State.SCHEDULED, not_before=timezone.now() + timedelta(hours=1))
+    body = client.get(BASE + "counts/", **ops).json()
+    assert body == {
+        "counts": {"scheduled": 1, "queued": 1, "running": 0, "retrying": 0, "dead": 0},
+        "estimated": [],
+    }
+    monkeypatch.setattr(selectors, "EXACT_UP_TO", 0)
+    monkeypatch.setattr(selectors, "COUNT_CAP", 0)
+    estimated = client.get(BASE + "counts/", **ops).json()
+    assert estimated["estimated"] == ["queued", "scheduled"]
+    assert estimated["counts"]["queued"] >= 1
+
+
 def test_search_finds_a_job_by_its_arguments(client, ops):
     add("a-1", args=["invoice-4242"])
     add("a-2", kwargs={"order": "invoice-77"})
