@@ -42,7 +42,7 @@ def fill(count: int, batch: int = 20_000) -> None:
         rows = []
         for i in range(made, min(count, made + batch)):
             state = STATES[i % len(STATES)]
-            queue = QUEUES[i % len(QUEUES)]
+            queue = QUEUES[(i // 7) % len(QUEUES)]  # not in step with the states
             rows.append(
                 OutboxMessage(
                     task_name=TASKS[i % len(TASKS)],

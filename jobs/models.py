@@ -212,7 +212,9 @@ class OutboxMessage(models.Model):
             models.Index(fields=["published_at"], name="outbox_published_at"),
             models.Index(fields=["state", "not_before"], name="job_state_due"),
             models.Index(fields=["state", "lease_until"], name="job_state_lease"),
-            models.Index(fields=["queue", "state"], name="job_queue_state"),
+            # The jobs page's filters, each a page in id order read by index (jobs.admin.job).
+            models.Index(fields=["queue", "state", "id"], name="job_queue_state"),
+            models.Index(fields=["task_name", "id"], name="job_task"),
             # `jobs.selectors.jobs_of_request` filters on the same expression.
             models.Index(KT("options__headers__request_id"), name="job_request_id"),
         ]

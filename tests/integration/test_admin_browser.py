@@ -77,7 +77,14 @@ def test_the_jobs_page_cancels_with_confirmation_and_the_dashboard_pauses_a_queu
         task_id="mail-7", task_name="mailer.send_email", attempt=1, outcome="retried", error="SMTPServerDisconnected"
     )
     add("thumb-3", task_name="thumbnails.generate", options={"queue": "normal", "headers": {}})
-    add("report-1", OutboxMessage.State.EXECUTING, task_name="jobs.daily_report", lease_owner="worker1@web-2:311:a1")
+    add(
+        "report-1",
+        OutboxMessage.State.EXECUTING,
+        task_name="jobs.daily_report",
+        lease_owner="worker1@web-2:311:a1",
+        started_at=now - timedelta(minutes=2),
+        lease_until=now + timedelta(seconds=15),
+    )
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(30_000)
@@ -116,3 +123,34 @@ def test_the_jobs_page_cancels_with_confirmation_and_the_dashboard_pauses_a_queu
     page.wait_for_selector(".field-crontab .help >> text=Translation: At 07:00")
     page.select_option("#id_crontab", "")
     assert "undefined" not in page.inner_text(".field-crontab .help")
+
+
+def test_a_queue_paused_and_resumed_from_the_dashboard_while_a_worker_runs(
+    browser, live_server, django_user_model, start_worker, redis_client
+):
+    import time
+    import uuid
+
+    from jobs.runtime.outbox import enqueue
+    from tests.integration import tasks
+    from tests.integration.conftest import wait_for
+
+    django_user_model.objects.create_superuser("ops", "ops@example.com", "a-long-password-1")
+    start_worker(concurrency=1)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(30_000)
+    admin_login(page, live_server, "/admin/jobs/dashboard/", "ops", "a-long-password-1")
+    page.click("#pause-low")
+    page.wait_for_selector("text=Queue low paused")
+    assert "paused by admin:ops" in page.inner_text("#queue-low")
+
+    key = f"browser-pause-{uuid.uuid4().hex}"
+    enqueue(tasks.record_order, args=[key, "low"], queue="low")
+    enqueue(tasks.record_order, args=[key, "high"], queue="high")
+    wait_for(lambda: redis_client.lrange(key, 0, -1) == [b"high"], timeout=20)
+    time.sleep(2 * 2.0)  # two of the worker's reads of the paused queues
+    assert redis_client.lrange(key, 0, -1) == [b"high"]
+
+    page.click("#resume-low")
+    page.wait_for_selector("text=Queue low resumed")
+    wait_for(lambda: redis_client.lrange(key, 0, -1) == [b"high", b"low"], timeout=20)

@@ -34,7 +34,7 @@ def test_a_paused_queue_keeps_its_jobs_until_resumed(start_worker, redis_client)
     # The held one is given back when it would start; both wait in the broker, neither ran.
     wait_for(lambda: redis_client.llen("low") == 2, timeout=20)
     start_worker(concurrency=1)  # a worker started later does not take them either
-    time.sleep(3 * 2.0)  # three of the workers' reads of the paused queues
+    time.sleep(2 * 2.0)  # two of the workers' reads of the paused queues
     assert ran(redis_client, key) == ["high"]
     assert redis_client.llen("low") == 2
     assert set(OutboxMessage.objects.values_list("task_id", flat=True)) == {held, waiting}
@@ -68,3 +68,35 @@ def test_cancelling_a_running_job_stops_it_and_keeps_it_as_a_dead_letter(start_w
     wait_for(lambda: redis_client.llen(key + ":next") == 1, timeout=15)
     assert int(redis_client.get(key)) == 1
     assert worker.process.poll() is None
+
+
+def test_on_rabbitmq_a_paused_queue_keeps_its_jobs_until_resumed(
+    start_worker, redis_client, rabbitmq_vhost, monkeypatch
+):
+    import os
+
+    from tests.conftest import reset_broker_pools
+
+    monkeypatch.setenv("CELERY_BROKER_URL", rabbitmq_vhost)
+    reset_broker_pools()
+    try:
+        key = f"pause-{uuid.uuid4().hex}"
+        env = {"CELERY_BROKER_URL": rabbitmq_vhost, "JOBS_REDIS_URL": os.environ["REDIS_URL"]}
+        start_worker(concurrency=1, extra_env=env)
+        held = enqueue(tasks.record_order, args=[key, "held"], queue="low", countdown=4)
+        wait_for(lambda: OutboxMessage.objects.get(task_id=held).published_at)
+        time.sleep(1.0)  # the worker takes it and holds it for its countdown
+        queue_pause(queue="low", actor="test")
+        enqueue(tasks.record_order, args=[key, "waiting"], queue="low")
+        enqueue(tasks.record_order, args=[key, "high"], queue="high")
+        wait_for(lambda: "high" in ran(redis_client, key), timeout=15)
+        time.sleep(6.0)  # past the held one's countdown, and two reads of the paused queues
+        assert ran(redis_client, key) == ["high"]
+
+        queue_resume(queue="low", actor="test")
+        wait_for(lambda: len(ran(redis_client, key)) == 3, timeout=20)
+        time.sleep(1.0)
+        assert sorted(ran(redis_client, key)) == ["held", "high", "waiting"]
+    finally:
+        monkeypatch.undo()
+        reset_broker_pools()
