@@ -19,7 +19,7 @@ XDIST := -n $(TEST_WORKERS) --dist loadfile
 APP_TESTS := tests/jobs tests/integration/test_reusable_app.py tests/integration/test_dead_letters.py \
 	tests/integration/test_worker.py tests/integration/test_beat.py tests/integration/test_django_tasks.py
 
-.PHONY: install run test test-fast test-lts lint fmt bench bench-quick chaos check clean help
+.PHONY: install run screenshots test test-fast test-lts lint fmt bench bench-quick chaos check clean help
 
 help:
 	@echo "make install  create .venv and install pinned requirements (idempotent)"
@@ -95,6 +95,10 @@ $(LTS_STAMP): $(REQS)
 	$(LTS_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(LTS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r var/requirements-lts/dev.txt
 	@touch $@
+
+# The README's screenshots, of the site as `make run` starts it with real work flowing (by hand).
+screenshots: install browser
+	$(BIN)/python -m devtools.screenshots
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
