@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "FLOWER_PORT": str(free_port()),
         "WORKER_METRICS_PORT": "0",
         "CELERY_SHUTDOWN_TIMEOUT": "5",
+        # The Procfile's commands (`celery`, `python`) from this virtualenv, as `make run` finds them.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     from devtools.localredis import LocalRedis
 

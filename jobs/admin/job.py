@@ -24,7 +24,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
-from django.utils.timesince import timesince, timeuntil
+from django.utils.timesince import timesince
 
 from jobs.models import Job, JobAction, JobAttempt, OutboxMessage
 from jobs.redaction import redact
@@ -59,6 +59,14 @@ ACTIONS = {
     "cancel": ("Cancel", "never start (a running one is asked to stop); each is kept as a discarded dead letter"),
     "run_now": ("Run now", "start now instead of at their time (scheduled or retrying jobs only)"),
 }
+
+
+def _span(start: Any, end: Any) -> str:
+    """How long from `start` to `end`, as an operator reads it: "43 s", "5 minutes", "2 hours"."""
+    seconds = (end - start).total_seconds()
+    if abs(seconds) < 60:
+        return f"{max(int(seconds), 0)} s"
+    return timesince(start, end, depth=1)
 
 
 def _actor(request: HttpRequest) -> str:
@@ -237,15 +245,15 @@ class JobAdmin(_JobAdmin):
         now = timezone.now()
         state = job_state(obj)
         if state in (JobState.SCHEDULED, JobState.RETRYING) and obj.not_before:
-            due = "due now" if obj.not_before <= now else f"due in {timeuntil(obj.not_before, now, depth=1)}"
+            due = "due now" if obj.not_before <= now else f"due in {_span(now, obj.not_before)}"
             return format_html('<span title="{}">{}</span>', f"{obj.not_before:%Y-%m-%d %H:%M:%S %Z}", due)
         if state == JobState.RUNNING:
             lease = f", lease until {obj.lease_until:%H:%M:%S}" if obj.lease_until else ""
             if obj.started_at:
-                return f"running for {timesince(obj.started_at, now, depth=1)}{lease}"
+                return f"running for {_span(obj.started_at, now)}{lease}"
             return f"running{lease}"
         since = obj.published_at or obj.created_at
-        return f"queued for {timesince(since, now, depth=1)}"
+        return f"queued for {_span(since, now)}"
 
     @admin.display(description="worker")
     def worker(self, obj: Job) -> str:

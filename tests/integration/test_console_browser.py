@@ -1,10 +1,9 @@
 """The newcomer's and the operator's pages in a real headless Chromium: the front page, the
-dead-letter page and the dashboard. Screenshots go to var/screenshots/ (docs/screenshots/ with UPDATE_SCREENSHOTS=1:
-the ones kept in docs/ are made this way)."""
+dead-letter page and the dashboard. Screenshots of what the tests saw go to var/screenshots/ (the
+README's, in docs/screenshots/, are of a `make run` site with real work: `make screenshots`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from tests.jobs.factories import DeadLetterFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
-SCREENSHOTS = BASE_DIR / ("docs/screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else "var/screenshots")
+SCREENSHOTS = BASE_DIR / "var/screenshots"
 
 
 def screenshot(page, name: str) -> Path:

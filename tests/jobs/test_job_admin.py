@@ -51,6 +51,7 @@ def test_the_list_shows_each_job_by_state_with_counts_per_state_and_queue(client
     assert "due in 1\xa0hour" in table
     assert "running for" in table
     assert "w1@h:9" in table
+    assert "queued for 0 s" in table  # not "0 minutes"
     assert "2 of 6" in table
     assert "SMTP 451" in table
     counts = html[html.index('id="job-counts"') : html.index('id="changelist"')]
