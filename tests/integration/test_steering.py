@@ -1,5 +1,7 @@
-"""A paused queue, on real workers: its jobs wait in the broker, also one a worker had already
-taken, also from a worker started later; resumed, each runs once."""
+"""Steering jobs on real workers, on Redis and RabbitMQ: a paused queue keeps its jobs in the
+broker (also one a worker had already taken, also from a worker started later) and, resumed, each
+runs once; a running job cancelled is stopped and kept as a dead letter; run now starts a job
+waiting for its time."""
 
 from __future__ import annotations
 
@@ -97,6 +99,40 @@ def test_on_rabbitmq_a_paused_queue_keeps_its_jobs_until_resumed(
         wait_for(lambda: len(ran(redis_client, key)) == 3, timeout=20)
         time.sleep(1.0)
         assert sorted(ran(redis_client, key)) == ["held", "high", "waiting"]
+    finally:
+        monkeypatch.undo()
+        reset_broker_pools()
+
+
+def test_on_rabbitmq_cancel_stops_a_running_job_and_run_now_starts_a_scheduled_one(
+    start_worker, redis_client, rabbitmq_vhost, monkeypatch
+):
+    import os
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import DeadLetter
+    from jobs.services import jobs_cancel, jobs_run_now
+    from tests.conftest import reset_broker_pools
+
+    monkeypatch.setenv("CELERY_BROKER_URL", rabbitmq_vhost)
+    reset_broker_pools()
+    try:
+        key = f"steer-{uuid.uuid4().hex}"
+        env = {"CELERY_BROKER_URL": rabbitmq_vhost, "JOBS_REDIS_URL": os.environ["REDIS_URL"]}
+        start_worker(concurrency=1, extra_env=env)
+        running = enqueue(tasks.slow, args=[key, 60], queue="normal")
+        wait_for(lambda: OutboxMessage.objects.filter(task_id=running, state="executing").exists(), timeout=20)
+        assert jobs_cancel(task_ids=[running], actor="test").stopping == [running]
+        letter = wait_for(lambda: DeadLetter.objects.filter(task_id=running).first(), timeout=20)
+        assert letter.reason == DeadLetter.Reason.REVOKED
+
+        later = enqueue(tasks.record_order, args=[key + ":later", "later"], queue="normal", countdown=3600)
+        assert OutboxMessage.objects.get(task_id=later).not_before > timezone.now() + timedelta(minutes=50)
+        assert jobs_run_now(task_ids=[later], actor="test").done == [later]
+        wait_for(lambda: redis_client.lrange(key + ":later", 0, -1) == [b"later"], timeout=20)
+        assert int(redis_client.get(key)) == 1  # the cancelled job never started again
     finally:
         monkeypatch.undo()
         reset_broker_pools()
