@@ -44,3 +44,12 @@ class RetryLater(TransientError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = max(float(retry_after), 1.0)
+
+
+class DuplicateJob(JobError):
+    """`enqueue(..., unique_key=..., unique_policy="raise")` met an unfinished job holding the key."""
+
+    def __init__(self, unique_key: str, task_id: str) -> None:
+        super().__init__(f"job {task_id} holds the unique key {unique_key!r}")
+        self.unique_key = unique_key
+        self.task_id = task_id

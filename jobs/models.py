@@ -203,6 +203,21 @@ class OutboxMessage(models.Model):
     queue = models.CharField(
         max_length=64, blank=True, default="", db_default="", editable=False, help_text="The queue it goes to."
     )
+    # NULL, not "": the partial unique index holds only the keys of unique jobs.
+    unique_key = models.CharField(  # noqa: DJ001
+        max_length=200,
+        null=True,
+        blank=True,
+        default=None,
+        editable=False,
+        help_text="No other unfinished job holds this key (`enqueue(..., unique_key=...)`); empty: not unique.",
+    )
+    unique_until = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="The key is free for a new job after this."
+    )
+    unique_while_running = models.BooleanField(
+        default=True, db_default=True, editable=False, help_text="False: the key is freed when a run starts."
+    )
 
     class Meta:
         ordering = ["created_at", "id"]
@@ -217,6 +232,12 @@ class OutboxMessage(models.Model):
             models.Index(fields=["task_name", "id"], name="job_task"),
             # `jobs.selectors.jobs_of_request` filters on the same expression.
             models.Index(KT("options__headers__request_id"), name="job_request_id"),
+        ]
+        constraints = [
+            # One unfinished job per unique key, enforced in the enqueue's own transaction.
+            models.UniqueConstraint(
+                fields=["unique_key"], condition=models.Q(unique_key__isnull=False), name="job_unique_key"
+            )
         ]
 
     def __str__(self) -> str:

@@ -51,10 +51,20 @@ def enqueue(
     args: list[Any] | tuple[Any, ...] = (),
     kwargs: dict[str, Any] | None = None,
     request_id: str | None = None,
+    unique_key: str | None = None,
+    unique_for: float | None = None,
+    unique_while: str = "unfinished",
+    unique_policy: str = "return",
     **options: Any,
 ) -> str:
     """Publishes `task` (a task object or its registered name) after the current transaction
-    commits, durably. `request_id` defaults to the current one. Returns the task id at once."""
+    commits, durably. `request_id` defaults to the current one. Returns the task id at once.
+
+    `unique_key`: no two unfinished jobs hold the same key (enforced by the database, see
+    docs/unique-jobs.md). `unique_for`: the key is held at most that many seconds; `unique_while`:
+    "unfinished" (until the job ends) or "queued" (freed when a run starts); `unique_policy`:
+    "return" the existing job's id (the default), "replace" it (unless it runs), or "raise"
+    `jobs.exceptions.DuplicateJob`."""
     unknown = set(options) - ALLOWED_OPTIONS
     if unknown:
         raise TypeError(f"unsupported publish options: {', '.join(sorted(unknown))}")
@@ -75,13 +85,39 @@ def enqueue(
             # A long wait is kept in the job table, not in a worker's memory: published when due.
             not_before = timezone.now() + timedelta(seconds=countdown)
             options.pop("countdown")
+    unique = _unique(unique_key, unique_for, unique_while, unique_policy)
     return ledger_add(
         task if isinstance(task, str) else task.name,
         args=args,
         kwargs=kwargs,
         headers=headers,
         not_before=not_before,
+        unique=unique,
         **options,
+    )
+
+
+def _unique(key: str | None, seconds: float | None, while_: str, policy: str) -> store.Unique | None:
+    """The unique options of `enqueue`, checked (TypeError or ValueError naming the bad one)."""
+    if key is None:
+        if seconds is not None:
+            raise TypeError("unique_for needs a unique_key")
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= 200 or "\x00" in key:
+        raise ValueError(f"unique_key must be a string of 1 to 200 characters, not {key!r}")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0):
+        raise ValueError(f"unique_for must be a number of seconds > 0, not {seconds!r}")
+    if while_ not in ("unfinished", "queued"):
+        raise ValueError(f'unique_while must be "unfinished" or "queued", not {while_!r}')
+    try:
+        chosen = store.UniquePolicy(policy)
+    except ValueError:
+        raise ValueError(f'unique_policy must be "return", "replace" or "raise", not {policy!r}') from None
+    return store.Unique(
+        key=key,
+        seconds=float(seconds) if seconds is not None else None,
+        while_running=while_ == "unfinished",
+        policy=chosen,
     )
 
 
@@ -93,19 +129,28 @@ def ledger_add(
     headers: dict[str, Any] | None = None,
     task_id: str | None = None,
     not_before: datetime | None = None,
+    unique: store.Unique | None = None,
     **options: Any,
 ) -> str:
     """Writes one job to the ledger in the current transaction and publishes it once that commits
     (`not_before`: only from then on, by the relay: a job due far in the future waits here rather
-    than in the broker)."""
-    message = store.job_add(
-        task_name=task_name,
-        task_id=task_id or str(uuid.uuid4()),
-        args=list(args),
-        kwargs=dict(kwargs or {}),
-        options={**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
-        not_before=not_before,
-    )
+    than in the broker). With `unique`, an unfinished job holding its key may be returned instead
+    (nothing new is written or published)."""
+    fields: dict[str, Any] = {
+        "task_name": task_name,
+        "task_id": task_id or str(uuid.uuid4()),
+        "args": list(args),
+        "kwargs": dict(kwargs or {}),
+        "options": {**options, "headers": {**(headers or {}), LEDGER_HEADER: 1}},
+        "not_before": not_before,
+    }
+    if unique is not None:
+        state = OutboxMessage.State.AVAILABLE if not_before is None else OutboxMessage.State.SCHEDULED
+        message, created = store.job_add_unique(OutboxMessage(state=state, **fields), unique)
+        if not created:
+            return message.task_id
+    else:
+        message = store.job_add(**fields)
     if not_before is None:
         transaction.on_commit(lambda: _publish_after_commit(message), robust=True)
     return message.task_id

@@ -39,7 +39,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, connection, transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
+from django.db.models import Case, DateTimeField, ExpressionWrapper, F, Q, QuerySet, When
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
@@ -129,6 +129,7 @@ def _start_available(task_id: str, retries: int, owner: str) -> bool:
         f"{prefix}UPDATE {table} SET state = %s, lease_owner = %s, "  # noqa: S608 - our own table
         "lease_until = STATEMENT_TIMESTAMP() + make_interval(secs => %s), started_at = STATEMENT_TIMESTAMP(), "
         "runs = runs + 1, published_at = COALESCE(published_at, STATEMENT_TIMESTAMP()), not_before = NULL, "
+        "unique_key = CASE WHEN unique_while_running THEN unique_key END, "
         f"missing_since = NULL, claim = '', claimed_until = NULL {'FROM ' + item if item else ''} "
         "WHERE task_id = %s AND retries = %s AND state = %s"
     )
@@ -160,6 +161,7 @@ def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
         missing_since=None,
         claim="",
         claimed_until=None,
+        unique_key=Case(When(unique_while_running=True, then=F("unique_key")), default=None),
     )
     if taken:
         run = Run(task_id=task_id, owner=owner)
@@ -458,6 +460,66 @@ def queue_of(task_name: str, options: dict[str, Any] | None) -> str:
         route = current_app.amqp.router.route({}, task_name).get("queue")
         routed = _routes[task_name] = str(getattr(route, "name", route) or jobs_settings.default_queue)[:64]
     return routed
+
+
+class UniquePolicy(enum.StrEnum):
+    """What `enqueue` does when an unfinished job holds the unique key it asks for."""
+
+    RETURN = "return"  # nothing new: the existing job's id is returned
+    REPLACE = "replace"  # the existing job is dropped for the new one (unless a run holds it)
+    RAISE = "raise"  # jobs.exceptions.DuplicateJob
+
+
+@dataclass(frozen=True)
+class Unique:
+    """A unique enqueue: `key`, held `seconds` at most (None: until the job ends), by a running
+    job too (`while_running`) or only while it waits."""
+
+    key: str
+    seconds: float | None = None
+    while_running: bool = True
+    policy: UniquePolicy = UniquePolicy.RETURN
+
+
+def job_add_unique(row: OutboxMessage, unique: Unique) -> tuple[OutboxMessage, bool]:
+    """Inserts `row` unless an unfinished job holds `unique.key`, in the caller's transaction:
+    one `INSERT ... ON CONFLICT DO NOTHING` on the key's partial unique index (a concurrent
+    transaction with the same key waits for the first to commit, then finds its row). Returns
+    (the job holding the key, whether it is `row`). A key past its `seconds` is freed first (one
+    statement more, only for keys with a time limit)."""
+    from django.db.models.constants import OnConflict
+
+    from jobs.exceptions import DuplicateJob
+
+    if unique.seconds is not None:
+        OutboxMessage.objects.filter(unique_key=unique.key, unique_until__lt=Now()).update(unique_key=None)
+    row.unique_key = unique.key
+    row.unique_while_running = unique.while_running
+    row.unique_until = timezone.now() + timedelta(seconds=unique.seconds) if unique.seconds is not None else None
+    row.queue = row.queue or queue_of(row.task_name, row.options)
+    fields = [field for field in OutboxMessage._meta.concrete_fields if not field.primary_key]
+    pk = OutboxMessage._meta.pk
+    for _attempt in range(2):
+        # QuerySet._insert is what bulk_create uses: an INSERT that says whether it inserted.
+        inserted = OutboxMessage.objects._insert(  # type: ignore[attr-defined]  # private, as bulk_create
+            [row], fields=fields, returning_fields=[pk], on_conflict=OnConflict.IGNORE
+        )
+        if inserted:
+            row.pk = inserted[0][0]
+            row._state.adding = False
+            row._state.db = connection.alias
+            return row, True
+        holder = OutboxMessage.objects.filter(unique_key=unique.key).first()
+        if holder is None:
+            continue  # it ended in between: try once more
+        if unique.policy == UniquePolicy.RAISE:
+            raise DuplicateJob(unique.key, holder.task_id)
+        if unique.policy == UniquePolicy.REPLACE and holder.state != State.EXECUTING:
+            # Its message, if published, then finds no row and does nothing.
+            OutboxMessage.objects.filter(pk=holder.pk).exclude(state=State.EXECUTING).delete()
+            continue
+        return holder, False
+    raise DuplicateJob(unique.key, "")  # pragma: no cover - the key changed hands twice in one call
 
 
 def jobs_add(rows: list[OutboxMessage]) -> list[OutboxMessage]:
