@@ -300,6 +300,7 @@ class JobAction(models.Model):
         CANCEL = "cancel", "Cancel"
         RUN_NOW = "run_now", "Run now"
         RETRY = "retry", "Retry"
+        PUBLISH_AGAIN = "publish_again", "Publish again"
         PAUSE_QUEUE = "pause_queue", "Pause queue"
         RESUME_QUEUE = "resume_queue", "Resume queue"
         PAUSE_SCHEDULE = "pause_schedule", "Pause schedule"

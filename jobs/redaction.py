@@ -11,9 +11,9 @@ from typing import Any
 from kombu.utils import json as kombu_json
 
 REDACTED = "***"
-_SECRET_KEY = re.compile(
-    r"pass(word|wd|phrase)?|secret|token|authori[sz]ation|api[-_]?key|credential|cookie|session", re.IGNORECASE
-)
+#: What a secret's key looks like (case aside); also a PostgreSQL and SQLite regular expression.
+SECRET_KEY_PATTERN = r"pass(word|wd|phrase)?|secret|token|authori[sz]ation|api[-_]?key|credential|cookie|session"  # noqa: S105 - a pattern
+_SECRET_KEY = re.compile(SECRET_KEY_PATTERN, re.IGNORECASE)
 
 
 def is_secret_key(key: object) -> bool:

@@ -472,9 +472,10 @@ def _note(result: JobsResult) -> str:
 
 
 def jobs_cancel(*, task_ids: Iterable[str], actor: str) -> JobsResult:
-    """Cancels jobs: a scheduled, queued or retrying one never runs (its row is gone, kept as a
-    discarded dead letter, `cancelled`, that can be requeued); a running one is asked to stop (a
-    revoke that terminates its process: it ends as a dead letter `revoked`). Audited."""
+    """Cancels jobs: a scheduled, queued or retrying one never runs (its row is gone; it is kept,
+    for the record, as a discarded dead letter `cancelled`: its arguments, who and when); a
+    running one is asked to stop (a revoke that terminates its process: it ends as a dead letter
+    `revoked`, which can be requeued). Audited."""
     from jobs.runtime import store
     from jobs.runtime.outbox import job_of_row
 
@@ -555,7 +556,9 @@ def jobs_retry(*, task_ids: Iterable[str], actor: str) -> tuple[JobsResult, Requ
     chosen = dict(letters.values_list("pk", "task_id"))
     requeue = dead_letters_requeue(dead_letters=letters, actor=actor)
     result = JobsResult(done=[chosen[pk] for pk, _new in requeue.requeued], error=requeue.error)
-    result.refused = _refusals(ids, set(result.done), "dead")
+    skipped = {chosen[pk]: why for pk, why in requeue.skipped}
+    result.refused = [(task_id, skipped[task_id]) for task_id in ids if task_id in skipped]
+    result.refused += _refusals([i for i in ids if i not in skipped], set(result.done), "dead")
     job_action_audit(action=JobAction.Action.RETRY, actor=actor, task_ids=result.done, note=_note(result))
     return result, requeue
 

@@ -41,6 +41,7 @@ from jobs.selectors import (
     job_state,
     job_worker,
     jobs_of_request,
+    jobs_search,
     paused_queues,
     queue_names,
 )
@@ -161,7 +162,7 @@ class JobAdmin(_JobAdmin):
     list_display = ("task_id", "task_name", "state_badge", "queue_name", "attempt", "when", "worker", "error")
     list_display_links = ("task_id",)
     list_filter = (StateFilter, QueueFilter, TaskFilter, RequestFilter, BrokerFilter)
-    search_fields = ("=task_id", "args", "kwargs")
+    search_fields = ("task_id",)  # the search itself is get_search_results
     search_help_text = "A task id, or text in the arguments."
     ordering = ("-id",)
     paginator = CappedPaginator
@@ -207,12 +208,10 @@ class JobAdmin(_JobAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Job], search_term: str
     ) -> tuple[QuerySet[Job], bool]:
-        """A task id is found by its index; only other text is looked for in the arguments (a
-        scan of the table)."""
+        """A task id is found by its index; other text is looked for in the arguments (a scan of
+        the table), never in those of a job carrying a secret (`jobs.selectors.jobs_search`)."""
         term = search_term.strip()
-        if term and queryset.filter(task_id=term).exists():
-            return queryset.filter(task_id=term), False
-        return super().get_search_results(request, queryset, search_term)
+        return (jobs_search(queryset, term) if term else queryset), False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -408,7 +407,7 @@ class JobAdmin(_JobAdmin):
         # A job a run holds is not published again: its lease says it runs.
         task_ids = jobs_publish_again(self._ids(queryset))
         published, error = ledger_publish_now(task_ids)
-        job_action_audit(action=JobAction.Action.RUN_NOW, actor=_actor(request), task_ids=task_ids, note=error)
+        job_action_audit(action=JobAction.Action.PUBLISH_AGAIN, actor=_actor(request), task_ids=task_ids, note=error)
         noun = "job" if published == 1 else "jobs"
         self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)
         if error:

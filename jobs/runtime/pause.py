@@ -61,8 +61,13 @@ class PauseSync:
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
-        self.own: set[str] = {queue.name for queue in consumer.task_consumer.queues}
-        self.paused: set[str] = set()  # own queues this worker stopped consuming
+        # Kept on the consumer, which outlives its restarts (a lost broker connection): a queue
+        # paused before one is still this worker's own to resume after it.
+        if getattr(consumer, "jobs_own_queues", None) is None:
+            consumer.jobs_own_queues = {queue.name for queue in consumer.task_consumer.queues}
+            consumer.jobs_paused_queues = set()
+        self.own: set[str] = consumer.jobs_own_queues
+        self.paused: set[str] = consumer.jobs_paused_queues  # own queues this worker stopped consuming
         self.wanted: set[str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

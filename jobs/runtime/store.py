@@ -405,7 +405,7 @@ def _attempts_add(rows: list[OutboxMessage], outcome: str, error: str) -> None:
             finished_at=now,
             worker=_holder_of(row.lease_owner).rstrip(":"),
             outcome=outcome,
-            error=error[:2000],
+            error=error.replace("\x00", "")[:2000],  # PostgreSQL text cannot hold NUL
         )
         for row in rows
     )
@@ -665,6 +665,10 @@ def job_defer_retry(
     another run holds is left alone (the broker took the retry after all); `owner`'s own is not."""
     row = OutboxMessage.objects.filter(task_id=task_id).first()
     if row is None:
+        from jobs.models import DeadLetter
+
+        if DeadLetter.objects.filter(task_id=task_id, reason=DeadLetter.Reason.CANCELLED).exists():
+            return  # an operator cancelled it meanwhile: it stays cancelled
         job_add(
             task_name=task_name,
             task_id=task_id,

@@ -503,7 +503,6 @@ class QueuePauseStep(bootsteps.StartStopStep):
         from jobs.runtime.pause import PauseSync
 
         self.sync = PauseSync(parent)
-        parent.jobs_paused_queues = self.sync.paused
         self.sync.refresh()
         self.sync.apply()
         self.sync.start()

@@ -72,6 +72,12 @@ def test_search_looks_in_the_arguments(client, operator):
     assert "a-2" not in table
 
 
+def test_the_admin_search_never_finds_a_job_by_its_secrets(client, operator):
+    add("p-1", kwargs={"api_key": "s3cret-value"})
+    assert "p-1" not in results_table(client.get(URL, {"q": "s3cret"}))
+    assert "p-1" in results_table(client.get(URL, {"q": "p-1"}))
+
+
 def test_a_jobs_page_shows_redacted_arguments_its_attempts_and_its_actions(client, operator):
     row = add("j-1", State.RETRYABLE, kwargs={"api_key": "s3cret", "to": "x@example.com"}, retries=1)
     JobAttempt.objects.create(task_id="j-1", task_name="mailer.send_email", attempt=0, outcome="retried", error="E1")

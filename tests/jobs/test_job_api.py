@@ -148,7 +148,8 @@ def test_cancel_a_queued_job_it_never_runs_and_the_audit_says_who(client, ops):
     assert again.status_code == 404
 
 
-def test_actions_a_state_does_not_allow_are_409_naming_it(client, ops):
+def test_actions_a_state_does_not_allow_are_409_naming_it(client, ops, django_user_model):
+    grant(django_user_model.objects.get(username="ops"), "jobs.change_deadletter")
     add("q-1")
     run_now = post(client, BASE + "q-1/run-now/", **ops)
     assert run_now.status_code == 409
@@ -169,7 +170,25 @@ def test_run_now_publishes_a_scheduled_job_at_once(client, ops, redis_client):
     assert JobAction.objects.get().action == "run_now"
 
 
-def test_retry_requeues_a_dead_job(client, ops, redis_client):
+def test_retry_takes_the_permission_to_change_dead_letters_too(client, ops):
+    DeadLetterFactory(task_id="d-1", task_name="jobs.health_check", args=[], kwargs={})
+    response = post(client, BASE + "d-1/retry/", **ops)
+    assert response.status_code == 403
+    assert response.json()["permission"] == "jobs.change_deadletter"
+    assert DeadLetter.objects.get(task_id="d-1").status == DeadLetter.Status.PENDING
+
+
+def test_a_search_never_finds_a_job_by_its_secrets(client, ops):
+    add("s-1", kwargs={"password": "hunter2xyz", "to": "someone"})
+    add("s-2", args=[{"nested": {"api_key": "k3y-abc"}}, "visible"])
+    assert client.get(BASE, {"q": "hunter"}, **ops).json()["results"] == []
+    assert client.get(BASE, {"q": "k3y"}, **ops).json()["results"] == []
+    assert client.get(BASE, {"q": "someone"}, **ops).json()["results"] == []  # such a job: by its id only
+    assert [j["id"] for j in client.get(BASE, {"q": "s-1"}, **ops).json()["results"]] == ["s-1"]
+
+
+def test_retry_requeues_a_dead_job(client, ops, redis_client, django_user_model):
+    grant(django_user_model.objects.get(username="ops"), "jobs.change_deadletter")
     DeadLetterFactory(task_id="d-1", task_name="jobs.health_check", args=[], kwargs={})
     response = post(client, BASE + "d-1/retry/", **ops)
     assert response.status_code == 200, response.content

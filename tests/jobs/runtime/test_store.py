@@ -376,3 +376,34 @@ def test_inside_a_transaction_the_start_and_finish_stay_durable():
     assert store.job_finish("job-1", owner=run.owner)
     if connection.vendor == "postgresql":
         assert _synchronous_commit() == "on"
+
+
+def test_an_error_with_a_nul_character_does_not_keep_the_retry_from_being_written():
+    """PostgreSQL text cannot hold NUL: the attempt's error loses it, the retry is written now."""
+    from jobs.models import JobAttempt
+
+    _job()
+    run = store.job_start("job-1", retries=0, hostname="w1")
+    assert store.job_retry("job-1", retries=1, postponed=0, delay=600, owner=run.owner, error="ValueError: a\x00b")
+    assert _row().state == State.RETRYABLE
+    assert JobAttempt.objects.get().error == "ValueError: ab"
+    assert store.pending_writes() == 0
+
+
+def test_a_cancelled_job_is_not_brought_back_by_a_retry_the_broker_refused():
+    from jobs.services import jobs_cancel
+
+    _job(state=State.AVAILABLE)
+    jobs_cancel(task_ids=["job-1"], actor="test")
+    store.job_defer_retry(
+        task_name="jobs.ping",
+        task_id="job-1",
+        args=[],
+        kwargs={},
+        options={"queue": "low"},
+        headers={},
+        not_before=timezone.now(),
+        retries=1,
+        postponed=0,
+    )
+    assert not OutboxMessage.objects.exists()

@@ -35,3 +35,28 @@ def test_a_projects_own_consumer_and_soft_shutdown_are_kept(settings):
 
 class OwnConsumer(JobConsumer):
     """A project's consumer (any class but Celery's default one)."""
+
+
+def test_a_queue_paused_before_a_consumer_restart_is_resumed_after_it():
+    """Celery rebuilds its task consumer without the queues it stopped consuming: the worker's
+    own queues and those it paused are kept on the consumer, which outlives the restart."""
+    from types import SimpleNamespace
+
+    from jobs.runtime.pause import PauseSync
+
+    calls: list[tuple[str, str]] = []
+    consumer = SimpleNamespace(
+        hostname="w@h",
+        task_consumer=SimpleNamespace(queues=[SimpleNamespace(name=q) for q in ("high", "normal", "low")]),
+        cancel_task_queue=lambda queue: calls.append(("cancel", queue)),
+        add_task_queue=lambda queue: calls.append(("add", queue)),
+    )
+    sync = PauseSync(consumer)
+    sync.wanted = {"low", "elsewhere"}
+    sync.apply()
+    consumer.task_consumer = SimpleNamespace(queues=[SimpleNamespace(name=q) for q in ("high", "normal")])
+    after_restart = PauseSync(consumer)
+    after_restart.wanted = set()
+    after_restart.apply()
+    assert calls == [("cancel", "low"), ("add", "low")]
+    assert consumer.jobs_paused_queues == set()
