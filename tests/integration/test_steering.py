@@ -104,7 +104,7 @@ def test_on_rabbitmq_a_paused_queue_keeps_its_jobs_until_resumed(
         reset_broker_pools()
 
 
-def test_on_rabbitmq_cancel_stops_a_running_job_and_run_now_starts_a_scheduled_one(
+def test_on_rabbitmq_cancel_stops_a_running_job_run_now_starts_a_scheduled_one_and_retry_a_dead_one(
     start_worker, redis_client, rabbitmq_vhost, monkeypatch
 ):
     import os
@@ -113,7 +113,7 @@ def test_on_rabbitmq_cancel_stops_a_running_job_and_run_now_starts_a_scheduled_o
     from django.utils import timezone
 
     from jobs.models import DeadLetter
-    from jobs.services import jobs_cancel, jobs_run_now
+    from jobs.services import jobs_cancel, jobs_retry, jobs_run_now
     from tests.conftest import reset_broker_pools
 
     monkeypatch.setenv("CELERY_BROKER_URL", rabbitmq_vhost)
@@ -133,6 +133,11 @@ def test_on_rabbitmq_cancel_stops_a_running_job_and_run_now_starts_a_scheduled_o
         assert jobs_run_now(task_ids=[later], actor="test").done == [later]
         wait_for(lambda: redis_client.lrange(key + ":later", 0, -1) == [b"later"], timeout=20)
         assert int(redis_client.get(key)) == 1  # the cancelled job never started again
+
+        # Retry: the dead job (its dead letter) runs again, through RabbitMQ.
+        result, requeue = jobs_retry(task_ids=[running], actor="test")
+        assert (result.done, requeue.error) == ([running], "")
+        wait_for(lambda: int(redis_client.get(key)) == 2, timeout=20)
     finally:
         monkeypatch.undo()
         reset_broker_pools()

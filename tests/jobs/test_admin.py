@@ -239,3 +239,12 @@ def test_a_hosts_own_schedules_admin_is_left_in_place():
     finally:
         admin.site.unregister(PeriodicTask)
         admin.site.register(PeriodicTask, PeriodicTaskAdmin)
+
+
+def test_the_schedule_form_offers_the_registered_tasks_and_explains_an_empty_crontab(admin_client):
+    """A new user saw "Task (registered)" empty and "Translation: undefined" under the crontab."""
+    html = admin_client.get("/admin/django_celery_beat/periodictask/add/").content.decode()
+    select = html[html.index('name="regtask"') : html.index("</select>", html.index('name="regtask"'))]
+    for name in ("jobs.heartbeat", "jobs.daily_report", "mailer.send_email", "thumbnails.generate"):
+        assert f'value="{name}"' in select
+    assert 'id="jobs-crontab-help"' in html  # the help without "undefined" (checked in Chromium too)
