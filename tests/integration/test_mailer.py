@@ -213,8 +213,8 @@ def test_an_expired_email_task_ends_failed_with_a_dead_letter_not_stuck_queued(m
     assert row.reason == DeadLetter.Reason.REVOKED
     assert "expired" in row.exception_message
     assert row.args == [email.pk]  # replayable
-    email.refresh_from_db()
-    assert email.status == Email.Status.FAILED
+    # The dead letter is written first, then the app is told (a moment later under load).
+    wait_for(lambda: Email.objects.get(pk=email.pk).status == Email.Status.FAILED, timeout=10)
     assert smtp_server.messages == []
     import time
 
