@@ -504,8 +504,16 @@ def job_add_unique(row: OutboxMessage, unique: Unique) -> tuple[OutboxMessage, b
         inserted = OutboxMessage.objects._insert(  # type: ignore[attr-defined]  # private, as bulk_create
             [row], fields=fields, returning_fields=[pk], on_conflict=OnConflict.IGNORE
         )
-        if inserted:
-            row.pk = inserted[0][0]
+        # Django 6 returns the new id; 5.2 returns nothing from an ignoring insert: look it up.
+        new_pk = inserted[0][0] if inserted and inserted[0] else None
+        if new_pk is None:
+            new_pk = (
+                OutboxMessage.objects.filter(task_id=row.task_id, unique_key=unique.key)
+                .values_list("pk", flat=True)
+                .first()
+            )
+        if new_pk is not None:
+            row.pk = new_pk
             row._state.adding = False
             row._state.db = connection.alias
             return row, True
