@@ -548,6 +548,19 @@ def jobs_run_now(*, task_ids: Iterable[str], actor: str) -> JobsResult:
     return result
 
 
+def jobs_publish_again(*, task_ids: Iterable[str], actor: str) -> tuple[int, str]:
+    """Publishes jobs' messages again under the same task ids (a message the broker lost); a job
+    a run holds is left alone (its lease says it runs). Audited. Returns (published, the broker's
+    error, when it stopped: the rest go out with the relay)."""
+    from jobs.runtime import store
+    from jobs.runtime.outbox import ledger_publish_now
+
+    chosen = store.jobs_publish_again(list(task_ids))
+    published, error = ledger_publish_now(chosen)
+    job_action_audit(action=JobAction.Action.PUBLISH_AGAIN, actor=actor, task_ids=chosen, note=error)
+    return published, error
+
+
 def jobs_retry(*, task_ids: Iterable[str], actor: str) -> tuple[JobsResult, RequeueResult]:
     """Retries dead jobs (their pending dead letters, requeued: see `dead_letters_requeue`).
     Audited."""

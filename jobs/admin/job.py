@@ -10,6 +10,8 @@ id, its pages counted up to `COUNT_CAP`, and no page runs a full `COUNT(*)`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ from jobs.selectors import (
     paused_queues,
     queue_names,
 )
-from jobs.services import JobsResult, jobs_cancel, jobs_run_now
+from jobs.services import JobsResult, jobs_cancel, jobs_publish_again, jobs_run_now
 
 if TYPE_CHECKING:
     _JobAdmin = admin.ModelAdmin[Job]
@@ -56,9 +58,28 @@ else:
 #: At most this many jobs per action (a filter of a million rows is done a batch at a time).
 MAX_ACTION = 10_000
 
+
+@dataclass(frozen=True)
+class Action:
+    """An operator's action on jobs: what the confirmation page says, what the report says, and
+    the service that does it."""
+
+    verb: str
+    effect: str
+    done: str
+    service: Callable[..., JobsResult]
+
+
 ACTIONS = {
-    "cancel": ("Cancel", "never start (a running one is asked to stop); each is kept as a discarded dead letter"),
-    "run_now": ("Run now", "start now instead of at their time (scheduled or retrying jobs only)"),
+    "cancel": Action(
+        "Cancel",
+        "never start (a running one is asked to stop); each is kept as a discarded dead letter",
+        "Cancelled",
+        jobs_cancel,
+    ),
+    "run_now": Action(
+        "Run now", "start now instead of at their time (scheduled or retrying jobs only)", "Run now", jobs_run_now
+    ),
 }
 
 
@@ -342,29 +363,44 @@ class JobAdmin(_JobAdmin):
 
     # --- actions ------------------------------------------------------------------------------------
 
-    def _confirm(self, request: HttpRequest, queryset: QuerySet[Job], action: str) -> HttpResponse | None:
-        if request.POST.get("confirm") == "yes":
-            return None
-        verb, effect = ACTIONS[action]
-        sample = list(queryset.order_by("-pk")[:20])
-        total = queryset[: MAX_ACTION + 1].count()
+    def _confirm_page(
+        self, request: HttpRequest, kind: str, *, title: str, total: int, sample: list[Job], back: str, **extra: Any
+    ) -> HttpResponse:
+        """The page that asks before the action `kind` is done to `total` jobs (`sample` named);
+        `extra`: the list action's form fields, sent back once confirmed."""
         context = {
             **self.admin_site.each_context(request),
-            "title": f"{verb} jobs?",
+            "title": title,
             "opts": self.model._meta,
-            "verb": verb,
-            "effect": effect,
-            "action": f"{action}_selected",
+            "verb": ACTIONS[kind].verb,
+            "effect": ACTIONS[kind].effect,
             "count": f"{total:,}" if total <= MAX_ACTION else f"the first {MAX_ACTION:,} of more than {MAX_ACTION:,}",
             "plural": total != 1,
             "sample": [(job.task_id, job.task_name, job_state(job)) for job in sample],
             "more": max(0, min(total, MAX_ACTION) - len(sample)),
-            "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
-            "select_across": request.POST.get("select_across") == "1",
-            "action_checkbox_name": ACTION_CHECKBOX_NAME,
-            "back": request.get_full_path(),
+            "back": back,
+            **extra,
         }
         return TemplateResponse(request, "admin/jobs/job/confirm_action.html", context)
+
+    def _act_on_selection(self, request: HttpRequest, queryset: QuerySet[Job], action: str) -> HttpResponse | None:
+        """A list action: its confirmation page first (for the selection or the whole filter)."""
+        if request.POST.get("confirm") != "yes":
+            return self._confirm_page(
+                request,
+                action,
+                title=f"{ACTIONS[action].verb} jobs?",
+                total=queryset[: MAX_ACTION + 1].count(),
+                sample=list(queryset.order_by("-pk")[:20]),
+                back=request.get_full_path(),
+                action=f"{action}_selected",
+                selected=request.POST.getlist(ACTION_CHECKBOX_NAME),
+                select_across=request.POST.get("select_across") == "1",
+                action_checkbox_name=ACTION_CHECKBOX_NAME,
+            )
+        chosen = ACTIONS[action]
+        self._report(request, chosen.done, chosen.service(task_ids=self._ids(queryset), actor=_actor(request)))
+        return None
 
     def _report(self, request: HttpRequest, verb: str, result: JobsResult) -> None:
         done = len(result.done)
@@ -384,30 +420,15 @@ class JobAdmin(_JobAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["change"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Job]) -> HttpResponse | None:
-        page = self._confirm(request, queryset, "cancel")
-        if page is not None:
-            return page
-        self._report(request, "Cancelled", jobs_cancel(task_ids=self._ids(queryset), actor=_actor(request)))
-        return None
+        return self._act_on_selection(request, queryset, "cancel")
 
     @admin.action(description="Run selected jobs now", permissions=["change"])
     def run_now_selected(self, request: HttpRequest, queryset: QuerySet[Job]) -> HttpResponse | None:
-        page = self._confirm(request, queryset, "run_now")
-        if page is not None:
-            return page
-        self._report(request, "Run now", jobs_run_now(task_ids=self._ids(queryset), actor=_actor(request)))
-        return None
+        return self._act_on_selection(request, queryset, "run_now")
 
     @admin.action(description="Publish selected again now (a message the broker lost)", permissions=["change"])
     def publish_again(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
-        from jobs.runtime.outbox import ledger_publish_now
-        from jobs.runtime.store import jobs_publish_again
-        from jobs.services import job_action_audit
-
-        # A job a run holds is not published again: its lease says it runs.
-        task_ids = jobs_publish_again(self._ids(queryset))
-        published, error = ledger_publish_now(task_ids)
-        job_action_audit(action=JobAction.Action.PUBLISH_AGAIN, actor=_actor(request), task_ids=task_ids, note=error)
+        published, error = jobs_publish_again(task_ids=self._ids(queryset), actor=_actor(request))
         noun = "job" if published == 1 else "jobs"
         self.message_user(request, f"Published {published} {noun} again (same task ids).", messages.SUCCESS)
         if error:
@@ -435,24 +456,12 @@ class JobAdmin(_JobAdmin):
         if job is None:
             self.message_user(request, "That job is no longer in the table (it has finished).", messages.WARNING)
             return HttpResponseRedirect(reverse("admin:jobs_job_changelist"))
+        chosen = ACTIONS[action]
         if request.method == "POST" and request.POST.get("confirm") == "yes":
-            act = jobs_cancel if action == "cancel" else jobs_run_now
-            verb = "Cancelled" if action == "cancel" else "Run now"
-            self._report(request, verb, act(task_ids=[job.task_id], actor=_actor(request)))
+            self._report(request, chosen.done, chosen.service(task_ids=[job.task_id], actor=_actor(request)))
             return HttpResponseRedirect(reverse("admin:jobs_job_changelist"))
-        verb, effect = ACTIONS[action]
-        context = {
-            **self.admin_site.each_context(request),
-            "title": f"{verb} this job?",
-            "opts": self.model._meta,
-            "verb": verb,
-            "effect": effect,
-            "count": "1",
-            "sample": [(job.task_id, job.task_name, job_state(job))],
-            "more": 0,
-            "back": reverse("admin:jobs_job_change", args=[job.pk]),
-        }
-        return TemplateResponse(request, "admin/jobs/job/confirm_action.html", context)
+        back = reverse("admin:jobs_job_change", args=[job.pk])
+        return self._confirm_page(request, action, title=f"{chosen.verb} this job?", total=1, sample=[job], back=back)
 
     def render_change_form(
         self,
@@ -466,7 +475,7 @@ class JobAdmin(_JobAdmin):
         if obj is not None and self.has_change_permission(request):
             state = job_state(obj)
             context["job_actions"] = [
-                (reverse("admin:jobs_job_act", args=[obj.pk, name]), ACTIONS[name][0])
+                (reverse("admin:jobs_job_act", args=[obj.pk, name]), ACTIONS[name].verb)
                 for name in ACTIONS
                 if name == "cancel" or state in (JobState.SCHEDULED, JobState.RETRYING)
             ]
