@@ -515,10 +515,9 @@ def job_run_now(request: HttpRequest, task_id: str) -> HttpResponse:
 @require_POST
 @staff_required
 @_permission("change_job")
-@permission_required("jobs.change_deadletter")
 def job_retry(request: HttpRequest, task_id: str) -> HttpResponse:
-    """A dead job runs again (its dead letter requeued, under a new task id: `new_id`): it changes
-    the dead letter too, so it takes `jobs.change_deadletter` as the dead-letter API does."""
+    """A dead job runs again (its dead letter requeued, under a new task id: `new_id`). It takes
+    `jobs.change_job`, as the outer contract says for every action on jobs."""
     if not _valid_task_id(task_id):
         return json_error("job not found", 404)
     result, requeue = jobs_retry(task_ids=[task_id], actor=_actor(request))

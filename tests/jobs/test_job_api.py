@@ -170,11 +170,11 @@ def test_run_now_publishes_a_scheduled_job_at_once(client, ops, redis_client):
     assert JobAction.objects.get().action == "run_now"
 
 
-def test_retry_takes_the_permission_to_change_dead_letters_too(client, ops):
+def test_retry_takes_the_permission_to_change_jobs(client, viewer):
     DeadLetterFactory(task_id="d-1", task_name="jobs.health_check", args=[], kwargs={})
-    response = post(client, BASE + "d-1/retry/", **ops)
+    response = post(client, BASE + "d-1/retry/", **viewer)
     assert response.status_code == 403
-    assert response.json()["permission"] == "jobs.change_deadletter"
+    assert response.json()["permission"] == "jobs.change_job"
     assert DeadLetter.objects.get(task_id="d-1").status == DeadLetter.Status.PENDING
 
 
