@@ -150,6 +150,7 @@ class OutboxMessage(models.Model):
         AVAILABLE = "available", "Available"
         EXECUTING = "executing", "Executing"
         RETRYABLE = "retryable", "Retryable"
+        THROTTLED = "throttled", "Throttled"
 
     task_name = models.CharField(max_length=200)
     task_id = models.CharField(max_length=64, unique=True)
@@ -323,6 +324,36 @@ class JobAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_action_display()} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class LimitHold(models.Model):
+    """A job's place under one limit of its task (`jobs.limits.Limit`) for one key: waiting
+    (`started_at` empty: its job is throttled, in order of `job_id`), or a start (the run `owner`
+    holds a concurrency slot while its job's row is executing under that lease; a rate start
+    counts until `per` seconds after `started_at`). Written and read only by
+    `jobs.runtime.limits`; the job table says what is true, so a hold left behind (a crash, a
+    cancelled job) counts for nothing and is purged by the sweeper."""
+
+    class Kind(models.TextChoices):
+        CONCURRENCY = "concurrency", "Concurrency"
+        RATE = "rate", "Rate"
+
+    name = models.CharField(max_length=100)
+    key = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    task_id = models.CharField(max_length=64, db_index=True)
+    job_id = models.BigIntegerField(help_text="The job table's row: arrival order among the waiting.")
+    owner = models.CharField(max_length=200, blank=True, default="")
+    started_at = models.DateTimeField(null=True, blank=True)
+    counts_until = models.DateTimeField(null=True, blank=True, help_text="A rate start counts until then.")
+
+    class Meta:
+        ordering = ["name", "key", "job_id"]
+        default_permissions = ()
+        indexes = [models.Index(fields=["name", "key", "started_at"], name="limit_hold_key")]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.key}] {self.task_id}"
 
 
 class PausedQueue(models.Model):

@@ -56,7 +56,7 @@ def _enter_task(task_id: str | None = None, task: Task[..., Any] | None = None, 
     if request is not None:
         from jobs.runtime.task import SKIP_ATTRIBUTE, lease_take
 
-        lease_take(request)
+        lease_take(request, task)
         if getattr(request, SKIP_ATTRIBUTE, None) is not None:
             return
     starting = getattr(task, "attempt_starting", None)
@@ -197,6 +197,18 @@ def _ledger_end(
         # the job) leaves the row to whoever ends it, or to the lease.
     finally:
         run_ended(task_id, run.owner)
+        if run.limits:
+            _wake_waiting(run)
+
+
+def _wake_waiting(run: Any) -> None:
+    """The run held concurrency slots: the next job waiting for each is due now."""
+    from jobs.runtime.limits import run_ended as limits_run_ended
+
+    try:
+        limits_run_ended(run)
+    except Exception as exc:  # noqa: BLE001 - the waiting jobs recheck by themselves when their lease-bound wait ends
+        logger.warning("job.limit_wake_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
 def _rejected(task: Task[..., Any] | None, request: Context, task_id: str, run: Any, exc: Any) -> None:

@@ -468,7 +468,14 @@ def ledger_run(*, token: str | None = None, ttl: float = 60.0) -> dict[str, Any]
     reclaimed = ledger_reclaim()
     if not sweep_lock(token or uuid.uuid4().hex, ttl=ttl):
         return {"reclaimed": reclaimed}
-    return {"reclaimed": reclaimed, "relay": outbox_relay(), "sweep": ledger_sweep(reclaim=False)}
+    from jobs.runtime.limits import holds_purge
+
+    return {
+        "reclaimed": reclaimed,
+        "relay": outbox_relay(),
+        "sweep": ledger_sweep(reclaim=False),
+        "limit_holds_purged": holds_purge(),
+    }
 
 
 def ledger_oldest_age() -> float:

@@ -291,10 +291,10 @@ def outbox_relay(*, limit: int = 500) -> dict[str, int]:
 
 
 def outbox_relay_due(*, limit: int = 500) -> int:
-    """Publishes the jobs waiting in the table whose time has come (`scheduled`, `retryable`):
-    one indexed query when none is due, run every `JOBS_SCHEDULE_POLL_INTERVAL` seconds."""
+    """Publishes the jobs waiting in the table whose time has come (`scheduled`, `retryable`,
+    `throttled`): one indexed query when none is due, run every `JOBS_SCHEDULE_POLL_INTERVAL` seconds."""
     due = OutboxMessage.objects.filter(
-        state__in=(OutboxMessage.State.SCHEDULED, OutboxMessage.State.RETRYABLE),
+        state__in=(OutboxMessage.State.SCHEDULED, OutboxMessage.State.RETRYABLE, OutboxMessage.State.THROTTLED),
         not_before__lte=Now(),  # the clock the worker's start checks against
         published_at__isnull=True,
     )

@@ -71,6 +71,13 @@ class Run:
 
     task_id: str
     owner: str
+    #: The concurrency keys (limit name, key) the run holds a slot of (`jobs.runtime.limits`).
+    limits: tuple[tuple[str, str], ...] = ()
+
+
+def keep_run(run: Run) -> None:
+    """This process holds `run`: its lease is renewed while it lasts."""
+    _keeper().add(run)
 
 
 def _in(seconds: float) -> ExpressionWrapper[CombinedExpression]:
@@ -149,7 +156,7 @@ def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
     # A lapsed lease is not taken over here: only the sweeper reclaims it, once it knows the
     # process that held it is gone (`holders_alive`), not merely cut from the database.
     due = Q(not_before__isnull=True) | Q(not_before__lte=Now())
-    startable = Q(state=State.AVAILABLE) | (Q(state__in=(State.SCHEDULED, State.RETRYABLE)) & due)
+    startable = Q(state=State.AVAILABLE) | (Q(state__in=(State.SCHEDULED, State.RETRYABLE, State.THROTTLED)) & due)
     taken = OutboxMessage.objects.filter(startable, task_id=task_id, retries=retries).update(
         state=State.EXECUTING,
         lease_owner=owner,
@@ -932,6 +939,7 @@ __all__ = [
     "job_start_waiting",
     "jobs_lapsed",
     "jobs_reclaim",
+    "keep_run",
     "keep_write",
     "owner_prefix",
     "pending_writes",

@@ -24,6 +24,7 @@ import logging
 import os
 import smtplib
 import socket
+import time
 from typing import Any, ClassVar
 
 import requests
@@ -34,11 +35,12 @@ from django.db import InterfaceError, OperationalError
 from jobs import crashloop
 from jobs.conf import jobs_settings
 from jobs.exceptions import PermanentError, RetryLater, TransientError, UserError
+from jobs.limits import LimitError, LimitKey, limit_keys
 from jobs.models import DeadLetter
 from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input, run_token
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
-from jobs.runtime.store import Run, Skip, job_retry, job_start_waiting
+from jobs.runtime.store import EARLY_WAIT, Run, Skip, job_retry, job_start_waiting
 
 logger = logging.getLogger("jobs.task")
 
@@ -91,11 +93,13 @@ POSTPONED_HEADER = "jobs_postponed"
 #: Where a request keeps its run of the job table (`jobs.runtime.store.Run`), or why it skipped.
 RUN_ATTRIBUTE = "jobs_run"
 SKIP_ATTRIBUTE = "jobs_skip"
+LIMIT_ERROR_ATTRIBUTE = "jobs_limit_error"
 
 
-def lease_take(request: Any) -> None:
+def lease_take(request: Any, task: Any = None) -> None:
     """Before a job of the table starts (`task_prerun`, any task class): takes its start lease,
-    or notes why this message must not start the body (`skip_copy` then acknowledges it). When
+    under the limits `task` declares (`jobs.limits`), or notes why this message must not start the
+    body (`skip_copy` then acknowledges it: a copy, or a job throttled to wait in the table). When
     the database does not answer, the message goes back to the broker: nothing may start unleased."""
     if not getattr(request, LEDGER_HEADER, None) or getattr(request, "is_eager", False) or request.called_directly:
         return
@@ -107,16 +111,47 @@ def lease_take(request: Any) -> None:
         # Taken before its worker stopped consuming the queue: back to the queue, where it waits.
         setattr(request, SKIP_ATTRIBUTE, "paused")
         return
+    keys = []
+    if task is not None:
+        try:
+            keys = limit_keys(task, request.args or (), request.kwargs or {})
+        except LimitError as exc:
+            # Started without its limits only to end at once as a dead letter naming why.
+            setattr(request, LIMIT_ERROR_ATTRIBUTE, str(exc))
     try:
-        outcome = job_start_waiting(request.id, retries=int(request.retries or 0), hostname=request.hostname or "")
+        outcome = _start(request, keys)
     except Exception as exc:  # noqa: BLE001 - fail closed: Celery would log a raise and run the body unleased
         logger.warning("job.lease_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         setattr(request, SKIP_ATTRIBUTE, "database")
         return
     if isinstance(outcome, Run):
         setattr(request, RUN_ATTRIBUTE, outcome)
-    else:
+    elif isinstance(outcome, Skip):
         setattr(request, SKIP_ATTRIBUTE, outcome)
+    else:
+        setattr(request, SKIP_ATTRIBUTE, "throttled")
+        logger.info("job.throttled", extra={"limit": outcome.limit, "until": outcome.until.isoformat()})
+
+
+def _start(request: Any, keys: list[LimitKey]) -> Any:
+    retries, hostname = int(request.retries or 0), request.hostname or ""
+    if not keys:
+        return job_start_waiting(request.id, retries=retries, hostname=hostname)
+    from jobs.runtime.limits import job_start_limited
+
+    deadline = time.monotonic() + EARLY_WAIT
+    while True:
+        outcome = job_start_limited(request.id, retries=retries, hostname=hostname, keys=keys)
+        if outcome is not Skip.EARLY or time.monotonic() >= deadline:
+            return outcome
+        time.sleep(0.1)
+
+
+def limit_refused(request: Any) -> None:
+    """Raises the `PermanentError` of a job whose limit keys its arguments could not give."""
+    error = getattr(request, LIMIT_ERROR_ATTRIBUTE, None)
+    if error:
+        raise PermanentError(error)
 
 
 def skip_copy(request: Any) -> None:
@@ -129,10 +164,10 @@ def skip_copy(request: Any) -> None:
     from jobs import metrics
 
     if skip in {"database", "paused", Skip.EARLY}:
-        import time
-
         time.sleep(1.0)  # not a hot loop of deliveries while the database is away
         raise Reject(f"job not started: {skip}", requeue=True)
+    if skip == "throttled":
+        raise Ignore()  # it waits in the job table for its limit (`job.throttled` said so)
     metrics.copy_skipped(task_name=str(request.task or ""), reason=str(skip))
     logger.info("job.copy_skipped", extra={"reason": str(skip), "retries": request.retries or 0})
     raise Ignore()
@@ -261,6 +296,7 @@ class JobTask(MeteredTask):
     def _run_attempt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         try:
+            limit_refused(request)
             if redelivered:
                 deaths = crashloop.note_redelivery(request.id)
                 if deaths >= jobs_settings.WORKER_LOST_LIMIT:

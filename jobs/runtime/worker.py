@@ -561,7 +561,7 @@ def guard_plain_tasks(app: Any) -> None:
     from celery.app.task import Task
     from celery.utils.objects import mro_lookup
 
-    from jobs.runtime.task import JobTask, skip_copy
+    from jobs.runtime.task import JobTask, limit_refused, skip_copy
 
     for name, task in list(app.tasks.items()):
         cls = type(task)
@@ -574,6 +574,7 @@ def guard_plain_tasks(app: Any) -> None:
             request = self.request
             if not request.called_directly:
                 skip_copy(request)
+                limit_refused(request)
             if _jobs_inner is not None:
                 return _jobs_inner(self, *args, **kwargs)
             if request.called_directly:

@@ -1,0 +1,326 @@
+"""Limits per key (jobs.limits, jobs.runtime.limits): a start over a concurrency or rate limit
+makes its job wait in the table as `throttled`; the slot a run held comes back when its row ends,
+is retried, or its lease expires; waiting jobs of a key start in order of arrival."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from celery.exceptions import Ignore
+from django.db import connection
+from django.utils import timezone
+
+from jobs.exceptions import PermanentError
+from jobs.limits import Limit, LimitError, LimitKey, limit_keys, task_limits
+from jobs.models import LimitHold, OutboxMessage
+from jobs.runtime import store
+from jobs.runtime.limits import Throttled, holds_purge, job_start_limited, limits_in_use, run_ended
+from jobs.runtime.outbox import outbox_relay_due
+from jobs.runtime.store import Run, Skip
+
+pytestmark = pytest.mark.django_db
+
+State = OutboxMessage.State
+
+
+def _job(task_id: str, **fields) -> OutboxMessage:
+    fields.setdefault("published_at", timezone.now())
+    return OutboxMessage.objects.create(task_name="jobs.ping", task_id=task_id, options={"queue": "low"}, **fields)
+
+
+def _row(task_id: str) -> OutboxMessage:
+    return OutboxMessage.objects.get(task_id=task_id)
+
+
+def _start(task_id: str, *keys: LimitKey, host: str = "w1"):
+    return job_start_limited(task_id, retries=0, hostname=host, keys=list(keys))
+
+
+def _concurrency(number: int, key: str = "acme") -> LimitKey:
+    return LimitKey("sync", key, "concurrency", number, 1.0)
+
+
+def _rate(number: int, per: float, key: str = "") -> LimitKey:
+    return LimitKey("provider", key, "rate", number, per)
+
+
+def _finish(run: Run) -> None:
+    store.job_finish(run.task_id, owner=run.owner)
+    store.run_ended(run.task_id, run.owner)
+    run_ended(run)
+
+
+# --- declaring limits -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"name": "a b", "concurrency": 1}, "letters, digits"),
+        ({"name": "x"}, "give one of concurrency= or rate="),
+        ({"name": "x", "concurrency": 1, "rate": 1}, "give one of concurrency= or rate="),
+        ({"name": "x", "concurrency": 0}, "whole number >= 1"),
+        ({"name": "x", "rate": True}, "whole number >= 1"),
+        ({"name": "x", "rate": 5, "per": 0}, "more than 0"),
+        ({"name": "x", "rate": 5, "per": 90_000}, "at most a day"),
+        ({"name": "x", "concurrency": 1, "key": 42}, "format string or a callable"),
+    ],
+)
+def test_a_limit_declared_wrongly_says_what_is_wrong(options, error):
+    with pytest.raises(LimitError, match=error):
+        Limit(**options)
+
+
+def _task(*limits, run=None):
+    def default_run(customer_id, region="eu", *, force=False):
+        return None
+
+    return type("Task", (), {"name": "tests.sync", "limits": limits, "run": staticmethod(run or default_run)})()
+
+
+def test_keys_come_from_the_arguments_by_name_by_position_or_from_a_callable():
+    task = _task(
+        Limit("by-name", concurrency=2, key="{customer_id}:{region}"),
+        Limit("by-position", concurrency=1, key="c{0}"),
+        Limit("computed", rate=3, per=2, key=lambda customer_id, **kw: f"{customer_id % 2}"),
+        Limit("global", rate=10),
+    )
+    keys = limit_keys(task, [7], {"force": True})
+    assert keys == [
+        LimitKey("by-name", "7:eu", "concurrency", 2, 1.0),
+        LimitKey("by-position", "c7", "concurrency", 1, 1.0),
+        LimitKey("computed", "1", "rate", 3, 2.0),
+        LimitKey("global", "", "rate", 10, 1.0),
+    ]
+    assert limit_keys(_task(), [1], {}) == []
+
+
+def test_a_key_the_arguments_cannot_give_is_a_clear_error():
+    with pytest.raises(LimitError, match=r"limit 'sync': no key from the job's arguments \(KeyError"):
+        limit_keys(_task(Limit("sync", concurrency=1, key="{tenant}")), [1], {})
+    with pytest.raises(LimitError, match="at most 200 characters"):
+        limit_keys(_task(Limit("sync", concurrency=1, key=lambda *a, **k: "x" * 201)), [1], {})
+    with pytest.raises(LimitError, match="a limit is named twice"):
+        task_limits(_task(Limit("sync", concurrency=1), Limit("sync", rate=1)))
+    with pytest.raises(LimitError, match="are jobs.limits.Limit"):
+        task_limits(_task("sync"))
+
+
+# --- concurrency ------------------------------------------------------------------------------------
+
+
+def test_a_third_start_of_a_key_limited_to_two_waits_in_the_table_and_other_keys_do_not():
+    for name in ("a", "b", "c", "other"):
+        _job(name)
+    first, second = _start("a", _concurrency(2)), _start("b", _concurrency(2))
+    assert isinstance(first, Run)
+    assert isinstance(second, Run)
+    assert first.limits == (("sync", "acme"),)
+
+    third = _start("c", _concurrency(2))
+    assert isinstance(third, Throttled)
+    row = _row("c")
+    assert row.state == State.THROTTLED
+    assert row.published_at is None
+    assert row.runs == 0
+    assert row.retries == 0  # no retry spent
+    # Without a wake-up it rechecks when the first running lease could lapse.
+    assert row.not_before == min(_row("a").lease_until, _row("b").lease_until)
+    assert LimitHold.objects.filter(task_id="c", started_at__isnull=True).count() == 1
+
+    assert isinstance(_start("other", _concurrency(2, key="globex")), Run)
+
+
+def test_a_run_that_ends_wakes_the_oldest_waiting_job_which_starts_before_newer_ones(django_capture_on_commit_callbacks):
+    for name in ("a", "b", "c", "d"):
+        _job(name)
+    first = _start("a", _concurrency(1))
+    assert isinstance(_start("b", _concurrency(1)), Throttled)
+    assert isinstance(_start("c", _concurrency(1)), Throttled)
+
+    _finish(first)
+    assert _row("b").not_before <= timezone.now()  # due now: the relay publishes it
+    assert _row("c").not_before > timezone.now()
+
+    # A job that arrives meanwhile queues behind the ones that wait.
+    assert isinstance(_start("d", _concurrency(1)), Throttled)
+    # A woken job published by the relay is `available` and still first in line.
+    OutboxMessage.objects.filter(task_id="b").update(state=State.AVAILABLE, published_at=timezone.now())
+    assert isinstance(_start("c", _concurrency(1)), Skip)  # not due: its message waits
+    woken = _start("b", _concurrency(1))
+    assert isinstance(woken, Run)
+    assert not LimitHold.objects.filter(task_id="b", started_at__isnull=True).exists()
+
+
+def test_a_slot_comes_back_when_its_run_retries_and_when_its_lease_expires():
+    for name in ("a", "b", "c"):
+        _job(name)
+    first = _start("a", _concurrency(1))
+    assert isinstance(_start("b", _concurrency(1)), Throttled)
+    store.job_retry("a", retries=1, postponed=0, delay=600, owner=first.owner)
+    OutboxMessage.objects.filter(task_id="b").update(not_before=timezone.now())
+    second = _start("b", _concurrency(1))
+    assert isinstance(second, Run)
+
+    # Its process dies: nothing ends the row, the lease runs out.
+    assert isinstance(_start("c", _concurrency(1)), Throttled)
+    OutboxMessage.objects.filter(task_id="b").update(lease_until=timezone.now() - timedelta(seconds=1))
+    OutboxMessage.objects.filter(task_id="c").update(not_before=timezone.now())
+    assert isinstance(_start("c", _concurrency(1)), Run)
+
+
+def test_copies_and_early_or_stale_messages_are_told_apart_as_without_limits():
+    _job("a", retries=1)
+    assert _start("missing", _concurrency(1)) is Skip.FINISHED
+    assert job_start_limited("a", retries=0, hostname="w", keys=[_concurrency(1)]) is Skip.STALE
+    assert job_start_limited("a", retries=2, hostname="w", keys=[_concurrency(1)]) is Skip.EARLY
+    assert isinstance(job_start_limited("a", retries=1, hostname="w", keys=[_concurrency(1)]), Run)
+    assert job_start_limited("a", retries=1, hostname="w", keys=[_concurrency(1)]) is Skip.COPY
+
+
+def test_a_unique_key_held_while_queued_is_freed_by_a_limited_start():
+    _job("a", unique_key="invoice:1", unique_while_running=False)
+    assert isinstance(_start("a", _concurrency(1)), Run)
+    assert _row("a").unique_key is None
+
+
+# --- rate -------------------------------------------------------------------------------------------
+
+
+def test_a_rate_limit_lets_n_starts_into_any_window_and_the_next_waits_for_the_oldest_to_leave_it():
+    for name in ("a", "b", "c", "d"):
+        _job(name)
+    for name in ("a", "b", "c"):
+        run = _start(name, _rate(3, 10))
+        assert isinstance(run, Run)
+        assert run.limits == ()  # no slot to give back: starts count for their window
+        _finish(run)
+    throttled = _start("d", _rate(3, 10))
+    assert isinstance(throttled, Throttled)
+    oldest = LimitHold.objects.filter(name="provider", started_at__isnull=False).order_by("started_at").first()
+    assert throttled.until == oldest.started_at + timedelta(seconds=10)
+    # Other keys of the same limit have windows of their own.
+    _job("e")
+    assert isinstance(_start("e", _rate(3, 10, key="other")), Run)
+
+    # The window moves on: the oldest start leaves it.
+    LimitHold.objects.filter(pk=oldest.pk).update(started_at=timezone.now() - timedelta(seconds=11))
+    OutboxMessage.objects.filter(task_id="d").update(not_before=timezone.now())
+    assert isinstance(_start("d", _rate(3, 10)), Run)
+
+
+def test_a_job_over_two_limits_waits_for_the_later_one():
+    for name in ("a", "b"):
+        _job(name)
+    assert isinstance(_start("a", _concurrency(1), _rate(1, 60)), Run)
+    throttled = _start("b", _concurrency(1), _rate(1, 60))
+    assert isinstance(throttled, Throttled)
+    assert throttled.limit == "provider"  # the minute of the rate, not the lease of the slot
+    assert LimitHold.objects.filter(task_id="b", started_at__isnull=True).count() == 2
+
+
+# --- the relay, the reads, the purge ----------------------------------------------------------------
+
+
+def test_the_relay_publishes_a_throttled_job_once_due(django_capture_on_commit_callbacks, redis_client):
+    _job("a")
+    _job("b")
+    _start("a", _concurrency(1))
+    _start("b", _concurrency(1))
+    assert outbox_relay_due() == 0
+    OutboxMessage.objects.filter(task_id="b").update(not_before=timezone.now() - timedelta(seconds=1))
+    assert outbox_relay_due() == 1
+    row = _row("b")
+    assert row.state == State.AVAILABLE
+    assert row.published_at is not None
+
+
+def test_limits_in_use_and_the_purge_count_only_what_holds():
+    for name in ("a", "b", "c", "d"):
+        _job(name)
+    first = _start("a", _concurrency(1))
+    _start("b", _concurrency(1))
+    _finish(_start("c", _rate(5, 30)))
+    use = {u.name: u for u in limits_in_use()}
+    assert (use["sync"].running, use["sync"].throttled, use["sync"].keys) == (1, 1, 1)
+    assert (use["provider"].recent, use["provider"].running) == (1, 0)
+
+    # A crashed run leaves its hold behind; the job ended elsewhere; the rate start is old.
+    OutboxMessage.objects.filter(task_id="a").update(lease_owner="someone-else")
+    OutboxMessage.objects.filter(task_id="b").delete()
+    LimitHold.objects.filter(name="provider").update(counts_until=timezone.now() - timedelta(seconds=1))
+    assert holds_purge() == 3
+    assert not LimitHold.objects.exists()
+    assert first.limits
+
+
+# --- the worker's side: lease_take and skip_copy ------------------------------------------------------
+
+
+class _Request:
+    def __init__(self, task_id: str, args=(), kwargs=None):
+        self.id = task_id
+        self.args = list(args)
+        self.kwargs = kwargs or {}
+        self.retries = 0
+        self.hostname = "w1"
+        self.jobs_ledger = 1
+        self.called_directly = False
+        self.is_eager = False
+        self.delivery_info = {"routing_key": "low"}
+        self.task = "tests.sync"
+
+
+def test_a_worker_acknowledges_a_throttled_message_and_refuses_a_job_without_a_key(monkeypatch):
+    from jobs.runtime import task as task_module
+
+    monkeypatch.setattr("jobs.runtime.pause.is_paused", lambda queue: False)
+    limited = _task(Limit("sync", concurrency=1, key="{customer_id}"))
+    _job("a")
+    _job("b")
+    first = _Request("a", [1])
+    task_module.lease_take(first, limited)
+    assert isinstance(first.jobs_run, Run)
+
+    second = _Request("b", [1])
+    task_module.lease_take(second, limited)
+    assert second.jobs_skip == "throttled"
+    with pytest.raises(Ignore):
+        task_module.skip_copy(second)
+    assert _row("b").state == State.THROTTLED
+
+    _job("c")
+    broken = _Request("c", [], {"region": "us"})
+    task_module.lease_take(broken, limited)
+    assert isinstance(broken.jobs_run, Run)  # started without its limits, to end at once
+    with pytest.raises(PermanentError, match="no key from the job's arguments"):
+        task_module.limit_refused(broken)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_racing_for_the_last_slot_take_it_once():
+    if connection.vendor != "postgresql":
+        pytest.skip("the suite runs on SQLite here: it serializes every write, there is no race to lose")
+    for n in range(8):
+        _job(f"j{n}")
+    barrier = threading.Barrier(8)
+    outcomes: list[object] = []
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            outcomes.append(_start(f"j{n}", _concurrency(2), host=f"w{n}"))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(outcomes) == 8
+    assert sum(isinstance(o, Run) for o in outcomes) == 2
+    assert OutboxMessage.objects.filter(state=State.EXECUTING).count() == 2
+    assert OutboxMessage.objects.filter(state=State.THROTTLED).count() == 6
