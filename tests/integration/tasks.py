@@ -11,6 +11,7 @@ from celery import shared_task
 
 from jobs.base import JobTask
 from jobs.exceptions import PermanentError, TransientError
+from jobs.limits import Limit
 
 
 def _redis() -> redis.Redis:
@@ -179,3 +180,47 @@ def rejects(key: str) -> None:
 
     _redis().rpush(f"{key}:starts", os.getpid())
     raise Reject("not for this worker", requeue=False)
+
+
+def _event(key: str, *parts: object) -> None:
+    _redis().rpush(f"{key}:events", "|".join(str(part) for part in (*parts, time.time())))
+
+
+@shared_task(
+    base=JobTask,
+    name="tests.limited_sync",
+    limits=[Limit("tests-sync", concurrency=2, key="{customer}")],
+)
+def limited_sync(key: str, customer: str, seconds: float) -> None:
+    """At most 2 at once per customer: records when each run starts and ends."""
+    run = os.urandom(4).hex()
+    _event(key, "start", customer, run)
+    time.sleep(seconds)
+    _event(key, "end", customer, run)
+
+
+@shared_task(
+    base=JobTask,
+    name="tests.limited_solo",
+    limits=[Limit("tests-solo", concurrency=1, key="{customer}")],
+)
+def limited_solo(key: str, customer: str, seconds: float, label: str = "") -> None:
+    """One at a time per customer; `label` names the run in what it records."""
+    run = f"{label}-{os.urandom(4).hex()}"
+    _event(key, "start", customer, run)
+    time.sleep(seconds)
+    _event(key, "end", customer, run)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    name="tests.limited_rate",
+    limits=[Limit("tests-rate", rate=10, per=1.0, key="{provider}")],
+)
+def limited_rate(self, key: str, provider: str) -> None:
+    """At most 10 starts a second per provider: records its start as the job table has it."""
+    from jobs.models import OutboxMessage
+
+    started = OutboxMessage.objects.filter(task_id=self.request.id).values_list("started_at", flat=True).first()
+    _redis().rpush(f"{key}:starts:{provider}", started.timestamp())
