@@ -36,6 +36,7 @@ from jobs.selectors import (
     job_queue,
     job_request_id,
     job_state,
+    job_waits_for,
     job_worker,
     jobs_select,
     parse_moment,
@@ -311,7 +312,7 @@ def _latest_errors(task_ids: list[str]) -> dict[str, str]:
 
 def _job(row: OutboxMessage, errors: dict[str, str]) -> dict[str, Any]:
     state = job_state(row)
-    waiting = state in (JobState.SCHEDULED, JobState.RETRYING)
+    waiting = state in (JobState.SCHEDULED, JobState.RETRYING, JobState.THROTTLED)
     return {
         "id": row.task_id,
         "task": row.task_name,
@@ -464,6 +465,7 @@ def job_detail(request: HttpRequest, task_id: str) -> HttpResponse:
             "args": args,
             "kwargs": kwargs,
             "attempts": attempts,
+            "waits_for": [{"limit": name, "key": key} for name, key in job_waits_for(task_id)],
             "dead_letter_id": letter.pk if letter is not None else None,
         }
     )

@@ -476,7 +476,7 @@ def ledger_overview() -> dict[str, Any]:
     oldest job due."""
     from jobs.runtime.ledger import ledger_counts, ledger_oldest_age
     from jobs.runtime.outbox import outbox_backlog
-    from jobs.selectors import ROW_STATES, job_counts
+    from jobs.selectors import ROW_STATES, job_counts, limit_use
 
     counts = ledger_counts()
     backlog = outbox_backlog()
@@ -488,6 +488,7 @@ def ledger_overview() -> dict[str, Any]:
         "backlog": backlog,
         "waiting_for_time": counts["unpublished"] - backlog,  # not published, and not due yet
         "oldest_age": ledger_oldest_age(),
+        "limits": limit_use(),
     }
 
 

@@ -132,6 +132,29 @@ class JobsCollector:
         yield ledger
         yield ledger_oldest
 
+        # Per limit name only (keys are unbounded: a customer, a tenant).
+        running = GaugeMetricFamily(
+            "jobs_limit_running", "Runs holding a slot of a concurrency limit, all keys.", labels=["limit"]
+        )
+        recent = GaugeMetricFamily(
+            "jobs_limit_recent_starts", "Starts under a rate limit in the last minute, all keys.", labels=["limit"]
+        )
+        throttled = GaugeMetricFamily("jobs_limit_throttled", "Jobs waiting for a limit.", labels=["limit"])
+        try:
+            from jobs.selectors import limit_use
+
+            for use in limit_use():
+                if use.kind == "concurrency":
+                    running.add_metric([use.name], use.running)
+                else:
+                    recent.add_metric([use.name], use.recent)
+                throttled.add_metric([use.name], use.throttled)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("metrics.limits_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        yield running
+        yield recent
+        yield throttled
+
         from jobs.heartbeat import heartbeat_read
 
         for name, help_text in (

@@ -16,7 +16,7 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from jobs.models import DeadLetter, Job, JobAttempt, OutboxMessage, PausedQueue
+from jobs.models import DeadLetter, Job, JobAttempt, LimitHold, OutboxMessage, PausedQueue
 from jobs.redaction import SECRET_KEY_PATTERN
 
 
@@ -26,6 +26,7 @@ class JobState(enum.StrEnum):
 
     SCHEDULED = "scheduled"  # waits in the table for its time (`due_at`)
     QUEUED = "queued"  # available: in its queue, or on its way there
+    THROTTLED = "throttled"  # over a limit of its task (`jobs.limits`): waits in the table for it
     RUNNING = "running"  # a run holds its start lease
     RETRYING = "retrying"  # failed, waits in the table for its next attempt
     DEAD = "dead"  # given up: its pending dead letter
@@ -34,6 +35,7 @@ class JobState(enum.StrEnum):
 ROW_STATES: dict[JobState, str] = {
     JobState.SCHEDULED: OutboxMessage.State.SCHEDULED,
     JobState.QUEUED: OutboxMessage.State.AVAILABLE,
+    JobState.THROTTLED: OutboxMessage.State.THROTTLED,
     JobState.RUNNING: OutboxMessage.State.EXECUTING,
     JobState.RETRYING: OutboxMessage.State.RETRYABLE,
 }
@@ -178,6 +180,19 @@ def job_counts_by_queue(queues: Iterable[str]) -> dict[str, dict[str, Tally]]:
         queue: {str(state): tally(Job.objects.filter(queue=queue, state=row_state)) for state, row_state in states}
         for queue in queues
     }
+
+
+def job_waits_for(task_id: str) -> list[tuple[str, str]]:
+    """The limits (name, key) a throttled job waits for."""
+    rows = LimitHold.objects.filter(task_id=task_id, started_at__isnull=True).order_by("name")
+    return list(rows.values_list("name", "key"))
+
+
+def limit_use() -> list[Any]:
+    """Every limit in use now (`jobs.runtime.limits.LimitUse`), by name."""
+    from jobs.runtime.limits import limits_in_use
+
+    return limits_in_use()
 
 
 def job_attempts(task_id: str) -> list[JobAttempt]:

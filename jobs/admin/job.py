@@ -41,6 +41,7 @@ from jobs.selectors import (
     job_queue,
     job_request_id,
     job_state,
+    job_waits_for,
     job_worker,
     jobs_of_request,
     jobs_search,
@@ -193,7 +194,10 @@ class JobAdmin(_JobAdmin):
     change_list_template = "admin/jobs/job/change_list.html"
     change_form_template = "admin/jobs/job/change_form.html"
     fieldsets = (
-        (None, {"fields": ("task_name", "task_id", "state_badge", "queue_name", "attempt", "when", "worker")}),
+        (
+            None,
+            {"fields": ("task_name", "task_id", "state_badge", "queue_name", "attempt", "when", "waits_for", "worker")},
+        ),
         ("Arguments (secrets redacted)", {"fields": ("args_pretty", "kwargs_pretty")}),
         ("Attempts", {"fields": ("attempts_table", "dead_letter")}),
         (
@@ -208,6 +212,7 @@ class JobAdmin(_JobAdmin):
         "queue_name",
         "attempt",
         "when",
+        "waits_for",
         "worker",
         "args_pretty",
         "kwargs_pretty",
@@ -264,8 +269,12 @@ class JobAdmin(_JobAdmin):
     def when(self, obj: Job) -> str:
         now = timezone.now()
         state = job_state(obj)
-        if state in (JobState.SCHEDULED, JobState.RETRYING) and obj.not_before:
+        if state in (JobState.SCHEDULED, JobState.RETRYING, JobState.THROTTLED) and obj.not_before:
             due = "due now" if obj.not_before <= now else f"due in {_span(now, obj.not_before)}"
+            if state == JobState.THROTTLED:
+                due = "over its limit, " + (
+                    "rechecks now" if obj.not_before <= now else f"rechecks in {_span(now, obj.not_before)}"
+                )
             return format_html('<span title="{}">{}</span>', f"{obj.not_before:%Y-%m-%d %H:%M:%S %Z}", due)
         if state == JobState.RUNNING:
             lease = f", lease until {obj.lease_until:%H:%M:%S}" if obj.lease_until else ""
@@ -274,6 +283,13 @@ class JobAdmin(_JobAdmin):
             return f"running{lease}"
         since = obj.published_at or obj.created_at
         return f"queued for {_span(since, now)}"
+
+    @admin.display(description="waits for")
+    def waits_for(self, obj: Job) -> str:
+        limits = job_waits_for(obj.task_id) if obj.state == Job.State.THROTTLED else []
+        if not limits:
+            return "-"
+        return format_html_join(", ", "limit {} for key “{}”", limits)
 
     @admin.display(description="worker")
     def worker(self, obj: Job) -> str:

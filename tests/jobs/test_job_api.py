@@ -87,7 +87,7 @@ def test_counts_are_exact_when_small_and_estimated_when_large(client, ops, monke
     add("c-2", State.SCHEDULED, not_before=timezone.now() + timedelta(hours=1))
     body = client.get(BASE + "counts/", **ops).json()
     assert body == {
-        "counts": {"scheduled": 1, "queued": 1, "running": 0, "retrying": 0, "dead": 0},
+        "counts": {"scheduled": 1, "queued": 1, "throttled": 0, "running": 0, "retrying": 0, "dead": 0},
         "estimated": [],
     }
     monkeypatch.setattr(selectors, "EXACT_UP_TO", 0)

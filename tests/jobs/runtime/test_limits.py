@@ -324,3 +324,54 @@ def test_two_workers_racing_for_the_last_slot_take_it_once():
     assert sum(isinstance(o, Run) for o in outcomes) == 2
     assert OutboxMessage.objects.filter(state=State.EXECUTING).count() == 2
     assert OutboxMessage.objects.filter(state=State.THROTTLED).count() == 6
+
+
+# --- seen by operators: the jobs page, the API, the dashboard, /metrics -------------------------------
+
+
+@pytest.fixture
+def watcher(django_user_model, client):
+    from tests.conftest import grant
+
+    user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
+    grant(user, "jobs.view_job")
+    client.force_login(user)
+    return user
+
+
+def test_a_throttled_job_and_each_limits_use_are_shown_to_operators(client, watcher, monkeypatch):
+    from jobs import dashboard
+
+    monkeypatch.setattr(dashboard, "INSPECT_TIMEOUT", 0.2)  # no worker runs here
+    for name in ("a", "b", "c"):
+        _job(name)
+    _start("a", _concurrency(1, key="tenant-7"))
+    _start("b", _concurrency(1, key="tenant-7"))
+    _finish(_start("c", _rate(5, 30)))
+
+    body = client.get("/api/jobs/jobs/b/").json()
+    assert body["state"] == "throttled"
+    assert body["waits_for"] == [{"limit": "sync", "key": "tenant-7"}]
+    assert body["due_at"] is not None
+    listed = client.get("/api/jobs/jobs/?state=throttled").json()
+    assert [job["id"] for job in listed["results"]] == ["b"]
+    assert client.get("/api/jobs/jobs/counts/").json()["counts"]["throttled"] == 1
+
+    page = client.get(f"/admin/jobs/job/{_row('b').pk}/change/").content.decode()
+    assert "limit sync for key “tenant-7”" in page
+    assert "over its limit, rechecks in" in page
+    listing = client.get("/admin/jobs/job/?state=throttled").content.decode()
+    assert "/admin/jobs/job/{}/change/".format(_row("b").pk) in listing
+    assert "/admin/jobs/job/{}/change/".format(_row("a").pk) not in listing
+
+    html = client.get("/admin/jobs/dashboard/").content.decode()
+    table = html[html.index('<table id="limits">') :]
+    table = table[: table.index("</table>")]
+    assert "<td>sync</td><td>concurrency</td><td class=\"num\">1</td>" in table
+    assert "<td>provider</td><td>rate</td><td class=\"num\">-</td><td class=\"num\">1</td>" in table
+
+    metrics = client.get("/metrics").content.decode()
+    assert 'jobs_limit_running{limit="sync"} 1.0' in metrics
+    assert 'jobs_limit_throttled{limit="sync"} 1.0' in metrics
+    assert 'jobs_limit_recent_starts{limit="provider"} 1.0' in metrics
+    assert "tenant-7" not in metrics  # keys are no labels
