@@ -16,7 +16,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ["throughput", "beat", "upload", "dead_letters", "jobs_page", "thumbnails", "mail", "worker_memory"]
+BENCHMARKS = [
+    "throughput",
+    "beat",
+    "upload",
+    "dead_letters",
+    "jobs_page",
+    "limits",
+    "thumbnails",
+    "mail",
+    "worker_memory",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,19 +73,30 @@ def _parse(value: Any) -> datetime | None:
     return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
 
 
-def _lock_and_now(cursor: Any, keys: Sequence[LimitKey]) -> datetime:
-    """Waits for every other start of these keys to commit, then reads the clock: a start's time
-    is always after the one it waited for."""
+def _lock_and_read(cursor: Any, task_id: str, keys: Sequence[LimitKey]) -> tuple[datetime, Any]:
+    """Waits for every other start of these keys to commit, then reads the clock, and the job's
+    row: (now, (id, state, retries, not_before) or None). A start's time is always after the one
+    it waited for. (The row may be older than the lock: only a copy of the same job, which takes
+    the same locks, changes it meanwhile, and the UPDATE that follows re-checks its state.)"""
+    job, _holds = _tables()
     if connection.vendor == "postgresql":
         names = sorted({f"{k.name}\x1f{k.key}" for k in keys})
+        # As a plain start: its commit does not wait for the WAL flush (`store._async_commit`).
+        commit = "off" if jobs_settings.LEASE_ASYNC_COMMIT else "on"
+        # Taken in key order (a VALUES list is read in its order): two starts never wait on each other.
+        values = ", ".join(["(%s)"] * len(names))
         cursor.execute(
-            "WITH locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(k, 7355)) "
-            "FROM unnest(%s::text[]) AS k) SELECT clock_timestamp() FROM (SELECT count(*) FROM locks) AS held",
-            [names],
+            "WITH locks AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(v.k, 7355)) "  # noqa: S608
+            f"FROM (VALUES {values}) AS v(k)) SELECT clock_timestamp(), j.id, j.state, j.retries, j.not_before, "
+            "set_config('synchronous_commit', %s, true) "
+            f"FROM (SELECT count(*) FROM locks) AS held LEFT JOIN {job} j ON j.task_id = %s",
+            [*names, commit, task_id],
         )
-        now: datetime = cursor.fetchone()[0]
-        return now
-    return timezone.now()  # SQLite: the transaction (IMMEDIATE) already holds the only write lock
+        now, *row, _commit = cursor.fetchone()
+        return now, (tuple(row) if row[0] is not None else None)
+    # SQLite: the transaction (IMMEDIATE) already holds the only write lock.
+    cursor.execute(f"SELECT id, state, retries, not_before FROM {job} WHERE task_id = %s", [task_id])  # noqa: S608
+    return timezone.now(), cursor.fetchone()
 
 
 def job_start_limited(
@@ -93,17 +104,13 @@ def job_start_limited(
 ) -> store.Run | store.Skip | Throttled:
     """Takes the row of `task_id` for attempt `retries` when every limit in `keys` allows it;
     otherwise makes it `throttled`. A message that must not start the body gets the `Skip` that
-    `store.job_start` would give."""
-    job, holds = _tables()
+    `store.job_start` would give. On PostgreSQL two statements and the commit: the locks with
+    the row, then the limits' use with the start and its holds (the start only if the use allows
+    it: one snapshot, taken once the locks are held)."""
     owner = store.owner_prefix(hostname) + uuid.uuid4().hex[:12]
     lease = float(jobs_settings.LEASE_SECONDS)
     with transaction.atomic(), connection.cursor() as cursor:
-        now = _lock_and_now(cursor, keys)
-        cursor.execute(
-            f"SELECT id, state, retries, not_before FROM {job} WHERE task_id = %s",  # noqa: S608 - our own tables
-            [task_id],
-        )
-        found = cursor.fetchone()
+        now, found = _lock_and_read(cursor, task_id, keys)
         if found is None:
             return store.Skip.FINISHED
         pk, state, row_retries, not_before = found
@@ -117,87 +124,148 @@ def job_start_limited(
         if state != State.AVAILABLE and not_before is not None and not_before > now:
             return store.Skip.NOT_DUE
 
-        blocked: list[Throttled] = []
-        for limit in keys:
-            waiting = _older_waiting(cursor, limit, pk)
-            if limit.kind == CONCURRENCY:
-                running, soonest = _running(cursor, limit, now)
-                if running + waiting >= limit.number:
-                    line = running + waiting - limit.number  # jobs ahead once the slots are full
-                    until = soonest if soonest is not None and line < limit.number else None
-                    wait = min(lease * (1 + line // limit.number), MAX_WAIT)
-                    blocked.append(Throttled(limit.name, limit.key, until or now + timedelta(seconds=wait)))
-            else:
-                started, oldest = _started(cursor, limit, now)
-                if started + waiting >= limit.number:
-                    line = started + waiting - limit.number
-                    windows = line // limit.number
-                    first = (oldest or now) + timedelta(seconds=limit.per)
-                    later = now + timedelta(seconds=min(limit.per * windows, MAX_WAIT))
-                    blocked.append(Throttled(limit.name, limit.key, max(first, later)))
+        start = _Start(task_id, pk, state, retries, owner, now, lease)
+        use_sql, use_params = _use_sql(keys, pk, now)
+        if connection.vendor == "postgresql":
+            use, started = _use_and_take(cursor, start, keys, use_sql, use_params)
+        else:
+            cursor.execute(use_sql, use_params)
+            use, started = _use_rows(cursor.fetchall()), None
+        blocked = _blocked(keys, use, now, lease)
         if blocked:
             throttled = max(blocked, key=lambda b: b.until)
             _throttle(cursor, task_id, pk, state, retries, keys, throttled.until)
             return throttled
-
-        cursor.execute(
-            f"UPDATE {job} SET state = %s, lease_owner = %s, lease_until = %s, started_at = %s, "  # noqa: S608
-            "runs = runs + 1, published_at = COALESCE(published_at, %s), not_before = NULL, "
-            "unique_key = CASE WHEN unique_while_running THEN unique_key END, "
-            "missing_since = NULL, claim = '', claimed_until = NULL "
-            "WHERE id = %s AND state = %s AND retries = %s",
-            [State.EXECUTING, owner, _dt(now + timedelta(seconds=lease)), _dt(now), _dt(now), pk, state, retries],
-        )
-        if cursor.rowcount != 1:
+        if started is None:
+            started = _take(cursor, start, keys)
+        if not started:
             return store.Skip.COPY
-        # This job's own waits are over; an earlier run's concurrency start no longer counts
-        # (its rate starts do, for their window).
-        cursor.execute(
-            f"DELETE FROM {holds} WHERE task_id = %s AND (started_at IS NULL OR kind = %s)",  # noqa: S608
-            [task_id, CONCURRENCY],
-        )
-        _insert_holds(cursor, task_id, pk, keys, owner=owner, started_at=now)
     run = store.Run(task_id=task_id, owner=owner, limits=tuple((k.name, k.key) for k in keys if k.kind == CONCURRENCY))
     store.keep_run(run)
     return run
 
 
-def _older_waiting(cursor: Any, limit: LimitKey, pk: int) -> int:
-    """Jobs that arrived before this one and wait for the same key (throttled, or woken and on
-    their way to a worker)."""
+def _blocked(
+    keys: Sequence[LimitKey], use: list[tuple[int, datetime | None, int]], now: datetime, lease: float
+) -> list[Throttled]:
+    """The limits that keep this job waiting, each with when it may allow it."""
+    blocked: list[Throttled] = []
+    for limit, (used, edge, waiting) in zip(keys, use, strict=True):
+        if used + waiting < limit.number:
+            continue
+        line = used + waiting - limit.number  # jobs ahead of this one once the slots are full
+        if limit.kind == CONCURRENCY:
+            # Rechecks when the first running lease could lapse (a finish wakes it sooner).
+            wait = min(lease * (1 + line // limit.number), MAX_WAIT)
+            until = edge if edge is not None and line < limit.number else now + timedelta(seconds=wait)
+        else:
+            first = (edge or now) + timedelta(seconds=limit.per)  # the oldest start leaves the window
+            until = max(first, now + timedelta(seconds=min(limit.per * (line // limit.number), MAX_WAIT)))
+        blocked.append(Throttled(limit.name, limit.key, until))
+    return blocked
+
+
+@dataclass(frozen=True)
+class _Start:
+    task_id: str
+    pk: int
+    state: str
+    retries: int
+    owner: str
+    now: datetime
+    lease: float
+
+
+def _use_sql(keys: Sequence[LimitKey], pk: int, now: datetime) -> tuple[str, list[Any]]:
+    """One row per limit (n, its number, the jobs that arrived before this one and wait for the
+    same key (throttled, or woken and on their way to a worker), its use now (runs holding a
+    slot, or starts in the window), the first lease to expire or the oldest start)."""
     job, holds = _tables()
-    cursor.execute(
-        f"SELECT count(*) FROM {holds} h JOIN {job} j ON j.id = h.job_id "  # noqa: S608
-        "WHERE h.name = %s AND h.key = %s AND h.kind = %s AND h.started_at IS NULL AND h.job_id < %s "
-        "AND j.state <> %s",
-        [limit.name, limit.key, limit.kind, pk, State.EXECUTING],
-    )
-    return int(cursor.fetchone()[0])
+    parts: list[str] = []
+    params: list[Any] = []
+    for n, limit in enumerate(keys):
+        waiting = (
+            f"(SELECT count(*) FROM {holds} w JOIN {job} wj ON wj.id = w.job_id WHERE w.name = %s "  # noqa: S608
+            "AND w.key = %s AND w.kind = %s AND w.started_at IS NULL AND w.job_id < %s AND wj.state <> %s)"
+        )
+        params += [n, limit.number, limit.name, limit.key, limit.kind, pk, State.EXECUTING]
+        if limit.kind == CONCURRENCY:
+            used = (
+                f"SELECT count(*) AS c, min(j.lease_until) AS m FROM {holds} h JOIN {job} j "  # noqa: S608
+                "ON j.task_id = h.task_id AND j.lease_owner = h.owner WHERE h.name = %s AND h.key = %s "
+                "AND h.kind = %s AND h.started_at IS NOT NULL AND j.state = %s AND j.lease_until > %s"
+            )
+            params += [limit.name, limit.key, CONCURRENCY, State.EXECUTING, _dt(now)]
+        else:
+            used = (
+                f"SELECT count(*) AS c, min(started_at) AS m FROM {holds} "  # noqa: S608
+                "WHERE name = %s AND key = %s AND kind = %s AND started_at > %s"
+            )
+            params += [limit.name, limit.key, RATE, _dt(now - timedelta(seconds=limit.per))]
+        parts.append(f"SELECT %s AS n, %s AS lim, {waiting} AS waiting, u.c, u.m FROM ({used}) u")  # noqa: S608
+    return " UNION ALL ".join(parts), params
 
 
-def _running(cursor: Any, limit: LimitKey, now: datetime) -> tuple[int, datetime | None]:
-    """The runs holding a slot of this key now, and when the first of their leases expires."""
+def _use_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[int, datetime | None, int]]:
+    return [(int(row[3]), _parse(row[4]), int(row[2])) for row in sorted(rows, key=lambda row: row[0])]
+
+
+def _start_sql(start: _Start) -> tuple[str, list[Any], str, list[Any]]:
+    """The job's UPDATE to `executing`, and the DELETE of what this job held before: its own
+    waits are over, and an earlier run's concurrency start no longer counts (its rate starts do,
+    for their window)."""
     job, holds = _tables()
-    cursor.execute(
-        f"SELECT count(*), min(j.lease_until) FROM {holds} h JOIN {job} j ON j.task_id = h.task_id "  # noqa: S608
-        "AND j.lease_owner = h.owner WHERE h.name = %s AND h.key = %s AND h.kind = %s "
-        "AND h.started_at IS NOT NULL AND j.state = %s AND j.lease_until > %s",
-        [limit.name, limit.key, CONCURRENCY, State.EXECUTING, _dt(now)],
+    update = (
+        f"UPDATE {job} SET state = %s, lease_owner = %s, lease_until = %s, started_at = %s, "  # noqa: S608
+        "runs = runs + 1, published_at = COALESCE(published_at, %s), not_before = NULL, "
+        "unique_key = CASE WHEN unique_while_running THEN unique_key END, "
+        "missing_since = NULL, claim = '', claimed_until = NULL "
+        "WHERE id = %s AND state = %s AND retries = %s"
     )
-    count, soonest = cursor.fetchone()
-    return int(count), _parse(soonest)
+    now = _dt(start.now)
+    until = _dt(start.now + timedelta(seconds=start.lease))
+    update_params = [State.EXECUTING, start.owner, until, now, now, start.pk, start.state, start.retries]
+    forget = f"DELETE FROM {holds} WHERE task_id = %s AND (started_at IS NULL OR kind = %s)"  # noqa: S608
+    return update, update_params, forget, [start.task_id, CONCURRENCY]
 
 
-def _started(cursor: Any, limit: LimitKey, now: datetime) -> tuple[int, datetime | None]:
-    """The starts of this key in the window that ends now, and the oldest of them."""
+def _use_and_take(
+    cursor: Any, start: _Start, keys: Sequence[LimitKey], use_sql: str, use_params: list[Any]
+) -> tuple[list[tuple[int, datetime | None, int]], bool]:
+    """PostgreSQL: the limits' use, and the start with its holds when the use allows it, in one
+    statement. Returns (the use, started)."""
     _job, holds = _tables()
+    update, update_params, forget, forget_params = _start_sql(start)
+    values = ", ".join(["(%s, %s, %s, %s::timestamptz)"] * len(keys))
+    value_params: list[Any] = []
+    for k in keys:
+        value_params += [k.name, k.key, k.kind, start.now + timedelta(seconds=k.per) if k.kind == RATE else None]
+    quote = connection.ops.quote_name
     cursor.execute(
-        f"SELECT count(*), min(started_at) FROM {holds} "  # noqa: S608
-        "WHERE name = %s AND key = %s AND kind = %s AND started_at > %s",
-        [limit.name, limit.key, RATE, _dt(now - timedelta(seconds=limit.per))],
+        f"WITH use AS MATERIALIZED ({use_sql}), "  # noqa: S608
+        f"started AS ({update} AND NOT EXISTS (SELECT 1 FROM use WHERE use.c + use.waiting >= use.lim) "
+        "RETURNING id), "
+        f"forgotten AS ({forget} AND EXISTS (SELECT 1 FROM started)), "
+        f"held AS (INSERT INTO {holds} (name, {quote('key')}, kind, task_id, job_id, owner, started_at, "
+        "counts_until) SELECT v.name, v.key, v.kind, %s, started.id, %s, %s, v.until FROM started, "
+        f"(VALUES {values}) AS v(name, key, kind, until) RETURNING 1) "
+        "SELECT use.n, use.lim, use.waiting, use.c, use.m, (SELECT count(*) FROM started) FROM use",
+        [*use_params, *update_params, *forget_params, start.task_id, start.owner, start.now, *value_params],
     )
-    count, oldest = cursor.fetchone()
-    return int(count), _parse(oldest)
+    rows = cursor.fetchall()
+    return _use_rows(rows), bool(rows and rows[0][5])
+
+
+def _take(cursor: Any, start: _Start, keys: Sequence[LimitKey]) -> bool:
+    """Elsewhere than PostgreSQL: the start, then its holds. False when the row was no longer as
+    read (a copy started it)."""
+    update, update_params, forget, forget_params = _start_sql(start)
+    cursor.execute(update, update_params)
+    if cursor.rowcount != 1:
+        return False
+    cursor.execute(forget, forget_params)
+    _insert_holds(cursor, start.task_id, start.pk, keys, owner=start.owner, started_at=start.now)
+    return True
 
 
 def _throttle(
@@ -242,22 +310,32 @@ def _insert_holds(
 def run_ended(run: store.Run) -> None:
     """A run that held concurrency slots has ended (its row already says so): the oldest job
     waiting for each of its keys is due now (the relay publishes it within
-    `JOBS_SCHEDULE_POLL_INTERVAL`), and its starts are forgotten."""
+    `JOBS_SCHEDULE_POLL_INTERVAL`), and its starts are forgotten. One statement on PostgreSQL."""
     if not run.limits:
         return
     job, holds = _tables()
-    now_sql, now_params = "STATEMENT_TIMESTAMP()", []
-    if connection.vendor != "postgresql":
-        now_sql, now_params = "%s", [_dt(timezone.now())]
+    oldest = (
+        f"SELECT h.job_id FROM {holds} h JOIN {job} w ON w.id = h.job_id WHERE h.name = %s "  # noqa: S608
+        "AND h.key = %s AND h.kind = %s AND h.started_at IS NULL AND w.state = %s ORDER BY h.job_id LIMIT 1"
+    )
+    forget = f"DELETE FROM {holds} WHERE task_id = %s AND kind = %s"  # noqa: S608
     with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {holds} WHERE task_id = %s AND kind = %s", [run.task_id, CONCURRENCY])  # noqa: S608
+        if connection.vendor == "postgresql":
+            firsts = " UNION ALL ".join(f"({oldest})" for _ in run.limits)
+            params: list[Any] = [run.task_id, CONCURRENCY, State.THROTTLED]
+            for name, key in run.limits:
+                params += [name, key, CONCURRENCY, State.THROTTLED]
+            cursor.execute(
+                f"WITH forgotten AS ({forget}) UPDATE {job} SET not_before = STATEMENT_TIMESTAMP() "  # noqa: S608
+                f"WHERE state = %s AND id IN ({firsts})",
+                params,
+            )
+            return
+        cursor.execute(forget, [run.task_id, CONCURRENCY])
         for name, key in run.limits:
             cursor.execute(
-                f"UPDATE {job} SET not_before = {now_sql} WHERE state = %s AND id = ("  # noqa: S608
-                f"SELECT h.job_id FROM {holds} h JOIN {job} w ON w.id = h.job_id WHERE h.name = %s "
-                "AND h.key = %s AND h.kind = %s AND h.started_at IS NULL AND w.state = %s "
-                "ORDER BY h.job_id LIMIT 1)",
-                [*now_params, State.THROTTLED, name, key, CONCURRENCY, State.THROTTLED],
+                f"UPDATE {job} SET not_before = %s WHERE state = %s AND id = ({oldest})",  # noqa: S608
+                [_dt(timezone.now()), State.THROTTLED, name, key, CONCURRENCY, State.THROTTLED],
             )
 
 
