@@ -37,6 +37,7 @@ from django.utils.module_loading import import_string
 
 from jobs.conf import jobs_settings
 from jobs.context import get_request_id
+from jobs.limits import Limit, LimitError, UniqueJob
 from jobs.runtime import django_tasks as runner
 from jobs.tasks_compat import (
     DEFAULT_TASK_QUEUE_NAME,
@@ -86,6 +87,8 @@ OPTION_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "time_limit": ("a number of seconds > 0", lambda v: _is_number(v) and v > 0),
     "soft_time_limit": ("a number of seconds > 0", lambda v: _is_number(v) and v > 0),
     "alert_on_dead_letter": ("True or False", lambda v: isinstance(v, bool)),
+    "limits": ("a list of jobs.limits.Limit, each name once", lambda v: _are_limits(v)),
+    "unique": ("a jobs.limits.UniqueJob", lambda v: isinstance(v, UniqueJob)),
 }
 #: The attribute of a function that `task_options` sets.
 OPTIONS_ATTRIBUTE = "__jobs_task_options__"
@@ -93,6 +96,12 @@ OPTIONS_ATTRIBUTE = "__jobs_task_options__"
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _are_limits(value: Any) -> bool:
+    if not isinstance(value, tuple | list) or not all(isinstance(limit, Limit) for limit in value):
+        return False
+    return len({limit.name for limit in value}) == len(value)
 
 
 def _are_exceptions(value: Any) -> bool:
@@ -128,7 +137,10 @@ def task_options(**options: Any) -> Callable[[F], F]:
 
     Keys: `max_retries`, `backoff_base`, `backoff_max` (seconds), `transient_errors`,
     `permanent_errors` (exception classes), `time_limit`, `soft_time_limit` (seconds),
-    `alert_on_dead_letter`. On Django 6.1 and the backport `@task(max_retries=2)` does the same."""
+    `alert_on_dead_letter`; `limits` (`jobs.limits.Limit`s: at most N running or starting per
+    key) and `unique` (a `jobs.limits.UniqueJob`: one unfinished job per key), their keys from
+    the function's arguments. On Django 6.1 and the backport `@task(max_retries=2)` does the
+    same (not `limits` and `unique`)."""
     clean = validate_options(options, where="task_options()")
 
     def decorate(target: F) -> F:
@@ -251,6 +263,21 @@ class CeleryBackend(BaseTaskBackend):
 
     # --- enqueue ----------------------------------------------------------------------------
 
+    def _unique(self, task: Task[..., Any], path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """The unique enqueue a task's `unique` option asks for (its key from the arguments)."""
+        from types import SimpleNamespace
+
+        from jobs.runtime.outbox import unique_options
+
+        declared = runner.registered().get(path, {}).get("unique")
+        if declared is None:
+            return None
+        try:
+            key = declared.key_for(SimpleNamespace(name=path, run=task.func), args, kwargs)
+        except LimitError as exc:
+            raise InvalidTask(str(exc)) from None
+        return unique_options(key, declared.unique_for, declared.unique_while, declared.unique_policy)
+
     def enqueue(self, task: Task[..., Any], args: Any, kwargs: Any) -> TaskResult[Any, Any]:
         from jobs.runtime.outbox import ledger_add
 
@@ -278,8 +305,10 @@ class CeleryBackend(BaseTaskBackend):
                 options["eta"] = task.run_after.isoformat()
                 if ahead > self.eta_ceiling(task):
                     not_before = task.run_after - ledger_lead()
+        path = task_module_path(task)
+        unique = self._unique(task, path, args, kwargs)
         task_id = ledger_add(
-            task_module_path(task), args=args, kwargs=kwargs, headers=headers, not_before=not_before, **options
+            path, args=args, kwargs=kwargs, headers=headers, not_before=not_before, unique=unique, **options
         )
         result: TaskResult[Any, Any] = TaskResult(
             task=task,

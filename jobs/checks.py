@@ -192,3 +192,37 @@ def check_cleanup_roots(app_configs: Sequence[AppConfig] | None = None, **kwargs
                 )
             )
     return problems
+
+
+@register("jobs")
+def check_limits(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """jobs.E003: a task's limits or unique option declared wrongly, or two tasks naming the
+    same limit with other numbers (a limit named alike is one limit, shared)."""
+    from celery import current_app as app
+
+    from jobs.limits import LimitError, task_limits, task_unique
+
+    problems: list[CheckMessage] = []
+    seen: dict[str, tuple[str, tuple[str, int, float]]] = {}
+    for name, task in sorted(app.tasks.items()):
+        try:
+            limits = task_limits(task)
+            task_unique(task)
+        except LimitError as exc:
+            problems.append(Error(f"Task {name}: {exc}", id="jobs.E003"))
+            continue
+        for limit in limits:
+            shape = (limit.kind, limit.number, float(limit.per))
+            first = seen.setdefault(limit.name, (name, shape))
+            if first[1] != shape:
+                problems.append(
+                    Error(
+                        f"Tasks {first[0]} and {name} declare the limit {limit.name!r} differently "
+                        f"({first[1][0]} {first[1][1]} per {first[1][2]:g} s, and {shape[0]} {shape[1]} "
+                        f"per {shape[2]:g} s).",
+                        hint="Limits of the same name are one limit, shared by every task naming it: declare it "
+                        "once (a module-level Limit) and use it in each, or give each its own name.",
+                        id="jobs.E003",
+                    )
+                )
+    return problems

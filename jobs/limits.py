@@ -1,4 +1,5 @@
-"""Limits per key, cluster-wide: how a task declares them (docs/limits.md).
+"""Limits per key, cluster-wide, and unique jobs: how a task declares them (docs/limits.md,
+docs/unique-jobs.md).
 
     from jobs.limits import Limit
 
@@ -11,6 +12,11 @@
 A job over one of its limits waits in the job table as `throttled` (no retry spent) and starts as
 soon as the limit allows, in order of arrival per key (`jobs.runtime.limits`). Limits of the same
 `name` are one limit, shared by every task that names it.
+
+    @shared_task(base=JobTask, unique=UniqueJob(key="invoice:{order_id}"))
+    def send_invoice(order_id: int) -> None: ...
+
+makes every `enqueue(send_invoice, args=[42])` a unique enqueue of key "invoice:42".
 """
 
 from __future__ import annotations
@@ -73,17 +79,63 @@ class Limit:
 
     def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], named: Mapping[str, Any]) -> str:
         """The key of one job: `named` holds its arguments by parameter name."""
-        try:
-            if callable(self.key):
-                value = str(self.key(*args, **kwargs))
-            else:
-                value = self.key.format(*args, **named) if self.key else ""
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:200]
-            raise LimitError(f"limit {self.name!r}: no key from the job's arguments ({reason})") from exc
-        if len(value) > KEY_MAX or "\x00" in value:
-            raise LimitError(f"limit {self.name!r}: a key is at most {KEY_MAX} characters, without NUL")
-        return value
+        return format_key(self.key, args, kwargs, named, what=f"limit {self.name!r}")
+
+
+def format_key(
+    key: str | Callable[..., object],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    named: Mapping[str, Any],
+    *,
+    what: str,
+) -> str:
+    """A key from a job's arguments: `key` formatted with them (by position and by name), or
+    called with them. A `LimitError` names `what` when they cannot give one."""
+    try:
+        value = str(key(*args, **kwargs)) if callable(key) else key.format(*args, **named) if key else ""
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise LimitError(f"{what}: no key from the job's arguments ({reason})") from exc
+    if len(value) > KEY_MAX or "\x00" in value:
+        raise LimitError(f"{what}: a key is at most {KEY_MAX} characters, without NUL")
+    return value
+
+
+@dataclass(frozen=True)
+class UniqueJob:
+    """A task whose jobs are unique by a key from their arguments (`enqueue`'s `unique_key`,
+    with the same `unique_for`, `unique_while` and `unique_policy`)."""
+
+    key: str | Callable[..., object]
+    unique_for: float | None = None
+    unique_while: str = "unfinished"
+    unique_policy: str = "return"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.key, str) and self.key) and not callable(self.key):
+            raise LimitError(f"a unique job's key is a format string or a callable, not {self.key!r}")
+        seconds = self.unique_for
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0):
+            raise LimitError(f"unique_for must be a number of seconds > 0, not {seconds!r}")
+        if self.unique_while not in ("unfinished", "queued"):
+            raise LimitError(f'unique_while must be "unfinished" or "queued", not {self.unique_while!r}')
+        if self.unique_policy not in ("return", "replace", "raise"):
+            raise LimitError(f'unique_policy must be "return", "replace" or "raise", not {self.unique_policy!r}')
+
+    def key_for(self, task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        named = _named_arguments(task, args, kwargs) if isinstance(self.key, str) else kwargs
+        return format_key(self.key, args, kwargs, named, what=f"{getattr(task, 'name', task)}: unique key")
+
+
+def task_unique(task: Any) -> UniqueJob | None:
+    """The `UniqueJob` a task declares (`unique=`), if any."""
+    declared = getattr(task, "unique", None)
+    if declared is None:
+        return None
+    if not isinstance(declared, UniqueJob):
+        raise LimitError(f"{getattr(task, 'name', task)}: unique is a jobs.limits.UniqueJob, not {declared!r}")
+    return declared
 
 
 @dataclass(frozen=True)
@@ -129,7 +181,8 @@ def limit_keys(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> lis
 
 
 def _named_arguments(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
-    run = getattr(task, "run", None)
+    # A task that runs another function (a Django task's runner) names it `limits_function`.
+    run = getattr(task, "limits_function", None) or getattr(task, "run", None)
     try:
         bound = inspect.signature(run).bind_partial(*args, **kwargs)  # type: ignore[arg-type]
     except (TypeError, ValueError):

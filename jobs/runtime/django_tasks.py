@@ -68,6 +68,8 @@ OPTION_ATTRIBUTES = {
     "time_limit": "time_limit",
     "soft_time_limit": "soft_time_limit",
     "alert_on_dead_letter": "alert_on_dead_letter",
+    "limits": "limits",
+    "unique": "unique",
 }
 
 
@@ -131,6 +133,11 @@ class DjangoTaskRunner(JobTask):
         if not isinstance(found, Task):
             raise PermanentError(f"{self.name} is not a @task function any more")
         return found
+
+    @property
+    def limits_function(self) -> Any:
+        """The function whose parameters name the arguments limit keys are made of."""
+        return self.django_task().func
 
     # --- an attempt ---------------------------------------------------------------------------
 

@@ -53,8 +53,8 @@ def enqueue(
     request_id: str | None = None,
     unique_key: str | None = None,
     unique_for: float | None = None,
-    unique_while: str = "unfinished",
-    unique_policy: str = "return",
+    unique_while: str | None = None,
+    unique_policy: str | None = None,
     **options: Any,
 ) -> str:
     """Publishes `task` (a task object or its registered name) after the current transaction
@@ -64,7 +64,8 @@ def enqueue(
     docs/unique-jobs.md). `unique_for`: the key is held at most that many seconds; `unique_while`:
     "unfinished" (until the job ends) or "queued" (freed when a run starts); `unique_policy`:
     "return" the existing job's id (the default), "replace" it (unless it runs), or "raise"
-    `jobs.exceptions.DuplicateJob`."""
+    `jobs.exceptions.DuplicateJob`. A task declared with `unique=UniqueJob(...)` (`jobs.limits`)
+    gets its key from `args` and `kwargs`, and its options unless given here."""
     unknown = set(options) - ALLOWED_OPTIONS
     if unknown:
         raise TypeError(f"unsupported publish options: {', '.join(sorted(unknown))}")
@@ -85,7 +86,13 @@ def enqueue(
             # A long wait is kept in the job table, not in a worker's memory: published when due.
             not_before = timezone.now() + timedelta(seconds=countdown)
             options.pop("countdown")
-    unique = _unique(unique_key, unique_for, unique_while, unique_policy)
+    declared = _declared_unique(task)
+    if declared is not None and unique_key is None:
+        unique_key = declared.key_for(_task_object(task), list(args), dict(kwargs or {}))
+        unique_for = declared.unique_for if unique_for is None else unique_for
+        unique_while = unique_while or declared.unique_while
+        unique_policy = unique_policy or declared.unique_policy
+    unique = unique_options(unique_key, unique_for, unique_while or "unfinished", unique_policy or "return")
     return ledger_add(
         task if isinstance(task, str) else task.name,
         args=args,
@@ -97,7 +104,26 @@ def enqueue(
     )
 
 
-def _unique(key: str | None, seconds: float | None, while_: str, policy: str) -> store.Unique | None:
+def _task_object(task: Any) -> Any:
+    """The task object of `task` (or of the name it is), or None when this process has no such task."""
+    if not isinstance(task, str):
+        return task
+    from celery import current_app
+
+    return current_app.tasks.get(task)
+
+
+def _declared_unique(task: Any) -> Any:
+    """The `UniqueJob` the task declares, if any (a `LimitError` becomes a ValueError here)."""
+    from jobs.limits import LimitError, task_unique
+
+    try:
+        return task_unique(_task_object(task))
+    except LimitError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def unique_options(key: str | None, seconds: float | None, while_: str, policy: str) -> store.Unique | None:
     """The unique options of `enqueue`, checked (TypeError or ValueError naming the bad one)."""
     if key is None:
         if seconds is not None:

@@ -9,6 +9,7 @@ import redis
 
 from jobs.backends import task_options
 from jobs.exceptions import PermanentError, TransientError
+from jobs.limits import Limit, UniqueJob
 from jobs.tasks_compat import task
 
 
@@ -63,3 +64,13 @@ async def async_add(a: int, b: int) -> int:
 @task
 def not_json() -> object:
     return object()
+
+
+@task
+@task_options(
+    unique=UniqueJob(key="report:{day}"),
+    limits=[Limit("tests-report", concurrency=1, key="{region}")],
+)
+def day_report(day: str, region: str = "eu") -> str:
+    """Unique per day; one at a time per region."""
+    return f"{day}:{region}"

@@ -11,7 +11,7 @@ from celery import shared_task
 
 from jobs.base import JobTask
 from jobs.exceptions import PermanentError, TransientError
-from jobs.limits import Limit
+from jobs.limits import Limit, UniqueJob
 
 
 def _redis() -> redis.Redis:
@@ -224,3 +224,8 @@ def limited_rate(self, key: str, provider: str) -> None:
 
     started = OutboxMessage.objects.filter(task_id=self.request.id).values_list("started_at", flat=True).first()
     _redis().rpush(f"{key}:starts:{provider}", started.timestamp())
+
+
+@shared_task(base=JobTask, name="tests.unique_invoice", unique=UniqueJob(key="invoice:{order_id}"))
+def unique_invoice(order_id: int, copy: bool = False) -> None:
+    """One unfinished job per order."""

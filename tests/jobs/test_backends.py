@@ -480,3 +480,24 @@ def test_celery_may_set_a_tasks_time_limit_at_run_time():
     finally:
         samples.pair.using(priority=10)  # registered again: the code's options
     assert celery_task.time_limit is None
+
+
+def test_a_task_unique_by_its_arguments_and_limited_per_key(redis_client):
+    from celery import current_app
+
+    from jobs.limits import Limit, LimitKey, limit_keys
+
+    first = samples.day_report.enqueue("2026-12-07")
+    assert samples.day_report.enqueue(day="2026-12-07", region="us").id == first.id  # one per day
+    assert samples.day_report.enqueue("2026-12-08").id != first.id
+    assert OutboxMessage.objects.filter(unique_key="report:2026-12-07").count() == 1
+    # The worker's side: the limit's key from the function's own parameters.
+    runner_task = current_app.tasks["tests.integration.django_tasks.day_report"]
+    assert limit_keys(runner_task, ["2026-12-07"], {"region": "us"}) == [
+        LimitKey("tests-report", "us", "concurrency", 1, 1.0)
+    ]
+    assert limit_keys(runner_task, ["2026-12-07"], {}) == [LimitKey("tests-report", "eu", "concurrency", 1, 1.0)]
+    with pytest.raises(InvalidTask, match=r"limits must be a list of jobs\.limits\.Limit, each name once"):
+        task_options(limits=[Limit("a", concurrency=1), Limit("a", rate=2)])
+    with pytest.raises(InvalidTask, match=r"unique must be a jobs\.limits\.UniqueJob"):
+        task_options(unique="report:{day}")

@@ -104,7 +104,7 @@ def test_a_key_the_arguments_cannot_give_is_a_clear_error():
         limit_keys(_task(Limit("sync", concurrency=1, key=lambda *a, **k: "x" * 201)), [1], {})
     with pytest.raises(LimitError, match="a limit is named twice"):
         task_limits(_task(Limit("sync", concurrency=1), Limit("sync", rate=1)))
-    with pytest.raises(LimitError, match="are jobs.limits.Limit"):
+    with pytest.raises(LimitError, match=r"are jobs\.limits\.Limit"):
         task_limits(_task("sync"))
 
 
@@ -133,7 +133,7 @@ def test_a_third_start_of_a_key_limited_to_two_waits_in_the_table_and_other_keys
     assert isinstance(_start("other", _concurrency(2, key="globex")), Run)
 
 
-def test_a_run_that_ends_wakes_the_oldest_waiting_job_which_starts_before_newer_ones(django_capture_on_commit_callbacks):
+def test_a_run_that_ends_wakes_the_oldest_waiting_job_which_starts_before_newer_ones():
     for name in ("a", "b", "c", "d"):
         _job(name)
     first = _start("a", _concurrency(1))
@@ -367,11 +367,29 @@ def test_a_throttled_job_and_each_limits_use_are_shown_to_operators(client, watc
     html = client.get("/admin/jobs/dashboard/").content.decode()
     table = html[html.index('<table id="limits">') :]
     table = table[: table.index("</table>")]
-    assert "<td>sync</td><td>concurrency</td><td class=\"num\">1</td>" in table
-    assert "<td>provider</td><td>rate</td><td class=\"num\">-</td><td class=\"num\">1</td>" in table
+    assert '<td>sync</td><td>concurrency</td><td class="num">1</td>' in table
+    assert '<td>provider</td><td>rate</td><td class="num">-</td><td class="num">1</td>' in table
 
     metrics = client.get("/metrics").content.decode()
     assert 'jobs_limit_running{limit="sync"} 1.0' in metrics
     assert 'jobs_limit_throttled{limit="sync"} 1.0' in metrics
     assert 'jobs_limit_recent_starts{limit="provider"} 1.0' in metrics
     assert "tenant-7" not in metrics  # keys are no labels
+
+
+def test_the_system_check_names_limits_declared_wrongly_or_differently_under_one_name(monkeypatch):
+    from celery import current_app
+
+    from jobs.checks import check_limits
+
+    assert check_limits() == []  # the project's and the tests' own tasks
+    monkeypatch.setitem(current_app.tasks, "a.one", _task(Limit("shared", concurrency=2)))
+    monkeypatch.setitem(current_app.tasks, "b.two", _task(Limit("shared", concurrency=3)))
+    monkeypatch.setitem(current_app.tasks, "c.bad", _task("not a limit"))
+    messages = {(m.id, m.msg.split(":")[0] if m.msg.startswith("Task ") else m.msg) for m in check_limits()}
+    assert ("jobs.E003", "Task c.bad") in messages
+    assert (
+        "jobs.E003",
+        "Tasks a.one and b.two declare the limit 'shared' differently "
+        "(concurrency 2 per 1 s, and concurrency 3 per 1 s).",
+    ) in messages

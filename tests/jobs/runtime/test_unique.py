@@ -117,3 +117,22 @@ def test_two_concurrent_transactions_with_the_same_key_make_one_job():
     assert len(ids) == 2
     assert ids[0] == ids[1]
     assert OutboxMessage.objects.count() == 1
+
+
+def test_a_task_declared_unique_takes_its_key_from_the_arguments():
+    from jobs.limits import UniqueJob
+    from tests.integration.tasks import unique_invoice
+
+    first = enqueue(unique_invoice, args=[42])
+    assert enqueue(unique_invoice, kwargs={"order_id": 42, "copy": True}) == first  # by name too
+    assert enqueue("tests.unique_invoice", args=[42]) == first  # the task by its registered name
+    assert OutboxMessage.objects.get().unique_key == "invoice:42"
+    assert enqueue(unique_invoice, args=[43]) != first
+    # What enqueue is told wins over the task's own.
+    assert enqueue(unique_invoice, args=[42], unique_key="invoice:42:again") != first
+    with pytest.raises(DuplicateJob):
+        enqueue(unique_invoice, args=[42], unique_policy="raise")
+    with pytest.raises(ValueError, match=r"tests.unique_invoice: unique key: no key from the job's arguments"):
+        enqueue(unique_invoice, kwargs={"order": 44})
+    with pytest.raises(ValueError, match='unique_while must be "unfinished" or "queued"'):
+        UniqueJob(key="x", unique_while="always")
