@@ -124,7 +124,7 @@ def job_start_limited(
         if state != State.AVAILABLE and not_before is not None and not_before > now:
             return store.Skip.NOT_DUE
 
-        start = _Start(task_id, pk, state, retries, owner, now, lease)
+        start = _Start(task_id, pk, retries, owner, now, lease)
         use_sql, use_params = _use_sql(keys, pk, now)
         if connection.vendor == "postgresql":
             use, started = _use_and_take(cursor, start, keys, use_sql, use_params)
@@ -134,7 +134,7 @@ def job_start_limited(
         blocked = _blocked(keys, use, now, lease)
         if blocked:
             throttled = max(blocked, key=lambda b: b.until)
-            _throttle(cursor, task_id, pk, state, retries, keys, throttled.until)
+            _throttle(cursor, task_id, pk, retries, keys, throttled.until)
             return throttled
         if started is None:
             started = _take(cursor, start, keys)
@@ -169,7 +169,6 @@ def _blocked(
 class _Start:
     task_id: str
     pk: int
-    state: str
     retries: int
     owner: str
     now: datetime
@@ -220,11 +219,17 @@ def _start_sql(start: _Start) -> tuple[str, list[Any], str, list[Any]]:
         "runs = runs + 1, published_at = COALESCE(published_at, %s), not_before = NULL, "
         "unique_key = CASE WHEN unique_while_running THEN unique_key END, "
         "missing_since = NULL, claim = '', claimed_until = NULL "
-        "WHERE id = %s AND state = %s AND retries = %s"
+        # Startable as `store.job_start` has it, not "as read": the relay marks a row it published
+        # `available` after the broker took the message, which may be after this worker read it.
+        "WHERE id = %s AND retries = %s AND (state = %s OR (state IN (%s, %s, %s) "
+        "AND (not_before IS NULL OR not_before <= %s)))"
     )
     now = _dt(start.now)
     until = _dt(start.now + timedelta(seconds=start.lease))
-    update_params = [State.EXECUTING, start.owner, until, now, now, start.pk, start.state, start.retries]
+    update_params = [
+        *(State.EXECUTING, start.owner, until, now, now, start.pk, start.retries, State.AVAILABLE),
+        *(State.SCHEDULED, State.RETRYABLE, State.THROTTLED, now),
+    ]
     forget = f"DELETE FROM {holds} WHERE task_id = %s AND (started_at IS NULL OR kind = %s)"  # noqa: S608
     return update, update_params, forget, [start.task_id, CONCURRENCY]
 
@@ -268,14 +273,13 @@ def _take(cursor: Any, start: _Start, keys: Sequence[LimitKey]) -> bool:
     return True
 
 
-def _throttle(
-    cursor: Any, task_id: str, pk: int, state: str, retries: int, keys: Sequence[LimitKey], until: datetime
-) -> None:
+def _throttle(cursor: Any, task_id: str, pk: int, retries: int, keys: Sequence[LimitKey], until: datetime) -> None:
     job, holds = _tables()
     cursor.execute(
         f"UPDATE {job} SET state = %s, not_before = %s, published_at = NULL, missing_since = NULL, "  # noqa: S608
-        "claim = '', claimed_until = NULL WHERE id = %s AND state = %s AND retries = %s",
-        [State.THROTTLED, _dt(until), pk, state, retries],
+        # Whatever it is now but running: the relay may have marked it published since it was read.
+        "claim = '', claimed_until = NULL WHERE id = %s AND retries = %s AND state <> %s",
+        [State.THROTTLED, _dt(until), pk, retries, State.EXECUTING],
     )
     if cursor.rowcount != 1:
         return

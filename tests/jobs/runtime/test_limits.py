@@ -393,3 +393,39 @@ def test_the_system_check_names_limits_declared_wrongly_or_differently_under_one
         "Tasks a.one and b.two declare the limit 'shared' differently "
         "(concurrency 2 per 1 s, and concurrency 3 per 1 s).",
     ) in messages
+
+
+@pytest.mark.parametrize("free", [True, False], ids=["starts", "throttles"])
+def test_a_row_the_relay_marks_published_after_the_worker_read_it_still_starts_or_waits(monkeypatch, free):
+    """The relay marks a row `available` once the broker took its message, which can be after a
+    worker received that message and read the row as `throttled`: the start (or the throttle)
+    went by the state read, found nothing, and acknowledged the message: the job waited for the
+    sweeper's "missing from the broker" (40 s in a test)."""
+    from jobs.runtime import limits
+
+    for name in ("a", "b"):
+        _job(name)
+    if not free:
+        _start("a", _concurrency(1))
+    OutboxMessage.objects.filter(task_id="b").update(
+        state=State.THROTTLED, not_before=timezone.now() - timedelta(seconds=1), published_at=None
+    )
+    read = limits._lock_and_read
+
+    def read_then_relay_marks(cursor, task_id, keys):
+        found = read(cursor, task_id, keys)
+        OutboxMessage.objects.filter(task_id=task_id).update(
+            state=State.AVAILABLE, published_at=timezone.now(), not_before=None
+        )
+        return found
+
+    monkeypatch.setattr(limits, "_lock_and_read", read_then_relay_marks)
+    outcome = _start("b", _concurrency(1))
+    row = _row("b")
+    if free:
+        assert isinstance(outcome, Run)
+        assert row.state == State.EXECUTING
+    else:
+        assert isinstance(outcome, Throttled)
+        assert row.state == State.THROTTLED
+        assert row.published_at is None  # the relay publishes it again when due
