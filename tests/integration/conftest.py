@@ -111,9 +111,15 @@ class WorkerProcess:
         assert self.process is not None
         return self.process.wait(timeout=timeout)
 
+    def terminate(self) -> None:
+        """Asks it to stop (SIGTERM) without waiting: `stop` then waits."""
+        if self.process and self.process.poll() is None and not getattr(self, "_terminated", False):
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = 30.0) -> None:
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -193,6 +199,8 @@ def start_worker(tmp_path, redis_client):
         return worker
 
     yield start
+    for worker in workers:  # all at once: each takes its shutdown's time
+        worker.terminate()
     for worker in workers:
         worker.stop()
 
