@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -32,6 +32,13 @@ if CELERY_PROGRAM:
 app = Celery("config", task_cls="jobs.base:MeteredTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.setup_logging.connect
+def _use_django_logging(**kwargs) -> None:
+    """This site's LOGGING (config/settings) already configured every logger, Celery's included,
+    at django.setup(): connecting here stops Celery from installing its own handlers beside them.
+    The site's choice: `jobs` leaves a host's Celery logging as Celery sets it up."""
 
 
 def _json_only_output() -> None:

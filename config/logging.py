@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
-from jobs.logging import CONTEXT_FIELDS
+from jobs.logging import CONTEXT_FIELDS, event_name
 from jobs.redaction import redact_text
 
 
@@ -41,7 +41,7 @@ class JsonFormatter(_BaseJsonFormatter):
         log_data["timestamp"] = datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
         log_data["level"] = record.levelname
         log_data["logger"] = record.name
-        log_data["event"] = record.getMessage()
+        log_data["event"] = event_name(record)  # its fields follow as fields of their own
         log_data.pop("message", None)
         for name, _ in CONTEXT_FIELDS:
             value = getattr(record, name, None)
@@ -86,7 +86,7 @@ class ConsoleFormatter(logging.Formatter):
             for k, v in record.__dict__.items()
             if k not in self._skip and isinstance(v, str | int | float) and k != "server_time"
         )
-        line = f"{when} {colour}{level:<7}{reset} {record.name}  {record.getMessage()}"
+        line = f"{when} {colour}{level:<7}{reset} {record.name}  {event_name(record)}"
         if extras:
             line = f"{line}  {extras}"
         if record.exc_info:

@@ -13,7 +13,6 @@ new dead letter of another task schedules digests (the digest task's own are rec
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -22,8 +21,9 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.alerts")
+logger = get_logger("jobs.alerts")
 
 LOCK_KEY = "jobs:dead-letter-alert:lock"  # value: when the open window started (ISO 8601)
 FOLLOW_UP_KEY = "jobs:dead-letter-alert:follow-up:{window}"  # set once a window's follow-up is scheduled

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import stat
 import time
@@ -15,8 +14,9 @@ from typing import Any
 from django.conf import settings
 
 from jobs.conf import jobs_settings
+from jobs.logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass

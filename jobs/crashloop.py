@@ -15,11 +15,11 @@ attempt clears the count. A cache outage never blocks a task: it then counts 1.
 
 from __future__ import annotations
 
-import logging
-
 from django.core.cache import cache
 
-logger = logging.getLogger(__name__)
+from jobs.logging import get_logger
+
+logger = get_logger(__name__)
 
 KEY = "jobs:starts:{}"
 COUNTED = "jobs:lost-counted:{}"

@@ -11,7 +11,6 @@ says why, the rest of the page stays.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,10 +24,11 @@ from django.utils.dateparse import parse_datetime
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from jobs.logging import get_logger
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.redaction import redact_text
 
-logger = logging.getLogger("jobs.dashboard")
+logger = get_logger("jobs.dashboard")
 
 #: Throughput is counted per minute over this many minutes.
 THROUGHPUT_MINUTES = 60

@@ -11,7 +11,6 @@ new one (no health check up front: that would be one more query before every wri
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,9 @@ from typing import TypeVar
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connection, connections
 
-logger = logging.getLogger("jobs.db")
+from jobs.logging import get_logger
+
+logger = get_logger("jobs.db")
 
 T = TypeVar("T")
 

@@ -8,13 +8,14 @@ adds, computed at scrape time, queue lengths, dead letters by status and heartbe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-logger = logging.getLogger(__name__)
+from jobs.logging import get_logger
+
+logger = get_logger(__name__)
 
 TASKS = Counter(
     "celery_tasks",

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.db import with_fresh_connection
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.outcomes")
+logger = get_logger("jobs.outcomes")
 
 #: The message header that marks a job kept in the ledger (the worker then clears its row at the end).
 LEDGER_HEADER = "jobs_ledger"

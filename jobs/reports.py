@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +14,9 @@ from jobs.conf import jobs_settings
 
 if TYPE_CHECKING:
     from jobs.models import DailyReport
+from jobs.logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 RETRIES_KEY = "jobs:stats:retries:{day}"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import secrets
 import time
@@ -27,6 +26,7 @@ from django.utils import timezone
 
 from jobs.context import get_request_id
 from jobs.db import with_fresh_connection
+from jobs.logging import get_logger
 from jobs.models import (
     ApiToken,
     DeadLetter,
@@ -39,7 +39,7 @@ from jobs.models import (
 from jobs.redaction import redact
 from jobs.signals import dead_letter_created
 
-logger = logging.getLogger("jobs.dead_letters")
+logger = get_logger("jobs.dead_letters")
 
 
 def dead_letter_record(

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
-import logging
 import os
 import socket
 import time
@@ -63,8 +62,9 @@ from jobs.redis_client import redis_client
 
 if TYPE_CHECKING:
     from jobs.models import OutboxMessage
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.runtime.beat")
+logger = get_logger("jobs.runtime.beat")
 
 LOCK_KEY = "jobs:beat:leader"
 STANDBY_POLL = 5.0

@@ -14,6 +14,7 @@ from celery import signals
 
 from jobs.conf import jobs_settings
 from jobs.context import get_request_id, request_id_var, sane_request_id, task_id_var, task_name_var
+from jobs.logging import get_logger
 
 if TYPE_CHECKING:
     from celery import Task
@@ -22,13 +23,8 @@ if TYPE_CHECKING:
     from celery.worker.request import Request
 
 REQUEST_ID_HEADER = "request_id"
-logger = logging.getLogger("jobs.runtime.handlers")
 
-
-@signals.setup_logging.connect
-def _use_django_logging(**kwargs: Any) -> None:
-    """Django's LOGGING already configured every logger (Celery's included) at django.setup();
-    connecting here stops Celery from installing its own handlers beside them."""
+logger = get_logger("jobs.runtime.handlers")
 
 
 @signals.worker_init.connect
@@ -129,7 +125,6 @@ def _bound_sigterm() -> None:
 
 def _relay_outbox_at_start() -> None:
     """Whatever waited in the outbox while the broker was down goes out as soon as a worker is up."""
-    import logging
 
     from django.db import connection
 

@@ -28,7 +28,6 @@ somewhere does its work once.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import socket
 import threading
@@ -59,8 +58,9 @@ from jobs.runtime.outbox import (
 if TYPE_CHECKING:
     import redis
     from kombu.transport.redis import Channel as RedisChannel
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.runtime.ledger")
+logger = get_logger("jobs.runtime.ledger")
 
 RESERVED_KEY = "jobs:reserved"
 SWEEP_LOCK_KEY = "jobs:ledger:sweep"

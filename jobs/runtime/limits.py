@@ -18,7 +18,6 @@ for each of its concurrency keys at once. Its message is acknowledged (`Skip`-li
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +29,11 @@ from django.utils import timezone
 
 from jobs.conf import jobs_settings
 from jobs.limits import LimitKey
+from jobs.logging import get_logger
 from jobs.models import LimitHold, OutboxMessage
 from jobs.runtime import store
 
-logger = logging.getLogger("jobs.runtime.limits")
+logger = get_logger("jobs.runtime.limits")
 
 State = OutboxMessage.State
 CONCURRENCY = LimitHold.Kind.CONCURRENCY.value

@@ -10,7 +10,6 @@ when the broker loses a published message, `jobs.runtime.ledger.ledger_sweep()` 
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -31,8 +30,9 @@ from jobs.runtime.broker import producer_for
 
 if TYPE_CHECKING:
     from jobs.outcomes import Job
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.runtime.outbox")
+logger = get_logger("jobs.runtime.outbox")
 
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3}
 #: A row younger than this, never tried, belongs to the publisher of its own request.

@@ -12,14 +12,14 @@ given back to the broker when it would start (`paused`), where it waits with the
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
 
 from jobs.conf import jobs_settings
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.runtime.pause")
+logger = get_logger("jobs.runtime.pause")
 
 
 def read_paused() -> set[str]:

@@ -40,7 +40,6 @@ truth.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -58,8 +57,9 @@ from django_celery_results.models import TaskResult
 
 from jobs.conf import jobs_settings
 from jobs.db import close_connection, drop_stale_connection
+from jobs.logging import get_logger
 
-logger = logging.getLogger("jobs.runtime.results")
+logger = get_logger("jobs.runtime.results")
 
 #: The columns the upsert writes, in order.
 COLUMNS = (

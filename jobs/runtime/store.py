@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 import os
 import socket
 import threading
@@ -45,9 +44,10 @@ from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from jobs.conf import jobs_settings
+from jobs.logging import get_logger
 from jobs.models import JobAttempt, OutboxMessage
 
-logger = logging.getLogger("jobs.runtime.store")
+logger = get_logger("jobs.runtime.store")
 
 State = OutboxMessage.State
 #: How long a run waits for the previous attempt of its job to hand the row over (a plain task's

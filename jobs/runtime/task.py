@@ -20,7 +20,6 @@ A concrete task stays a few lines::
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import smtplib
 import socket
@@ -36,13 +35,14 @@ from jobs import crashloop
 from jobs.conf import jobs_settings
 from jobs.exceptions import PermanentError, RetryLater, TransientError, UserError
 from jobs.limits import LimitError, LimitKey, limit_keys
+from jobs.logging import get_logger
 from jobs.models import DeadLetter
 from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input, run_token
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
 from jobs.runtime.store import EARLY_WAIT, Run, Skip, job_retry, job_start_waiting
 
-logger = logging.getLogger("jobs.task")
+logger = get_logger("jobs.task")
 
 #: Network and database hiccups: worth another try for any task.
 DEFAULT_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,9 @@ if TYPE_CHECKING:
 
     from jobs.outcomes import Job
     from jobs.runtime.ledger import Sweeper
+from jobs.logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class JobRequest(Request):

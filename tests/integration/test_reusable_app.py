@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -346,6 +347,17 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
             "/metrics": 200,
             "/api/jobs/health/": 503,  # no beat runs in this project: its tick is missing
         }
+
+        # The host's logging as Celery and the host set it up (Django's default LOGGING): the
+        # worker's usual lines at -l INFO, and the app's events with their fields (jobs had taken
+        # Celery's set-up away: no "ready", no "received", and bare event names).
+        printed = (tmp_path / "worker.log").read_text(errors="replace")
+        assert re.search(r"newsite@\S+ ready\.", printed), printed[-3000:]
+        assert re.search(r"Task shop\.tasks\.total\[[0-9a-f-]+\] received", printed), printed[-3000:]
+        assert re.search(r"Task shop\.tasks\.total\[[0-9a-f-]+\] succeeded in", printed), printed[-3000:]
+        assert re.search(
+            r"ERROR/\S+\] dead_letter\.created dead_letter_id=1 dead_letter_task=shop\.tasks\.refund ", printed
+        )
     finally:
         worker.terminate()
         try:

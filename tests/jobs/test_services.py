@@ -56,7 +56,7 @@ def test_record_creates_a_row_with_redacted_arguments_and_an_event(caplog):
     assert list(row.events.values_list("action", flat=True)) == ["failed"]
     assert received[0]["dead_letter"] == row
     assert received[0]["created"] is True
-    line = next(r for r in caplog.records if r.getMessage() == "dead_letter.created")
+    line = next(r for r in caplog.records if r.msg == "dead_letter.created")
     assert line.dead_letter_id == row.pk
     assert "s3cret" not in caplog.text
 
@@ -93,7 +93,7 @@ def test_record_falls_back_to_a_log_line_when_the_database_fails(monkeypatch, ca
     monkeypatch.setattr(DeadLetter.objects, "create", broken)
     with caplog.at_level(logging.ERROR, logger="jobs.dead_letters"):
         assert record() is None
-    line = next(r for r in caplog.records if r.getMessage() == "dead_letter.unsaved")
+    line = next(r for r in caplog.records if r.msg == "dead_letter.unsaved")
     assert line.dead_letter["task_name"] == "tests.permanent"
     assert line.dead_letter["args"] == ["k"]
     assert line.dead_letter["kwargs"] == {"token": "***", "n": 1}
@@ -108,7 +108,7 @@ def test_record_falls_back_to_a_log_line_when_the_connection_is_gone(monkeypatch
     monkeypatch.setattr(DeadLetter.objects, "create", closed)
     with caplog.at_level(logging.ERROR, logger="jobs.dead_letters"):
         assert record() is None
-    assert any(r.getMessage() == "dead_letter.unsaved" for r in caplog.records)
+    assert any(r.msg == "dead_letter.unsaved" for r in caplog.records)
 
 
 def test_requeue_publishes_and_marks_rows(redis_client):

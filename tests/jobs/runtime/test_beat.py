@@ -121,7 +121,7 @@ def test_an_entry_that_cannot_be_sent_is_left_out_and_the_others_go(scheduler, r
 
     scheduler.tick()
     assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-1", "s-2", "s-3"]
-    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-0"]
+    assert [r.schedule for r in caplog.records if r.msg == "beat.entry_unsendable"] == ["s-0"]
     # Its run was not recorded either (no message went with it): nothing saved it apart.
     scheduler.close()
     assert PeriodicTask.objects.get(name="s-0").total_run_count == 0
@@ -139,7 +139,7 @@ def test_a_row_the_database_refuses_holds_back_no_other(scheduler, redis_client,
     with connection.execute_wrapper(refuse_poison):
         scheduler.tick()
     assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-0", "s-1", "s-3"]
-    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-2"]
+    assert [r.schedule for r in caplog.records if r.msg == "beat.entry_unsendable"] == ["s-2"]
     assert PeriodicTask.objects.get(name="s-2").total_run_count == 0
     assert PeriodicTask.objects.filter(total_run_count=1).count() == 3
 
@@ -164,7 +164,7 @@ def test_a_beat_that_lost_its_lock_during_a_pause_sends_nothing(scheduler, redis
     monkeypatch.setattr(scheduler, "_refresh_heap", paused_after_the_lock_check)
     assert scheduler.tick() == beat.RETRY_AFTER_ERROR
     assert len(queued(redis_client)) == 3  # nothing more
-    failed = [r.error for r in caplog.records if r.getMessage() == "beat.tick_failed"]
+    failed = [r.error for r in caplog.records if r.msg == "beat.tick_failed"]
     assert failed == ["RuntimeError: the beat lock was lost before the batch was recorded"]
     assert PeriodicTask.objects.filter(total_run_count=1).count() == 3  # nor recorded
 
@@ -227,7 +227,7 @@ def test_an_entry_plain_json_cannot_hold_is_sent_beside_the_others_not_instead(s
     assert "jobs_ledger" not in headers
     assert headers["expires"]
     assert headers["task"] == "jobs.ping"
-    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_sent_outside_ledger"] == ["s-0"]
+    assert [r.schedule for r in caplog.records if r.msg == "beat.entry_sent_outside_ledger"] == ["s-0"]
     # Both runs are recorded: a standby taking over now would not send either again.
     assert PeriodicTask.objects.filter(last_run_at__gte=before, total_run_count=1).count() == 2
 
@@ -250,7 +250,7 @@ def test_an_entry_that_fails_to_record_otherwise_holds_back_no_other(scheduler, 
         assert scheduler.tick() != beat.RETRY_AFTER_ERROR
     assert "beat.tick_failed" not in caplog.text
     assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-0", "s-2"]
-    assert [r.schedule for r in caplog.records if r.getMessage() == "beat.entry_unsendable"] == ["s-1"]
+    assert [r.schedule for r in caplog.records if r.msg == "beat.entry_unsendable"] == ["s-1"]
     assert PeriodicTask.objects.get(name="s-1").total_run_count == 0
 
 
@@ -297,7 +297,7 @@ def test_a_leader_fenced_off_by_a_newer_one_records_and_sends_nothing(scheduler,
     assert len(queued(redis_client)) == 3  # nothing sent
     assert PeriodicTask.objects.filter(total_run_count=1).count() == 3  # nor recorded
     assert OutboxMessage.objects.count() == 3
-    assert [r.getMessage() for r in caplog.records if r.getMessage() == "beat.fenced"] == ["beat.fenced"]
+    assert [r.msg for r in caplog.records if r.msg == "beat.fenced"] == ["beat.fenced"]
     assert "beat.tick_failed" not in caplog.text
     assert not scheduler.lock.held  # it stands down
 

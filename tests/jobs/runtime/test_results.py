@@ -175,7 +175,7 @@ def test_a_row_the_database_will_never_take_is_dropped_alone(buffer, caplog):
     with connection.execute_wrapper(too_long):
         assert buffer.flush() == 2
     assert set(TaskResult.objects.values_list("task_id", flat=True)) == {"ok-1", "ok-2"}
-    assert [r.task_id for r in caplog.records if r.getMessage() == "results.not_stored"] == ["bad-1"]
+    assert [r.task_id for r in caplog.records if r.msg == "results.not_stored"] == ["bad-1"]
     assert buffer.rows == {}  # not kept to fail again
 
 
