@@ -208,6 +208,22 @@ class JobTask(MeteredTask):
     #: net: what a job waits for has an end, and the backoff soon reaches it).
     postpone_limit: int = 50
 
+    #: What Celery logs as expected besides a user's error (`throws`).
+    _declared_throws: tuple[type[BaseException], ...] = ()
+
+    @property  # type: ignore[override]
+    def throws(self) -> tuple[type[BaseException], ...]:
+        """What Celery logs as an expected failure (INFO, no traceback) rather than at ERROR: a
+        user's error (`ErrorKind.USER`: a corrupt upload) is theirs to fix, logged as
+        `job.user_error` already, and must not page anyone; and what the task declares."""
+        if getattr(self.request, "jobs_reason", None) == USER_ERROR:
+            return (BaseException,)
+        return self._declared_throws
+
+    @throws.setter
+    def throws(self, value: tuple[type[BaseException], ...]) -> None:
+        self._declared_throws = tuple(value)
+
     # --- policy -------------------------------------------------------------------------------
 
     def classify(self, exc: BaseException) -> str:

@@ -121,6 +121,8 @@ def test_a_refused_recipient_fails_the_email_for_the_user_without_a_dead_letter(
     wait_for(lambda: '"job.user_error"' in worker.log())
     assert not DeadLetter.objects.exists()
     assert not OutboxMessage.objects.filter(task_name="mailer.send_email").exists()  # forgotten in the ledger
+    wait_for(lambda: "raised expected:" in worker.log())  # Celery's own line: not at ERROR either
+    assert not [line for line in worker.log().splitlines() if '"level": "ERROR"' in line]
 
 
 def test_a_redelivered_task_does_not_send_twice(mail_worker, smtp_server):

@@ -97,6 +97,9 @@ def test_a_truncated_upload_fails_with_a_message_for_its_user_and_pages_nobody(w
     assert body["thumbnails"] == []
     wait_for(lambda: '"job.user_error"' in worker.log())
     assert not DeadLetter.objects.exists()
+    # Nothing at ERROR (alerting on ERROR would page someone): Celery's own line says "expected".
+    wait_for(lambda: "raised expected: CorruptImage" in worker.log())
+    assert not [line for line in worker.log().splitlines() if '"level": "ERROR"' in line]
 
 
 def test_running_the_task_again_is_harmless(worker, client, settings):
