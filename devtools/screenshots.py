@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "WEB_PORT": str(web_port),
         "FLOWER_PORT": str(free_port()),
         "WORKER_METRICS_PORT": "0",
+        "MAIL_WORKER_METRICS_PORT": "0",
         "CELERY_SHUTDOWN_TIMEOUT": "5",
         # The Procfile's commands (`celery`, `python`) from this virtualenv, as `make run` finds them.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -69,8 +69,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a worker gives running tasks after SIGTERM before giving them back to the broker
     # (Celery's soft shutdown), unless the project sets CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT itself.
     "SHUTDOWN_TIMEOUT": 30.0,
-    # The worker's own Prometheus endpoint (0: off).
+    # The worker's own Prometheus endpoint (0: off), on this address (loopback: set the address
+    # Prometheus reaches, "0.0.0.0" in a container, to have it scraped).
     "WORKER_METRICS_PORT": 9808,
+    "WORKER_METRICS_ADDR": "127.0.0.1",
     # Paused queues (jobs.models.PausedQueue): how often every worker reads them and stops or
     # starts consuming; and how long the attempts of retried or crashed jobs are kept.
     "PAUSE_SYNC_SECONDS": 2.0,

@@ -57,18 +57,28 @@ def task_event(task: str, state: str) -> None:
     TASKS.labels(task=task, state=state).inc()
 
 
-def start_worker_metrics_server(port: int) -> bool:
-    """Serves this process's metrics on `port` (0: off). A busy port is logged, not fatal."""
+def start_worker_metrics_server(port: int, addr: str = "127.0.0.1") -> bool:
+    """Serves this process's metrics on `addr:port` (port 0: off). A port it cannot listen on is
+    logged with the reason, not fatal."""
     if not port:
         return False
+    import errno
+
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(port)
+        start_http_server(port, addr=addr)
     except OSError as exc:
-        logger.warning("metrics.server_not_started", extra={"port": port, "error": str(exc)})
+        if exc.errno == errno.EADDRINUSE:
+            reason = (
+                f"port {port} is taken on {addr} (another worker on this host?): give each worker "
+                "its own WORKER_METRICS_PORT, or 0 to turn it off"
+            )
+        else:
+            reason = f"cannot listen on {addr}:{port}: {exc}"
+        logger.warning("metrics.server_not_started", extra={"port": port, "addr": addr, "reason": reason})
         return False
-    logger.info("metrics.server_started", extra={"port": port})
+    logger.info("metrics.server_started", extra={"port": port, "addr": addr})
     return True
 
 

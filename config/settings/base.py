@@ -317,6 +317,9 @@ JOBS_TASK_MAX_RETRIES = env.int("TASK_MAX_RETRIES", default=5)
 CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)
 CELERY_SHUTDOWN_TIMEOUT = env.float("CELERY_SHUTDOWN_TIMEOUT", default=30.0)
 JOBS_WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
+# Loopback in development; every interface in production, where Prometheus scrapes each worker's
+# container (docker/prometheus) and the port is not published.
+JOBS_WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", default="127.0.0.1" if DEBUG else "0.0.0.0")  # noqa: S104
 JOBS_API_REALM = "jobsite API"  # the staff API's name in a client's password prompt
 FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
 # A task whose worker died under it this many times in a row is dead-lettered (crash loop).

@@ -92,7 +92,7 @@ def _on_worker_ready(**kwargs: Any) -> None:
 
     _bound_sigterm()
     _buffer_results_without_prefork(kwargs.get("sender"))
-    metrics.start_worker_metrics_server(jobs_settings.WORKER_METRICS_PORT)
+    metrics.start_worker_metrics_server(jobs_settings.WORKER_METRICS_PORT, jobs_settings.WORKER_METRICS_ADDR)
     _relay_outbox_at_start()
 
 

@@ -45,6 +45,7 @@ CONTRACT_VARIABLES = [
     "CLEANUP_MAX_AGE_HOURS",
     "FLOWER_BASIC_AUTH",
     "WORKER_METRICS_PORT",
+    "WORKER_METRICS_ADDR",
     "ANYMAIL_API_URL",
     "ANYMAIL_WEBHOOK_SECRET",
 ]
@@ -97,6 +98,7 @@ def test_local_defaults(load_settings):
     assert s.JOBS_TASK_RETRY_BACKOFF_MAX == 3600
     assert s.JOBS_TASK_MAX_RETRIES == 5
     assert s.JOBS_WORKER_METRICS_PORT == 9808
+    assert s.JOBS_WORKER_METRICS_ADDR == "127.0.0.1"  # a laptop's metrics are not the network's
     assert s.DEFAULT_FROM_EMAIL == "noreply@localhost"
 
 
@@ -167,6 +169,7 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     assert (s.MAX_UPLOAD_BYTES, s.MAX_IMAGE_PIXELS, s.JOBS_CLEANUP_MAX_AGE_HOURS) == (1000, 2000, 1.5)
     assert s.FLOWER_BASIC_AUTH == "admin:pw"
     assert s.JOBS_WORKER_METRICS_PORT == 0
+    assert s.JOBS_WORKER_METRICS_ADDR == "0.0.0.0"  # noqa: S104 - production: Prometheus scrapes each container
     assert s.CELERY_WORKER_MAX_TASKS_PER_CHILD is None  # 0: no limit
     assert s.CELERY_WORKER_MAX_MEMORY_PER_CHILD == 512000
 

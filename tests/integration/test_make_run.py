@@ -42,6 +42,7 @@ def test_the_procfile_brings_up_web_both_workers_beat_and_flower_and_ctrl_c_stop
         FLOWER_DB=str(tmp_path / "flower.db"),
         LIVENESS_DIR=str(tmp_path / "live"),
         WORKER_METRICS_PORT="0",
+        MAIL_WORKER_METRICS_PORT="0",
         JOBS_BEAT_LOCK_TTL="5",
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",  # as the Makefile exports it
     )

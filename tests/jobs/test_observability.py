@@ -199,3 +199,30 @@ def test_a_beat_tick_that_meets_a_broken_dependency_is_logged_not_fatal(redis_cl
     monkeypatch.setattr(beat.LockedDatabaseScheduler, "_send_due", database_restarting)
     assert scheduler.tick() == beat.RETRY_AFTER_ERROR
     assert "beat.tick_failed" in caplog.text
+
+
+def test_a_worker_metrics_port_it_cannot_listen_on_is_logged_with_the_reason(caplog, monkeypatch):
+    import socket
+
+    import prometheus_client
+
+    from jobs import metrics
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with caplog.at_level("WARNING", logger="jobs.metrics"):
+            assert metrics.start_worker_metrics_server(port) is False
+    finally:
+        taken.close()
+    (record,) = [r for r in caplog.records if r.msg == "metrics.server_not_started"]
+    assert record.reason.startswith(f"port {port} is taken on 127.0.0.1 (another worker on this host?)")
+    assert "WORKER_METRICS_PORT" in record.getMessage()  # in a host's plain format too
+
+    listened = []
+    monkeypatch.setattr(prometheus_client, "start_http_server", lambda port, addr: listened.append((port, addr)))
+    assert metrics.start_worker_metrics_server(9999) is True
+    assert listened == [(9999, "127.0.0.1")]  # loopback unless told otherwise
+    assert metrics.start_worker_metrics_server(0) is False
