@@ -5,13 +5,10 @@ from django.contrib import admin
 from django.urls import include, path
 
 from config import views
-from jobs import views as jobs_views
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("favicon.ico", views.favicon, name="favicon"),
-    path("healthz", jobs_views.healthz, name="healthz"),
-    path("readyz", jobs_views.readyz, name="readyz"),
     path("admin/", admin.site.urls),
     path("", include("jobs.urls")),
     path("", include("thumbnails.urls")),

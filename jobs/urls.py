@@ -5,6 +5,8 @@ from django.urls import path
 from jobs import api, views
 
 urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
     path("api/jobs/health/", views.jobs_health, name="jobs-health"),
     path("api/jobs/stats/", views.jobs_stats, name="jobs-stats"),

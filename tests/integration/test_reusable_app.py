@@ -117,6 +117,8 @@ pages = [
     "/admin/jobs/dashboard/",
     "/admin/django_celery_beat/periodictask/",
     "/metrics",
+    "/healthz",
+    "/readyz",
     "/api/jobs/health/",
 ]
 print(json.dumps({page: client.get(page).status_code for page in pages}))
@@ -345,6 +347,8 @@ def test_a_new_startproject_adopts_jobs_and_replays_a_dead_letter_on_a_real_work
             "/admin/jobs/dashboard/": 200,
             "/admin/django_celery_beat/periodictask/": 200,
             "/metrics": 200,
+            "/healthz": 200,  # the probes come with jobs.urls, as the adoption guide says
+            "/readyz": 200,
             "/api/jobs/health/": 503,  # no beat runs in this project: its tick is missing
         }
 
