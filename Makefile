@@ -19,7 +19,7 @@ XDIST := -n $(TEST_WORKERS) --dist loadfile
 APP_TESTS := tests/jobs tests/integration/test_reusable_app.py tests/integration/test_dead_letters.py \
 	tests/integration/test_worker.py tests/integration/test_beat.py tests/integration/test_django_tasks.py
 
-.PHONY: install run screenshots test test-fast test-lts lint fmt bench bench-quick chaos check clean help
+.PHONY: install run screenshots test test-fast test-lts lint fmt bench bench-quick chaos cluster check clean help
 
 help:
 	@echo "make install  create .venv and install pinned requirements (idempotent)"
@@ -29,6 +29,7 @@ help:
 	@echo "make fmt      ruff fix and format"
 	@echo "make bench    run the benchmarks and print one table"
 	@echo "make chaos    the kill-chaos run, full form (PostgreSQL needed): 20 000 jobs, 36 SIGKILLs, one table"
+	@echo "make cluster  several hosts in network namespaces (root, PostgreSQL): partitions and the like"
 
 install: $(STAMP)
 
@@ -73,7 +74,7 @@ test: install
 	@$(BIN)/python -m bench --quick > var/bench-quick.log 2>&1 & bench=$$!; \
 	TEST_DATABASE_SUFFIX=_faults $(BIN)/python -m pytest -m faults -p no:cacheprovider $(PYTEST_ARGS) \
 		> var/faults.log 2>&1 & faults=$$!; \
-	$(BIN)/python -m pytest -m "not faults" $(XDIST) --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
+	$(BIN)/python -m pytest -m "not faults and not cluster" $(XDIST) --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS); tests=$$?; \
 	wait $$faults; faulted=$$?; [ $$faulted -eq 5 ] && faulted=0; \
 	wait $$bench; benched=$$?; \
 	echo "--- the fault suite ---"; cat var/faults.log; \
@@ -131,6 +132,12 @@ bench-quick: install
 CHAOS_ARGS ?= --jobs 20000 --kills 36 --worker-kills 4 --refuse-seconds 6
 chaos: install
 	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
+
+# Several hosts on this machine (network namespaces: root needed) against PostgreSQL: partitions,
+# a black-holed database, skewed clocks (tests/cluster). Not part of `make test` (its time budget).
+CLUSTER_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/postgres)
+cluster: install
+	DATABASE_URL=$(CLUSTER_DATABASE_URL) TEST_DATABASE_SUFFIX=_cluster $(BIN)/python -m pytest -m cluster -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LTS_VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov

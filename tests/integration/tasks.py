@@ -229,3 +229,15 @@ def limited_rate(self, key: str, provider: str) -> None:
 @shared_task(base=JobTask, name="tests.unique_invoice", unique=UniqueJob(key="invoice:{order_id}"))
 def unique_invoice(order_id: int, copy: bool = False) -> None:
     """One unfinished job per order."""
+
+
+@shared_task(base=JobTask, bind=True, name="tests.record_run")
+def record_run(self, path: str, label: str, seconds: float) -> None:
+    """Appends `start` and, after `seconds`, `end` lines for this run to a file: a record that
+    no network fault (a host cut from Redis and the database) can stop from being written."""
+    host = os.environ.get("CLUSTER_HOST", "")
+    with open(path, "a") as out:
+        out.write(f"start {label} {host} {self.request.id} {time.time()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as out:
+        out.write(f"end {label} {host} {self.request.id} {time.time()}\n")

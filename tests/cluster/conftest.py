@@ -1,0 +1,142 @@
+"""A cluster of hosts for one test: a broker host with its own Redis, the database behind a
+forwarder the test owns, and worker hosts, each a network namespace (tests/cluster/net.py).
+
+`make cluster` runs these (`-m cluster`); `make test` leaves them out. They need root and
+PostgreSQL; elsewhere they skip with one line saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from django.db import connection
+from django.test import override_settings
+
+from config.env import BASE_DIR
+from tests.cluster.net import Host, Network, NoNamespaces
+from tests.cluster.proxy import Forwarder
+from tests.integration.conftest import process_env
+
+#: Recovery in seconds, as the one-host fault suite has it.
+FAST = {
+    "JOBS_LEDGER_SWEEP_INTERVAL": "1",
+    "JOBS_LEDGER_LOST_AFTER": "2",
+    "JOBS_LEDGER_MISSING_GRACE": "1",
+    "JOBS_LEASE_SECONDS": "2",
+    "JOBS_SCHEDULE_POLL_INTERVAL": "0.3",
+    "CELERY_SHUTDOWN_TIMEOUT": "1",
+    "WORKER_METRICS_PORT": "0",
+    "DEAD_LETTER_ALERT_EMAILS": "",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/cluster/" in str(item.fspath):
+            item.add_marker(pytest.mark.cluster)
+
+
+@dataclass
+class Cluster:
+    network: Network
+    tmp: Path
+    broker: Host
+    redis_url: str
+    database_url: str
+    forwarder: Forwarder
+    workers: dict[str, Host] = field(default_factory=dict)
+
+    def env(self, host: Host, **extra: str) -> dict[str, str]:
+        return process_env(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            CELERY_BROKER_URL=self.redis_url,
+            JOBS_REDIS_URL=self.redis_url,
+            LIVENESS_DIR=str(self.tmp / f"run-{host.name}"),
+            CLUSTER_HOST=host.name,
+            **{**FAST, **extra},
+        )
+
+    def worker(self, name: str, *, queues: str = "high,normal,low", concurrency: int = 2, **extra: str) -> Host:
+        host = self.network.host(name)
+        self.workers[name] = host
+        args = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queues, "-c", str(concurrency)]
+        args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-I", "tests.integration.tasks"]
+        host.popen(args, env=self.env(host, **extra), log=self.log(name), cwd=BASE_DIR)
+        deadline = time.monotonic() + 60
+        while " ready." not in self.log(name).read_text(errors="replace"):
+            if time.monotonic() > deadline or host.processes[-1].poll() is not None:
+                raise RuntimeError(f"worker {name} did not start:\n{self.log(name).read_text()[-3000:]}")
+            time.sleep(0.2)
+        return host
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+
+def runs(path: Path) -> dict[str, Counter[str]]:
+    """What the bodies recorded (tests.record_run): per label, `start` and `end` counts."""
+    counted: dict[str, Counter[str]] = defaultdict(Counter)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            what, label, *_ = line.split()
+            counted[label][what] += 1
+    return counted
+
+
+@pytest.fixture
+def cluster(tmp_path, django_db_blocker):
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server for the broker host")
+    if connection.vendor != "postgresql":
+        pytest.skip("the cluster runs on PostgreSQL (DATABASE_URL): hosts reach it over the network")
+    try:
+        network = Network().__enter__()
+    except NoNamespaces as exc:
+        pytest.skip(f"cannot make hosts here: {exc}")
+    try:
+        broker = network.host("broker")
+        broker.popen(
+            ["redis-server", "--bind", broker.address, "--port", "6379", "--save", "", "--appendonly", "no",
+             "--protected-mode", "no", "--dir", str(tmp_path)],
+            env=dict(os.environ),
+            log=tmp_path / "redis.log",
+        )  # fmt: skip
+        redis_url = f"redis://{broker.address}:6379/0"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(redis_url, socket_timeout=1).ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        db = connection.settings_dict
+        forwarder = Forwarder((network.gateway, 0), (db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)))
+        port = forwarder.address[1]
+        user = db.get("USER") or "postgres"
+        database_url = f"postgres://{user}@{network.gateway}:{port}/{db['NAME']}"
+        from config.celery import app
+        from tests.conftest import reset_broker_pools
+
+        previous = app.conf.broker_url
+        app.conf.broker_url = redis_url
+        reset_broker_pools()
+        with override_settings(REDIS_URL=redis_url, JOBS_REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url):
+            yield Cluster(network, tmp_path, broker, redis_url, database_url, forwarder)
+        app.conf.broker_url = previous
+        reset_broker_pools()
+        forwarder.close()
+    finally:
+        network.remove()
+        subprocess.run(["sync"], check=False)

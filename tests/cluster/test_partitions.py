@@ -1,0 +1,53 @@
+"""Run once across hosts: a worker host cut off from the network while it runs jobs.
+
+Its link is down for longer than the start lease and Redis's visibility timeout: from the other
+hosts it is a crash (its process no longer beats in Redis, its lease lapses), so its jobs come
+back once and run on the other worker. When its link comes back, its own runs end without
+overwriting anything newer, and its messages, redelivered by Redis meanwhile, start nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import transaction
+
+from jobs.models import OutboxMessage
+from jobs.publish import enqueue
+from tests.cluster.conftest import runs
+from tests.integration import tasks
+from tests.integration.conftest import wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.cluster]
+
+VISIBILITY = "15"
+
+
+def test_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(cluster):
+    record = cluster.tmp / "runs.txt"
+    labels = [f"job-{n}" for n in range(3)]
+    cut = cluster.worker("w1", concurrency=3, CELERY_VISIBILITY_TIMEOUT=VISIBILITY)
+    with transaction.atomic():
+        for label in labels:
+            enqueue(tasks.record_run, args=[str(record), label, 10.0], queue="normal")
+    wait_for(lambda: sum(c["start"] for c in runs(record).values()) == 3, timeout=30)
+    cluster.worker("w2", concurrency=3, CELERY_VISIBILITY_TIMEOUT=VISIBILITY)
+
+    cut.link_down()
+    down_at = time.monotonic()
+    # From w2's side w1 crashed: each of its jobs comes back once, on w2.
+    wait_for(lambda: sum(c["start"] for c in runs(record).values()) == 6, timeout=60)
+    time.sleep(max(0.0, int(VISIBILITY) + 5 - (time.monotonic() - down_at)))  # past the visibility timeout
+    cut.link_up()
+
+    wait_for(lambda: not OutboxMessage.objects.exists(), timeout=90)
+    wait_for(lambda: all(runs(record)[label]["end"] == 2 for label in labels), timeout=60)
+    time.sleep(5)  # w1's redelivered copies and kept writes have had their chance
+    counted = runs(record)
+    # 0 lost, at most one re-run for the one "crash" each job lived through, nothing started again
+    # once w1 was back.
+    assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 2)
+    assert not OutboxMessage.objects.exists()
+    for host in cluster.workers.values():
+        assert host.processes[-1].poll() is None, f"{host.name} died"
