@@ -51,3 +51,28 @@ def test_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(
     assert not OutboxMessage.objects.exists()
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
+
+
+def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
+    """Connections to the database hang (no refusal, no reset) while jobs run and more are
+    enqueued: no lease is taken over (every holder still beats in Redis), nothing runs twice, and
+    every job ends once the database answers again."""
+    record = cluster.tmp / "runs.txt"
+    cluster.worker("w1", concurrency=3)
+    cluster.worker("w2", concurrency=3)
+    labels = [f"job-{n}" for n in range(8)]
+    with transaction.atomic():
+        for label in labels:
+            enqueue(tasks.record_run, args=[str(record), label, 4.0], queue="normal")
+    wait_for(lambda: sum(c["start"] for c in runs(record).values()) >= 6, timeout=30)
+    cluster.forwarder.blackhole()
+    time.sleep(20)
+    cluster.forwarder.restore()
+
+    wait_for(lambda: not OutboxMessage.objects.exists(), timeout=120)
+    time.sleep(3)
+    counted = runs(record)
+    assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 1)
+    assert {label: counted[label]["end"] for label in labels} == dict.fromkeys(labels, 1)
+    for host in cluster.workers.values():
+        assert host.processes[-1].poll() is None, f"{host.name} died"
