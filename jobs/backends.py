@@ -273,7 +273,7 @@ class CeleryBackend(BaseTaskBackend):
         if declared is None:
             return None
         try:
-            key = declared.key_for(SimpleNamespace(name=path, run=task.func), args, kwargs)
+            key = declared.key_for(SimpleNamespace(name=path, run=runner.arguments_signature(task)), args, kwargs)
         except LimitError as exc:
             raise InvalidTask(str(exc)) from None
         return unique_options(key, declared.unique_for, declared.unique_while, declared.unique_policy)

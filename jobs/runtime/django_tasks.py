@@ -137,7 +137,7 @@ class DjangoTaskRunner(JobTask):
     @property
     def limits_function(self) -> Any:
         """The function whose parameters name the arguments limit keys are made of."""
-        return self.django_task().func
+        return arguments_signature(self.django_task())
 
     # --- an attempt ---------------------------------------------------------------------------
 
@@ -248,6 +248,23 @@ def _run(self: DjangoTaskRunner, *args: Any, **kwargs: Any) -> Any:
 _run.__name__ = _run.__qualname__ = "run"
 #: The options of each registered module path (what `register` was last given).
 _options: dict[str, dict[str, Any]] = {}
+
+
+def arguments_signature(task: Task[..., Any]) -> Any:
+    """A stand-in for the `@task` function whose signature has the parameters its job's
+    arguments fill: without `context` for a task that takes one (the runner passes it)."""
+    import inspect
+
+    signature = inspect.signature(task.func)
+    if getattr(task, "takes_context", False):
+        parameters = list(signature.parameters.values())[1:]
+        signature = signature.replace(parameters=parameters)
+
+    def arguments(*args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+        pass
+
+    arguments.__signature__ = signature  # type: ignore[attr-defined]
+    return arguments
 
 
 def register(name: str, options: dict[str, Any]) -> None:

@@ -314,7 +314,11 @@ def _insert_holds(
 def run_ended(run: store.Run) -> None:
     """A run that held concurrency slots has ended (its row already says so): the oldest job
     waiting for each of its keys is due now (the relay publishes it within
-    `JOBS_SCHEDULE_POLL_INTERVAL`), and its starts are forgotten. One statement on PostgreSQL."""
+    `JOBS_SCHEDULE_POLL_INTERVAL`), and this run's starts are forgotten.
+
+    On PostgreSQL it first waits for the keys' locks, as a start does: a start that saw this run
+    still running and is about to make its job wait commits first, and its job is then the one
+    woken (else it would wait for the run's old lease end with the slot free)."""
     if not run.limits:
         return
     job, holds = _tables()
@@ -322,25 +326,43 @@ def run_ended(run: store.Run) -> None:
         f"SELECT h.job_id FROM {holds} h JOIN {job} w ON w.id = h.job_id WHERE h.name = %s "  # noqa: S608
         "AND h.key = %s AND h.kind = %s AND h.started_at IS NULL AND w.state = %s ORDER BY h.job_id LIMIT 1"
     )
-    forget = f"DELETE FROM {holds} WHERE task_id = %s AND kind = %s"  # noqa: S608
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            firsts = " UNION ALL ".join(f"({oldest})" for _ in run.limits)
-            params: list[Any] = [run.task_id, CONCURRENCY, State.THROTTLED]
-            for name, key in run.limits:
-                params += [name, key, CONCURRENCY, State.THROTTLED]
+    # Only this run's own starts: a place in line the same job took since (a retry) stays.
+    forget = f"DELETE FROM {holds} WHERE task_id = %s AND kind = %s AND owner = %s AND started_at IS NOT NULL"  # noqa: S608
+    forget_params: list[Any] = [run.task_id, CONCURRENCY, run.owner]
+    keys = [LimitKey(name, key, CONCURRENCY, 1, 1.0) for name, key in run.limits]
+    if connection.vendor == "postgresql":
+        firsts = " UNION ALL ".join(f"({oldest})" for _ in run.limits)
+        params: list[Any] = [*forget_params, State.THROTTLED]
+        for name, key in run.limits:
+            params += [name, key, CONCURRENCY, State.THROTTLED]
+        with transaction.atomic(), connection.cursor() as cursor:
+            _lock_and_read(cursor, run.task_id, keys)
             cursor.execute(
                 f"WITH forgotten AS ({forget}) UPDATE {job} SET not_before = STATEMENT_TIMESTAMP() "  # noqa: S608
                 f"WHERE state = %s AND id IN ({firsts})",
                 params,
             )
-            return
-        cursor.execute(forget, [run.task_id, CONCURRENCY])
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(forget, forget_params)
         for name, key in run.limits:
             cursor.execute(
                 f"UPDATE {job} SET not_before = %s WHERE state = %s AND id = ({oldest})",  # noqa: S608
                 [_dt(timezone.now()), State.THROTTLED, name, key, CONCURRENCY, State.THROTTLED],
             )
+
+
+def release_ended(task_id: str, owner_prefix: str) -> None:
+    """A run given back by its worker's main process (its pool process died, a shutdown): the
+    jobs waiting for its concurrency keys are woken as after any end (`run_ended`)."""
+    rows = LimitHold.objects.filter(
+        task_id=task_id, kind=CONCURRENCY, owner__startswith=owner_prefix, started_at__isnull=False
+    ).values_list("owner", "name", "key")
+    by_owner: dict[str, list[tuple[str, str]]] = {}
+    for owner, name, key in rows:
+        by_owner.setdefault(owner, []).append((name, key))
+    for owner, limits in by_owner.items():
+        run_ended(store.Run(task_id=task_id, owner=owner, limits=tuple(limits)))
 
 
 # --- reads: the dashboard, the jobs page, the metrics --------------------------------------------
@@ -380,13 +402,17 @@ def holds_purge() -> int:
     """Forgets holds that count for nothing any more (their job ended or moved on; rate starts
     past their window): the sweeper's round. Returns how many."""
     job, holds = _tables()
-    now = _dt(timezone.now())
+    # Database time, as `counts_until` is: a sweeper whose clock runs ahead must not forget a
+    # start that still counts.
+    now_sql, now_params = "STATEMENT_TIMESTAMP()", []
+    if connection.vendor != "postgresql":
+        now_sql, now_params = "%s", [_dt(timezone.now())]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"DELETE FROM {holds} WHERE (kind = %s AND counts_until < %s) OR (kind = %s AND NOT EXISTS ("  # noqa: S608
+            f"DELETE FROM {holds} WHERE (kind = %s AND counts_until < {now_sql}) OR (kind = %s AND NOT EXISTS ("  # noqa: S608
             f"SELECT 1 FROM {job} j WHERE j.task_id = {holds}.task_id AND (j.lease_owner = {holds}.owner "
             f"OR ({holds}.started_at IS NULL AND j.state <> %s))))",
-            [RATE, now, CONCURRENCY, State.EXECUTING],
+            [RATE, *now_params, CONCURRENCY, State.EXECUTING],
         )
         purged = int(cursor.rowcount)
         cursor.execute(

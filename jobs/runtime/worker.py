@@ -227,10 +227,17 @@ class JobRequest(Request):
         from jobs.runtime.store import job_release, owner_prefix
 
         prefix = owner_prefix(str(self.hostname or ""), int(pid))
+
+        def release() -> int | None:
+            from jobs.runtime.limits import release_ended
+
+            crashes = job_release(self.id, owner_prefix=prefix, crashed=crashed)
+            if crashes is not None:
+                release_ended(self.id, prefix)  # the jobs waiting for its slots need not wait for the lease
+            return crashes
+
         try:
-            crashes = with_fresh_connection(
-                lambda: job_release(self.id, owner_prefix=prefix, crashed=crashed), what="lease_release"
-            )
+            crashes = with_fresh_connection(release, what="lease_release")
         except Exception as exc:  # noqa: BLE001 - the lease then lapses by itself
             logger.warning("worker.lease_not_released", extra={"task_id": self.id, "error": f"{exc}"[:200]})
             return

@@ -74,3 +74,10 @@ def not_json() -> object:
 def day_report(day: str, region: str = "eu") -> str:
     """Unique per day; one at a time per region."""
     return f"{day}:{region}"
+
+
+@task(takes_context=True)
+@task_options(limits=[Limit("tests-tenant", concurrency=1, key="{tenant}")], unique=UniqueJob(key="sync:{tenant}"))
+def tenant_sync(context, tenant: str) -> str:
+    """Its keys name a parameter after the context the runner passes."""
+    return tenant

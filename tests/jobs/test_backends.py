@@ -501,3 +501,15 @@ def test_a_task_unique_by_its_arguments_and_limited_per_key(redis_client):
         task_options(limits=[Limit("a", concurrency=1), Limit("a", rate=2)])
     with pytest.raises(InvalidTask, match=r"unique must be a jobs\.limits\.UniqueJob"):
         task_options(unique="report:{day}")
+
+
+def test_a_task_taking_its_context_gets_its_keys_from_the_parameters_after_it(redis_client):
+    from celery import current_app
+
+    from jobs.limits import LimitKey, limit_keys
+
+    first = samples.tenant_sync.enqueue("acme")
+    assert samples.tenant_sync.enqueue(tenant="acme").id == first.id
+    assert OutboxMessage.objects.filter(unique_key="sync:acme").count() == 1
+    runner_task = current_app.tasks["tests.integration.django_tasks.tenant_sync"]
+    assert limit_keys(runner_task, ["acme"], {}) == [LimitKey("tests-tenant", "acme", "concurrency", 1, 1.0)]

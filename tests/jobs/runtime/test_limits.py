@@ -5,6 +5,7 @@ is retried, or its lease expires; waiting jobs of a key start in order of arriva
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -429,3 +430,83 @@ def test_a_row_the_relay_marks_published_after_the_worker_read_it_still_starts_o
         assert isinstance(outcome, Throttled)
         assert row.state == State.THROTTLED
         assert row.published_at is None  # the relay publishes it again when due
+
+
+def test_a_run_given_back_by_its_worker_wakes_the_next_job_and_a_retry_keeps_its_place():
+    for name in ("a", "b"):
+        _job(name)
+    first = _start("a", _concurrency(1))
+    assert isinstance(_start("b", _concurrency(1)), Throttled)
+    prefix = store.owner_prefix("w1")
+    assert store.job_release("a", owner_prefix=prefix, crashed=True) is not None
+    from jobs.runtime.limits import release_ended
+
+    release_ended("a", prefix)
+    assert _row("b").not_before <= timezone.now()  # not the dead run's lease end
+    assert first.limits
+
+    # The same job waits again (a retry of it throttled) before its earlier run's end is seen:
+    # that end forgets its own start, not the job's new place in line.
+    OutboxMessage.objects.filter(task_id="b").update(state=State.AVAILABLE)
+    second = _start("b", _concurrency(1))
+    assert isinstance(second, Run)
+    _job("c")
+    assert isinstance(_start("c", _concurrency(1)), Throttled)
+    LimitHold.objects.create(name="sync", key="acme", kind="concurrency", task_id="b", job_id=_row("b").pk)
+    run_ended(second)
+    assert LimitHold.objects.filter(task_id="b", started_at__isnull=True).exists()
+    assert not LimitHold.objects.filter(task_id="b", started_at__isnull=False).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_that_ends_while_a_start_decides_to_wait_wakes_that_job():
+    """The start saw the run still running; the run ended and woke nobody (the start's place in
+    line was not committed yet); the start then made its job wait for the old lease's end with
+    the slot free. The end now waits for the keys' locks, as a start does."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the suite runs on SQLite here: it serializes every write, there is no race to lose")
+    from django.db import transaction
+
+    from jobs.runtime import limits
+
+    for name in ("a", "b"):
+        _job(name)
+    first = _start("a", _concurrency(1))
+    holding = threading.Event()
+    keys = [_concurrency(1)]
+
+    def start_that_waits() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                now, _row_read = limits._lock_and_read(cursor, "b", keys)
+                holding.set()
+                time.sleep(1.0)  # meanwhile the run ends
+                limits._throttle(cursor, "b", _row("b").pk, 0, keys, now + timedelta(seconds=20))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=start_that_waits)
+    thread.start()
+    assert holding.wait(10)
+    store.job_finish("a", owner=first.owner)
+    run_ended(first)  # waits for the start's commit
+    thread.join(10)
+    row = _row("b")
+    assert row.state == State.THROTTLED
+    assert row.not_before <= timezone.now()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_purge_forgets_rate_starts_by_the_databases_clock_not_the_sweepers(monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("the suite runs on SQLite here: one host, one clock")
+    from jobs.runtime import limits
+
+    for name in ("a", "b"):
+        _job(name)
+    _finish(_start("a", _rate(1, 60)))
+    ahead = timezone.now() + timedelta(seconds=61)
+    monkeypatch.setattr(limits.timezone, "now", lambda: ahead)  # the sweeper's host runs ahead
+    holds_purge()
+    monkeypatch.undo()
+    assert isinstance(_start("b", _rate(1, 60)), Throttled)
