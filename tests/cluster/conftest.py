@@ -66,8 +66,13 @@ class Cluster:
             **{**FAST, **extra},
         )
 
-    def worker(self, name: str, *, queues: str = "high,normal,low", concurrency: int = 2, **extra: str) -> Host:
+    def worker(
+        self, name: str, *, queues: str = "high,normal,low", concurrency: int = 2, skew: float = 0.0, **extra: str
+    ) -> Host:
+        """A worker host; `skew`: its clock that many seconds off (tests/cluster/skew)."""
         host = self.network.host(name)
+        if skew:
+            extra = {**extra, "PYTHONPATH": str(Path(__file__).parent / "skew"), "CLOCK_SKEW_SECONDS": str(skew)}
         self.workers[name] = host
         args = [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queues, "-c", str(concurrency)]
         args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-I", "tests.integration.tasks"]

@@ -76,3 +76,30 @@ def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
     assert {label: counted[label]["end"] for label in labels} == dict.fromkeys(labels, 1)
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
+
+
+def test_a_worker_host_whose_clock_is_30_s_ahead(cluster):
+    """Leases and the relay's due times are in the database's clock, so a host 30 s ahead (here
+    the first worker, which takes the sweep lock) neither takes over a live run nor publishes a
+    job waiting in the table early; every job runs once."""
+    from jobs.models import JobAttempt
+
+    record = cluster.tmp / "runs.txt"
+    cluster.worker("ahead", concurrency=2, skew=30)
+    cluster.worker("w2", concurrency=2)
+    labels = [f"job-{n}" for n in range(8)]
+    with transaction.atomic():
+        for label in labels:
+            enqueue(tasks.record_run, args=[str(record), label, 3.0], queue="normal")
+        enqueue(tasks.record_run, args=[str(record), "later", 0.1], queue="normal", countdown=8)
+    enqueued_at = time.time()
+    wait_for(lambda: not OutboxMessage.objects.exists(), timeout=90)
+    time.sleep(3)
+    counted = runs(record)
+    assert {label: counted[label]["start"] for label in [*labels, "later"]} == dict.fromkeys([*labels, "later"], 1)
+    later = [float(line.split()[-1]) for line in record.read_text().splitlines() if line.startswith("start later ")]
+    # Its own clock, if the ahead host ran it, says up to 30 s more: never less than the countdown.
+    assert later[0] - enqueued_at >= 7.5
+    assert not JobAttempt.objects.filter(outcome=JobAttempt.Outcome.CRASHED).exists()  # no live run taken over
+    for host in cluster.workers.values():
+        assert host.processes[-1].poll() is None, f"{host.name} died"
