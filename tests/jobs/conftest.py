@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import reset_broker_pools
+from tests.conftest import grant, reset_broker_pools
 
 
 @pytest.fixture
@@ -44,3 +44,12 @@ def rabbitmq_broker(monkeypatch, settings, redis_server):
 
     monkeypatch.setattr(JobsSettings, "broker_is_redis", property(lambda self: False))
     settings.JOBS_REDIS_URL = redis_server.url
+
+
+@pytest.fixture
+def watcher(django_user_model, client):
+    """A staff member who may look at jobs (`jobs.view_job`) and change nothing, logged in."""
+    user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
+    grant(user, "jobs.view_job")
+    client.force_login(user)
+    return user

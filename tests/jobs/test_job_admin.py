@@ -27,14 +27,6 @@ def operator(django_user_model, client):
     return user
 
 
-@pytest.fixture
-def watcher(django_user_model, client):
-    user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
-    grant(user, "jobs.view_job")
-    client.force_login(user)
-    return user
-
-
 def test_the_list_shows_each_job_by_state_with_counts_per_state_and_queue(client, operator):
     add("s-1", State.SCHEDULED, not_before=timezone.now() + timedelta(hours=2))
     add("q-1", options={"queue": "low", "headers": {"request_id": "req-7"}})

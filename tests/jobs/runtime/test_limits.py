@@ -330,16 +330,6 @@ def test_two_workers_racing_for_the_last_slot_take_it_once():
 # --- seen by operators: the jobs page, the API, the dashboard, /metrics -------------------------------
 
 
-@pytest.fixture
-def watcher(django_user_model, client):
-    from tests.conftest import grant
-
-    user = django_user_model.objects.create_user("watcher", password="pw", is_staff=True)
-    grant(user, "jobs.view_job")
-    client.force_login(user)
-    return user
-
-
 def test_a_throttled_job_and_each_limits_use_are_shown_to_operators(client, watcher, monkeypatch):
     from jobs import dashboard
 
