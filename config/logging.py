@@ -15,8 +15,19 @@ from datetime import UTC, datetime
 
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
-from jobs.logging import CONTEXT_FIELDS, event_name
+from jobs.logging import CONTEXT_FIELDS
 from jobs.redaction import redact_text
+
+
+def event_name(record: logging.LogRecord) -> str:
+    """What a record says without its fields: `jobs` logs events as a `str` subclass whose
+    `str()` names the fields too (for formatters that know only the message); here the fields
+    are written as fields, so the event is its bare value. (Duck-typed, not imported from `jobs`:
+    during a rolling deploy the previous release's `jobs` runs under this module.)"""
+    message = record.msg
+    if isinstance(message, str) and type(message) is not str and not record.args:
+        return str.__str__(message)
+    return record.getMessage()
 
 
 def _scrub(line: str, record: logging.LogRecord) -> str:
