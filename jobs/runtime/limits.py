@@ -73,6 +73,14 @@ def _parse(value: Any) -> datetime | None:
     return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
 
 
+def _db_now() -> tuple[str, list[Any]]:
+    """The database's clock as SQL and its parameters (SQLite has none of its own that compares
+    with Django's stored times: this process's, on the one host SQLite serves)."""
+    if connection.vendor == "postgresql":
+        return "STATEMENT_TIMESTAMP()", []
+    return "%s", [_dt(timezone.now())]
+
+
 def _lock_and_read(cursor: Any, task_id: str, keys: Sequence[LimitKey]) -> tuple[datetime, Any]:
     """Waits for every other start of these keys to commit, then reads the clock, and the job's
     row: (now, (id, state, retries, not_before) or None). A start's time is always after the one
@@ -330,6 +338,7 @@ def run_ended(run: store.Run) -> None:
     forget = f"DELETE FROM {holds} WHERE task_id = %s AND kind = %s AND owner = %s AND started_at IS NOT NULL"  # noqa: S608
     forget_params: list[Any] = [run.task_id, CONCURRENCY, run.owner]
     keys = [LimitKey(name, key, CONCURRENCY, 1, 1.0) for name, key in run.limits]
+    now_sql, now_params = _db_now()
     if connection.vendor == "postgresql":
         firsts = " UNION ALL ".join(f"({oldest})" for _ in run.limits)
         params: list[Any] = [*forget_params, State.THROTTLED]
@@ -338,7 +347,7 @@ def run_ended(run: store.Run) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
             _lock_and_read(cursor, run.task_id, keys)
             cursor.execute(
-                f"WITH forgotten AS ({forget}) UPDATE {job} SET not_before = STATEMENT_TIMESTAMP() "  # noqa: S608
+                f"WITH forgotten AS ({forget}) UPDATE {job} SET not_before = {now_sql} "  # noqa: S608
                 f"WHERE state = %s AND id IN ({firsts})",
                 params,
             )
@@ -347,8 +356,8 @@ def run_ended(run: store.Run) -> None:
         cursor.execute(forget, forget_params)
         for name, key in run.limits:
             cursor.execute(
-                f"UPDATE {job} SET not_before = %s WHERE state = %s AND id = ({oldest})",  # noqa: S608
-                [_dt(timezone.now()), State.THROTTLED, name, key, CONCURRENCY, State.THROTTLED],
+                f"UPDATE {job} SET not_before = {now_sql} WHERE state = %s AND id = ({oldest})",  # noqa: S608
+                [*now_params, State.THROTTLED, name, key, CONCURRENCY, State.THROTTLED],
             )
 
 
@@ -404,9 +413,7 @@ def holds_purge() -> int:
     job, holds = _tables()
     # Database time, as `counts_until` is: a sweeper whose clock runs ahead must not forget a
     # start that still counts.
-    now_sql, now_params = "STATEMENT_TIMESTAMP()", []
-    if connection.vendor != "postgresql":
-        now_sql, now_params = "%s", [_dt(timezone.now())]
+    now_sql, now_params = _db_now()
     with connection.cursor() as cursor:
         cursor.execute(
             f"DELETE FROM {holds} WHERE (kind = %s AND counts_until < {now_sql}) OR (kind = %s AND NOT EXISTS ("  # noqa: S608

@@ -186,11 +186,12 @@ def job_start(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
     return Skip.NOT_DUE
 
 
-def job_start_waiting(task_id: str, *, retries: int, hostname: str) -> Run | Skip:
-    """`job_start`, waiting up to `EARLY_WAIT` for an earlier attempt to hand the row over."""
+def job_start_waiting(task_id: str, *, retries: int, hostname: str, start: Callable[..., Any] = job_start) -> Any:
+    """`start` (`job_start`, or the start under limits), waiting up to `EARLY_WAIT` for an
+    earlier attempt to hand the row over."""
     deadline = time.monotonic() + EARLY_WAIT
     while True:
-        outcome = job_start(task_id, retries=retries, hostname=hostname)
+        outcome = start(task_id, retries=retries, hostname=hostname)
         if outcome is not Skip.EARLY or time.monotonic() >= deadline:
             return outcome
         time.sleep(0.1)

@@ -40,7 +40,7 @@ from jobs.models import DeadLetter
 from jobs.outcomes import LEDGER_HEADER, USER_ERROR, ErrorKind, Job, job_gave_up, job_refused_input, run_token
 from jobs.reports import retry_count_add
 from jobs.retries import retry_delay
-from jobs.runtime.store import EARLY_WAIT, Run, Skip, job_retry, job_start_waiting
+from jobs.runtime.store import Run, Skip, job_retry, job_start_waiting
 
 logger = get_logger("jobs.task")
 
@@ -137,14 +137,12 @@ def _start(request: Any, keys: list[LimitKey]) -> Any:
     retries, hostname = int(request.retries or 0), request.hostname or ""
     if not keys:
         return job_start_waiting(request.id, retries=retries, hostname=hostname)
+    from functools import partial
+
     from jobs.runtime.limits import job_start_limited
 
-    deadline = time.monotonic() + EARLY_WAIT
-    while True:
-        outcome = job_start_limited(request.id, retries=retries, hostname=hostname, keys=keys)
-        if outcome is not Skip.EARLY or time.monotonic() >= deadline:
-            return outcome
-        time.sleep(0.1)
+    limited = partial(job_start_limited, keys=keys)
+    return job_start_waiting(request.id, retries=retries, hostname=hostname, start=limited)
 
 
 def limit_refused(request: Any) -> None:
