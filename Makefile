@@ -137,7 +137,9 @@ chaos: install
 # a black-holed database, skewed clocks (tests/cluster). Not part of `make test` (its time budget).
 CLUSTER_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/postgres)
 cluster: install
-	DATABASE_URL=$(CLUSTER_DATABASE_URL) TEST_DATABASE_SUFFIX=_cluster $(BIN)/python -m pytest -m cluster -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
+	rm -f var/cluster-figures.jsonl
+	DATABASE_URL=$(CLUSTER_DATABASE_URL) TEST_DATABASE_SUFFIX=_cluster $(BIN)/python -m pytest -m cluster -p no:cacheprovider tests/cluster $(PYTEST_ARGS); \
+	status=$$?; cat var/cluster-figures.jsonl 2>/dev/null; exit $$status
 
 clean:
 	rm -rf $(VENV) $(LTS_VENV) var/tmp .pytest_cache .coverage .coverage.* htmlcov

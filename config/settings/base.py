@@ -123,6 +123,15 @@ def _tune_database(db: dict) -> dict:
         db.setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", default=60))
         db["CONN_HEALTH_CHECKS"] = True
         options.setdefault("connect_timeout", 5)
+        # A database host that vanishes (a partition, a black-holed route) hangs a query on a
+        # connection that looks open until TCP gives up, about 15 minutes: data unacknowledged
+        # for 30 s, or an idle connection whose keepalives go unanswered for about a minute,
+        # closes it instead, and the caller's error path (retry, ledger) takes over.
+        options.setdefault("keepalives", 1)
+        options.setdefault("keepalives_idle", 30)
+        options.setdefault("keepalives_interval", 10)
+        options.setdefault("keepalives_count", 3)
+        options.setdefault("tcp_user_timeout", 30_000)  # milliseconds
     return db
 
 

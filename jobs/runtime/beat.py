@@ -145,6 +145,11 @@ class BeatLock:
         #: Counts the times this beat took the lock afresh (not by renewal): a new term, in which
         #: another beat may have led meanwhile.
         self.term = 0
+        self.resting_until = 0.0  # monotonic: no try for the lock before then (see rest())
+
+    def rest(self, seconds: float) -> None:
+        """No try for the lock for `seconds`: after handing it over, the standbys get it first."""
+        self.resting_until = time.monotonic() + seconds
 
     def acquire_or_renew(self) -> bool:
         """True while this beat leads. Any Redis error counts as not leading: better no beat for
@@ -152,6 +157,8 @@ class BeatLock:
         now = time.monotonic()
         if self.held and now - self.renewed_at < self.renew_every:
             return True
+        if now < self.resting_until:
+            return False
         try:
             if self.held and self.client.eval(_RENEW, 1, LOCK_KEY, self.token, self.ttl_ms):
                 self.renewed_at = now
@@ -192,6 +199,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         ttl = jobs_settings.BEAT_LOCK_TTL
         self.lock = BeatLock(jobs_settings.redis_url, ttl=ttl)
         self.standby_poll: float = min(STANDBY_POLL, ttl / 3)
+        #: Seconds of failing ticks after which a leader hands the lock over.
+        self.handover_after: float = ttl / 3
+        self._failing_since: float | None = None  # monotonic: the first of the leader's failing ticks
         self._leading = False
         self._announced_standby = False
         self._term: int | None = None  # the lock term this beat last started leading in
@@ -212,13 +222,34 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         KeyboardInterrupt and SystemExit, so any error here (Redis paused or full, the database
         restarting) would end beat. It is logged and the tick tried again shortly."""
         try:
-            return self._tick(*args, **kwargs)
+            delay = self._tick(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - see the docstring
             logger.warning("beat.tick_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
             self._drop_database_connection()
             self._heap = None  # re-read the schedule from the database once it answers
             self._initial_read = True
+            self._hand_over_if_failing()
             return RETRY_AFTER_ERROR
+        self._failing_since = None
+        return delay
+
+    def _hand_over_if_failing(self) -> None:
+        """A leader whose ticks have failed for `handover_after` seconds gives the lock back and
+        stays out of the race for two standby polls: a leader cut from the database but not from
+        Redis would otherwise keep renewing a lock it cannot use, and no beat would send. A standby
+        that reaches the database takes over; if none does, this one leads again after its rest."""
+        if not self.lock.held:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            return
+        if now - self._failing_since < self.handover_after:
+            return
+        logger.error("beat.handing_over", extra={"failing_for": round(now - self._failing_since, 1)})
+        self._failing_since = None
+        self.lock.release()
+        self.lock.rest(2 * self.standby_poll)
 
     def _drop_database_connection(self) -> None:
         from jobs.db import close_connection

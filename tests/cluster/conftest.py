@@ -7,6 +7,7 @@ PostgreSQL; elsewhere they skip with one line saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ class Cluster:
     database_url: str
     forwarder: Forwarder
     workers: dict[str, Host] = field(default_factory=dict)
+    beats: dict[str, Host] = field(default_factory=dict)
 
     def env(self, host: Host, **extra: str) -> dict[str, str]:
         return process_env(
@@ -84,8 +86,26 @@ class Cluster:
             time.sleep(0.2)
         return host
 
+    def beat(self, name: str, **extra: str) -> Host:
+        """A beat host (django-celery-beat's database scheduler behind the beat lock)."""
+        host = self.network.host(name)
+        args = [sys.executable, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"]
+        host.popen(args, env=self.env(host, **extra), log=self.log(name), cwd=BASE_DIR)
+        self.beats[name] = host
+        return host
+
     def log(self, name: str) -> Path:
         return self.tmp / f"{name}.log"
+
+
+#: What each cluster test measured, one JSON line per test (`make cluster` prints them at the end).
+FIGURES = BASE_DIR / "var" / "cluster-figures.jsonl"
+
+
+def report(test: str, **figures: object) -> None:
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    with FIGURES.open("a") as out:
+        out.write(json.dumps({"test": test, **figures}) + "\n")
 
 
 def runs(path: Path) -> dict[str, Counter[str]]:

@@ -6,6 +6,8 @@
         worker.popen(["celery", ...], env=...)   # runs inside its namespace, reaching 10.x.y.z only
         worker.link_down()                        # its cable pulled: packets dropped, sockets hang
         worker.link_up()
+        net.cut(worker, broker)                   # only between these two (None: the machine)
+        net.heal(worker, broker)
 
 Every name is derived from a random tag, so two runs never touch each other's hosts, and the test
 talks only to addresses of hosts it made. Everything is removed on exit (also after a failure or
@@ -86,6 +88,10 @@ class Host:
     def link_up(self) -> None:
         _ip("link", "set", self.outside, "up")
 
+    def route_into_drop(self, address: str, *, add: bool) -> None:
+        """Sends what this host sends to `address` into its drain, which drops it silently."""
+        _ip("-n", self.namespace, "route", "add" if add else "del", f"{address}/32", "dev", DROP)
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to every process it runs, SIGKILL after `timeout`."""
         for process in self.processes:
@@ -100,6 +106,18 @@ class Host:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+#: A drain in each host: one end of a veth pair whose other end is down, without ARP. Routes into
+#: it drop packets without telling the sender (no `dummy` module here; a blackhole route would
+#: fail the sender at once: a refusal, not a partition).
+DROP = "drop0"
+
+
+def _drain(name: str, *ns: str) -> None:
+    _ip(*ns, "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+    _ip(*ns, "link", "set", name, "arp", "off")
+    _ip(*ns, "link", "set", name, "up")  # its peer stays down: what goes in is dropped
 
 
 class Network:
@@ -123,6 +141,8 @@ class Network:
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         self._made = True
+        self.drop = f"jd{self.tag}"  # the machine's own drain, for cuts from the gateway
+        _drain(self.drop)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -142,9 +162,23 @@ class Network:
         _ip("-n", namespace, "link", "set", inside, "up")
         _ip("-n", namespace, "link", "set", "lo", "up")
         _ip("-n", namespace, "route", "add", "default", "via", self.gateway)
+        _drain(DROP, "-n", namespace)
         host = Host(self, name, address, namespace, outside)
         self.hosts[name] = host
         return host
+
+    def cut(self, host: Host, peer: Host | None = None, *, heal: bool = False) -> None:
+        """A partition between `host` and `peer` (None: the machine, where the database's
+        forwarder listens) that leaves both reaching everyone else: each one's packets to the
+        other are dropped silently, so their connections hang as over a broken network path."""
+        host.route_into_drop(peer.address if peer else self.gateway, add=not heal)
+        if peer is not None:
+            peer.route_into_drop(host.address, add=not heal)
+        else:
+            _ip("route", "add" if not heal else "del", f"{host.address}/32", "dev", self.drop)
+
+    def heal(self, host: Host, peer: Host | None = None) -> None:
+        self.cut(host, peer, heal=True)
 
     def remove(self) -> None:
         """Stops every host's processes and removes the hosts and the bridge (idempotent)."""
@@ -155,5 +189,6 @@ class Network:
             _ip("link", "del", host.outside, check=False)
         self.hosts.clear()
         if self._made:
+            _ip("link", "del", self.drop, check=False)  # its peer and routes go with it
             _ip("link", "del", self.bridge, check=False)
             self._made = False

@@ -241,3 +241,11 @@ def record_run(self, path: str, label: str, seconds: float) -> None:
     time.sleep(seconds)
     with open(path, "a") as out:
         out.write(f"end {label} {host} {self.request.id} {time.time()}\n")
+
+
+@shared_task(base=JobTask, bind=True, name="tests.record_tick")
+def record_tick(self, path: str) -> None:
+    """A periodic run: appends the beat tick that sent it (`meta.due_at`, written by beat)."""
+    due = (getattr(self.request, "meta", None) or {}).get("due_at", "")
+    with open(path, "a") as out:
+        out.write(f"tick {due} {os.environ.get('CLUSTER_HOST', '')} {self.request.id} {time.time()}\n")

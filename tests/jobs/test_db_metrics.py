@@ -62,6 +62,8 @@ def test_every_engine_django_prometheus_wraps_is_switched_and_tuned(load_setting
     db = s.DATABASES["default"]
     assert db["ENGINE"] == "django_prometheus.db.backends.postgresql"
     assert (db["CONN_MAX_AGE"], db["CONN_HEALTH_CHECKS"], db["OPTIONS"]["connect_timeout"]) == (60, True, 5)
+    # A vanished database host fails a query within about 30 s instead of hanging it for 15 min.
+    assert (db["OPTIONS"]["keepalives"], db["OPTIONS"]["tcp_user_timeout"]) == (1, 30_000)
 
     # Every wrapper the table names exists; an engine it does not know is left alone.
     import importlib.util

@@ -80,6 +80,36 @@ def test_a_tick_the_database_refuses_sends_nothing_and_the_next_sends_all(schedu
     assert PeriodicTask.objects.filter(total_run_count=1).count() == 10
 
 
+def test_a_leader_the_database_keeps_refusing_hands_the_lock_to_a_standby(scheduler, redis_client, caplog):
+    """Cut from the database but not from Redis, a leader would renew a lock it cannot use for
+    ever and no beat would send: after `handover_after` seconds of failing ticks it gives the
+    lock back and rests, and a standby that reaches the database sends the tick once."""
+    schedules(3, due=True)
+    standby = beat.LockedDatabaseScheduler(app=current_app, lazy=True)
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError("could not connect to server: No route to host")
+
+    with connection.execute_wrapper(refuse):
+        assert scheduler.tick() == beat.RETRY_AFTER_ERROR
+        assert scheduler.lock.held  # one failing tick is not yet a reason
+        scheduler._failing_since -= scheduler.handover_after
+        assert scheduler.tick() == beat.RETRY_AFTER_ERROR
+    assert "beat.handing_over" in caplog.text
+    assert not scheduler.lock.held
+    assert redis_client.get(beat.LOCK_KEY) is None
+    assert scheduler.tick() == scheduler.standby_poll  # resting: it does not take the lock back
+    assert queued(redis_client) == []
+
+    standby.tick()
+    assert standby.lock.held
+    assert sorted(h["periodic_task_name"] for h in queued(redis_client)) == ["s-0", "s-1", "s-2"]
+    scheduler.lock.resting_until = 0.0
+    scheduler.tick()  # rested: the lock is the standby's now
+    assert not scheduler.lock.held
+    assert len(queued(redis_client)) == 3
+
+
 def test_a_tick_the_broker_refuses_is_recorded_and_left_to_the_ledger(scheduler, redis_client, monkeypatch):
     schedules(3, due=True)
     real_publish = outbox.publish
