@@ -29,6 +29,11 @@ if _BASE_DIR not in _sys.path:
 
 _PRIVATE_PREFIX = "jobsite-prometheus-"
 # The lowercase name is prometheus_client's deprecated spelling, which it still honours.
+# The web's publishes wait at most 2 s for a broker that stopped answering, and do not retry on a
+# timeout (the workers keep 15 s): with the outbox's breaker (JOBS_PUBLISH_BREAKER_SECONDS), no
+# request hangs on a broker the network lost.
+_os.environ.setdefault("CELERY_BROKER_SOCKET_TIMEOUT", "2")
+
 if not (_os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _os.environ.get("prometheus_multiproc_dir")):  # noqa: SIM112
     _os.environ["PROMETHEUS_MULTIPROC_DIR"] = _tempfile.mkdtemp(prefix=_PRIVATE_PREFIX)
 

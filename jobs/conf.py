@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
     # Retries and countdowns at most this long wait in the broker (Celery's ETA, held by a worker);
     # longer ones wait in the job table and are published when due, checked every POLL seconds.
     "HOLD_IN_BROKER_MAX": 5.0,
+    # After a publish on commit found the broker unreachable, the ones that follow in the same
+    # process skip it for this many seconds and leave their jobs to the relay (0: always try).
+    "PUBLISH_BREAKER_SECONDS": 5.0,
     "SCHEDULE_POLL_INTERVAL": 1.0,
     # Task history written in batches (jobs.runtime.results), and task events published in batches.
     "RESULTS_FLUSH_INTERVAL": 0.5,

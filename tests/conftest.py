@@ -48,9 +48,11 @@ def results_table(response) -> str:
 def reset_broker_pools() -> None:
     """Makes the Celery app connect afresh, to whatever broker URL is configured now."""
     from config.celery import app
+    from jobs.runtime.outbox import publish_breaker
 
     app._pool = None
     app.amqp._producer_pool = None
+    publish_breaker.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,6 +94,16 @@ def _media_root(tmp_path, settings):
     settings.TEMP_ROOT = settings.JOBS_TEMP_ROOT = tmp_path / "tmp"
     settings.MEDIA_ROOT.mkdir()
     settings.TEMP_ROOT.mkdir()
+
+
+@pytest.fixture(autouse=True)
+def _publish_breaker_closed():
+    """A broker one test made fail must not keep the next test's publishes off it."""
+    from jobs.runtime.outbox import publish_breaker
+
+    publish_breaker.close()
+    yield
+    publish_breaker.close()
 
 
 @pytest.fixture(autouse=True)

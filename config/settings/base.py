@@ -356,6 +356,9 @@ JOBS_LEASE_SECONDS = env.float("JOBS_LEASE_SECONDS", default=20.0)
 # can lose one; the job then runs again): False makes them wait like every other write.
 JOBS_LEASE_ASYNC_COMMIT = env.bool("JOBS_LEASE_ASYNC_COMMIT", default=True)
 JOBS_HOLD_IN_BROKER_MAX = env.float("JOBS_HOLD_IN_BROKER_MAX", default=5.0)
+# A publish on commit that found the broker unreachable: the publishes of the next this many
+# seconds in that process go straight to the relay (a request never queues behind a dead broker).
+JOBS_PUBLISH_BREAKER_SECONDS = env.float("JOBS_PUBLISH_BREAKER_SECONDS", default=5.0)
 JOBS_SCHEDULE_POLL_INTERVAL = env.float("JOBS_SCHEDULE_POLL_INTERVAL", default=1.0)
 # Task history (jobs/runtime/results.py): a pool process writes its tasks' results this often, in one
 # statement, and keeps at most this many rows while the database refuses them.
@@ -464,6 +467,7 @@ CELERY_BROKER_HEARTBEAT = 30  # AMQP only
 # Publishing retries briefly so a request never hangs on a dead broker.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
+_BROKER_SOCKET_TIMEOUT = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=15.0)
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
@@ -473,10 +477,16 @@ if BROKER_IS_REDIS:
         "unacked_restore_throttle": 1,
         # Serve queues in the order given to -Q: `high` before `normal` before `low`.
         "queue_order_strategy": "priority",
-        "socket_timeout": 15,
-        "socket_connect_timeout": 2,  # a request must not hang on a dead broker (the outbox keeps the task)
+        # A read that waits longer fails (the consumer reconnects; a publish is left to the
+        # ledger). config/gunicorn.py sets 2 s for the web's processes: a request never waits
+        # long on a broker the network lost, where nothing answers or refuses.
+        "socket_timeout": _BROKER_SOCKET_TIMEOUT,
+        # A request must not hang on a dead broker (the outbox keeps the task): 2 s, 1 s for the web.
+        "socket_connect_timeout": min(2.0, _BROKER_SOCKET_TIMEOUT / 2),
         "socket_keepalive": True,
-        "retry_on_timeout": True,
+        # redis-py tries a command that timed out once more (and its connect twice): a short
+        # timeout is there to fail fast, so it is not retried.
+        "retry_on_timeout": _BROKER_SOCKET_TIMEOUT >= 10,
         "health_check_interval": 25,
         "max_connections": 50,
     }

@@ -10,6 +10,7 @@ when the broker loses a published message, `jobs.runtime.ledger.ledger_sweep()` 
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -262,14 +263,45 @@ class SentEvents:
             self.dispatcher.close()
 
 
+class PublishBreaker:
+    """Keeps the request path off a broker that just failed: a broker that is down refuses at
+    once, but one cut off by the network costs every publish its socket timeouts, and a web
+    process under load would spend its threads waiting there. After a publish on commit fails for
+    the broker's sake, the publishes of the next `JOBS_PUBLISH_BREAKER_SECONDS` in this process are
+    left to the relay at once (their rows marked tried, so the relay takes them without its grace);
+    the first one after that tries the broker again."""
+
+    def __init__(self) -> None:
+        self.open_until = 0.0  # monotonic
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def trip(self) -> None:
+        self.open_until = time.monotonic() + jobs_settings.PUBLISH_BREAKER_SECONDS
+
+    def close(self) -> None:
+        self.open_until = 0.0
+
+
+publish_breaker = PublishBreaker()
+#: The error a job's row keeps when the breaker left it to the relay.
+BREAKER_OPEN = "not tried: the broker failed a publish in this process moments ago (left to the relay)"
+
+
 def _publish_after_commit(message: OutboxMessage) -> None:
     """Runs on commit, on the request path: no read of its own, one UPDATE in autocommit. It never
     raises: its transaction has committed, so the caller must not undo anything (the row is the
     job's record; the relay publishes it if this did not)."""
     try:
+        if publish_breaker.is_open():
+            store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=BREAKER_OPEN)
+            return
         try:
             publish(message)
         except Exception as exc:  # noqa: BLE001 - the broker is down: keep the row for the relay
+            if not isinstance(exc, UNPUBLISHABLE_ERRORS):
+                publish_breaker.trip()
             error = _describe(exc)
             store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=error)
             logger.warning(

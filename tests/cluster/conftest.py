@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 from django.db import connection
 from django.test import override_settings
 
@@ -93,6 +94,27 @@ class Cluster:
         host.popen(args, env=self.env(host, **extra), log=self.log(name), cwd=BASE_DIR)
         self.beats[name] = host
         return host
+
+    def web(self, name: str, *, workers: int = 2, **extra: str) -> tuple[Host, str]:
+        """A web host: gunicorn as the image runs it (config/gunicorn.py, 4 threads, 60 s
+        timeout); returns the host and its base URL, once `/healthz` answers."""
+        host = self.network.host(name)
+        args = [sys.executable, "-m", "gunicorn", "config.wsgi", "--config", str(BASE_DIR / "config" / "gunicorn.py")]
+        args += ["--bind", f"{host.address}:8000", "--workers", str(workers), "--threads", "4", "--timeout", "60"]
+        args += ["--no-control-socket"]
+        env = self.env(host, DJANGO_ALLOWED_HOSTS=host.address, **extra)
+        process = host.popen(args, env=env, log=self.log(name), cwd=BASE_DIR)
+        base = f"http://{host.address}:8000"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return host, base
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"web {name} did not start:\n{self.log(name).read_text()[-3000:]}")
+            time.sleep(0.3)
 
     def log(self, name: str) -> Path:
         return self.tmp / f"{name}.log"

@@ -151,6 +151,13 @@ def test_metrics_page_adds_up_the_processes_files_and_keeps_the_scrape_time_gaug
 # --- config/gunicorn.py ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _gunicorn_environment_undone(monkeypatch):
+    """What config/gunicorn.py puts in the environment is taken out after each test."""
+    monkeypatch.setenv("CELERY_BROKER_SOCKET_TIMEOUT", "")
+    monkeypatch.delenv("CELERY_BROKER_SOCKET_TIMEOUT")
+
+
 def load_gunicorn_config():
     spec = importlib.util.spec_from_file_location("gunicorn_config_under_test", BASE_DIR / "config" / "gunicorn.py")
     module = importlib.util.module_from_spec(spec)
@@ -166,6 +173,7 @@ def test_gunicorn_config_keeps_a_given_directory_and_empties_it_at_start(monkeyp
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     config = load_gunicorn_config()
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
+    assert os.environ["CELERY_BROKER_SOCKET_TIMEOUT"] == "2"  # the web's publishes fail fast
     # Only hooks and underscored helpers: gunicorn takes every other module-level name as a setting.
     assert {name for name in vars(config) if not name.startswith("_")} == {"on_starting", "child_exit", "on_exit"}
 

@@ -117,6 +117,8 @@ def test_celery_settings_are_safe_by_default(load_settings):
     assert s.CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP is True
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
+    timeouts = ("socket_timeout", "socket_connect_timeout", "retry_on_timeout")
+    assert [s.CELERY_BROKER_TRANSPORT_OPTIONS[k] for k in timeouts] == [15, 2, True]
     assert s.CELERY_BEAT_SCHEDULER == "jobs.runtime.beat:LockedDatabaseScheduler"  # a DatabaseScheduler subclass
 
 
@@ -130,6 +132,7 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
         REDIS_URL="redis://cache.internal:6379/1",
         CELERY_WORKER_CONCURRENCY="3",
         CELERY_VISIBILITY_TIMEOUT="120",
+        CELERY_BROKER_SOCKET_TIMEOUT="2",
         CELERY_SHUTDOWN_TIMEOUT="12.5",
         TASK_RETRY_BACKOFF_BASE="0.5",
         TASK_RETRY_BACKOFF_MAX="8",
@@ -159,6 +162,9 @@ def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     assert s.CACHES["default"]["LOCATION"] == "redis://cache.internal:6379/1"
     assert s.CELERY_WORKER_CONCURRENCY == 3
     assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 120
+    # The web's (config/gunicorn.py): fail fast, no retry of a timed-out command.
+    timeouts = ("socket_timeout", "socket_connect_timeout", "retry_on_timeout")
+    assert [s.CELERY_BROKER_TRANSPORT_OPTIONS[k] for k in timeouts] == [2, 1, False]
     assert s.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT == 12.5
     assert (s.JOBS_TASK_RETRY_BACKOFF_BASE, s.JOBS_TASK_RETRY_BACKOFF_MAX, s.JOBS_TASK_MAX_RETRIES) == (0.5, 8, 2)
     assert s.LOG_LEVEL == "DEBUG"

@@ -95,6 +95,49 @@ def test_broker_down_keeps_the_message_and_the_relay_publishes_it_once(
     assert json.loads(redis_client.lindex("low", 0))["headers"]["id"] == task_id
 
 
+def test_after_a_failed_publish_the_next_ones_go_straight_to_the_relay_for_a_while(
+    django_capture_on_commit_callbacks, redis_client, monkeypatch
+):
+    """A broker the network lost costs a publish its timeouts: the publishes that follow in this
+    process skip it for JOBS_PUBLISH_BREAKER_SECONDS (their rows left to the relay at once), then
+    one tries again; an error of one message (not the broker's) does not count."""
+    from celery.exceptions import QueueNotFound
+
+    from jobs.runtime import outbox
+
+    tried: list[str] = []
+    real_publish = outbox.publish
+
+    def publish(message, **options):
+        tried.append(message.task_id)
+        if failure:
+            raise failure
+        return real_publish(message, **options)
+
+    def enqueue_one() -> OutboxMessage:
+        with django_capture_on_commit_callbacks(execute=True):
+            task_id = enqueue("jobs.ping", args=[], kwargs={}, queue="low")
+        return OutboxMessage.objects.get(task_id=task_id)
+
+    monkeypatch.setattr(outbox, "publish", publish)
+    failure: Exception | None = QueueNotFound("no queue 'gone'")  # one message's error: no breaker
+    enqueue_one()
+    failure = ConnectionError("Timeout connecting to server")
+    first = enqueue_one()
+    assert len(tried) == 2
+    assert first.attempts == 1
+    failure = None  # the broker is back, but this process does not know yet
+    skipped = enqueue_one()
+    assert len(tried) == 2
+    assert (skipped.attempts, skipped.last_error, skipped.published_at) == (1, outbox.BREAKER_OPEN, None)
+    assert outbox_relay()["published"] == 3  # tried rows: the relay takes them without its grace
+
+    outbox.publish_breaker.open_until = time.monotonic()  # JOBS_PUBLISH_BREAKER_SECONDS later
+    again = enqueue_one()
+    assert tried[-1] == again.task_id
+    assert again.published_at is not None
+
+
 def test_relay_leaves_young_untried_rows_to_their_publisher(redis_client):
     young = OutboxMessage.objects.create(task_name="jobs.ping", task_id="young", options={"queue": "low"})
     old = OutboxMessage.objects.create(
