@@ -14,13 +14,14 @@ names the sentinels and the master they watch:
 The client asks a sentinel for the current master on each new connection, so after a failover
 it reaches the new master once the old connections fail. Kombu's own form for a Sentinel
 *broker* (`sentinel://host:26379;sentinel://host2:26379`, the master's name in the transport
-options) names no master, so it is refused here with a message saying so.
+options) names no master, so it is refused here with a message saying so; `kombu_sentinel()`
+turns this form into kombu's, so that one URL can name the broker too.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, NamedTuple, cast
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -31,8 +32,8 @@ from jobs.conf import jobs_settings
 
 SENTINEL_PORT = 26379
 _NO_MASTER = (
-    "a sentinel:// URL for JOBS_REDIS_URL names its master: sentinel://host1:26379,host2:26379/<master_name>"
-    " (kombu's form for a Sentinel broker, with the master in the transport options, does not)"
+    "a sentinel:// URL names its master: sentinel://host1:26379,host2:26379/<master_name>"
+    " (kombu's form for a Sentinel broker, with the master in the transport options, is not taken)"
 )
 
 
@@ -66,6 +67,31 @@ def redis_client(url: str | None = None, *, timeout: float = 1.0) -> redis.Redis
         parsed.master, db=parsed.db, username=parsed.username, password=parsed.password
     )
     return cast("redis.Redis", master)
+
+
+def kombu_sentinel(url: str, *, timeout: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """A Celery broker behind Sentinel, from a `sentinel://` URL of the form above: kombu's URL
+    (one `sentinel://` per sentinel, joined by `;`) and the transport options it needs beside
+    its own: `master_name`, and `sentinel_kwargs` for the connections to the sentinels. Those
+    give up on a sentinel after `timeout` seconds, without retries, and ask the next one: kombu
+    would give them redis-py's default retries (10, with backoff), and a worker whose first
+    sentinel's host is gone then froze its event loop for a minute on every new connection
+    (tests/cluster/test_sentinel.py). ValueError as `parse_sentinel_url`."""
+    parsed = parse_sentinel_url(url)
+    auth = ""
+    if parsed.username or parsed.password:
+        auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password or '', safe='')}@"
+    hosts = [f"[{host}]" if ":" in host else host for host, _port in parsed.sentinels]
+    broker = ";".join(
+        f"sentinel://{auth}{host}:{port}/{parsed.db}"
+        for host, (_host, port) in zip(hosts, parsed.sentinels, strict=True)
+    )
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    sentinel_kwargs["socket_keepalive"] = True  # a sentinel's host gone: its pooled connection found dead
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
+    if parsed.sentinel_password:
+        sentinel_kwargs["password"] = parsed.sentinel_password
+    return broker, {"master_name": parsed.master, "sentinel_kwargs": sentinel_kwargs}
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:

@@ -7,6 +7,7 @@ Every value an operator may change is read from the environment through `config.
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -144,7 +145,11 @@ REDIS_URL = env.str("REDIS_URL", default=profile_default("REDIS_URL", "redis://1
 
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        # REDIS_URL may name a Redis behind Sentinel (sentinel://host1:26379,host2:26379/<master>):
+        # the cache, the broker (CELERY_BROKER_URL's default) and JOBS_REDIS_URL then follow a failover.
+        "BACKEND": "config.cache.SentinelRedisCache"
+        if urlsplit(REDIS_URL).scheme == "sentinel"
+        else "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "jobsite",
         "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
@@ -371,8 +376,7 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 BROKER_SCHEME = urlsplit(CELERY_BROKER_URL).scheme
 BROKER_IS_REDIS = BROKER_SCHEME in {"redis", "rediss", "sentinel"}
 # Beat's leader lock and the ledger's bookkeeping live in REDIS_URL, whatever the broker, unless
-# JOBS_REDIS_URL names another Redis: a plain URL or sentinel://host1:26379,host2:26379/<master>
-# (the cache at REDIS_URL cannot go through Sentinel).
+# JOBS_REDIS_URL names another Redis: a plain URL or sentinel://host1:26379,host2:26379/<master>.
 JOBS_REDIS_URL = env.str("JOBS_REDIS_URL", default=REDIS_URL)
 
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="django-db")
@@ -468,6 +472,11 @@ CELERY_BROKER_HEARTBEAT = 30  # AMQP only
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 _BROKER_SOCKET_TIMEOUT = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=15.0)
+_TCP_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2), ("TCP_USER_TIMEOUT", 10_000))
+    if hasattr(socket, name)  # Linux has all four; macOS lacks TCP_USER_TIMEOUT (and names KEEPIDLE otherwise)
+}
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
@@ -484,6 +493,11 @@ if BROKER_IS_REDIS:
         # A request must not hang on a dead broker (the outbox keeps the task): 2 s, 1 s for the web.
         "socket_connect_timeout": min(2.0, _BROKER_SOCKET_TIMEOUT / 2),
         "socket_keepalive": True,
+        # A broker host that vanished (a partition, a Sentinel master's host gone) leaves pooled
+        # connections that look open: each command on one would wait its socket timeout, in the
+        # worker's event loop. The kernel finds them dead in the background instead: idle ones
+        # after 10 s + 2 unanswered probes 5 s apart, busy ones after 10 s without an ACK.
+        "socket_keepalive_options": _TCP_KEEPALIVE,
         # redis-py tries a command that timed out once more (and its connect twice): a short
         # timeout is there to fail fast, so it is not retried.
         "retry_on_timeout": _BROKER_SOCKET_TIMEOUT >= 10,
@@ -492,6 +506,20 @@ if BROKER_IS_REDIS:
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+
+if BROKER_SCHEME == "sentinel":
+    # The broker behind Sentinel, named as JOBS_REDIS_URL is (sentinel://h1:26379,h2:26379/<master>):
+    # kombu wants one sentinel:// per sentinel and the master in its transport options.
+    from jobs.redis_client import kombu_sentinel
+
+    try:
+        CELERY_BROKER_URL, _sentinel_options = kombu_sentinel(CELERY_BROKER_URL)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"CELERY_BROKER_URL: {exc}.") from None
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(_sentinel_options)
+    # Celery takes CELERY_BROKER_URL from the environment before these settings (unconverted,
+    # when that is where it came from), but the read and write URLs from here first.
+    CELERY_BROKER_READ_URL = CELERY_BROKER_WRITE_URL = CELERY_BROKER_URL
 
 if BROKER_SCHEME == "amqps":
     # RabbitMQ over TLS takes the same URL options as `rediss://` (ssl_cert_reqs, ssl_ca_certs,

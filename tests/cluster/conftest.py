@@ -7,6 +7,7 @@ PostgreSQL; elsewhere they skip with one line saying why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ class Cluster:
     redis_url: str
     database_url: str
     forwarder: Forwarder
+    redis_hosts: list[Host] = field(default_factory=list)
     workers: dict[str, Host] = field(default_factory=dict)
     beats: dict[str, Host] = field(default_factory=dict)
 
@@ -140,8 +142,63 @@ def runs(path: Path) -> dict[str, Counter[str]]:
     return counted
 
 
-@pytest.fixture
-def cluster(tmp_path, django_db_blocker):
+def _wait(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout} s for {what}")
+        time.sleep(0.1)
+
+
+def _redis_server(host: Host, tmp: Path, *args: str) -> None:
+    host.popen(
+        ["redis-server", "--bind", host.address, "--port", "6379", "--save", "", "--appendonly", "no",
+         "--protected-mode", "no", "--dir", str(tmp), "--repl-diskless-sync-delay", "0", *args],
+        env=dict(os.environ),
+        log=tmp / f"redis-{host.name}.log",
+    )  # fmt: skip
+
+
+#: The master's name the sentinels watch.
+MASTER = "jobs"
+
+
+def _sentinels(network: Network, tmp: Path) -> tuple[list[Host], str]:
+    """A master (r1), its replica (r2) and three sentinels (on r1, r2, r3): returns the Redis
+    hosts and the one `sentinel://` URL every process is given."""
+    r1, r2, r3 = (network.host(name) for name in ("r1", "r2", "r3"))
+    _redis_server(r1, tmp)
+    _redis_server(r2, tmp, "--replicaof", r1.address, "6379")
+    replica = redis.Redis(host=r2.address, socket_timeout=1)
+    _wait(lambda: replica.info("replication").get("master_link_status") == "up", "the replica to sync")
+    for host in (r1, r2, r3):
+        directory = tmp / f"sentinel-{host.name}"
+        directory.mkdir()
+        conf = directory / "sentinel.conf"  # sentinel rewrites it: a file of its own
+        conf.write_text(
+            f"port 26379\nbind {host.address}\nprotected-mode no\ndir {directory}\n"
+            f"sentinel monitor {MASTER} {r1.address} 6379 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 3000\n"
+            f"sentinel failover-timeout {MASTER} 10000\n"
+        )
+        host.popen(["redis-server", str(conf), "--sentinel"], env=dict(os.environ), log=directory / "sentinel.log")
+    for host in (r1, r2, r3):
+        watcher = redis.Redis(host=host.address, port=26379, socket_timeout=1)
+        _wait(
+            lambda w=watcher: w.sentinel_slaves(MASTER) and len(w.sentinel_sentinels(MASTER)) == 2,
+            f"the sentinel on {host.name} to see the replica and the other two",
+        )
+    hosts = ",".join(f"{host.address}:26379" for host in (r1, r2, r3))
+    return [r1, r2, r3], f"sentinel://{hosts}/{MASTER}/0"
+
+
+@contextlib.contextmanager
+def _made(tmp_path: Path, *, sentinel: bool):
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server for the broker host")
     if connection.vendor != "postgresql":
@@ -151,39 +208,47 @@ def cluster(tmp_path, django_db_blocker):
     except NoNamespaces as exc:
         pytest.skip(f"cannot make hosts here: {exc}")
     try:
-        broker = network.host("broker")
-        broker.popen(
-            ["redis-server", "--bind", broker.address, "--port", "6379", "--save", "", "--appendonly", "no",
-             "--protected-mode", "no", "--dir", str(tmp_path)],
-            env=dict(os.environ),
-            log=tmp_path / "redis.log",
-        )  # fmt: skip
-        redis_url = f"redis://{broker.address}:6379/0"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                redis.Redis.from_url(redis_url, socket_timeout=1).ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        redis_hosts: list[Host] = []
+        if sentinel:
+            redis_hosts, redis_url = _sentinels(network, tmp_path)
+        else:
+            redis_hosts = [network.host("broker")]
+            _redis_server(redis_hosts[0], tmp_path)
+            redis_url = f"redis://{redis_hosts[0].address}:6379/0"
+            _wait(lambda: redis.Redis.from_url(redis_url, socket_timeout=1).ping(), "the broker's Redis")
         db = connection.settings_dict
         forwarder = Forwarder((network.gateway, 0), (db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)))
         port = forwarder.address[1]
         user = db.get("USER") or "postgres"
         database_url = f"postgres://{user}@{network.gateway}:{port}/{db['NAME']}"
         from config.celery import app
+        from jobs.redis_client import kombu_sentinel
         from tests.conftest import reset_broker_pools
 
-        previous = app.conf.broker_url
-        app.conf.broker_url = redis_url
+        broker_url, options = kombu_sentinel(redis_url) if sentinel else (redis_url, {})
+        previous = app.conf.broker_url, app.conf.broker_transport_options
+        app.conf.broker_url = broker_url
+        app.conf.broker_transport_options = {**previous[1], **options}
         reset_broker_pools()
-        with override_settings(REDIS_URL=redis_url, JOBS_REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url):
-            yield Cluster(network, tmp_path, broker, redis_url, database_url, forwarder)
-        app.conf.broker_url = previous
+        with override_settings(REDIS_URL=redis_url, JOBS_REDIS_URL=redis_url, CELERY_BROKER_URL=broker_url):
+            yield Cluster(network, tmp_path, redis_hosts[0], redis_url, database_url, forwarder, redis_hosts)
+        app.conf.broker_url, app.conf.broker_transport_options = previous
         reset_broker_pools()
         forwarder.close()
     finally:
         network.remove()
         subprocess.run(["sync"], check=False)
+
+
+@pytest.fixture
+def cluster(tmp_path, django_db_blocker):
+    """A broker host with one Redis."""
+    with _made(tmp_path, sentinel=False) as made:
+        yield made
+
+
+@pytest.fixture
+def sentinel_cluster(tmp_path, django_db_blocker):
+    """Redis behind Sentinel: a master (`broker`, r1), a replica (r2), three sentinels (r1-r3)."""
+    with _made(tmp_path, sentinel=True) as made:
+        yield made

@@ -122,6 +122,21 @@ def test_celery_settings_are_safe_by_default(load_settings):
     assert s.CELERY_BEAT_SCHEDULER == "jobs.runtime.beat:LockedDatabaseScheduler"  # a DatabaseScheduler subclass
 
 
+def test_one_sentinel_url_puts_the_cache_the_broker_and_the_locks_behind_sentinel(load_settings):
+    url = "sentinel://:pw@s1:26379,s2:26379/jobs/1"
+    s = load_settings("local", REDIS_URL=url)
+    assert s.CACHES["default"]["BACKEND"] == "config.cache.SentinelRedisCache"
+    assert s.CACHES["default"]["LOCATION"] == s.JOBS_REDIS_URL == url
+    assert s.CELERY_BROKER_URL == "sentinel://:pw@s1:26379/1;sentinel://:pw@s2:26379/1"
+    # Celery reads CELERY_BROKER_URL from the environment first; these two it takes from here.
+    assert s.CELERY_BROKER_READ_URL == s.CELERY_BROKER_WRITE_URL == s.CELERY_BROKER_URL
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["master_name"] == "jobs"
+    assert s.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600  # the Redis options stay
+
+    with pytest.raises(ImproperlyConfigured, match="CELERY_BROKER_URL: a sentinel:// URL names its master"):
+        load_settings("local", CELERY_BROKER_URL="sentinel://s1:26379;sentinel://s2:26379")
+
+
 def test_environment_wins_over_module_defaults(load_settings, tmp_path):
     s = load_settings(
         "local",
@@ -188,7 +203,7 @@ def test_rabbitmq_broker_gets_no_redis_only_options(load_settings):
 
 
 @pytest.mark.parametrize(
-    "broker", ["amqp://guest:guest@127.0.0.1:5672//", "redis://broker:6379/1", "sentinel://s:26379"]
+    "broker", ["amqp://guest:guest@127.0.0.1:5672//", "redis://broker:6379/1", "sentinel://s:26379/mymaster"]
 )
 def test_the_site_keeps_the_beat_lock_and_the_ledger_in_redis_url_whatever_the_broker(load_settings, broker):
     s = load_settings("local", CELERY_BROKER_URL=broker, REDIS_URL="redis://cache:6379/0")

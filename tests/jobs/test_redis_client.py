@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from devtools.localredis import LocalRedis, free_port, redis_server_binary
-from jobs.redis_client import SentinelURL, parse_sentinel_url, redis_client
+from jobs.redis_client import SentinelURL, kombu_sentinel, parse_sentinel_url, redis_client
 
 
 class LocalSentinel:
@@ -116,6 +116,19 @@ def test_beats_lock_and_the_ledger_work_through_a_sentinel(sentinel, settings):
     assert ledger.workers_reserved_ids() == {"task-a"}
 
 
+def test_the_sites_cache_works_through_a_sentinel(sentinel):
+    """REDIS_URL=sentinel://... (config/cache.py): the whole URL, commas and all, reaches the
+    master the sentinel names."""
+    from config.cache import SentinelRedisCache
+
+    cache = SentinelRedisCache(sentinel.url("/mymaster/5"), {"OPTIONS": {"socket_timeout": 1}, "KEY_PREFIX": "t"})
+    cache.set("greeting", {"hello": "sentinel"}, timeout=60)
+    assert cache.get("greeting") == {"hello": "sentinel"}
+    assert redis.Redis(port=sentinel.master.port, db=5).exists(cache.make_key("greeting"))
+    listed_twice = f"sentinel://127.0.0.1:{free_port()},127.0.0.1:{sentinel.port}/mymaster/5"
+    assert SentinelRedisCache(listed_twice, {"KEY_PREFIX": "t"}).get("greeting") == {"hello": "sentinel"}
+
+
 @pytest.mark.django_db(transaction=True)  # django-celery-beat commits and closes connections
 def test_beat_leads_through_a_sentinel(sentinel, settings, redis_client):
     from celery import current_app
@@ -161,6 +174,36 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_the_database(url, par
 def test_a_sentinel_url_that_names_no_master_is_refused_with_the_form(url, error):
     with pytest.raises(ValueError, match=error):
         parse_sentinel_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "broker", "options"),
+    [
+        ("sentinel://s1,s2:26380/jobs", "sentinel://s1:26379/0;sentinel://s2:26380/0", {"master_name": "jobs"}),
+        (
+            "sentinel://:p%40ss@s1/main/4?sentinel_password=sp",
+            "sentinel://:p%40ss@s1:26379/4",
+            {"master_name": "main", "sentinel_kwargs": {"password": "sp"}},
+        ),
+        ("sentinel://[::1]:26379/m", "sentinel://[::1]:26379/0", {"master_name": "m"}),
+    ],
+)
+def test_one_sentinel_url_becomes_kombus_broker_url_and_options(url, broker, options):
+    from kombu.utils.url import parse_url
+
+    made, made_options = kombu_sentinel(url, timeout=0.5)
+    sentinel_kwargs = made_options.pop("sentinel_kwargs")
+    assert (made, made_options) == (broker, {"master_name": options["master_name"]})
+    # A sentinel that does not answer costs half a second, once: the next one is asked.
+    assert sentinel_kwargs.pop("retry").get_retries() == 0
+    expected = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5, "socket_keepalive": True}
+    assert sentinel_kwargs == {**expected, **options.get("sentinel_kwargs", {})}
+    # kombu reads back what was meant: the password decoded, the database kept.
+    first = parse_url(broker.split(";")[0])
+    assert (first["password"], first["virtual_host"]) == (
+        parse_sentinel_url(url).password,
+        str(parse_sentinel_url(url).db),
+    )
 
 
 def test_a_plain_url_is_redis_pys(redis_server):
