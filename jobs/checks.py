@@ -226,3 +226,34 @@ def check_limits(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
                     )
                 )
     return problems
+
+
+@register("jobs")
+def check_fleet_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """jobs.W020: a setting that must agree across hosts has other values in the workers and
+    beats running now (their records in Redis, `jobs.fleet`) than here or among themselves.
+    Silent when Redis does not answer within a second: a check must not hang or fail for it."""
+    import redis
+
+    from jobs.fleet import fleet_contradictions, fleet_read, fleet_settings
+    from jobs.redis_client import redis_client
+
+    try:
+        records = fleet_read(redis_client(timeout=1))
+    except (redis.RedisError, OSError, RuntimeError, ValueError):
+        return []
+    warnings: list[CheckMessage] = []
+    for name, by_value in sorted(fleet_contradictions(records, fleet_settings()).items()):
+        held = "; ".join(
+            f"{value} on {', '.join(who[:3])}{' and more' if len(who) > 3 else ''}" for value, who in by_value.items()
+        )
+        warnings.append(
+            Warning(
+                f"{name} differs across the processes running now: {held}.",
+                hint="Give web, workers and beat the same value (one environment for every process type): "
+                "Redis hands a running task to another worker after the shortest visibility timeout any "
+                "consumer has, and each sweeper and beat judges leases and locks by its own numbers.",
+                id="jobs.W020",
+            )
+        )
+    return warnings

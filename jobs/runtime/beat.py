@@ -57,6 +57,7 @@ from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 from jobs.conf import jobs_settings
+from jobs.fleet import fleet_publish
 from jobs.heartbeat import heartbeat_write, liveness_touch
 from jobs.redis_client import redis_client
 
@@ -82,6 +83,8 @@ BATCH = 500
 TICK_SPACING = 0.25
 #: Seconds between two looks at whether the schedules were edited (one query each).
 CHANGE_CHECK_INTERVAL = 1.0
+#: Seconds between two records of this beat's settings for `manage.py check` (jobs.fleet).
+FLEET_INTERVAL = 60.0
 #: The primary key of the one `BeatFence` row.
 FENCE_ROW = 1
 
@@ -207,6 +210,7 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         self._term: int | None = None  # the lock term this beat last started leading in
         self._fence: int | None = None  # the fencing token taken in that term
         self._touched_at = 0.0  # liveness file and heartbeat, monotonic
+        self._fleet_at = -FLEET_INTERVAL  # this beat's settings last recorded for jobs.fleet, monotonic
         self._checked_at = -CHANGE_CHECK_INTERVAL  # the last look for schedule edits, monotonic
         self._heap_source: dict[str, Any] | None = None  # the schedule the heap was built from
         super().__init__(*args, **kwargs)
@@ -267,6 +271,12 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
                 liveness_touch("beat", leading=leading)
             except OSError as exc:
                 logger.warning("beat.liveness_write_failed", extra={"error": str(exc)[:200]})
+        if touch and now - self._fleet_at >= FLEET_INTERVAL:  # leader or standby: either may send
+            self._fleet_at = now
+            try:
+                fleet_publish("beat", self.lock.client)
+            except (redis.RedisError, OSError) as exc:
+                logger.info("fleet.publish_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
         if not leading:
             self._fence = None
             if self._leading:

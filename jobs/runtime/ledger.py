@@ -501,6 +501,16 @@ def ledger_counts() -> dict[str, int]:
 # --- the sweeper in the worker -----------------------------------------------------------------
 
 
+def _fleet_publish() -> None:
+    """This worker's settings for `manage.py check` to compare across hosts (jobs.fleet)."""
+    from jobs.fleet import fleet_publish
+
+    try:
+        fleet_publish("worker", _redis_client())
+    except (redis.RedisError, OSError) as exc:
+        logger.info("fleet.publish_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+
+
 class Sweeper:
     """A daemon thread of the worker's main process that runs `ledger_run()` every
     `JOBS_LEDGER_SWEEP_INTERVAL` seconds. Among several workers one sweeps at a time (a Redis lock
@@ -531,6 +541,7 @@ class Sweeper:
                 drop_stale_connection()
                 if sweep:
                     next_sweep = time.monotonic() + self.interval
+                    _fleet_publish()
                     with_fresh_connection(
                         lambda: ledger_run(token=self.token, ttl=self.interval * 2 + 30),
                         what="ledger_sweep",

@@ -15,7 +15,7 @@ from django.db import transaction
 
 from jobs.models import OutboxMessage
 from jobs.publish import enqueue
-from tests.cluster.conftest import runs
+from tests.cluster.conftest import report, runs
 from tests.integration import tasks
 from tests.integration.conftest import wait_for
 
@@ -38,6 +38,7 @@ def test_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(
     down_at = time.monotonic()
     # From w2's side w1 crashed: each of its jobs comes back once, on w2.
     wait_for(lambda: sum(c["start"] for c in runs(record).values()) == 6, timeout=60)
+    reclaimed_in = time.monotonic() - down_at
     time.sleep(max(0.0, int(VISIBILITY) + 5 - (time.monotonic() - down_at)))  # past the visibility timeout
     cut.link_up()
 
@@ -49,6 +50,13 @@ def test_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(
     # once w1 was back.
     assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 2)
     assert not OutboxMessage.objects.exists()
+    report(
+        "worker host cut off 20 s (lease 2 s, visibility 15 s)",
+        jobs=len(labels),
+        lost=0,
+        runs_per_job=2,
+        slowest_reclaim=round(reclaimed_in, 1),
+    )
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
 
@@ -74,6 +82,7 @@ def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
     counted = runs(record)
     assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 1)
     assert {label: counted[label]["end"] for label in labels} == dict.fromkeys(labels, 1)
+    report("database black-holed 20 s under running jobs", jobs=len(labels), lost=0, runs_per_job=1)
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
 
@@ -101,5 +110,6 @@ def test_a_worker_host_whose_clock_is_30_s_ahead(cluster):
     # Its own clock, if the ahead host ran it, says up to 30 s more: never less than the countdown.
     assert later[0] - enqueued_at >= 7.5
     assert not JobAttempt.objects.filter(outcome=JobAttempt.Outcome.CRASHED).exists()  # no live run taken over
+    report("one worker host's clock 30 s ahead", jobs=len(labels) + 1, lost=0, runs_per_job=1, taken_over=0)
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"

@@ -283,6 +283,8 @@ def check_deploy(**env: str) -> None:
         DJANGO_SECRET_KEY="a-long-random-production-secret-" + "q7Z" * 12,
         DJANGO_ALLOWED_HOSTS="jobs.example.com",
         FLOWER_BASIC_AUTH="admin:secret",
+        # Nothing listens there: the fleet check (jobs.W020) must not read the machine's own Redis.
+        REDIS_URL="redis://127.0.0.1:1/0",
         **env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
