@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class Cluster:
     database_url: str
     forwarder: Forwarder
     redis_hosts: list[Host] = field(default_factory=list)
+    broker_url: str = ""  # the broker when it is not `redis_url` (RabbitMQ)
     workers: dict[str, Host] = field(default_factory=dict)
     beats: dict[str, Host] = field(default_factory=dict)
 
@@ -64,7 +67,7 @@ class Cluster:
         return process_env(
             DATABASE_URL=self.database_url,
             REDIS_URL=self.redis_url,
-            CELERY_BROKER_URL=self.redis_url,
+            CELERY_BROKER_URL=self.broker_url or self.redis_url,
             JOBS_REDIS_URL=self.redis_url,
             LIVENESS_DIR=str(self.tmp / f"run-{host.name}"),
             CLUSTER_HOST=host.name,
@@ -197,8 +200,41 @@ def _sentinels(network: Network, tmp: Path) -> tuple[list[Host], str]:
     return [r1, r2, r3], f"sentinel://{hosts}/{MASTER}/0"
 
 
+def _rabbitmq(host: Host, tmp: Path) -> str:
+    """A RabbitMQ node of the test's own on `host` (guest may log in from other hosts); its URL.
+    Its files live in `tmp` (a directory the `rabbitmq` user can reach: rabbitmq-server drops
+    root for that user, and pytest's temporary directories are root's alone)."""
+    base = tmp
+    for directory in (base, base / "mnesia", base / "log"):
+        directory.mkdir(exist_ok=True)
+        shutil.chown(directory, "rabbitmq")
+    (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = {host.address}:5672\nloopback_users = none\n")
+    (base / "enabled_plugins").write_text("[].\n")
+    env = {
+        **os.environ,
+        "HOME": str(base),
+        "RABBITMQ_NODENAME": "cluster@localhost",
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "feature_flags"),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(base / "plugins"),
+        "RABBITMQ_PID_FILE": str(base / "pid"),
+    }
+    host.popen(["rabbitmq-server"], env=env, log=base / "log" / "out.log")
+    url = f"amqp://guest:guest@{host.address}:5672//"
+
+    def answers() -> bool:
+        with socket.create_connection((host.address, 5672), timeout=1):
+            return True
+
+    _wait(answers, "the RabbitMQ node", timeout=90)
+    return url
+
+
 @contextlib.contextmanager
-def _made(tmp_path: Path, *, sentinel: bool):
+def _made(tmp_path: Path, *, sentinel: bool = False, rabbitmq: bool = False):
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server for the broker host")
     if connection.vendor != "postgresql":
@@ -207,6 +243,7 @@ def _made(tmp_path: Path, *, sentinel: bool):
         network = Network().__enter__()
     except NoNamespaces as exc:
         pytest.skip(f"cannot make hosts here: {exc}")
+    rabbit_dir = Path(tempfile.mkdtemp(prefix="jobs-cluster-rabbitmq-"))
     try:
         redis_hosts: list[Host] = []
         if sentinel:
@@ -216,6 +253,7 @@ def _made(tmp_path: Path, *, sentinel: bool):
             _redis_server(redis_hosts[0], tmp_path)
             redis_url = f"redis://{redis_hosts[0].address}:6379/0"
             _wait(lambda: redis.Redis.from_url(redis_url, socket_timeout=1).ping(), "the broker's Redis")
+        amqp_url = _rabbitmq(redis_hosts[0], rabbit_dir) if rabbitmq else ""
         db = connection.settings_dict
         forwarder = Forwarder((network.gateway, 0), (db.get("HOST") or "127.0.0.1", int(db.get("PORT") or 5432)))
         port = forwarder.address[1]
@@ -225,18 +263,21 @@ def _made(tmp_path: Path, *, sentinel: bool):
         from jobs.redis_client import kombu_sentinel
         from tests.conftest import reset_broker_pools
 
-        broker_url, options = kombu_sentinel(redis_url) if sentinel else (redis_url, {})
+        broker_url, options = kombu_sentinel(redis_url) if sentinel else (amqp_url or redis_url, {})
         previous = app.conf.broker_url, app.conf.broker_transport_options
         app.conf.broker_url = broker_url
         app.conf.broker_transport_options = {**previous[1], **options}
         reset_broker_pools()
         with override_settings(REDIS_URL=redis_url, JOBS_REDIS_URL=redis_url, CELERY_BROKER_URL=broker_url):
-            yield Cluster(network, tmp_path, redis_hosts[0], redis_url, database_url, forwarder, redis_hosts)
+            yield Cluster(network, tmp_path, redis_hosts[0], redis_url, database_url, forwarder, redis_hosts, amqp_url)
         app.conf.broker_url, app.conf.broker_transport_options = previous
         reset_broker_pools()
         forwarder.close()
     finally:
         network.remove()
+        if rabbitmq and (rabbit_dir / "log").exists():  # kept beside the test's other logs
+            shutil.copytree(rabbit_dir / "log", tmp_path / "rabbitmq-log", dirs_exist_ok=True)
+        shutil.rmtree(rabbit_dir, ignore_errors=True)
         subprocess.run(["sync"], check=False)
 
 
@@ -251,4 +292,14 @@ def cluster(tmp_path, django_db_blocker):
 def sentinel_cluster(tmp_path, django_db_blocker):
     """Redis behind Sentinel: a master (`broker`, r1), a replica (r2), three sentinels (r1-r3)."""
     with _made(tmp_path, sentinel=True) as made:
+        yield made
+
+
+@pytest.fixture
+def rabbitmq_cluster(tmp_path, django_db_blocker):
+    """The broker host runs a RabbitMQ node of its own (the broker) beside its Redis (beat's lock,
+    the ledger's bookkeeping, the cache)."""
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("no rabbitmq-server for the broker host")
+    with _made(tmp_path, rabbitmq=True) as made:
         yield made

@@ -56,8 +56,8 @@ def run_pair_through(name: str, cluster: Cluster, cut, *, seconds: float) -> Non
     schedule = PeriodicTask.objects.create(
         name="cluster: tick", task="tests.record_tick", interval=every, args=json.dumps([str(record)])
     )
-    for name in ("b1", "b2"):
-        cluster.beat(name, JOBS_BEAT_LOCK_TTL=str(TTL))
+    for beat in ("b1", "b2"):
+        cluster.beat(beat, JOBS_BEAT_LOCK_TTL=str(TTL))
     wait_for(lambda: len(ticks(record)) >= 3, timeout=60)
     old = leader(cluster)
     heal = cut(old)
