@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
@@ -89,7 +90,7 @@ class ConsoleFormatter(logging.Formatter):
         self.colour = console_colour() if colour is None else colour
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))  # the reader's own clock
         level = record.levelname
         colour, reset = (_COLOURS.get(level, ""), _RESET) if self.colour else ("", "")
         extras = " ".join(

@@ -214,7 +214,8 @@ def parse_moment(value: str) -> datetime | None:
         moment = parse_datetime(value)
         if moment is None:
             day = parse_date(value)
-            moment = None if day is None else datetime(day.year, day.month, day.day)
+            zone = timezone.get_current_timezone()
+            moment = None if day is None else datetime(day.year, day.month, day.day, tzinfo=zone)
     except ValueError:
         return None
     if moment is not None and timezone.is_naive(moment):

@@ -104,6 +104,11 @@ def test_limits_hold_across_two_workers_and_two_queues(start_worker, redis_clien
     wait_for(lambda: not OutboxMessage.objects.exists())
 
 
+#: Seconds the first job runs: long enough for the second worker to start (up to 6 s on a loaded
+#: machine) while it still runs, or the waiting job never waits.
+FIRST = 10.0
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_the_slot_of_a_sigkilled_run_comes_back_at_its_lease_end_before_the_job_runs_again(
     start_worker, redis_client, request, broker
@@ -118,9 +123,9 @@ def test_the_slot_of_a_sigkilled_run_comes_back_at_its_lease_end_before_the_job_
     doomed = start_worker(queues="high", concurrency=1, extra_env=env)
     if broker == "redis":
         with transaction.atomic():
-            enqueue(tasks.limited_solo, args=[key, "acme", 5.0, "first"], queue="high")
+            enqueue(tasks.limited_solo, args=[key, "acme", FIRST, "first"], queue="high")
     else:  # the test process publishes to its own Redis only: the workers' relay publishes these rows
-        _row(tasks.limited_solo.name, [key, "acme", 5.0, "first"], "high")
+        _row(tasks.limited_solo.name, [key, "acme", FIRST, "first"], "high")
     wait_for(lambda: len(_events(redis_client, key)) == 1, timeout=30)
     if broker == "redis":
         with transaction.atomic():

@@ -49,7 +49,7 @@ def test_redact_keeps_kombu_types_replayable():
         b"raw bytes",
         b"\xff\xfe not utf-8",
         b"nul \x00 inside",  # stored as kombu's base64 form: PostgreSQL's jsonb refuses \u0000
-        {"when": datetime(2024, 5, 1, 9, 0), "amounts": (Decimal("1.5"), 2)},
+        {"when": datetime(2024, 5, 1, 9, 0), "amounts": (Decimal("1.5"), 2)},  # noqa: DTZ001 - kombu's naive form
     ]
     out, changed = redact(original)
     assert changed is False
