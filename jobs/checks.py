@@ -228,11 +228,13 @@ def check_limits(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
     return problems
 
 
-@register("jobs")
+@register("jobs", deploy=True)
 def check_fleet_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """jobs.W020: a setting that must agree across hosts has other values in the workers and
     beats running now (their records in Redis, `jobs.fleet`) than here or among themselves.
-    Silent when Redis does not answer within a second: a check must not hang or fail for it."""
+    A deployment check (`manage.py check --deploy`): every other command, the probes included,
+    runs the checks too and must not wait on Redis. Silent when Redis does not answer within a
+    second: a check must not hang or fail for it."""
     import redis
 
     from jobs.fleet import fleet_contradictions, fleet_read, fleet_settings

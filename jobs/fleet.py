@@ -27,7 +27,10 @@ from jobs.conf import jobs_settings
 
 FLEET_KEY = "jobs:fleet"
 #: A record not refreshed for this long belongs to a process that stopped: ignored, then removed.
-STALE_AFTER = 15 * 60.0
+#: Workers record theirs at every sweep (15 s), beats every minute; a stopping worker removes its own.
+STALE_AFTER = 180.0
+#: Settings only some process types use: compared only among those (and the process checking).
+USED_BY = {"JOBS_BEAT_LOCK_TTL": {"beat"}, "visibility_timeout": {"worker"}}
 
 
 def fleet_settings() -> dict[str, Any]:
@@ -44,23 +47,32 @@ def fleet_settings() -> dict[str, Any]:
     return values
 
 
+def _field(role: str) -> str:
+    return f"{role} {socket.gethostname()} pid {os.getpid()}"
+
+
 def fleet_publish(role: str, client: redis.Redis) -> None:
-    """Records this process's values under `role` (`worker`, `beat`)."""
-    field = f"{role} {socket.gethostname()} pid {os.getpid()}"
-    client.hset(FLEET_KEY, field, json.dumps({"at": time.time(), "settings": fleet_settings()}))
+    """Records this process's values under `role` (`worker`, `beat`): those its role uses."""
+    values = {name: value for name, value in fleet_settings().items() if role in USED_BY.get(name, {role})}
+    client.hset(FLEET_KEY, _field(role), json.dumps({"at": time.time(), "settings": values}))
+
+
+def fleet_forget(role: str, client: redis.Redis) -> None:
+    """Removes this process's record (it is stopping): a rollout leaves no stale values behind."""
+    client.hdel(FLEET_KEY, _field(role))
 
 
 def fleet_read(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """The fresh records, by process; stale ones are removed."""
     fresh: dict[str, dict[str, Any]] = {}
     for raw_field, raw in client.hgetall(FLEET_KEY).items():
-        field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
         try:
+            field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
             record = json.loads(raw)
             if time.time() - float(record["at"]) < STALE_AFTER:
                 fresh[field] = dict(record["settings"])
                 continue
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             pass
         client.hdel(FLEET_KEY, raw_field)
     return fresh

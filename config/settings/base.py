@@ -472,10 +472,19 @@ CELERY_BROKER_HEARTBEAT = 30  # AMQP only
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 _BROKER_SOCKET_TIMEOUT = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=15.0)
+if _BROKER_SOCKET_TIMEOUT <= 0:
+    raise ImproperlyConfigured(
+        f"CELERY_BROKER_SOCKET_TIMEOUT must be a number of seconds above 0, not {_BROKER_SOCKET_TIMEOUT}"
+    )
 _TCP_KEEPALIVE = {
-    getattr(socket, name): value
-    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2), ("TCP_USER_TIMEOUT", 10_000))
-    if hasattr(socket, name)  # Linux has all four; macOS lacks TCP_USER_TIMEOUT (and names KEEPIDLE otherwise)
+    option: value
+    for option, value in (
+        (getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None)), 10),  # macOS: TCP_KEEPALIVE
+        (getattr(socket, "TCP_KEEPINTVL", None), 5),
+        (getattr(socket, "TCP_KEEPCNT", None), 2),
+        (getattr(socket, "TCP_USER_TIMEOUT", None), 10_000),  # Linux only
+    )
+    if option is not None
 }
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -496,7 +505,7 @@ if BROKER_IS_REDIS:
         # A broker host that vanished (a partition, a Sentinel master's host gone) leaves pooled
         # connections that look open: each command on one would wait its socket timeout, in the
         # worker's event loop. The kernel finds them dead in the background instead: idle ones
-        # after 10 s + 2 unanswered probes 5 s apart, busy ones after 10 s without an ACK.
+        # after 10 s and an unanswered probe (about 15 s), busy ones after 10 s without an ACK.
         "socket_keepalive_options": _TCP_KEEPALIVE,
         # redis-py tries a command that timed out once more (and its connect twice): a short
         # timeout is there to fail fast, so it is not retried.

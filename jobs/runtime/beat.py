@@ -57,7 +57,7 @@ from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 from jobs.conf import jobs_settings
-from jobs.fleet import fleet_publish
+from jobs.fleet import fleet_forget, fleet_publish
 from jobs.heartbeat import heartbeat_write, liveness_touch
 from jobs.redis_client import redis_client
 
@@ -254,6 +254,9 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
         self._failing_since = None
         self.lock.release()
         self.lock.rest(2 * self.standby_poll)
+        self._leading = False  # stood down on purpose: no "lost the beat lock" on the next tick
+        self._announced_standby = True
+        self._fence = None
 
     def _drop_database_connection(self) -> None:
         from jobs.db import close_connection
@@ -570,6 +573,8 @@ class LockedDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]  # djang
             super().close()
         finally:
             self.lock.release()
+            with contextlib.suppress(redis.RedisError, OSError):
+                fleet_forget("beat", self.lock.client)
 
     def _holder(self) -> str | None:
         try:

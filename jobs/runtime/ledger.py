@@ -27,6 +27,7 @@ somewhere does its work once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -37,6 +38,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -56,7 +58,6 @@ from jobs.runtime.outbox import (
 )
 
 if TYPE_CHECKING:
-    import redis
     from kombu.transport.redis import Channel as RedisChannel
 from jobs.logging import get_logger
 
@@ -507,7 +508,7 @@ def _fleet_publish() -> None:
 
     try:
         fleet_publish("worker", _redis_client())
-    except (redis.RedisError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - never at the cost of the sweep that follows
         logger.info("fleet.publish_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
 
 
@@ -529,6 +530,10 @@ class Sweeper:
 
     def stop(self) -> None:
         self.stopped.set()
+        from jobs.fleet import fleet_forget
+
+        with contextlib.suppress(Exception):  # else its record goes stale
+            fleet_forget("worker", _redis_client())
 
     def _loop(self) -> None:
         from jobs.db import close_connection, drop_stale_connection

@@ -15,12 +15,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery.exceptions import QueueNotFound
 from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 from kombu.exceptions import EncodeError
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from jobs.conf import jobs_settings
 from jobs.context import get_request_id
@@ -44,6 +46,9 @@ ALLOWED_OPTIONS = {"queue", "countdown", "priority", "expires"}
 #: Errors of one message, not of the broker: retrying cannot help (a queue this release no longer
 #: declares, arguments that cannot be encoded). Anything else means the broker is not taking messages.
 UNPUBLISHABLE_ERRORS = (QueueNotFound, EncodeError)
+#: Errors of a broker that cannot be reached (refused, timed out, cut off): the ones that open the
+#: publish breaker. kombu raises its OperationalError for a connection it could not (re)open.
+UNREACHABLE_ERRORS = (OSError, KombuOperationalError, redis.ConnectionError, redis.TimeoutError)
 
 
 def enqueue(
@@ -278,7 +283,10 @@ class PublishBreaker:
         return time.monotonic() < self.open_until
 
     def trip(self) -> None:
-        self.open_until = time.monotonic() + jobs_settings.PUBLISH_BREAKER_SECONDS
+        seconds = float(jobs_settings.PUBLISH_BREAKER_SECONDS)
+        if seconds > 0:
+            self.open_until = time.monotonic() + seconds
+            logger.warning("outbox.breaker_open", extra={"seconds": seconds})
 
     def close(self) -> None:
         self.open_until = 0.0
@@ -296,11 +304,15 @@ def _publish_after_commit(message: OutboxMessage) -> None:
     try:
         if publish_breaker.is_open():
             store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=BREAKER_OPEN)
+            logger.info(
+                "outbox.publish_deferred",
+                extra={"task_id": message.task_id, "outbox_task": message.task_name, "error": BREAKER_OPEN},
+            )
             return
         try:
             publish(message)
         except Exception as exc:  # noqa: BLE001 - the broker is down: keep the row for the relay
-            if not isinstance(exc, UNPUBLISHABLE_ERRORS):
+            if isinstance(exc, UNREACHABLE_ERRORS):
                 publish_breaker.trip()
             error = _describe(exc)
             store.job_publish_failed(message.pk, attempts=message.attempts + 1, error=error)

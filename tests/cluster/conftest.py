@@ -60,6 +60,7 @@ class Cluster:
     forwarder: Forwarder
     redis_hosts: list[Host] = field(default_factory=list)
     broker_url: str = ""  # the broker when it is not `redis_url` (RabbitMQ)
+    kind: str = "redis"  # redis, sentinel or rabbitmq
     workers: dict[str, Host] = field(default_factory=dict)
     beats: dict[str, Host] = field(default_factory=dict)
 
@@ -129,7 +130,9 @@ class Cluster:
 FIGURES = BASE_DIR / "var" / "cluster-figures.jsonl"
 
 
-def report(test: str, **figures: object) -> None:
+def report(test: str, cluster: Cluster | None = None, **figures: object) -> None:
+    if cluster is not None and cluster.kind != "redis":
+        test = f"{test} [{cluster.kind}]"
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
     with FIGURES.open("a") as out:
         out.write(json.dumps({"test": test, **figures}) + "\n")
@@ -269,7 +272,10 @@ def _made(tmp_path: Path, *, sentinel: bool = False, rabbitmq: bool = False):
         app.conf.broker_transport_options = {**previous[1], **options}
         reset_broker_pools()
         with override_settings(REDIS_URL=redis_url, JOBS_REDIS_URL=redis_url, CELERY_BROKER_URL=broker_url):
-            yield Cluster(network, tmp_path, redis_hosts[0], redis_url, database_url, forwarder, redis_hosts, amqp_url)
+            kind = "sentinel" if sentinel else "rabbitmq" if rabbitmq else "redis"
+            yield Cluster(
+                network, tmp_path, redis_hosts[0], redis_url, database_url, forwarder, redis_hosts, amqp_url, kind
+            )
         app.conf.broker_url, app.conf.broker_transport_options = previous
         reset_broker_pools()
         forwarder.close()
@@ -281,10 +287,11 @@ def _made(tmp_path: Path, *, sentinel: bool = False, rabbitmq: bool = False):
         subprocess.run(["sync"], check=False)
 
 
-@pytest.fixture
-def cluster(tmp_path, django_db_blocker):
-    """A broker host with one Redis."""
-    with _made(tmp_path, sentinel=False) as made:
+@pytest.fixture(params=["redis", "sentinel"])
+def cluster(request, tmp_path, django_db_blocker):
+    """A broker host with one Redis, or (`[sentinel]`) Redis behind Sentinel as `sentinel_cluster`
+    makes it: each fault runs on both."""
+    with _made(tmp_path, sentinel=request.param == "sentinel") as made:
         yield made
 
 

@@ -15,10 +15,10 @@ import time
 from datetime import datetime
 
 import pytest
-import redis
 from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from jobs.models import OutboxMessage
+from jobs.redis_client import redis_client
 from jobs.runtime.beat import LOCK_KEY
 from tests.cluster.conftest import Cluster, report
 from tests.cluster.net import Host
@@ -42,7 +42,7 @@ def ticks(path) -> list[tuple[datetime, str]]:
 
 def leader(cluster: Cluster) -> Host:
     """The beat host holding the lock (its token names the process: `ip netns exec` keeps the pid)."""
-    token = redis.Redis.from_url(cluster.redis_url, socket_timeout=2).get(LOCK_KEY)
+    token = redis_client(cluster.redis_url, timeout=2).get(LOCK_KEY)  # a redis:// or sentinel:// URL
     assert token, "no beat leads"
     pid = int(token.decode().split(":")[1])
     return next(host for host in cluster.beats.values() if host.processes[-1].pid == pid)
@@ -84,7 +84,7 @@ def run_pair_through(name: str, cluster: Cluster, cut, *, seconds: float) -> Non
     assert len({task_id for _due, task_id in runs}) == len(runs)
     schedule.refresh_from_db()
     assert schedule.total_run_count == len(runs)
-    report(name, ticks=len(runs), shortest_gap=round(min(gaps), 2), longest_gap=round(max(gaps), 2))
+    report(name, cluster, ticks=len(runs), shortest_gap=round(min(gaps), 2), longest_gap=round(max(gaps), 2))
     # None lost: the longest gap is one takeover.
     assert max(gaps) <= INTERVAL + TAKEOVER, gaps
     for host in [*cluster.beats.values(), *cluster.workers.values()]:

@@ -51,7 +51,7 @@ def cut_a_worker_host_running_jobs(cluster, name: str, *, down_for: float, **wor
     # once w1 was back.
     assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 2)
     assert not OutboxMessage.objects.exists()
-    report(name, jobs=len(labels), lost=0, runs_per_job=2, slowest_reclaim=round(reclaimed_in, 1))
+    report(name, cluster, jobs=len(labels), lost=0, runs_per_job=2, slowest_reclaim=round(reclaimed_in, 1))
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
 
@@ -69,18 +69,7 @@ def test_on_rabbitmq_a_worker_host_cut_off_longer_than_the_lease(rabbitmq_cluste
     """RabbitMQ on the broker host: it keeps w1's unacknowledged messages until it notices the
     connection dead (heartbeats: a minute), so the jobs come back through their lapsed leases and
     the ledger; when w1 returns, its runs end and its acknowledgements go through."""
-    cut_a_worker_host_running_jobs(
-        rabbitmq_cluster, "worker host cut off 20 s, RabbitMQ broker (lease 2 s)", down_for=20
-    )
-
-
-def test_behind_sentinel_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(sentinel_cluster):
-    cut_a_worker_host_running_jobs(
-        sentinel_cluster,
-        "worker host cut off 20 s, Redis behind Sentinel (lease 2 s, visibility 15 s)",
-        down_for=int(VISIBILITY) + 5,
-        CELERY_VISIBILITY_TIMEOUT=VISIBILITY,
-    )
+    cut_a_worker_host_running_jobs(rabbitmq_cluster, "worker host cut off 20 s (lease 2 s)", down_for=20)
 
 
 def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
@@ -104,7 +93,7 @@ def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
     counted = runs(record)
     assert {label: counted[label]["start"] for label in labels} == dict.fromkeys(labels, 1)
     assert {label: counted[label]["end"] for label in labels} == dict.fromkeys(labels, 1)
-    report("database black-holed 20 s under running jobs", jobs=len(labels), lost=0, runs_per_job=1)
+    report("database black-holed 20 s under running jobs", cluster, jobs=len(labels), lost=0, runs_per_job=1)
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"
 
@@ -132,6 +121,6 @@ def test_a_worker_host_whose_clock_is_30_s_ahead(cluster):
     # Its own clock, if the ahead host ran it, says up to 30 s more: never less than the countdown.
     assert later[0] - enqueued_at >= 7.5
     assert not JobAttempt.objects.filter(outcome=JobAttempt.Outcome.CRASHED).exists()  # no live run taken over
-    report("one worker host's clock 30 s ahead", jobs=len(labels) + 1, lost=0, runs_per_job=1, taken_over=0)
+    report("one worker host's clock 30 s ahead", cluster, jobs=len(labels) + 1, lost=0, runs_per_job=1, taken_over=0)
     for host in cluster.workers.values():
         assert host.processes[-1].poll() is None, f"{host.name} died"

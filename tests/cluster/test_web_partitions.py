@@ -104,6 +104,7 @@ def test_the_web_host_cut_from_the_broker_for_30_s_under_steady_requests(cluster
     assert Email.objects.filter(pk__in=emails, attempts=1).count() == len(emails)  # each sent once
     report(
         "web host cut from the broker 30 s",
+        cluster,
         requests=len(answers),
         during_cut=len(during),
         slowest_answer=round(slowest, 2),

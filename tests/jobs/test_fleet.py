@@ -3,6 +3,7 @@ and `manage.py check` names what differs (jobs.W020)."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -44,8 +45,14 @@ def test_check_warns_of_a_worker_running_with_another_lease_and_visibility_timeo
     assert visibility.startswith("visibility_timeout differs")
     assert "120.0 on worker " in visibility
 
-    # `manage.py check` shows it (a warning: the command still succeeds).
-    call_command("check", "--tag", "jobs")
+    # `manage.py check --deploy` shows it (a warning: the command still succeeds); a plain check,
+    # which every command and probe runs, does not ask Redis.
+    shown = io.StringIO()
+    call_command("check", "--deploy", "--tag", "jobs", stdout=shown, stderr=shown)
+    assert "jobs.W020" in shown.getvalue()
+    plain = io.StringIO()
+    call_command("check", "--tag", "jobs", stdout=plain, stderr=plain)
+    assert "jobs.W020" not in plain.getvalue()
 
 
 def test_agreeing_processes_stale_records_and_an_unreachable_redis_give_no_warning(redis_client, settings):
@@ -64,15 +71,24 @@ def test_agreeing_processes_stale_records_and_an_unreachable_redis_give_no_warni
 
 
 @pytest.mark.django_db(transaction=True)  # django-celery-beat commits and closes connections
-def test_workers_and_beats_record_their_settings(redis_client):
+def test_workers_and_beats_record_the_settings_they_use_and_remove_them_when_they_stop(redis_client):
     from jobs.runtime import beat, ledger
+
+    def recorded() -> dict[str, dict]:
+        return {k.decode().split()[0]: json.loads(v)["settings"] for k, v in redis_client.hgetall(FLEET_KEY).items()}
 
     ledger._fleet_publish()  # what the worker's sweeper does at every sweep
     scheduler = beat.LockedDatabaseScheduler(app=current_app, lazy=True)
     try:
         scheduler.tick()
+        everything = fleet_settings()
+        # Each role records what it uses: the beat lock's TTL is beat's, the visibility timeout the workers'.
+        assert recorded() == {
+            "worker": {k: v for k, v in everything.items() if k != "JOBS_BEAT_LOCK_TTL"},
+            "beat": {k: v for k, v in everything.items() if k != "visibility_timeout"},
+        }
     finally:
         scheduler.close()
-    roles = sorted(field.decode().split()[0] for field in redis_client.hkeys(FLEET_KEY))
-    assert roles == ["beat", "worker"]
-    assert all(json.loads(raw)["settings"] == fleet_settings() for raw in redis_client.hvals(FLEET_KEY))
+    assert list(recorded()) == ["worker"]  # a stopping beat takes its record away
+    ledger.Sweeper(interval=1).stop()  # and so does a stopping worker
+    assert recorded() == {}

@@ -99,6 +99,7 @@ def test_a_leader_the_database_keeps_refusing_hands_the_lock_to_a_standby(schedu
     assert not scheduler.lock.held
     assert redis_client.get(beat.LOCK_KEY) is None
     assert scheduler.tick() == scheduler.standby_poll  # resting: it does not take the lock back
+    assert "lost the beat lock" not in caplog.text  # it gave the lock up; nobody took it
     assert queued(redis_client) == []
 
     standby.tick()
