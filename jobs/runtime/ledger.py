@@ -27,7 +27,6 @@ somewhere does its work once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import socket
@@ -529,11 +528,9 @@ class Sweeper:
         return self
 
     def stop(self) -> None:
+        # No Redis call here: a worker's shutdown must not wait on Redis. Its fleet record goes
+        # stale (jobs.fleet.STALE_AFTER) instead.
         self.stopped.set()
-        from jobs.fleet import fleet_forget
-
-        with contextlib.suppress(Exception):  # else its record goes stale
-            fleet_forget("worker", _redis_client())
 
     def _loop(self) -> None:
         from jobs.db import close_connection, drop_stale_connection

@@ -287,11 +287,10 @@ def _made(tmp_path: Path, *, sentinel: bool = False, rabbitmq: bool = False):
         subprocess.run(["sync"], check=False)
 
 
-@pytest.fixture(params=["redis", "sentinel"])
-def cluster(request, tmp_path, django_db_blocker):
-    """A broker host with one Redis, or (`[sentinel]`) Redis behind Sentinel as `sentinel_cluster`
-    makes it: each fault runs on both."""
-    with _made(tmp_path, sentinel=request.param == "sentinel") as made:
+@pytest.fixture
+def cluster(tmp_path, django_db_blocker):
+    """A broker host with one Redis."""
+    with _made(tmp_path) as made:
         yield made
 
 

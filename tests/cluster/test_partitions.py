@@ -72,6 +72,15 @@ def test_on_rabbitmq_a_worker_host_cut_off_longer_than_the_lease(rabbitmq_cluste
     cut_a_worker_host_running_jobs(rabbitmq_cluster, "worker host cut off 20 s (lease 2 s)", down_for=20)
 
 
+def test_behind_sentinel_a_worker_host_cut_off_longer_than_the_lease_and_the_visibility_timeout(sentinel_cluster):
+    cut_a_worker_host_running_jobs(
+        sentinel_cluster,
+        "worker host cut off 20 s (lease 2 s, visibility 15 s)",
+        down_for=int(VISIBILITY) + 5,
+        CELERY_VISIBILITY_TIMEOUT=VISIBILITY,
+    )
+
+
 def test_the_database_black_holed_for_20_s_under_running_jobs(cluster):
     """Connections to the database hang (no refusal, no reset) while jobs run and more are
     enqueued: no lease is taken over (every holder still beats in Redis), nothing runs twice, and
