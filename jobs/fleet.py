@@ -27,7 +27,7 @@ from jobs.conf import jobs_settings
 
 FLEET_KEY = "jobs:fleet"
 #: A record not refreshed for this long belongs to a process that stopped: ignored, then removed.
-#: Workers record theirs at every sweep (15 s), beats every minute; a stopping worker removes its own.
+#: Workers record theirs at every sweep (15 s), beats every minute; a stopping beat removes its own.
 STALE_AFTER = 180.0
 #: Settings only some process types use: compared only among those (and the process checking).
 USED_BY = {"JOBS_BEAT_LOCK_TTL": {"beat"}, "visibility_timeout": {"worker"}}
