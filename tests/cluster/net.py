@@ -185,6 +185,12 @@ class Network:
         for host in self.hosts.values():
             with contextlib.suppress(Exception):
                 host.stop(timeout=5)
+            # Whatever left the process group (rabbitmq-server runs its node and epmd in sessions
+            # of their own, as another user) still lives in the namespace: ask it which.
+            listed = _ip("netns", "pids", host.namespace, check=False)
+            for pid in listed.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", host.namespace, check=False)  # its veth pair goes with it
             _ip("link", "del", host.outside, check=False)
         self.hosts.clear()
